@@ -1,0 +1,3 @@
+"""bpfwall: a per-unit eBPF firewall for systemd units."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,115 @@
+"""The AST of the filter language: the hub every other layer reads.
+
+Every node carries `col`, the 1-based column in the source text where it
+starts, so that errors found after parsing can still point at the text.
+Nodes are frozen dataclasses: lowering and evaluation never mutate them.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Union
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+@dataclass(frozen=True)
+class BoolConst:
+    value: bool
+    col: int
+
+
+@dataclass(frozen=True)
+class Field:
+    """A packet field as written (aliases such as local_port are kept; see fields.resolve)."""
+    name: str
+    col: int
+
+
+@dataclass(frozen=True)
+class Param:
+    """`$name`: a live u64 parameter."""
+    name: str
+    col: int
+
+
+@dataclass(frozen=True)
+class NumLit:
+    value: int
+    col: int
+
+
+@dataclass(frozen=True)
+class AddrLit:
+    """An IPv4/IPv6 address or network. `cidr` is True when written with a /prefix."""
+    net: IPNetwork
+    cidr: bool
+    col: int
+
+    @property
+    def family(self) -> int:
+        return self.net.version
+
+
+@dataclass(frozen=True)
+class Range:
+    """`lo..hi`, inclusive; bounds are numbers (NumLit or Param)."""
+    lo: "NumExpr"
+    hi: "NumExpr"
+    col: int
+
+
+@dataclass(frozen=True)
+class SetLit:
+    """`{a, b, lo..hi}`: items are NumLit, Param, Range or AddrLit."""
+    items: tuple
+    col: int
+
+
+@dataclass(frozen=True)
+class SetRef:
+    """`@name`: a named set kept in a map, editable live."""
+    name: str
+    col: int
+
+
+@dataclass(frozen=True)
+class Not:
+    operand: "Expr"
+    col: int
+
+
+@dataclass(frozen=True)
+class And:
+    left: "Expr"
+    right: "Expr"
+    col: int
+
+
+@dataclass(frozen=True)
+class Or:
+    left: "Expr"
+    right: "Expr"
+    col: int
+
+
+@dataclass(frozen=True)
+class Compare:
+    """`left op right` with op one of == != < <= > >= (addresses: == and != only)."""
+    op: str
+    left: "Value"
+    right: "Value"
+    col: int
+
+
+@dataclass(frozen=True)
+class In:
+    """`subject in container`; container is Range, SetLit, SetRef or a cidr AddrLit."""
+    subject: "Value"
+    container: Union[Range, SetLit, SetRef, AddrLit]
+    col: int
+
+
+NumExpr = Union[NumLit, Param, Field]
+Value = Union[Field, Param, NumLit, AddrLit]
+Expr = Union[BoolConst, Field, Not, And, Or, Compare, In]
