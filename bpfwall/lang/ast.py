@@ -81,15 +81,15 @@ class Not:
 
 @dataclass(frozen=True)
 class And:
-    left: "Expr"
-    right: "Expr"
+    """n-ary (≥ 2 operands, flattened) so that long chains never make deep trees."""
+    operands: tuple
     col: int
 
 
 @dataclass(frozen=True)
 class Or:
-    left: "Expr"
-    right: "Expr"
+    """n-ary (≥ 2 operands, flattened), evaluated left to right."""
+    operands: tuple
     col: int
 
 
