@@ -1,0 +1,331 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * bpfwall's cgroup_skb program: parse the IP header chain of a packet, run the
+ * unit's filter on the parsed fields, count the verdict, return 1 (pass) or
+ * 0 (drop).
+ *
+ * The filter itself comes from "bpfwall_filter.h", which bpfwall generates
+ * from the type-checked AST of the unit's expressions (never from their
+ * text). It defines:
+ *   struct bpfwall_params       one u64 member per $param
+ *   BPFWALL_META_SIZE           bytes of the self-description kept in `meta`
+ *   BPFWALL_HAS_PARAMS          1 when a filter reads $params
+ *   set_<name> maps             one per @set
+ *   bpfwall_filter_ingress/egress(p, prm)  the two verdict functions
+ *
+ * Field semantics are the ones of bpfwall/lang/packet.py (the reference
+ * evaluator); tests compare the two on generated packets.
+ *
+ * No global data: everything lives in maps, so the object needs no .data /
+ * .rodata relocations and one ELF loads twice into independent units.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define NO_PROTO 0xffff        /* proto of a packet whose L4 protocol is unknown */
+#define MAX_EXT_HEADERS 8      /* IPv6 extension headers walked before giving up */
+#define DIRECT_MAX_OFF 0x7f00  /* larger offsets go through bpf_skb_load_bytes */
+
+enum { DIR_INGRESS = 0, DIR_EGRESS = 1 };
+enum { MODE_ENFORCE = 0, MODE_AUDIT = 1 };
+
+struct pkt {
+	__u32 len;            /* bytes of the L3 packet */
+	__u16 proto;          /* final L4 protocol, NO_PROTO when unknown */
+	__u8 family;          /* 4 or 6 */
+	__u8 is_icmp;         /* ICMP on v4, ICMPv6 on v6 */
+	__u16 sport, dport;   /* host order; 0 when absent */
+	__u8 icmp_type, icmp_code;
+	__u32 saddr[4];       /* network order words; IPv4 uses [0] */
+	__u32 daddr[4];
+};
+
+struct bpfwall_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Key of an address-set trie: the family byte keeps v4 and v6 entries apart
+ * exactly (no ::ffff: mapping), so prefixlen counts it: 8 + address prefix. */
+struct bpfwall_addr_key {
+	__u32 prefixlen;
+	__u8 family;
+	__u8 addr[16];
+} __attribute__((packed));
+
+/* Index = direction * 2 + dropped. Per direction so that softirq ingress and
+ * process-context egress never increment the same per-CPU slot. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 4);
+	__type(key, __u32);
+	__type(value, struct bpfwall_counter);
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} mode SEC(".maps");
+
+/* Bytes are read straight from the linear area when they are there and through
+ * bpf_skb_load_bytes otherwise, so a header outside the linear part (GSO, large
+ * packets) is still read, never guessed. Each returns 0 when the bytes exist.
+ * data/data_end are read once into the cursor: clang would otherwise fold the
+ * ctx offsets into a pointer the verifier refuses ("modified ctx ptr"). */
+struct cursor {
+	struct __sk_buff *skb;
+	void *data;
+	void *end;
+};
+
+#define DEFINE_LOAD(name, type)                                                \
+static __always_inline int name(const struct cursor *c, __u32 off, type *out)  \
+{                                                                              \
+	if (off < DIRECT_MAX_OFF) {                                            \
+		void *p = c->data + off;                                       \
+		if (p + sizeof(*out) <= c->end) {                              \
+			*out = *(type *)p;                                     \
+			return 0;                                              \
+		}                                                              \
+	}                                                                      \
+	return bpf_skb_load_bytes(c->skb, off, out, sizeof(*out));             \
+}
+DEFINE_LOAD(load_u16, __u16)
+DEFINE_LOAD(load_u32, __u32)
+
+/* The fixed IPv4 header: 20 bytes at offset 0. */
+struct v4_fixed {
+	__u8 ver_ihl;
+	__u8 tos;
+	__u16 tot_len;
+	__u16 id;
+	__u16 frag;
+	__u8 ttl;
+	__u8 proto;
+	__u16 check;
+	__u32 saddr;
+	__u32 daddr;
+};
+
+/* The fixed IPv6 header: 40 bytes at offset 0. */
+struct v6_fixed {
+	__u32 ver_tc_flow;
+	__u16 payload_len;
+	__u8 nexthdr;
+	__u8 hop_limit;
+	__u32 saddr[4];
+	__u32 daddr[4];
+};
+
+#define load_fixed(c, out)                                                     \
+	((c)->data + sizeof(*(out)) <= (c)->end                                \
+	 ? (__builtin_memcpy((out), (c)->data, sizeof(*(out))), 0)             \
+	 : bpf_skb_load_bytes((c)->skb, 0, (out), sizeof(*(out))))
+
+/* Returns the L4 offset when the first fragment's L4 header is where the ports
+ * are, or -1 when there is no L4 header to read (non-first fragment, unknown
+ * protocol). Sets p->proto. */
+static __always_inline int parse_v4(const struct cursor *c, struct pkt *p)
+{
+	struct v4_fixed h;
+	__u32 ihl;
+
+	if (load_fixed(c, &h))
+		return -1;
+	p->saddr[0] = h.saddr;
+	p->daddr[0] = h.daddr;
+	ihl = h.ver_ihl & 0xf;
+	if (ihl < 5 || ihl * 4 > p->len)
+		return -1;
+	p->proto = h.proto;
+	if (h.frag & bpf_htons(0x1fff))
+		return -1;
+	return ihl * 4;
+}
+
+static __always_inline int parse_v6(const struct cursor *c, struct pkt *p)
+{
+	struct v6_fixed h;
+	__u32 off = 40;
+	__u8 nh;
+
+	if (load_fixed(c, &h))
+		return -1;
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		p->saddr[i] = h.saddr[i];
+		p->daddr[i] = h.daddr[i];
+	}
+	nh = h.nexthdr;
+	for (int i = 0; i <= MAX_EXT_HEADERS; i++) {
+		__u16 w;
+		__u32 frag;
+
+		switch (nh) {
+		case IPPROTO_HOPOPTS:
+		case IPPROTO_ROUTING:
+		case IPPROTO_DSTOPTS:
+			if (i == MAX_EXT_HEADERS || load_u16(c, off, &w))
+				return -1;
+			nh = w & 0xff;
+			off += ((w >> 8) + 1) * 8;
+			break;
+		case IPPROTO_AH:
+			if (i == MAX_EXT_HEADERS || load_u16(c, off, &w))
+				return -1;
+			nh = w & 0xff;
+			off += ((w >> 8) + 2) * 4;
+			break;
+		case IPPROTO_FRAGMENT:
+			if (i == MAX_EXT_HEADERS || off + 8 > p->len || load_u32(c, off, &frag))
+				return -1;
+			nh = frag & 0xff;
+			off += 8;
+			if (bpf_ntohl(frag) & 0xfff8) {  /* fragment offset != 0 */
+				p->proto = nh;
+				return -1;
+			}
+			break;
+		default:
+			p->proto = nh;
+			return off;
+		}
+	}
+	return -1;  /* not reached: the last iteration returns in every case */
+}
+
+static __always_inline void parse(struct __sk_buff *skb, struct pkt *p)
+{
+	struct cursor cur = {
+		.skb = skb,
+		.data = (void *)(long)skb->data,
+		.end = (void *)(long)skb->data_end,
+	};
+	const struct cursor *c = &cur;
+	int l4;
+
+	p->len = skb->len;
+	p->proto = NO_PROTO;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		p->family = 4;
+		l4 = parse_v4(c, p);
+		p->is_icmp = p->proto == IPPROTO_ICMP;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		p->family = 6;
+		l4 = parse_v6(c, p);
+		p->is_icmp = p->proto == IPPROTO_ICMPV6;
+	} else {
+		return;
+	}
+	if (l4 < 0)
+		return;
+	if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP) {
+		__u32 w;
+		if (load_u32(c, l4, &w) == 0) {
+			p->sport = bpf_ntohs(w & 0xffff);
+			p->dport = bpf_ntohs(w >> 16);
+		}
+	} else if (p->is_icmp) {
+		__u16 w;
+		if (load_u16(c, l4, &w) == 0) {
+			p->icmp_type = w & 0xff;
+			p->icmp_code = w >> 8;
+		}
+	}
+}
+
+/* Helpers the generated filter calls for @sets. */
+static __always_inline int in_number_set(void *set, __u32 value)
+{
+	return bpf_map_lookup_elem(set, &value) != 0;
+}
+
+static __always_inline int in_address_set(void *set, const struct pkt *p, const __u32 *addr)
+{
+	struct bpfwall_addr_key key = {};
+
+	key.family = p->family;
+	key.prefixlen = 8 + (p->family == 4 ? 32 : 128);
+	__builtin_memcpy(key.addr, addr, 16);
+	return bpf_map_lookup_elem(set, &key) != 0;
+}
+
+#include "bpfwall_filter.h"
+
+/* Not read by the programs: a JSON description of the unit (expressions,
+ * param slots, set kinds) so that stats/set/tune work from the pins alone. */
+struct bpfwall_meta {
+	char json[BPFWALL_META_SIZE];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bpfwall_meta);
+} meta SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bpfwall_params);
+} params SEC(".maps");
+
+static __always_inline int finish(struct __sk_buff *skb, __u32 dir, int pass)
+{
+	__u32 idx = dir * 2 + !pass;
+	__u32 zero = 0;
+	struct bpfwall_counter *c;
+	__u32 *m;
+
+	c = bpf_map_lookup_elem(&counters, &idx);
+	if (c) {
+		c->packets++;
+		c->bytes += skb->len;
+	}
+	if (pass)
+		return 1;
+	m = bpf_map_lookup_elem(&mode, &zero);
+	return m && *m == MODE_AUDIT;
+}
+
+static __always_inline int run(struct __sk_buff *skb, __u32 dir)
+{
+	struct pkt p = {};
+	const struct bpfwall_params *prm = 0;
+	int pass;
+
+	parse(skb, &p);
+#if BPFWALL_HAS_PARAMS
+	__u32 zero = 0;
+	prm = bpf_map_lookup_elem(&params, &zero);
+	if (!prm)  /* cannot happen for an array; fail closed if it ever does */
+		return finish(skb, dir, 0);
+#endif
+	if (dir == DIR_INGRESS)
+		pass = bpfwall_filter_ingress(&p, prm);
+	else
+		pass = bpfwall_filter_egress(&p, prm);
+	return finish(skb, dir, pass);
+}
+
+SEC("cgroup_skb/ingress")
+int bpfwall_ingress(struct __sk_buff *skb)
+{
+	return run(skb, DIR_INGRESS);
+}
+
+SEC("cgroup_skb/egress")
+int bpfwall_egress(struct __sk_buff *skb)
+{
+	return run(skb, DIR_EGRESS);
+}
+
+char _license[] SEC("license") = "GPL";
