@@ -1,0 +1,509 @@
+"""The BPF backend: build → load → pin → attach, and everything read back from pins.
+
+A unit's pins live in `<pin root>/<unit key>/`:
+
+    ingress, egress      the programs (either may be absent)
+    counters             per-CPU {packets, bytes}; index direction*2 + dropped
+    mode                 u32: 0 enforce, 1 audit
+    params               struct bpfwall_params: one u64 per $param, by name order
+    set_<name>           @name: hash of u32 (numbers) or LPM trie (addresses)
+    meta                 JSON: expressions, param order, set kinds, capacity
+
+`meta` makes the pins self-describing, so stats/set/tune need nothing else.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import struct
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from .. import unitkey
+from ..build import UnitProgram, build
+from ..kernel import cgroup, loader, maps, pins, progs
+from ..kernel.errors import KernelError
+from ..lower.c import set_map
+
+DIRECTIONS = ("ingress", "egress")
+MODES = ("enforce", "audit")
+DEFAULT_PIN_ROOT = "/sys/fs/bpf/bpfwall"
+PROG_SECTIONS = {"ingress": "cgroup_skb/ingress", "egress": "cgroup_skb/egress"}
+# Maps whose contents survive a reload when the new object's map is compatible.
+KEPT_MAPS = ("counters", "mode")
+ETH_P = {4: 0x0800, 6: 0x86DD}
+
+
+class BackendError(Exception):
+    """A request the backend refuses; the message is one line for the user."""
+
+
+# -- value encodings shared with bpf/port_filter.c ----------------------------
+
+def number_key(value: int) -> bytes:
+    return struct.pack("=I", value)
+
+
+def address_key(net) -> bytes:
+    """struct bpfwall_addr_key: prefixlen counts the family byte (see port_filter.c)."""
+    return struct.pack("=IB16s", 8 + net.prefixlen, net.version, net.network_address.packed)
+
+
+def expand_numbers(elements) -> list[int]:
+    out: list[int] = []
+    for e in elements:
+        if isinstance(e, tuple):
+            out.extend(range(e[0], e[1] + 1))
+        else:
+            out.append(e)
+    return out
+
+
+def set_keys(kind: str, elements) -> list[bytes]:
+    if kind == "number":
+        return [number_key(v) for v in dict.fromkeys(expand_numbers(elements))]
+    return [address_key(n) for n in dict.fromkeys(elements)]
+
+
+# -- paths --------------------------------------------------------------------
+
+def unit_dir(pin_root: str, unit: str) -> str:
+    try:
+        return os.path.join(pin_root, unitkey.encode(unit))
+    except unitkey.UnitNameError as e:
+        raise BackendError(str(e)) from None
+
+
+def prog_path(pin_root: str, unit: str, direction: str) -> str:
+    return os.path.join(unit_dir(pin_root, unit), direction)
+
+
+@contextmanager
+def _locked(pin_root: str):
+    """Serialize changes to one pin root (two `load`s of one unit must not interleave)."""
+    pins.ensure_bpffs(pin_root)
+    fd = os.open(pin_root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+# -- a loaded unit, opened from its pins --------------------------------------
+
+@dataclass
+class PinnedUnit:
+    unit: str
+    path: str
+    meta: dict
+    maps: dict[str, int] = field(default_factory=dict)
+    progs: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, pin_root: str, unit: str) -> "PinnedUnit":
+        path = unit_dir(pin_root, unit)
+        if not os.path.isdir(path):
+            raise BackendError(f"unit {unit} is not loaded (no pins at {path}); load it with: bpfwall load {unit} --ingress EXPR")
+        self = cls(unit, path, {})
+        try:
+            for name in sorted(os.listdir(path)):
+                full = os.path.join(path, name)
+                if name in DIRECTIONS:
+                    self.progs[name] = pins.get(full)
+                elif not name.startswith("tmp"):
+                    self.maps[name] = pins.get(full)
+            if "meta" not in self.maps:
+                raise BackendError(f"{path} has no meta map: not a bpfwall unit, or one half-written")
+            raw = maps.map_lookup(self.maps["meta"], struct.pack("=I", 0), maps.map_info(self.maps["meta"]).value_size)
+            self.meta = json.loads(raw.split(b"\0", 1)[0])
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        for fd in [*self.maps.values(), *self.progs.values()]:
+            os.close(fd)
+        self.maps.clear()
+        self.progs.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def prog_ids(self) -> dict[str, int]:
+        return {d: progs.prog_info(fd).id for d, fd in self.progs.items()}
+
+    # params
+    def params(self) -> dict[str, int]:
+        names = self.meta["params"]
+        if not names:
+            return {}
+        raw = maps.map_lookup(self.maps["params"], struct.pack("=I", 0), 8 * len(names))
+        return dict(zip(names, struct.unpack(f"={len(names)}Q", raw)))
+
+    def write_params(self, values: dict[str, int]) -> None:
+        names = self.meta["params"]
+        if names:
+            raw = struct.pack(f"={len(names)}Q", *(values.get(n, 0) for n in names))
+            maps.map_update(self.maps["params"], struct.pack("=I", 0), raw)
+
+    # mode
+    def mode(self) -> str:
+        raw = maps.map_lookup(self.maps["mode"], struct.pack("=I", 0), 4)
+        return MODES[struct.unpack("=I", raw)[0]] if raw else "enforce"
+
+    def write_mode(self, mode: str) -> None:
+        maps.map_update(self.maps["mode"], struct.pack("=I", 0), struct.pack("=I", MODES.index(mode)))
+
+    # counters: per direction, summed over CPUs
+    def counters(self) -> dict:
+        fd = self.maps["counters"]
+        size = maps.percpu_value_size(16)
+        out = {}
+        for i, direction in enumerate(DIRECTIONS):
+            entry = {}
+            for dropped, label in ((0, "pass"), (1, "drop")):
+                raw = maps.map_lookup(fd, struct.pack("=I", i * 2 + dropped), size) or b""
+                packets = byte_count = 0
+                for off in range(0, len(raw), 16):
+                    p, b = struct.unpack_from("=QQ", raw, off)
+                    packets += p
+                    byte_count += b
+                entry[label] = {"packets": packets, "bytes": byte_count}
+            out[direction] = entry
+        return out
+
+    # sets
+    def set_kind(self, name: str) -> str:
+        kinds = self.meta["sets"]
+        if name not in kinds:
+            have = ", ".join("@" + n for n in sorted(kinds)) or "none"
+            raise BackendError(f"unit {self.unit} has no set @{name} (its sets: {have})")
+        return kinds[name]
+
+    def set_size(self, name: str) -> int:
+        fd = self.maps[set_map(name)]
+        return sum(1 for _ in maps.map_keys(fd, maps.map_info(fd).key_size))
+
+    def set_elements(self, name: str) -> list[str]:
+        import ipaddress
+
+        fd = self.maps[set_map(name)]
+        key_size = maps.map_info(fd).key_size
+        if self.set_kind(name) == "number":
+            return [str(v) for v in sorted(struct.unpack("=I", k)[0] for k in maps.map_keys(fd, key_size))]
+        nets = []
+        for k in maps.map_keys(fd, key_size):
+            plen, family, addr = struct.unpack("=IB16s", k)
+            if family == 4:
+                nets.append(ipaddress.ip_network((addr[:4], plen - 8)))
+            else:
+                nets.append(ipaddress.ip_network((addr, plen - 8)))
+        return [str(n) for n in sorted(nets, key=lambda n: (n.version, n))]
+
+    def add_to_set(self, name: str, elements) -> int:
+        kind = self.set_kind(name)
+        keys = set_keys(kind, elements)
+        fd = self.maps[set_map(name)]
+        capacity = maps.map_info(fd).max_entries
+        if self.set_size(name) + len(keys) > capacity:
+            existing = set(maps.map_keys(fd, maps.map_info(fd).key_size))
+            if len(existing | set(keys)) > capacity:
+                raise BackendError(f"set @{name} would hold {len(existing | set(keys))} elements; "
+                                   f"its map holds {capacity} (reload with a larger --set-capacity)")
+        for k in keys:
+            maps.map_update(fd, k, b"\1")
+        return len(keys)
+
+    def remove_from_set(self, name: str, elements) -> int:
+        kind = self.set_kind(name)
+        fd = self.maps[set_map(name)]
+        return sum(maps.map_delete(fd, k) for k in set_keys(kind, elements))
+
+    def replace_set(self, name: str, elements) -> None:
+        kind = self.set_kind(name)
+        fd = self.maps[set_map(name)]
+        keys = set_keys(kind, elements)
+        capacity = maps.map_info(fd).max_entries
+        if len(keys) > capacity:
+            raise BackendError(f"set @{name} would hold {len(keys)} elements; its map holds {capacity} "
+                               "(reload with a larger --set-capacity)")
+        wanted = set(keys)
+        # Add first, then remove what is no longer wanted: elements kept across
+        # the change are never missing for a moment.
+        for k in keys:
+            maps.map_update(fd, k, b"\1")
+        for k in list(maps.map_keys(fd, maps.map_info(fd).key_size)):
+            if k not in wanted:
+                maps.map_delete(fd, k)
+
+
+# -- load / unload ------------------------------------------------------------
+
+@dataclass
+class LoadResult:
+    unit: str
+    path: str
+    replaced: list = field(default_factory=list)  # (cgroup, direction)
+    attached: list = field(default_factory=list)
+    detached: list = field(default_factory=list)
+    reused_maps: list = field(default_factory=list)
+
+
+def check_values(program: UnitProgram, params: dict[str, int], sets: dict[str, list]) -> None:
+    """Refuse values for params/sets the expressions do not use, before touching the kernel."""
+    for name in params:
+        if name not in program.params:
+            have = ", ".join("$" + p for p in program.params) or "none"
+            raise BackendError(f"--param {name}: the filter has no parameter ${name} (its params: {have})")
+    for name, elements in sets.items():
+        if name not in program.sets:
+            have = ", ".join("@" + s for s in sorted(program.sets)) or "none"
+            raise BackendError(f"--set {name}: the filter has no set @{name} (its sets: {have})")
+        count = len(set_keys(program.sets[name], elements))
+        if count > program.set_capacity:
+            raise BackendError(f"--set {name}: {count} elements do not fit the set's capacity "
+                               f"{program.set_capacity} (use --set-capacity)")
+
+
+def load(pin_root: str, unit: str, program: UnitProgram, params: dict[str, int] | None = None,
+         sets: dict[str, list] | None = None, mode: str | None = None, cache=None) -> LoadResult:
+    """Build and pin `unit`'s programs; if it is loaded already, swap them in place everywhere."""
+    params, sets = params or {}, sets or {}
+    path = unit_dir(pin_root, unit)
+    check_values(program, params, sets)
+    obj = build(program, cache)
+    with _locked(pin_root):
+        old = PinnedUnit.open(pin_root, unit) if os.path.isdir(path) else None
+        created_dir = old is None
+        try:
+            return _load_locked(path, unit, program, obj, params, sets, mode, old, created_dir)
+        finally:
+            if old is not None:
+                old.close()
+
+
+def _reusable(old: PinnedUnit | None, obj, program: UnitProgram) -> dict[str, int]:
+    if old is None:
+        return {}
+    reuse = {}
+    for name, mapdef in obj.maps.items():
+        fd = old.maps.get(name)
+        if fd is None or not loader.map_compatible(fd, mapdef):
+            continue
+        if name in KEPT_MAPS or name.startswith("set_"):
+            reuse[name] = fd
+        elif name == "params" and old.meta.get("params") == program.params:
+            reuse[name] = fd
+    return reuse
+
+
+def _load_locked(path, unit, program, obj, params, sets, mode, old, created_dir) -> LoadResult:
+    result = LoadResult(unit, path)
+    reuse = _reusable(old, obj, program)
+    loaded = loader.load(obj, reuse)
+    try:
+        if created_dir:
+            os.makedirs(path, exist_ok=True)
+        new = PinnedUnit(unit, path, program.meta(), dict(loaded.maps), {})
+        new.progs = {d: loaded.progs[PROG_SECTIONS[d]] for d in DIRECTIONS
+                     if getattr(program, d) is not None}
+        # Contents: meta always; params carried over by name; sets as given or kept.
+        meta_size = maps.map_info(new.maps["meta"]).value_size
+        maps.map_update(new.maps["meta"], struct.pack("=I", 0), program.meta_bytes().ljust(meta_size, b"\0"))
+        kept = old.params() if old is not None else {}
+        if params or "params" not in reuse:
+            new.write_params({**{n: v for n, v in kept.items() if n in program.params}, **params})
+        if mode is not None:
+            new.write_mode(mode)
+        for name, elements in sets.items():
+            new.replace_set(name, elements)
+        result.reused_maps = sorted(reuse)
+
+        # Swap the programs on every cgroup that runs the old ones (BPF_F_REPLACE: no gap).
+        if old is not None:
+            _swap_attachments(old, new, result)
+        # Pins: maps first, then programs, each replaced atomically by rename.
+        for name, fd in new.maps.items():
+            if name not in reuse:
+                pins.replace_pin(fd, os.path.join(path, name))
+        for direction in DIRECTIONS:
+            target = os.path.join(path, direction)
+            if direction in new.progs:
+                pins.replace_pin(new.progs[direction], target)
+            elif pins.is_pinned(target):
+                pins.unpin(target)
+        if old is not None:
+            for name in old.maps:
+                if name not in new.maps:
+                    pins.unpin(os.path.join(path, name))
+        return result
+    except BaseException:
+        if created_dir:
+            _remove_dir(path)
+        raise
+    finally:
+        loaded.close()
+
+
+def _swap_attachments(old: PinnedUnit, new: PinnedUnit, result: LoadResult) -> None:
+    old_ids = old.prog_ids()
+    by_id = {pid: d for d, pid in old_ids.items()}
+    found = cgroup.find_attachments(set(by_id))
+    cgroups = sorted({cg for cg, _, _ in found})
+    done = []
+    try:
+        for cg, direction, pid in found:
+            if direction in new.progs:
+                cgroup.attach(cg, new.progs[direction], direction, replace_fd=old.progs[direction])
+                done.append((cg, direction))
+                result.replaced.append((cg, direction))
+        # A direction the unit did not filter before now reaches its cgroups too.
+        for direction, fd in new.progs.items():
+            if direction not in old.progs:
+                for cg in cgroups:
+                    if cgroup.attach(cg, fd, direction):
+                        result.attached.append((cg, direction))
+    except BaseException:
+        for cg, direction in done:  # put the old programs back where we swapped
+            try:
+                cgroup.attach(cg, old.progs[direction], direction, replace_fd=new.progs[direction])
+            except KernelError:
+                pass
+        raise
+    # A direction the new load no longer filters is detached.
+    for cg, direction, pid in found:
+        if direction not in new.progs:
+            if cgroup.detach(cg, old.progs[direction], direction):
+                result.detached.append((cg, direction))
+
+
+def _remove_dir(path: str) -> None:
+    try:
+        for name in os.listdir(path):
+            pins.unpin(os.path.join(path, name))
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def unload(pin_root: str, unit: str) -> list:
+    """Detach the unit's programs everywhere, then remove its pins."""
+    with _locked(pin_root):
+        with PinnedUnit.open(pin_root, unit) as u:
+            detached = []
+            ids = u.prog_ids()
+            for cg, direction, pid in cgroup.find_attachments(set(ids.values())):
+                if cgroup.detach(cg, u.progs[direction], direction):
+                    detached.append((cg, direction))
+            path = u.path
+        _remove_dir(path)
+        if os.path.isdir(path):
+            raise BackendError(f"could not remove {path}: something else is pinned there")
+    return detached
+
+
+# -- attach / detach ----------------------------------------------------------
+
+def attach(pin_root: str, unit: str, cgroup_path: str) -> dict[str, bool]:
+    """Attach the unit's programs to a cgroup; {direction: newly attached}."""
+    target = cgroup.resolve(cgroup_path)
+    with PinnedUnit.open(pin_root, unit) as u:
+        if not u.progs:
+            raise BackendError(f"unit {unit} has no programs pinned")
+        done: dict[str, bool] = {}
+        try:
+            for direction, fd in u.progs.items():
+                done[direction] = cgroup.attach(target, fd, direction)
+        except BaseException:
+            for direction, new in done.items():  # all or nothing
+                if new:
+                    cgroup.detach(target, u.progs[direction], direction)
+            raise
+        return done
+
+
+def detach(pin_root: str, unit: str, cgroup_path: str) -> dict[str, bool]:
+    target = cgroup.resolve(cgroup_path)
+    with PinnedUnit.open(pin_root, unit) as u:
+        return {d: cgroup.detach(target, fd, d) for d, fd in u.progs.items()}
+
+
+# -- reading ------------------------------------------------------------------
+
+def units(pin_root: str) -> list[str]:
+    if not os.path.isdir(pin_root):
+        return []
+    return sorted(unitkey.decode(k) for k in os.listdir(pin_root)
+                  if os.path.isdir(os.path.join(pin_root, k)))
+
+
+def attachments_of(prog_ids: dict[str, int]) -> list[dict]:
+    found = cgroup.find_attachments(set(prog_ids.values()))
+    return [{"cgroup": cg, "direction": d} for cg, d, _ in sorted(found)]
+
+
+def stats(pin_root: str, unit: str) -> dict:
+    with PinnedUnit.open(pin_root, unit) as u:
+        ids = u.prog_ids()
+        return {
+            "unit": unit,
+            "path": u.path,
+            "mode": u.mode(),
+            "ingress": u.meta["ingress"],
+            "egress": u.meta["egress"],
+            "programs": ids,
+            "counters": u.counters(),
+            "params": u.params(),
+            "sets": {name: u.set_elements(name) for name in sorted(u.meta["sets"])},
+            "attached": attachments_of(ids),
+        }
+
+
+def summary(pin_root: str) -> list[dict]:
+    out = []
+    for unit in units(pin_root):
+        try:
+            with PinnedUnit.open(pin_root, unit) as u:
+                ids = u.prog_ids()
+                out.append({"unit": unit, "mode": u.mode(), "ingress": u.meta["ingress"],
+                            "egress": u.meta["egress"], "programs": ids})
+        except (BackendError, KernelError) as e:
+            out.append({"unit": unit, "error": str(e)})
+    wanted = {pid: entry for entry in out for pid in entry.get("programs", {}).values()}
+    for entry in out:
+        entry["attached"] = []
+    for cg, direction, pid in sorted(cgroup.find_attachments(set(wanted))):
+        wanted[pid]["attached"].append({"cgroup": cg, "direction": direction})
+    return out
+
+
+# -- BPF_PROG_TEST_RUN --------------------------------------------------------
+
+def test_run(program: UnitProgram, direction: str, packets: list[bytes], params: dict[str, int] | None = None,
+             sets: dict[str, list] | None = None, cache=None) -> list[bool]:
+    """Verdicts of the compiled program for raw L3 packets; nothing is pinned."""
+    params, sets = params or {}, sets or {}
+    check_values(program, params, sets)
+    obj = build(program, cache)
+    loaded = loader.load(obj)
+    try:
+        unit = PinnedUnit("(test)", "", program.meta(), dict(loaded.maps), {})
+        unit.write_params(params)
+        for name, elements in sets.items():
+            unit.replace_set(name, elements)
+        fd = loaded.progs[PROG_SECTIONS[direction]]
+        verdicts = []
+        for data in packets:
+            eth = b"\0" * 12 + struct.pack("!H", ETH_P[data[0] >> 4])
+            retval, _ = progs.prog_test_run(fd, eth + data)
+            verdicts.append(retval == 1)
+        return verdicts
+    finally:
+        loaded.close()
+

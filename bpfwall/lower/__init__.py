@@ -1,0 +1,1 @@
+"""Lowering: checked AST → C for bpf/port_filter.c (later: nft JSON)."""
