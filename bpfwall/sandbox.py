@@ -1,0 +1,80 @@
+"""Cgroups of our own for the demo, the tests and `bpfwall run`.
+
+A cgroup_skb program filters the sockets whose cgroup it is attached to, and
+a socket belongs to the cgroup of the process that created it. So a socket
+made while this process sits in cgroup X stays X's after we move back.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from contextlib import contextmanager
+
+from .kernel import cgroup
+
+
+def own_cgroup_path() -> str:
+    """This process's cgroup2 directory (the '0::' line of /proc/self/cgroup)."""
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                rel = line.strip()[3:]
+                return os.path.join(cgroup.cgroup2_mount(), rel.lstrip("/"))
+    raise RuntimeError("this process has no cgroup2 membership")
+
+
+class TempCgroup:
+    """A uniquely named cgroup under the cgroup2 mount, removed on exit."""
+
+    def __init__(self, prefix: str = "bpfwall-tmp"):
+        self.path = os.path.join(cgroup.cgroup2_mount(), f"{prefix}-{uuid.uuid4().hex[:10]}")
+
+    def __enter__(self) -> "TempCgroup":
+        os.mkdir(self.path)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        if not os.path.isdir(self.path):
+            return
+        # Move back anything we left inside (only our own PIDs can be there).
+        try:
+            with open(os.path.join(self.path, "cgroup.procs")) as f:
+                leftovers = [int(x) for x in f.read().split()]
+        except OSError:
+            leftovers = []
+        if leftovers:
+            parent = os.path.join(os.path.dirname(self.path), "cgroup.procs")
+            for pid in leftovers:
+                try:
+                    with open(parent, "w") as f:
+                        f.write(str(pid))
+                except OSError:
+                    pass
+        os.rmdir(self.path)
+
+    @contextmanager
+    def entered(self):
+        """Run the body with this process inside the cgroup, then move back."""
+        home = own_cgroup_path()
+        _join(self.path)
+        try:
+            yield
+        finally:
+            _join(home)
+
+    def socket(self, family=socket.AF_INET, type=socket.SOCK_DGRAM, proto=0) -> socket.socket:
+        with self.entered():
+            return socket.socket(family, type, proto)
+
+    def join_in_child(self) -> None:
+        """For subprocess preexec_fn: the child enters the cgroup before exec."""
+        _join(self.path)
+
+
+def _join(path: str) -> None:
+    with open(os.path.join(path, "cgroup.procs"), "w") as f:
+        f.write("0")
