@@ -1,0 +1,102 @@
+"""Shared fixtures: each test gets its own pin root, cgroup and object cache, removed even on failure."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+
+import pytest
+
+ROOT = os.geteuid() == 0
+
+
+def pytest_collection_modifyitems(config, items):
+    if ROOT:
+        return
+    skip = pytest.mark.skip(reason="needs root (BPF, cgroup2)")
+    for item in items:
+        if "kernel" in item.keywords or "traffic" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One object cache for the session: identical filters compile once."""
+    path = tmp_path_factory.mktemp("bpfwall-cache")
+    os.chmod(path, 0o700)
+    old = os.environ.get("BPFWALL_CACHE_DIR")
+    os.environ["BPFWALL_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("BPFWALL_CACHE_DIR", None)
+    else:
+        os.environ["BPFWALL_CACHE_DIR"] = old
+
+
+def _bpffs() -> None:
+    if not os.path.ismount("/sys/fs/bpf"):
+        os.system("mount -t bpf bpf /sys/fs/bpf")
+
+
+@pytest.fixture
+def pin_root(cache_dir):
+    """A pin root of our own; every unit in it is unloaded (detached) and the root removed."""
+    _bpffs()
+    path = f"/sys/fs/bpf/bpfwall-test-{uuid.uuid4().hex[:10]}"
+    old = os.environ.get("BPFWALL_PIN_ROOT")
+    os.environ["BPFWALL_PIN_ROOT"] = path
+    try:
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop("BPFWALL_PIN_ROOT", None)
+        else:
+            os.environ["BPFWALL_PIN_ROOT"] = old
+        if os.path.isdir(path):
+            from bpfwall.backends import bpf
+
+            for unit in bpf.units(path):
+                try:
+                    bpf.unload(path, unit)
+                except Exception:
+                    pass
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def temp_cgroup():
+    from bpfwall.sandbox import TempCgroup
+
+    with TempCgroup("bpfwall-test") as cg:
+        yield cg
+
+
+def kernel_object_ids() -> tuple[frozenset, frozenset]:
+    from bpfwall.kernel import progs
+
+    out = []
+    for next_id in (progs.prog_get_next_id, progs.map_get_next_id):
+        ids, cur = set(), 0
+        while (cur := next_id(cur)) is not None:
+            ids.add(cur)
+        out.append(frozenset(ids))
+    return out[0], out[1]
+
+
+@pytest.fixture
+def no_leaks():
+    """Programs and maps alive after the test are exactly those alive before it.
+
+    cgroup teardown releases attached programs from a workqueue, so wait a little.
+    """
+    before = kernel_object_ids()
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        after = kernel_object_ids()
+        if after[0] <= before[0] and after[1] <= before[1]:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"leaked programs {sorted(after[0] - before[0])}, maps {sorted(after[1] - before[1])}")
+        time.sleep(0.05)
