@@ -10,6 +10,13 @@ import pytest
 
 ROOT = os.geteuid() == 0
 
+# CI runs the same examples every time (a red CI must be reproducible); local runs explore.
+from hypothesis import settings as _hsettings
+
+_hsettings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    _hsettings.load_profile("ci")
+
 
 def pytest_collection_modifyitems(config, items):
     if ROOT:
