@@ -107,3 +107,35 @@ def no_leaks():
         if time.monotonic() > deadline:
             raise AssertionError(f"leaked programs {sorted(after[0] - before[0])}, maps {sorted(after[1] - before[1])}")
         time.sleep(0.05)
+
+
+def _ours_on_disk() -> set[str]:
+    """Pin roots and cgroups the tests create (their names carry 'bpfwall-test')."""
+    from bpfwall.kernel import cgroup
+
+    found = set()
+    for top in ("/sys/fs/bpf", cgroup.cgroup2_mount()):
+        if os.path.isdir(top):
+            found |= {os.path.join(top, n) for n in os.listdir(top) if n.startswith("bpfwall-test")}
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind():
+    """The whole suite leaves no programs, maps, pins or cgroups of its own behind."""
+    if not ROOT:
+        yield
+        return
+    _bpffs()
+    before_ids, before_disk = kernel_object_ids(), _ours_on_disk()
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        ids, disk = kernel_object_ids(), _ours_on_disk()
+        if ids[0] <= before_ids[0] and ids[1] <= before_ids[1] and disk <= before_disk:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"the test suite left behind programs {sorted(ids[0] - before_ids[0])}, "
+                f"maps {sorted(ids[1] - before_ids[1])}, paths {sorted(disk - before_disk)}")
+        time.sleep(0.1)
