@@ -1,0 +1,215 @@
+"""Type checking: every way an expression can be wrong becomes one LangError with a column.
+
+What passes here is safe to lower to C: booleans are conditions, numbers and
+addresses are only compared with their own kind, literals fit the field they
+meet, and every @set has one kind.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import ast
+from .errors import LangError
+from .fields import ADDR, BOOL, NUMBER, field_type
+from .names import unknown_name
+from .parser import parse
+from .printer import unparse
+from .values import PARAM_MAX, show_number
+
+# Examples for "X is a number; compare it, e.g. …".
+_EXAMPLE = {"len": "len <= 1500", "icmp_type": "icmp_type == 8", "icmp_code": "icmp_code == 0"}
+
+
+@dataclass(frozen=True)
+class Checked:
+    expr: ast.Expr
+    text: str                 # normalized: unparse(expr)
+    params: tuple[str, ...]   # in order of first appearance
+    sets: dict[str, str]      # name -> "number" | "address"
+
+
+def check(expr, text: str) -> Checked:
+    """Check a parsed expression; `text` is its source, for error carets."""
+    return _run(expr, text)[0]
+
+
+def _run(expr, text: str):
+    checker = _Checker(text)
+    checker.condition(expr)
+    return Checked(expr, unparse(expr), tuple(checker.params), dict(checker.sets)), checker
+
+
+def analyze(text: str) -> Checked:
+    return check(parse(text), text)
+
+
+def analyze_pair(ingress: str | None, egress: str | None) -> tuple[Checked | None, Checked | None]:
+    """Both directions of a unit: they share params and sets, so a set must have one kind in both."""
+    done = {}
+    for direction, text in (("ingress", ingress), ("egress", egress)):
+        if text is not None:
+            done[direction] = _run(parse(text), text)
+    if len(done) == 2:
+        (first, _), (second, checker) = done["ingress"], done["egress"]
+        for name, kind in second.sets.items():
+            other = first.sets.get(name)
+            if other is not None and other != kind:
+                raise LangError(f"set @{name} is {_a(other)} set on ingress but {_a(kind)} set on egress; "
+                                "one set cannot be both", checker.set_cols[name], egress)
+    return tuple(done[d][0] if d in done else None for d in ("ingress", "egress"))
+
+
+def _a(kind: str) -> str:
+    return ("an " if kind[0] in "aeiou" else "a ") + kind
+
+
+def _empty(rng: ast.Range) -> bool:
+    lo, hi = rng.lo, rng.hi
+    return isinstance(lo, ast.NumLit) and isinstance(hi, ast.NumLit) and lo.value > hi.value
+
+
+def _show(node) -> str:
+    return show_number(node.value) if isinstance(node, ast.NumLit) else unparse(node)
+
+
+class _Checker:
+    def __init__(self, text: str):
+        self.text = text
+        self.params: dict[str, None] = {}  # an ordered set
+        self.sets: dict[str, str] = {}
+        self.set_cols: dict[str, int] = {}
+
+    def error(self, message: str, node) -> LangError:
+        return LangError(message, node.col, self.text)
+
+    # -- conditions ------------------------------------------------------
+    def condition(self, node) -> None:
+        if isinstance(node, (ast.And, ast.Or)):
+            for operand in node.operands:
+                self.condition(operand)
+        elif isinstance(node, ast.Not):
+            self.condition(node.operand)
+        elif isinstance(node, ast.Compare):
+            self.compare(node)
+        elif isinstance(node, ast.In):
+            self.member(node)
+        elif not isinstance(node, ast.BoolConst) and self.kind(node) != BOOL:
+            raise self.error(self.not_a_condition(node), node)
+
+    def not_a_condition(self, node) -> str:
+        text = _show(node)
+        if isinstance(node, ast.Field):
+            if field_type(node.name)[0] == NUMBER:
+                return f"{text} is a number; compare it, e.g. {_EXAMPLE.get(node.name, text + ' == 53')}"
+            return f"{text} is an address; compare it, e.g. {text} == 10.0.0.1 or {text} in 10.0.0.0/8"
+        if isinstance(node, (ast.Param, ast.NumLit)):
+            return f"{text} is a number; compare it, e.g. dst_port == {text}"
+        how = "saddr in" if node.cidr else "saddr =="
+        return f"{text} is an address; compare it, e.g. {how} {text}"
+
+    # -- values ----------------------------------------------------------
+    def kind(self, node) -> str:
+        """BOOL for boolean fields; NUMBER or ADDR for values; an error for anything else."""
+        if isinstance(node, ast.Field):
+            try:
+                return field_type(node.name)[0]
+            except KeyError:
+                raise self.error(unknown_name(node.name), node) from None
+        if isinstance(node, ast.Param):
+            self.params.setdefault(node.name)
+            return NUMBER
+        if isinstance(node, ast.NumLit):
+            return NUMBER
+        if isinstance(node, ast.AddrLit):
+            return ADDR
+        raise self.error(f"({unparse(node)}) is a condition, not a value; use it without comparing it", node)
+
+    def value(self, node) -> str:
+        """The kind of a value; booleans are refused."""
+        kind = BOOL if isinstance(node, ast.BoolConst) else self.kind(node)
+        if kind == BOOL:
+            text = unparse(node)
+            raise self.error(f"{text} is a boolean; use it directly ({text}, !{text})", node)
+        return kind
+
+    def describe(self, node, kind: str) -> str:
+        return f"{_show(node)} ({_a(kind)})"
+
+    def fits(self, node, subject) -> None:
+        """A number literal must fit the field it meets (u64 when it meets no field)."""
+        if not isinstance(node, ast.NumLit):
+            return
+        if isinstance(subject, ast.Field):
+            top, what = 2 ** field_type(subject.name)[1] - 1, f" for {subject.name}"
+        else:
+            top, what = PARAM_MAX, ""
+        if node.value > top:
+            raise self.error(f"{_show(node)} is out of range{what} (0..{top})", node)
+
+    # -- comparisons -----------------------------------------------------
+    def compare(self, node: ast.Compare) -> None:
+        left, right = node.left, node.right
+        lk, rk = self.value(left), self.value(right)
+        if lk != rk:
+            raise self.error(f"cannot compare {self.describe(left, lk)} with {self.describe(right, rk)}", right)
+        if lk == NUMBER:
+            self.fits(left, right)
+            self.fits(right, left)
+            return
+        if node.op not in ("==", "!="):
+            raise self.error("addresses have no order; use ==, != or in", node)
+        for net, other in ((right, left), (left, right)):
+            if isinstance(net, ast.AddrLit) and net.cidr:
+                raise self.error(f"use 'in' to match a network: {_show(other)} in {unparse(net)}", net)
+
+    def member(self, node: ast.In) -> None:
+        subject, box = node.subject, node.container
+        kind = self.value(subject)
+        if isinstance(box, ast.SetRef):
+            self.set_ref(subject, kind, box)
+            return
+        if isinstance(box, ast.Range):
+            items, what = (box,), "a range of numbers"
+        elif isinstance(box, ast.SetLit):
+            if not box.items:
+                raise self.error("an empty set matches nothing; add elements, or write false", box)
+            items, what = box.items, None
+        elif isinstance(box, ast.AddrLit) and box.cidr:
+            items, what = (box,), "a network"
+        else:
+            raise self.error(f"'in' needs a range, a set or a network, not {unparse(box)}", box)
+        box_kind = None
+        for item in items:
+            item_kind = self.item_kind(item)
+            box_kind = box_kind or item_kind
+            if item_kind != box_kind:
+                raise self.error("a set cannot mix numbers and addresses", item)
+        if kind != box_kind:
+            what = what or ("a set of numbers" if box_kind == NUMBER else "a set of addresses")
+            raise self.error(f"cannot match {self.describe(subject, kind)} against {what}", box)
+        for item in items:
+            for literal in (item.lo, item.hi) if isinstance(item, ast.Range) else (item,):
+                self.fits(literal, subject)
+            if isinstance(item, ast.Range) and _empty(item):
+                raise self.error(f"empty range {unparse(item)}: the first bound must not exceed the second", item)
+
+    def item_kind(self, item) -> str:
+        """The kind of a range, or of one element of a set literal."""
+        if isinstance(item, ast.Range):
+            for bound in (item.lo, item.hi):
+                if not isinstance(bound, (ast.NumLit, ast.Param)):
+                    raise self.error(f"a range bound must be a number or a $param, not {unparse(bound)}", bound)
+                self.kind(bound)
+            return NUMBER
+        if not isinstance(item, (ast.NumLit, ast.Param, ast.AddrLit)):
+            raise self.error(f"a set holds numbers, $params, ranges and addresses, not {unparse(item)}", item)
+        return self.kind(item)
+
+    def set_ref(self, subject, kind: str, box: ast.SetRef) -> None:
+        if not isinstance(subject, ast.Field):
+            raise self.error(f"only a packet field can be looked up in @{box.name} (e.g. dst_port in "
+                             f"@{box.name}), not {_show(subject)}", subject)
+        seen = self.sets.setdefault(box.name, kind)
+        self.set_cols.setdefault(box.name, box.col)
+        if seen != kind:
+            raise self.error(f"@{box.name} is used as {_a(seen)} set and as {_a(kind)} set", box)

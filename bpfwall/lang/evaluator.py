@@ -1,0 +1,113 @@
+"""The reference semantics: a checked expression's verdict on one packet.
+
+bpf/port_filter.c must decide exactly as `evaluate` does; the differential
+test compares the two. Conventions the C shares: absent numbers read 0, unset
+params read 0, unset sets are empty, and an address never equals (or lies in a
+network of) the other family.
+"""
+from __future__ import annotations
+
+import ipaddress
+
+from . import ast
+from .fields import DIRECTIONS, resolve
+from .packet import PacketFields
+
+
+def evaluate(expr, fields: PacketFields, direction: str, params: dict[str, int] | None = None,
+             sets: dict[str, list] | None = None) -> bool:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
+    return _Evaluator(fields, direction, params or {}, sets or {}).cond(expr)
+
+
+class _Evaluator:
+    def __init__(self, fields: PacketFields, direction: str, params: dict, sets: dict):
+        self.fields = fields
+        self.direction = direction
+        self.params = params
+        self.sets = sets
+
+    def cond(self, node) -> bool:
+        if isinstance(node, ast.Or):
+            return any(self.cond(o) for o in node.operands)
+        if isinstance(node, ast.And):
+            return all(self.cond(o) for o in node.operands)
+        if isinstance(node, ast.Not):
+            return not self.cond(node.operand)
+        if isinstance(node, ast.Compare):
+            return self.compare(node)
+        if isinstance(node, ast.In):
+            return self.member(node)
+        if isinstance(node, ast.BoolConst):
+            return node.value
+        return self.field(node)  # a boolean field
+
+    def value(self, node):
+        """An int for numbers; an IPv4/IPv6 address or network for addresses."""
+        if isinstance(node, ast.NumLit):
+            return node.value
+        if isinstance(node, ast.Param):
+            return self.params.get(node.name, 0)
+        if isinstance(node, ast.AddrLit):
+            return node.net
+        return self.field(node)
+
+    def field(self, node: ast.Field):
+        name = resolve(node.name, self.direction)
+        return getattr(self.fields, _ATTRIBUTES.get(name, name))
+
+    def compare(self, node: ast.Compare) -> bool:
+        left, right = self.value(node.left), self.value(node.right)
+        if isinstance(left, int):
+            return _NUMBER_OPS[node.op](left, right)
+        equal = _host(left) == _host(right)  # different families never compare equal
+        return equal if node.op == "==" else not equal
+
+    def member(self, node: ast.In) -> bool:
+        x, box = self.value(node.subject), node.container
+        if isinstance(box, ast.Range):
+            return self.value(box.lo) <= x <= self.value(box.hi)
+        if isinstance(box, ast.AddrLit):
+            return _in_network(x, box.net)
+        if isinstance(box, ast.SetRef):
+            items = self.sets.get(box.name, ())
+            if isinstance(x, int):
+                return any(x == i if isinstance(i, int) else i[0] <= x <= i[1] for i in items)
+            return any(_in_network(x, net) for net in items)
+        for item in box.items:
+            if isinstance(item, ast.Range):
+                hit = self.value(item.lo) <= x <= self.value(item.hi)
+            elif isinstance(item, ast.AddrLit):
+                hit = _in_network(x, item.net)
+            else:
+                hit = x == self.value(item)
+            if hit:
+                return True
+        return False
+
+
+# Language names that differ from PacketFields attribute names.
+_ATTRIBUTES = {"len": "length"}
+
+_NUMBER_OPS = {
+    "==": lambda a, b: a == b, "!=": lambda a, b: a != b,
+    "<": lambda a, b: a < b, "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
+}
+
+
+def _host(value):
+    """A packet address or a host literal (a /32 or /128 network) as (family, address)."""
+    if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        value = value.network_address
+    return value.version, value
+
+
+def _in_network(value, net) -> bool:
+    """`value` (a packet address, or a literal network) lies in `net` of its own family."""
+    if value.version != net.version:
+        return False
+    if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return value.subnet_of(net)
+    return value in net

@@ -1,0 +1,112 @@
+"""Text → tokens. Every token keeps its 1-based column for error carets."""
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+from .errors import LangError
+from .values import NAME_RE, parse_network, parse_number
+
+# Token kinds. Keywords become the operator they spell ("and" → "&&"), so the
+# parser sees one vocabulary; `text` keeps the spelling for messages.
+NAME, PARAM, SET, NUMBER, ADDRESS, BOOL, OP, EOF = (
+    "name", "param", "set", "number", "address", "bool", "op", "eof")
+
+KEYWORDS = {"and": (OP, "&&"), "or": (OP, "||"), "not": (OP, "!"), "in": (OP, "in"),
+            "true": (BOOL, True), "false": (BOOL, False)}
+_OPERATORS = ("&&", "||", "==", "!=", "<=", ">=", "..", "!", "<", ">", "(", ")", "{", "}", ",")
+_MISTAKES = {"=": "'=' is not an operator; use '==' to compare",
+             "&": "'&' is not an operator; use '&&'",
+             "|": "'|' is not an operator; use '||'"}
+
+_HEX_RUN = re.compile(r"[0-9A-Fa-f:.]+")  # an IPv6 address is a run of these holding a ':'
+_PREFIX = re.compile(r"/[0-9]*")
+_HEX = re.compile(r"0[xX][0-9a-fA-F]*")
+_DOTTED = re.compile(r"[0-9]+(?:\.[0-9]+)*")  # stops before '..', so 1..5 is a range
+_WORD_TAIL = re.compile(r"[A-Za-z0-9_]+")
+_SPACE = re.compile(r"\s+")
+
+
+class Token(NamedTuple):
+    kind: str
+    value: object
+    col: int
+    text: str
+
+
+def tokenize(text: str) -> list[Token]:
+    tokens, i, n = [], 0, len(text)
+    while i < n:
+        m = _SPACE.match(text, i)
+        if m:
+            i = m.end()
+            continue
+        c = text[i]
+        end = _address_end(text, i)
+        if end:
+            tokens.append(_address(text, i, end))
+        elif c.isdigit():
+            tokens.append(_number(text, i))
+        elif c.isalpha() or c == "_":
+            word = NAME_RE.match(text, i).group()
+            kind, value = KEYWORDS.get(word, (NAME, word))
+            tokens.append(Token(kind, value, i + 1, word))
+        elif c in "$@":
+            m = NAME_RE.match(text, i + 1)
+            if not m:
+                what = "parameter" if c == "$" else "set"
+                raise LangError(f"expected a {what} name after '{c}'", i + 1, text)
+            tokens.append(Token(PARAM if c == "$" else SET, m.group(), i + 1, c + m.group()))
+        else:
+            op = next((o for o in _OPERATORS if text.startswith(o, i)), None)
+            if op is None:
+                raise LangError(_MISTAKES.get(c, f"unexpected character {c!r}"), i + 1, text)
+            tokens.append(Token(OP, op, i + 1, op))
+        i = tokens[-1].col - 1 + len(tokens[-1].text)
+    tokens.append(Token(EOF, None, n + 1, ""))
+    return tokens
+
+
+def _address_end(text: str, i: int) -> int:
+    """End of an IPv6 address (with its /prefix) starting at i, or 0 when there is none."""
+    m = _HEX_RUN.match(text, i)
+    if not m:
+        return 0
+    run = m.group().split("..", 1)[0]
+    if ":" not in run:
+        return 0
+    end = i + len(run)
+    m = _PREFIX.match(text, end)
+    return m.end() if m else end
+
+
+def _address(text: str, i: int, end: int) -> Token:
+    end = _check_tail(text, i, end, "address")
+    try:
+        net, cidr = parse_network(text[i:end])
+    except ValueError as e:
+        raise LangError(str(e), i + 1, text) from None
+    return Token(ADDRESS, (net, cidr), i + 1, text[i:end])
+
+
+def _number(text: str, i: int) -> Token:
+    m = _HEX.match(text, i)
+    if m:
+        if len(m.group()) == 2:
+            raise LangError("expected hex digits after '0x'", i + 1, text)
+        end = _check_tail(text, i, m.end(), "number")
+        return Token(NUMBER, parse_number(m.group()), i + 1, text[i:end])
+    m = _DOTTED.match(text, i)
+    if "." in m.group():  # an IPv4 address
+        m2 = _PREFIX.match(text, m.end())
+        return _address(text, i, m2.end() if m2 else m.end())
+    end = _check_tail(text, i, m.end(), "number")
+    return Token(NUMBER, parse_number(m.group()), i + 1, text[i:end])
+
+
+def _check_tail(text: str, i: int, end: int, what: str) -> int:
+    """Refuse a literal glued to a word (`80abc`, `10.0.0.1x`): it is a typo, not two tokens."""
+    m = _WORD_TAIL.match(text, end)
+    if m:
+        raise LangError(f"invalid {what} '{text[i:m.end()]}'", i + 1, text)
+    return end
