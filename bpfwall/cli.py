@@ -135,7 +135,8 @@ def _program(args, ingress: str | None, egress: str | None):
     from .lang.checker import analyze_pair
     from .lang.errors import LangError
 
-    capacity = getattr(args, "set_capacity", None) or DEFAULT_SET_CAPACITY
+    capacity = getattr(args, "set_capacity", None)
+    capacity = DEFAULT_SET_CAPACITY if capacity is None else capacity
     if capacity < 1 or capacity > 1 << 24:
         raise UsageError(f"--set-capacity {capacity}: must be between 1 and {1 << 24}")
     for text, what in ((ingress, "--ingress"), (egress, "--egress")):

@@ -249,7 +249,7 @@ BAD_INVOCATIONS = [
     (["check", "dts_port == 53"], "did you mean 'dst_port'"),
     (["check", "tcp == 1"], "tcp is a boolean"),
     (["check", "saddr"], "saddr is an address"),
-    (["check", "(" * 300 + "tcp" + ")" * 300], "nested"),
+    (["check", "(" * 300 + "tcp" + ")" * 300], "nests too deeply"),
     (["check", "x" * 70000], "65536"),
     (["explain", "udp &&& tcp"], "column"),
 ]

@@ -19,6 +19,7 @@ from bpfwall.lang.checker import analyze
 
 pytestmark = [pytest.mark.kernel, pytest.mark.traffic, pytest.mark.usefixtures("no_leaks")]
 
+SO_RCVBUFFORCE = 33  # Linux; the socket module does not export it
 V4, V6 = ("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)
 
 
@@ -154,7 +155,7 @@ def test_icmp_both_directions(pin_root, temp_cgroup):
 def test_reload_under_steady_traffic_loses_nothing(pin_root, temp_cgroup):
     """Swapping the program (BPF_F_REPLACE) while packets flow drops none that both versions allow."""
     rx = temp_cgroup.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, 64 << 20)
+    rx.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
     rx.bind(("127.0.0.1", 0))
     port = rx.getsockname()[1]
     exprs = [f"udp && local_port == {port}", f"udp && local_port in {{9, {port}, 10..20}}",
