@@ -106,7 +106,9 @@ def _clang() -> str:
 
 
 def _flags() -> list[str]:
-    return ["-O2", "-g", "-target", "bpf", "-Wall", "-Werror", "-Wno-unused-function",
+    # No -Werror: generated conditions may be tautological (saddr == saddr,
+    # icmp_type <= 255) and are still exactly what the user wrote.
+    return ["-O2", "-g", "-target", "bpf", "-w",
             f"-I/usr/include/{platform.machine()}-linux-gnu"]
 
 

@@ -20,7 +20,8 @@ V4_NETS = ["10.0.0.0/8", "10.0.0.0/24", "10.0.0.2/31", "10.0.0.1/32", "192.168.0
            "0.0.0.0/0"]
 V6_NETS = ["2001:db8::/32", "2001:db8::/127", "fe80::/10", "::1/128", "::ffff:0:0/96", "::/0"]
 PORTS = [0, 1, 22, 53, 80, 443, 1024, 8080, 65535]
-ICMP_TYPES = [0, 3, 8, 11, 128, 129, 135]
+ICMP4_TYPES, ICMP6_TYPES = [0, 3, 8, 11], [1, 128, 129, 135]
+ICMP_TYPES = ICMP4_TYPES + ICMP6_TYPES
 LENGTHS = [20, 28, 40, 48, 60, 64, 100, 1500]
 
 BOOL_FIELDS = ["ip", "ipv6", "icmp", "tcp", "udp"]
@@ -32,6 +33,12 @@ ADDRESS_SETS = ["nets", "hosts"]
 COMPARE_OPS = ["==", "!=", "<", "<=", ">", ">="]
 
 _COL = 1  # generated trees have no source text
+
+
+def mostly(common, rare, odds: int = 3):
+    """`common` `odds` times out of odds + 1 (one_of would weigh its branches alike)."""
+    return st.integers(0, odds).flatmap(lambda i: rare if i == 0 else common)
+
 
 # -- values ---------------------------------------------------------------
 
@@ -47,9 +54,9 @@ def _pool(field: str) -> list[int]:
 def number_literals(field: str | None = None):
     """Numbers that fit `field` (u64 when None), mostly from the pools the packets use."""
     if field is None:
-        return st.one_of(st.sampled_from(PORTS), st.integers(0, 2**64 - 1))
+        return mostly(st.sampled_from(PORTS), st.integers(0, 2**64 - 1), odds=1)
     top = 2 ** field_type(field)[1] - 1
-    return st.one_of(st.sampled_from([v for v in _pool(field) if v <= top]), st.integers(0, top))
+    return mostly(st.sampled_from([v for v in _pool(field) if v <= top]), st.integers(0, top))
 
 
 def _num(field=None):
@@ -95,7 +102,7 @@ def _number_compare(draw):
 @st.composite
 def _address_compare(draw):
     left = draw(_field(ADDR_FIELDS))
-    right = draw(st.one_of(_hosts, _hosts, _field(ADDR_FIELDS)))
+    right = draw(mostly(_hosts, _field(ADDR_FIELDS)))
     if draw(st.booleans()):
         left, right = right, left
     return ast.Compare(draw(st.sampled_from(["==", "!="])), left, right, _COL)
@@ -126,11 +133,8 @@ def _address_in(draw):
     return ast.In(subject, box, _COL)
 
 
-_leaves = st.one_of(
-    _field(BOOL_FIELDS),
-    st.booleans().map(lambda b: ast.BoolConst(b, _COL)),
-    _number_compare(), _number_compare(), _address_compare(), _number_in(), _address_in(),
-)
+_leaves = mostly(st.one_of(_field(BOOL_FIELDS), _number_compare(), _address_compare(), _number_in(), _address_in()),
+                 st.booleans().map(lambda b: ast.BoolConst(b, _COL)), odds=9)
 
 
 def trees(max_leaves: int = 12):
@@ -205,10 +209,10 @@ def param_values():
 def set_values(kind: str):
     """Elements as parse_set_elements returns them; number ranges stay small (sets expand them)."""
     if kind == "number":
-        value = st.one_of(st.sampled_from(PORTS + ICMP_TYPES + LENGTHS), st.integers(0, 2**32 - 1))
+        value = mostly(st.sampled_from(PORTS + ICMP_TYPES + LENGTHS), st.integers(0, 2**32 - 1))
         span = st.tuples(st.integers(0, 2**32 - 1 - 32), st.integers(0, 32)).map(lambda t: (t[0], t[0] + t[1]))
         small = st.tuples(st.integers(0, 1600), st.integers(0, 32)).map(lambda t: (t[0], t[0] + t[1]))
-        return st.lists(st.one_of(value, value, small, span), max_size=8)
+        return st.lists(mostly(value, st.one_of(small, span), odds=2), max_size=8)
     if kind != "address":
         raise ValueError(kind)
     nets = st.sampled_from(V4_HOSTS + V6_HOSTS + V4_NETS + V6_NETS).map(ipaddress.ip_network)
@@ -221,15 +225,15 @@ def set_values(kind: str):
 @st.composite
 def _l4(draw, proto: int) -> bytes:
     """An L4 header for `proto`, sometimes cut short."""
-    port = st.one_of(st.sampled_from(PORTS), st.integers(0, 65535))
+    port = mostly(st.sampled_from(PORTS), st.integers(0, 65535))
     if proto == pk.TCP:
         data = pk.tcp(draw(port), draw(port))
     elif proto == pk.UDP:
         data = pk.udp(draw(port), draw(port), bytes(draw(st.integers(0, 4))))
     elif proto in (pk.ICMP, pk.ICMPV6):
-        types = st.sampled_from(ICMP_TYPES)
-        data = pk.icmp(draw(st.one_of(types, types, st.integers(0, 255))),
-                       draw(st.one_of(st.sampled_from([0, 1, 3]), st.integers(0, 255))))
+        types = ICMP4_TYPES if proto == pk.ICMP else ICMP6_TYPES
+        data = pk.icmp(draw(mostly(st.sampled_from(types), st.integers(0, 255))),
+                       draw(mostly(st.sampled_from([0, 1, 3]), st.integers(0, 255))))
     else:
         data = draw(st.binary(max_size=12))
     if draw(st.integers(0, 5)) == 0:
@@ -241,15 +245,15 @@ def _proto(family: int):
     """Mostly the protocols expressions name; sometimes anything."""
     native = pk.ICMP if family == 4 else pk.ICMPV6
     other = pk.ICMPV6 if family == 4 else pk.ICMP
-    common = st.sampled_from([pk.TCP, pk.UDP, native])
-    return st.one_of(common, common, common, st.sampled_from([other, 47, 132]), st.integers(0, 255))
+    rare = st.one_of(st.sampled_from([other, 47, 132]), st.integers(0, 255))
+    return mostly(st.sampled_from([pk.TCP, pk.UDP, native]), rare, odds=4)
 
 
 def _addresses(family: int):
     hosts = V4_HOSTS if family == 4 else V6_HOSTS
     cls = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
     random = st.integers(0, 2 ** (32 if family == 4 else 128) - 1).map(lambda v: str(cls(v)))
-    return st.one_of(st.sampled_from(hosts), st.sampled_from(hosts), random)
+    return mostly(st.sampled_from(hosts), random)
 
 
 @st.composite
@@ -268,14 +272,15 @@ _EXT = st.one_of(
     st.tuples(st.sampled_from([pk.HOPOPTS, pk.ROUTING, pk.DSTOPTS]), st.integers(0, 2)),
     st.tuples(st.just(pk.AH), st.integers(0, 4)),
     st.tuples(st.just(pk.FRAGMENT), st.just(0),
-              st.one_of(st.just(0), st.just(0), st.integers(1, 0x1FFF))),
+              mostly(st.just(0), st.integers(1, 0x1FFF), odds=2)),
 )
 
 
 @st.composite
 def _v6(draw) -> bytes:
     proto = draw(_proto(6))
-    kinds = draw(st.lists(_EXT, max_size=9)) if draw(st.integers(0, 2)) == 0 else []
+    chains = mostly(st.lists(_EXT, min_size=1, max_size=3), st.lists(_EXT, min_size=8, max_size=10))
+    kinds = draw(chains) if draw(st.booleans()) else []
     nh, headers = pk.chain(kinds, proto)
     return pk.ipv6(draw(_addresses(6)), draw(_addresses(6)), nh, headers + draw(_l4(proto)))
 

@@ -388,7 +388,7 @@ def _remove_dir(path: str) -> None:
         for name in os.listdir(path):
             pins.unpin(os.path.join(path, name))
         os.rmdir(path)
-    except OSError:
+    except (OSError, KernelError):
         pass
 
 

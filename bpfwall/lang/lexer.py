@@ -45,9 +45,9 @@ def tokenize(text: str) -> list[Token]:
         end = _address_end(text, i)
         if end:
             tokens.append(_address(text, i, end))
-        elif c.isdigit():
+        elif "0" <= c <= "9":
             tokens.append(_number(text, i))
-        elif c.isalpha() or c == "_":
+        elif NAME_RE.match(c):
             word = NAME_RE.match(text, i).group()
             kind, value = KEYWORDS.get(word, (NAME, word))
             tokens.append(Token(kind, value, i + 1, word))

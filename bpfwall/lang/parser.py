@@ -9,8 +9,8 @@ import ipaddress
 
 from . import ast
 from .errors import LangError
-from .lexer import ADDRESS, BOOL, EOF, NAME, NUMBER, OP, PARAM, SET, Token, tokenize
 from .fields import known_names
+from .lexer import ADDRESS, BOOL, EOF, NAME, NUMBER, OP, PARAM, SET, Token, tokenize
 from .names import did_you_mean, suggestions, unknown_name
 from .printer import unparse
 

@@ -8,7 +8,7 @@ a CI run checks well over 2,000 (expression, packet) cases.
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 from bpfwall.backends import bpf
 from bpfwall.build import UnitProgram
@@ -36,7 +36,10 @@ def scenarios(draw):
     return checked, direction, params, sets, batch
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+# No shrinking: every example compiles a program, and the assertion message
+# already names the expression, values and packet that disagree.
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(scenarios())
 def test_kernel_agrees_with_reference(cache_dir, scenario):
     checked, direction, params, sets, batch = scenario

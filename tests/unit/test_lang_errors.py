@@ -2,6 +2,7 @@
 import time
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from bpfwall.lang.checker import analyze, check
 from bpfwall.lang.errors import LangError
@@ -225,3 +226,24 @@ def test_largest_chain_within_limits_is_fast():
     c = analyze(text)
     evaluate(c.expr, parse_packet(pk.ipv4("10.0.0.1", "10.0.0.2", pk.UDP, pk.udp(1, 20000))), "egress")
     assert time.perf_counter() - start < 1.0
+
+
+# -- anything else is a LangError, never a crash ---------------------------------
+
+_PIECES = st.sampled_from(["tcp", "dst_port", "saddr", "local_addr", "$p", "@s", "80", "0x1f", "70000",
+                           "10.0.0.1", "10.0.0.0/8", "::1", "fe80::/10", "1..5", "{", "}", ",", "(", ")", "!",
+                           "&&", "||", "==", "<", "in", "not", "..", "/", ":", ".", "=", "é", "٣", " "])
+
+
+@settings(max_examples=500)
+@given(st.one_of(st.text(max_size=40), st.lists(_PIECES, max_size=12).map("".join),
+                 st.lists(_PIECES, max_size=12).map(" ".join)))
+def test_any_text_is_accepted_or_refused_cleanly(text):
+    try:
+        checked = analyze(text)
+    except LangError as e:
+        assert e.col is None or 1 <= e.col <= len(text) + 1
+        assert "\n" not in str(e)
+        e.render()
+    else:
+        assert analyze(checked.text).text == checked.text

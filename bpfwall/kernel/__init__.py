@@ -1,0 +1,13 @@
+"""bpfwall's kernel layer: bpf(2) through ctypes, our own ELF/BTF loader, pins and cgroup attach.
+
+It knows nothing of the filter language. Modules, bottom up:
+  errors   KernelError (errno + one-line message), VerifierError (.log), NotBpffs
+  syscall  bpf(2)/statfs(2), constants, attr layouts, possible_cpus()
+  maps     create, lookup/update/delete, iterate, info
+  progs    load (verifier log on failure), info, test run, object ids
+  btf      parse, fix up an object's BTF, load it, BTF-defined map definitions
+  elf      read_object(): an ELF object as plain, picklable data
+  loader   load(): BTF, maps (or reused ones), programs with map fds patched in
+  pins     bpffs pins, atomic replacement
+  cgroup   cgroup2 discovery, attach/detach/query with BPF_F_ALLOW_MULTI, walks
+"""

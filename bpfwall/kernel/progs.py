@@ -1,0 +1,126 @@
+"""BPF programs: load (with the verifier's log on failure), describe, test-run; object ids."""
+from __future__ import annotations
+
+import ctypes
+import errno
+from dataclasses import dataclass
+
+from . import syscall as sc
+from .errors import KernelError, VerifierError
+
+# The verifier log is only asked for after a failure: logging slows verification.
+# Its buffer grows until the whole log fits (the kernel answers ENOSPC until then).
+_LOG_START = 1 << 18
+_LOG_MAX = 1 << 28
+
+
+@dataclass(frozen=True)
+class ProgInfo:
+    id: int
+    type: int
+    name: str
+    tag: str              # hex of the kernel's hash of the instructions
+    xlated_size: int      # bytes of the instructions as the kernel runs them
+    jited_size: int       # bytes of native code (0 when not JIT-compiled)
+    map_ids: tuple[int, ...]
+    btf_id: int
+    run_time_ns: int      # totals kept while sysctl kernel.bpf_stats_enabled=1
+    run_cnt: int
+
+
+def prog_load(prog_type: int, insns: bytes, license: str, expected_attach_type: int, name: str,
+              btf_fd: int = 0, func_info: bytes = b"", line_info: bytes = b"") -> int:
+    """A loaded program's fd.
+
+    `func_info`/`line_info` are kernel-ready records (instruction indexes) that
+    name the function and map instructions to source lines of the BTF at
+    `btf_fd`; the verifier log then quotes the source.
+    """
+    insn_buf, lic = sc.buffer(insns), ctypes.create_string_buffer(license.encode())
+    fi, li = sc.buffer(func_info), sc.buffer(line_info)
+    attr = sc.ProgLoadAttr(prog_type=prog_type, insn_cnt=len(insns) // 8, insns=sc.addr(insn_buf),
+                           license=sc.addr(lic), prog_name=name.encode()[:sc.BPF_OBJ_NAME_LEN - 1],
+                           expected_attach_type=expected_attach_type)
+    if btf_fd and func_info:
+        attr.prog_btf_fd = btf_fd
+        attr.func_info_rec_size, attr.func_info = sc.FUNC_INFO_REC_SIZE, sc.addr(fi)
+        attr.func_info_cnt = len(func_info) // sc.FUNC_INFO_REC_SIZE
+        if line_info:
+            attr.line_info_rec_size, attr.line_info = sc.LINE_INFO_REC_SIZE, sc.addr(li)
+            attr.line_info_cnt = len(line_info) // sc.LINE_INFO_REC_SIZE
+    what = f"cannot load program {name!r}"
+    try:
+        return sc.bpf(sc.BPF_PROG_LOAD, attr, what)
+    except KernelError as e:
+        failure = e
+    size = _LOG_START
+    while True:
+        log = ctypes.create_string_buffer(size)
+        attr.log_level, attr.log_size, attr.log_buf = 1, size, sc.addr(log)
+        try:
+            return sc.bpf(sc.BPF_PROG_LOAD, attr, what)  # the first failure was transient
+        except KernelError as e:
+            if e.errno == errno.ENOSPC and size < _LOG_MAX:
+                size *= 4
+                continue
+            text = log.value.decode(errors="replace")
+            if not text.strip():
+                raise failure from None
+            raise VerifierError(e.errno, f"verifier rejected program {name!r}", text) from None
+
+
+def prog_info(fd: int) -> ProgInfo:
+    nr = 16
+    while True:
+        ids = (ctypes.c_uint32 * nr)()
+        info = sc.ProgInfoStruct(nr_map_ids=nr, map_ids=sc.addr(ids))
+        attr = sc.InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=sc.addr(info))
+        sc.bpf(sc.BPF_OBJ_GET_INFO_BY_FD, attr, f"cannot get info of program fd {fd}")
+        if info.nr_map_ids <= nr:
+            break
+        nr = info.nr_map_ids
+    return ProgInfo(info.id, info.type, info.name.decode(), bytes(info.tag).hex(),
+                    info.xlated_prog_len, info.jited_prog_len, tuple(ids[:info.nr_map_ids]),
+                    info.btf_id, info.run_time_ns, info.run_cnt)
+
+
+def prog_test_run(fd: int, data: bytes, repeat: int = 1) -> tuple[int, int]:
+    """Run the program on `data` `repeat` times: (return value, mean duration in ns).
+
+    cgroup_skb programs take an Ethernet frame: the kernel reads skb->protocol
+    from its ethertype and hands the program the data after the 14-byte header.
+    """
+    buf = sc.buffer(data)
+    attr = sc.TestRunAttr(prog_fd=fd, data_size_in=len(data), data_in=sc.addr(buf), repeat=repeat)
+    sc.bpf(sc.BPF_PROG_TEST_RUN, attr, f"cannot test-run program fd {fd}")
+    return attr.retval, attr.duration
+
+
+def _next_id(cmd: int, start: int) -> int | None:
+    attr = sc.GetIdAttr(start_id=start)
+    try:
+        sc.bpf(cmd, attr, f"cannot list ids after {start}")
+    except KernelError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+    return attr.next_id
+
+
+def prog_get_next_id(start: int) -> int | None:
+    """The id of the loaded program after `start` (0: the first), or None at the end."""
+    return _next_id(sc.BPF_PROG_GET_NEXT_ID, start)
+
+
+def map_get_next_id(start: int) -> int | None:
+    return _next_id(sc.BPF_MAP_GET_NEXT_ID, start)
+
+
+def prog_get_fd_by_id(prog_id: int) -> int:
+    return sc.bpf(sc.BPF_PROG_GET_FD_BY_ID, sc.GetIdAttr(start_id=prog_id),
+                  f"cannot open program id {prog_id}")
+
+
+def map_get_fd_by_id(map_id: int) -> int:
+    return sc.bpf(sc.BPF_MAP_GET_FD_BY_ID, sc.GetIdAttr(start_id=map_id),
+                  f"cannot open map id {map_id}")
