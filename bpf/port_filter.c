@@ -123,46 +123,56 @@ struct v6_fixed {
 	__u32 daddr[4];
 };
 
-#define load_fixed(c, out)                                                     \
-	((c)->data + sizeof(*(out)) <= (c)->end                                \
-	 ? (__builtin_memcpy((out), (c)->data, sizeof(*(out))), 0)             \
-	 : bpf_skb_load_bytes((c)->skb, 0, (out), sizeof(*(out))))
+/* A pointer to the fixed header: straight into the packet when it is in the
+ * linear area (typed loads, no copy), else to a stack copy. */
+#define FIXED_HEADER(c, type, buf)                                             \
+	({                                                                     \
+		const type *_h = (c)->data;                                    \
+		if ((void *)(_h + 1) > (c)->end) {                             \
+			_h = 0;                                                \
+			if (!bpf_skb_load_bytes((c)->skb, 0, (buf), sizeof(type))) \
+				_h = (buf);                                    \
+		}                                                              \
+		_h;                                                            \
+	})
 
 /* Returns the L4 offset when the first fragment's L4 header is where the ports
  * are, or -1 when there is no L4 header to read (non-first fragment, unknown
  * protocol). Sets p->proto. */
 static __always_inline int parse_v4(const struct cursor *c, struct pkt *p)
 {
-	struct v4_fixed h;
+	struct v4_fixed buf;
+	const struct v4_fixed *h = FIXED_HEADER(c, struct v4_fixed, &buf);
 	__u32 ihl;
 
-	if (load_fixed(c, &h))
+	if (!h)
 		return -1;
-	p->saddr[0] = h.saddr;
-	p->daddr[0] = h.daddr;
-	ihl = h.ver_ihl & 0xf;
+	p->saddr[0] = h->saddr;
+	p->daddr[0] = h->daddr;
+	ihl = h->ver_ihl & 0xf;
 	if (ihl < 5 || ihl * 4 > p->len)
 		return -1;
-	p->proto = h.proto;
-	if (h.frag & bpf_htons(0x1fff))
+	p->proto = h->proto;
+	if (h->frag & bpf_htons(0x1fff))
 		return -1;
 	return ihl * 4;
 }
 
 static __always_inline int parse_v6(const struct cursor *c, struct pkt *p)
 {
-	struct v6_fixed h;
+	struct v6_fixed buf;
+	const struct v6_fixed *h = FIXED_HEADER(c, struct v6_fixed, &buf);
 	__u32 off = 40;
 	__u8 nh;
 
-	if (load_fixed(c, &h))
+	if (!h)
 		return -1;
 #pragma unroll
 	for (int i = 0; i < 4; i++) {
-		p->saddr[i] = h.saddr[i];
-		p->daddr[i] = h.daddr[i];
+		p->saddr[i] = h->saddr[i];
+		p->daddr[i] = h->daddr[i];
 	}
-	nh = h.nexthdr;
+	nh = h->nexthdr;
 	for (int i = 0; i <= MAX_EXT_HEADERS; i++) {
 		__u16 w;
 		__u32 frag;

@@ -92,7 +92,7 @@ def _number_compare(draw):
     field = draw(st.sampled_from(NUMBER_FIELDS))
     left = ast.Field(field, _COL)
     right = draw(st.one_of(_num(field), _params, _field(NUMBER_FIELDS)))
-    if draw(st.integers(0, 9)) == 0:  # no field at all: params and literals meet as u64
+    if draw(st.integers(0, 9)) == 0:  # no field: params and literals meet as u64
         left, right = draw(st.one_of(_params, _num())), draw(st.one_of(_params, _num()))
     if draw(st.booleans()):
         left, right = right, left
@@ -101,7 +101,7 @@ def _number_compare(draw):
 
 @st.composite
 def _address_compare(draw):
-    left = draw(_field(ADDR_FIELDS))
+    left = draw(mostly(_field(ADDR_FIELDS), _hosts, odds=9))  # two literals compare as constants
     right = draw(mostly(_hosts, _field(ADDR_FIELDS)))
     if draw(st.booleans()):
         left, right = right, left
@@ -114,23 +114,19 @@ def _number_in(draw):
     subject = ast.Field(field, _COL) if draw(st.integers(0, 7)) else draw(_params)
     limit = field if isinstance(subject, ast.Field) else None
     item = st.one_of(_num(limit), _params, _range(limit))
-    box = draw(st.one_of(
-        _range(limit),
-        st.lists(item, min_size=1, max_size=4).map(lambda items: ast.SetLit(tuple(items), _COL)),
-        st.sampled_from(NUMBER_SETS).map(lambda n: ast.SetRef(n, _COL)) if limit else _range(limit),
-    ))
-    return ast.In(subject, box, _COL)
+    boxes = [_range(limit), st.lists(item, min_size=1, max_size=4).map(lambda i: ast.SetLit(tuple(i), _COL))]
+    if limit:  # only fields are looked up in @sets
+        boxes.append(st.sampled_from(NUMBER_SETS).map(lambda n: ast.SetRef(n, _COL)))
+    return ast.In(subject, draw(st.one_of(boxes)), _COL)
 
 
 @st.composite
 def _address_in(draw):
-    subject = draw(_field(ADDR_FIELDS))
-    box = draw(st.one_of(
-        _nets,
-        st.lists(st.one_of(_hosts, _nets), min_size=1, max_size=4).map(lambda i: ast.SetLit(tuple(i), _COL)),
-        st.sampled_from(ADDRESS_SETS).map(lambda n: ast.SetRef(n, _COL)),
-    ))
-    return ast.In(subject, box, _COL)
+    subject = draw(mostly(_field(ADDR_FIELDS), _hosts, odds=9))
+    boxes = [_nets, st.lists(st.one_of(_hosts, _nets), min_size=1, max_size=4).map(lambda i: ast.SetLit(tuple(i), _COL))]
+    if isinstance(subject, ast.Field):
+        boxes.append(st.sampled_from(ADDRESS_SETS).map(lambda n: ast.SetRef(n, _COL)))
+    return ast.In(subject, draw(st.one_of(boxes)), _COL)
 
 
 _leaves = mostly(st.one_of(_field(BOOL_FIELDS), _number_compare(), _address_compare(), _number_in(), _address_in()),

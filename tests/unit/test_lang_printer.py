@@ -1,4 +1,6 @@
 """Normalized text: examples, and the round trip over random well-typed trees and texts."""
+import ipaddress
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -19,7 +21,7 @@ from tests.strategies import expressions, spell, trees
     ("dst_port in {0x50,443 , 8000 .. 8100,$p}", "dst_port in {80, 443, 8000..8100, $p}"),
     ("saddr == 0:0:0:0:0:0:0:1", "saddr == ::1"),
     ("saddr in 2001:0db8:0000::/32", "saddr in 2001:db8::/32"),
-    ("daddr == ::FFFF:10.0.0.1", "daddr == ::ffff:a00:1"),
+    ("daddr == ::FFFF:10.0.0.1", f"daddr == {ipaddress.ip_address('::ffff:10.0.0.1')}"),  # form varies by Python
     ("saddr in {10.0.0.0/8, 10.0.0.1, ::1}", "saddr in {10.0.0.0/8, 10.0.0.1, ::1}"),
     ("saddr in 10.0.0.1/32", "saddr in 10.0.0.1/32"),
     ("len>=$min&&len<=$max", "len >= $min && len <= $max"),

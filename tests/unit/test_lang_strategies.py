@@ -1,4 +1,5 @@
 """The shared strategies reach every feature (the kernel tier relies on them for coverage)."""
+import ipaddress
 import re
 
 from hypothesis import HealthCheck, Phase, given, settings
@@ -42,6 +43,7 @@ EXPRESSION_FEATURES = {
     "v4 host": _has(lambda n: isinstance(n, ast.AddrLit) and not n.cidr and n.net.version == 4),
     "param bound": _has(lambda n: isinstance(n, ast.Range) and isinstance(n.lo, ast.Param)),
     "param subject": _has(lambda n: isinstance(n, ast.In) and isinstance(n.subject, ast.Param)),
+    "address literal subject": _has(lambda n: isinstance(n, ast.In) and isinstance(n.subject, ast.AddrLit)),
     "constant": _has(lambda n: isinstance(n, ast.BoolConst)),
     "field vs field": _has(lambda n: isinstance(n, ast.Compare) and all(isinstance(s, ast.Field) for s in (n.left, n.right))),
     "number set": lambda t, c: "number" in c.sets.values(),
@@ -95,7 +97,7 @@ PACKET_FEATURES = {
     "v6 too many headers": lambda d, f: f.ipv6 and len(_chain(d)) > 8,
     "v6 truncated chain": lambda d, f: f.ipv6 and f.proto is None and len(_chain(d)) <= 8,
     "short l4": lambda d, f: f.udp and f.l4 and f.dst_port == 0 and f.src_port == 0,
-    "mapped address": lambda d, f: str(f.saddr) == "::ffff:a00:1",
+    "mapped address": lambda d, f: f.saddr == ipaddress.ip_address("::ffff:10.0.0.1"),
     "other protocol": lambda d, f: f.proto not in (None, 1, 6, 17, 58),
 }
 
