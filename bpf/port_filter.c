@@ -28,7 +28,11 @@
 
 #define NO_PROTO 0xffff        /* proto of a packet whose L4 protocol is unknown */
 #define MAX_EXT_HEADERS 8      /* IPv6 extension headers walked before giving up */
+#ifndef BPFWALL_ONLY_LOAD_BYTES
 #define DIRECT_MAX_OFF 0x7f00  /* larger offsets go through bpf_skb_load_bytes */
+#else
+#define DIRECT_MAX_OFF 0       /* tests: every read takes the fallback path */
+#endif
 
 enum { DIR_INGRESS = 0, DIR_EGRESS = 1 };
 enum { MODE_ENFORCE = 0, MODE_AUDIT = 1 };
@@ -128,7 +132,7 @@ struct v6_fixed {
 #define FIXED_HEADER(c, type, buf)                                             \
 	({                                                                     \
 		const type *_h = (c)->data;                                    \
-		if ((void *)(_h + 1) > (c)->end) {                             \
+		if (!DIRECT_MAX_OFF || (void *)(_h + 1) > (c)->end) {          \
 			_h = 0;                                                \
 			if (!bpf_skb_load_bytes((c)->skb, 0, (buf), sizeof(type))) \
 				_h = (buf);                                    \

@@ -35,6 +35,9 @@ class UnitProgram:
     ingress: object  # lang.checker.Checked | None
     egress: object
     set_capacity: int = DEFAULT_SET_CAPACITY
+    # Tests only: read every header through bpf_skb_load_bytes, the path taken
+    # for bytes outside the linear area, which BPF_PROG_TEST_RUN never produces.
+    load_bytes_only: bool = False
 
     @property
     def params(self) -> list[str]:
@@ -105,18 +108,20 @@ def _clang() -> str:
     return os.path.realpath(path)
 
 
-def _flags() -> list[str]:
+def _flags(program: UnitProgram | None = None) -> list[str]:
     # No -Werror: generated conditions may be tautological (saddr == saddr,
     # icmp_type <= 255) and are still exactly what the user wrote.
-    return ["-O2", "-g", "-target", "bpf", "-w",
-            f"-I/usr/include/{platform.machine()}-linux-gnu"]
+    flags = ["-O2", "-g", "-target", "bpf", "-w", f"-I/usr/include/{platform.machine()}-linux-gnu"]
+    if program is not None and program.load_bytes_only:
+        flags.append("-DBPFWALL_ONLY_LOAD_BYTES")
+    return flags
 
 
-def _key(clang: str, source: bytes, header: str) -> str:
+def _key(clang: str, flags: list[str], source: bytes, header: str) -> str:
     st = os.stat(clang)
     h = hashlib.sha256()
     for part in (clang.encode(), str(st.st_size).encode(), str(st.st_mtime_ns).encode(),
-                 " ".join(_flags()).encode(), source, header.encode()):
+                 " ".join(flags).encode(), source, header.encode()):
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
     return h.hexdigest()[:32]
@@ -138,7 +143,8 @@ def build(program: UnitProgram, cache: Path | None = None):
     source = (src_dir / "port_filter.c").read_bytes()
     header = program.header()
     clang = _clang()
-    key = _key(clang, source, header)
+    flags = _flags(program)
+    key = _key(clang, flags, source, header)
     parsed = cache / f"{key}.pickle"
     if parsed.exists() and _trusted(cache):
         try:
@@ -155,7 +161,7 @@ def build(program: UnitProgram, cache: Path | None = None):
     with tempfile.TemporaryDirectory(prefix="bpfwall-build-") as tmp:
         Path(tmp, "bpfwall_filter.h").write_text(header)
         obj_path = Path(tmp, "port_filter.o")
-        cmd = [clang, *_flags(), f"-I{tmp}", "-c", str(src_dir / "port_filter.c"), "-o", str(obj_path)]
+        cmd = [clang, *flags, f"-I{tmp}", "-c", str(src_dir / "port_filter.c"), "-o", str(obj_path)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             lines = [l for l in proc.stderr.splitlines() if "error" in l] or proc.stderr.splitlines() or ["?"]
