@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("unit")
         p.add_argument("cgroup", help="absolute, or relative to the cgroup2 mount")
 
-    p = add("path", "print where a unit's program is (or would be) pinned")
+    p = add("path", "print where a unit's program is (or would be) pinned", True)
     p.add_argument("unit")
     p.add_argument("direction", choices=("ingress", "egress"))
 
@@ -295,7 +295,8 @@ def cmd_detach(args) -> None:
 def cmd_path(args) -> None:
     from .backends import bpf
 
-    print(bpf.prog_path(_pin_root(args), args.unit, args.direction))
+    path = bpf.prog_path(_pin_root(args), args.unit, args.direction)
+    _emit(args, {"unit": args.unit, "direction": args.direction, "path": path}, path)
 
 
 def cmd_pin(args) -> None:

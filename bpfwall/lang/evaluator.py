@@ -8,6 +8,7 @@ network of) the other family.
 from __future__ import annotations
 
 import ipaddress
+import operator
 
 from . import ast
 from .fields import DIRECTIONS, resolve
@@ -90,11 +91,8 @@ class _Evaluator:
 # Language names that differ from PacketFields attribute names.
 _ATTRIBUTES = {"len": "length"}
 
-_NUMBER_OPS = {
-    "==": lambda a, b: a == b, "!=": lambda a, b: a != b,
-    "<": lambda a, b: a < b, "<=": lambda a, b: a <= b,
-    ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
-}
+_NUMBER_OPS = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
+               ">": operator.gt, ">=": operator.ge}
 
 
 def _host(value):

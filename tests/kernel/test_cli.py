@@ -97,6 +97,7 @@ def test_full_lifecycle(capsys, pin_root, temp_cgroup):
     assert {os.path.basename(p) for p in pins_of(pin_root)} == {
         "ingress", "egress", "counters", "mode", "params", "meta", "set_more"}
     assert ok(capsys, "path", unit, "egress").strip() == f"{key_dir}/egress"
+    assert json.loads(ok(capsys, "path", unit, "ingress", "--json"))["path"] == f"{key_dir}/ingress"
 
     assert "ingress attached" in ok(capsys, "attach", unit, temp_cgroup.path)
     assert "already attached" in ok(capsys, "attach", unit, temp_cgroup.path)  # no-op
@@ -179,6 +180,35 @@ def test_pin_for_ip_filter_path(capsys, pin_root):
     finally:
         if os.path.exists(extra):
             os.unlink(extra)
+
+
+def test_makefile_well_known_usage(pin_root):
+    """make FILTER=… BPFNAME=x load pins /sys/fs/bpf/x, usable as IPIngressFilterPath=; unload removes it."""
+    import uuid
+
+    from bpfwall.kernel import pins, progs
+
+    name = f"bpfwall-test-mk{uuid.uuid4().hex[:8]}"
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, BPFWALL_PIN_ROOT=pin_root)
+    try:
+        proc = subprocess.run(["make", "-s", "-C", repo, f"FILTER=icmp || (udp && dst_port == 53)",
+                               f"BPFNAME={name}", "load"], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert f"IPIngressFilterPath=/sys/fs/bpf/{name}" in proc.stdout
+        fd = pins.get(f"/sys/fs/bpf/{name}")
+        try:
+            assert progs.prog_info(fd).name == "bpfwall_ingress"
+        finally:
+            os.close(fd)
+        proc = subprocess.run(["make", "-s", "-C", repo, f"BPFNAME={name}", "unload"], env=env,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert not os.path.exists(f"/sys/fs/bpf/{name}")
+        assert bpf.units(pin_root) == []
+    finally:
+        if os.path.exists(f"/sys/fs/bpf/{name}"):
+            os.unlink(f"/sys/fs/bpf/{name}")
 
 
 def test_map_dump_is_readable_with_btf(capsys, pin_root):
