@@ -150,7 +150,7 @@ def _program(args, ingress: str | None, egress: str | None):
     return UnitProgram(pair[0], pair[1], capacity)
 
 
-def _param_values(args, program) -> dict[str, int]:
+def _param_values(args) -> dict[str, int]:
     from .lang.values import parse_param_assignment
 
     return dict(parse_param_assignment(a) for a in args.param)
@@ -233,9 +233,8 @@ def cmd_test(args) -> None:
 
     program = _program(args, args.expr if args.direction == "ingress" else None,
                        args.expr if args.direction == "egress" else None)
-    params, sets = _param_values(args, program), _set_values(args, program)
+    params, sets = _param_values(args), _set_values(args, program)
     packets = _read_packets(args)
-    bpf.check_values(program, params, sets)
     verdicts = bpf.test_run(program, args.direction, packets, params, sets, _cache(args))
     checked = program.ingress or program.egress
     rows = []
@@ -255,7 +254,7 @@ def cmd_load(args) -> None:
     if args.ingress is None and args.egress is None:
         raise UsageError("load: give --ingress EXPR, --egress EXPR or both")
     program = _program(args, args.ingress, args.egress)
-    params, sets = _param_values(args, program), _set_values(args, program)
+    params, sets = _param_values(args), _set_values(args, program)
     result = bpf.load(_pin_root(args), args.unit, program, params, sets, args.mode, _cache(args))
     lines = [f"loaded {args.unit}"]
     for d in bpf.DIRECTIONS:

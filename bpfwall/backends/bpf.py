@@ -210,12 +210,11 @@ class PinnedUnit:
         kind = self.set_kind(name)
         keys = set_keys(kind, elements)
         fd = self.maps[set_map(name)]
-        capacity = maps.map_info(fd).max_entries
-        if self.set_size(name) + len(keys) > capacity:
-            existing = set(maps.map_keys(fd, maps.map_info(fd).key_size))
-            if len(existing | set(keys)) > capacity:
-                raise BackendError(f"set @{name} would hold {len(existing | set(keys))} elements; "
-                                   f"its map holds {capacity} (reload with a larger --set-capacity)")
+        info = maps.map_info(fd)
+        total = len(set(maps.map_keys(fd, info.key_size)) | set(keys))
+        if total > info.max_entries:
+            raise BackendError(f"set @{name} would hold {total} elements; its map holds {info.max_entries} "
+                               "(reload with a larger --set-capacity)")
         for k in keys:
             maps.map_update(fd, k, b"\1")
         return len(keys)
@@ -423,7 +422,10 @@ def attach(pin_root: str, unit: str, cgroup_path: str) -> dict[str, bool]:
         except BaseException:
             for direction, new in done.items():  # all or nothing
                 if new:
-                    cgroup.detach(target, u.progs[direction], direction)
+                    try:
+                        cgroup.detach(target, u.progs[direction], direction)
+                    except KernelError:
+                        pass  # the cgroup vanished meanwhile: nothing left to undo
             raise
         return done
 
