@@ -30,10 +30,17 @@ class _Evaluator:
         self.sets = sets
 
     def cond(self, node) -> bool:
+        # Loops, not any()/all() over generators: one frame per tree level.
         if isinstance(node, ast.Or):
-            return any(self.cond(o) for o in node.operands)
+            for operand in node.operands:
+                if self.cond(operand):
+                    return True
+            return False
         if isinstance(node, ast.And):
-            return all(self.cond(o) for o in node.operands)
+            for operand in node.operands:
+                if not self.cond(operand):
+                    return False
+            return True
         if isinstance(node, ast.Not):
             return not self.cond(node.operand)
         if isinstance(node, ast.Compare):

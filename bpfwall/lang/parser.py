@@ -112,31 +112,26 @@ class _Parser:
         return self.make(cls, tuple(flat), flat[0].col)
 
     def operand(self) -> ast.Expr:
-        """`!`* comparison — `!` binds looser than comparisons: `!dst_port == 53` is `!(dst_port == 53)`."""
+        """`!`* then a value, compared or not. `!` binds looser than comparisons:
+        `!dst_port == 53` is `!(dst_port == 53)`. (One method, not two: fewer frames per nesting level.)"""
         nots = []
         while self.at("!"):
             nots.append(self.take().col)
             self.enter(nots[-1])
-        node = self.comparison()
-        for col in reversed(nots):
-            node = self.make(ast.Not, node, col)
-        self.depth -= len(nots)
-        return node
-
-    def comparison(self):
-        left = self.value()
+        node = self.value()
         tok = self.peek()
         if self.at(*COMPARE_OPS):
             self.take()
-            node = self.make(ast.Compare, tok.value, left, self.value(), left.col)
+            node = self.make(ast.Compare, tok.value, node, self.value(), node.col)
         elif self.at("in"):
             self.take()
-            node = self.make(ast.In, left, self.container(left), left.col)
-        else:
-            return left
-        if self.at(*COMPARE_OPS, "in"):
+            node = self.make(ast.In, node, self.container(node), node.col)
+        if tok is not self.peek() and self.at(*COMPARE_OPS, "in"):
             raise self.error("comparisons cannot be chained; join them with '&&' (a < b && b < c)",
                              self.peek().col)
+        for col in reversed(nots):
+            node = self.make(ast.Not, node, col)
+        self.depth -= len(nots)
         return node
 
     # -- values ----------------------------------------------------------
@@ -199,7 +194,7 @@ class _Parser:
 
     def range_rest(self, lo):
         """`lo .. hi` after lo; numbers and $params only."""
-        dots = self.take()
+        self.take()  # ..
         tok = self.peek()
         if tok.kind not in (PARAM, NUMBER, ADDRESS):
             raise self.unexpected(tok, "a number or $param after '..'")

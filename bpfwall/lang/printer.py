@@ -1,4 +1,8 @@
-"""AST → normalized text: `&&`, `||`, `!`, single spaces, parentheses only where needed."""
+"""AST → normalized text: `&&`, `||`, `!`, single spaces, parentheses only where needed.
+
+One call per tree level (loops, not generators, over operands) keeps the
+stack shallow at the parser's maximum nesting.
+"""
 from __future__ import annotations
 
 from . import ast
@@ -6,53 +10,44 @@ from . import ast
 # Binding strength; an operand binding weaker than its parent needs parentheses.
 _OR, _AND, _NOT, _CMP, _ATOM = range(5)
 _DECIMAL_LIMIT = 10**4000
+_LEVELS = {ast.Or: _OR, ast.And: _AND, ast.Not: _NOT, ast.Compare: _CMP, ast.In: _CMP}
 
 
-def _level(node) -> int:
-    if isinstance(node, ast.Or):
-        return _OR
-    if isinstance(node, ast.And):
-        return _AND
-    if isinstance(node, ast.Not):
-        return _NOT
-    if isinstance(node, (ast.Compare, ast.In)):
-        return _CMP
-    return _ATOM
+def unparse(node, parent: int = _OR) -> str:
+    """The normalized text of any node; parsing it gives back the same tree (up to columns).
 
-
-def _operand(node, parent: int) -> str:
-    text = unparse(node)
-    return f"({text})" if _level(node) < parent else text
-
-
-def unparse(node) -> str:
-    """The normalized text of any node; parsing it gives back the same tree (up to columns)."""
-    if isinstance(node, ast.Or):
-        # A nested Or needs no parentheses: parsing flattens it back into the same n-ary node.
-        return " || ".join(_operand(o, _OR) for o in node.operands)
-    if isinstance(node, ast.And):
-        return " && ".join(_operand(o, _AND) for o in node.operands)
-    if isinstance(node, ast.Not):
-        return "!" + _operand(node.operand, _NOT)
-    if isinstance(node, ast.Compare):
-        return f"{_operand(node.left, _ATOM)} {node.op} {_operand(node.right, _ATOM)}"
-    if isinstance(node, ast.In):
-        return f"{_operand(node.subject, _ATOM)} in {unparse(node.container)}"
-    if isinstance(node, ast.Range):
-        return f"{unparse(node.lo)}..{unparse(node.hi)}"
-    if isinstance(node, ast.SetLit):
-        return "{" + ", ".join(unparse(i) for i in node.items) + "}"
-    if isinstance(node, ast.SetRef):
-        return "@" + node.name
-    if isinstance(node, ast.Param):
-        return "$" + node.name
-    if isinstance(node, ast.NumLit):
+    `parent` is the binding strength of the context the text goes into.
+    """
+    if isinstance(node, (ast.Or, ast.And)):
+        # A nested node of the same kind needs no parentheses: parsing flattens it back.
+        level = _LEVELS[type(node)]
+        parts = []
+        for operand in node.operands:
+            parts.append(unparse(operand, level))
+        text = (" || " if level == _OR else " && ").join(parts)
+    elif isinstance(node, ast.Not):
+        text = "!" + unparse(node.operand, _NOT)
+    elif isinstance(node, ast.Compare):
+        text = f"{unparse(node.left, _ATOM)} {node.op} {unparse(node.right, _ATOM)}"
+    elif isinstance(node, ast.In):
+        text = f"{unparse(node.subject, _ATOM)} in {unparse(node.container)}"
+    elif isinstance(node, ast.Range):
+        text = f"{unparse(node.lo)}..{unparse(node.hi)}"
+    elif isinstance(node, ast.SetLit):
+        text = "{" + ", ".join([unparse(i) for i in node.items]) + "}"
+    elif isinstance(node, ast.SetRef):
+        text = "@" + node.name
+    elif isinstance(node, ast.Param):
+        text = "$" + node.name
+    elif isinstance(node, ast.NumLit):
         # Decimal output stops at 4300 digits; such literals are out of range anyway.
-        return str(node.value) if node.value < _DECIMAL_LIMIT else hex(node.value)
-    if isinstance(node, ast.AddrLit):
-        return str(node.net) if node.cidr else str(node.net.network_address)
-    if isinstance(node, ast.Field):
-        return node.name
-    if isinstance(node, ast.BoolConst):
-        return "true" if node.value else "false"
-    raise TypeError(f"not an AST node: {node!r}")
+        text = str(node.value) if node.value < _DECIMAL_LIMIT else hex(node.value)
+    elif isinstance(node, ast.AddrLit):
+        text = str(node.net) if node.cidr else str(node.net.network_address)
+    elif isinstance(node, ast.Field):
+        text = node.name
+    elif isinstance(node, ast.BoolConst):
+        text = "true" if node.value else "false"
+    else:
+        raise TypeError(f"not an AST node: {node!r}")
+    return f"({text})" if _LEVELS.get(type(node), _ATOM) < parent else text

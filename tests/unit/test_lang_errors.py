@@ -247,3 +247,12 @@ def test_any_text_is_accepted_or_refused_cleanly(text):
         e.render()
     else:
         assert analyze(checked.text).text == checked.text
+
+
+def test_deepest_alternating_nesting():
+    """200 levels of alternating || / && (the deepest trees) parse, check, print and evaluate to the bottom."""
+    text = "".join("ip || (" if level % 2 == 0 else "ipv6 && (" for level in range(MAX_DEPTH))
+    c = analyze(text + "udp" + ")" * MAX_DEPTH)
+    assert analyze(c.text).text == c.text
+    assert evaluate(c.expr, parse_packet(pk.ipv6("::1", "::2", pk.UDP, pk.udp(1, 2))), "ingress")
+    assert not evaluate(c.expr, parse_packet(pk.ipv6("::1", "::2", pk.TCP, pk.tcp(1, 2))), "ingress")
