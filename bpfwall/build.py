@@ -146,16 +146,12 @@ def build(program: UnitProgram, cache: Path | None = None):
     flags = _flags(program)
     key = _key(clang, flags, source, header)
     parsed = cache / f"{key}.pickle"
-    if parsed.exists() and _trusted(cache):
-        try:
+    try:
+        if parsed.exists() and _trusted(cache):
             with open(parsed, "rb") as f:
                 return pickle.load(f)
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
-            pass  # a damaged entry is rebuilt below
-    try:
-        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as e:
-        raise BuildError(f"cannot create cache directory {cache}: {e.strerror}") from None
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
+        pass  # unreadable or damaged: rebuild below
     from .kernel.elf import read_object
 
     with tempfile.TemporaryDirectory(prefix="bpfwall-build-") as tmp:
@@ -167,10 +163,19 @@ def build(program: UnitProgram, cache: Path | None = None):
             lines = [l for l in proc.stderr.splitlines() if "error" in l] or proc.stderr.splitlines() or ["?"]
             raise BuildError(f"clang failed to compile the filter: {lines[0].strip()}")
         obj = read_object(str(obj_path))
-        _atomic_write(cache / f"{key}.o", obj_path.read_bytes())
-        _atomic_write(parsed, pickle.dumps(obj))
-        _atomic_write(cache / f"{key}.h", header.encode())
+        _store(cache, key, obj_path.read_bytes(), pickle.dumps(obj), header.encode())
     return obj
+
+
+def _store(cache: Path, key: str, obj: bytes, parsed: bytes, header: bytes) -> None:
+    """Keep the object for next time; a cache we cannot write only costs speed."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _atomic_write(cache / f"{key}.o", obj)
+        _atomic_write(cache / f"{key}.h", header)
+        _atomic_write(cache / f"{key}.pickle", parsed)
+    except OSError:
+        pass
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -439,10 +439,14 @@ def detach(pin_root: str, unit: str, cgroup_path: str) -> dict[str, bool]:
 # -- reading ------------------------------------------------------------------
 
 def units(pin_root: str) -> list[str]:
-    if not os.path.isdir(pin_root):
+    try:
+        names = os.listdir(pin_root)
+    except FileNotFoundError:
         return []
-    return sorted(unitkey.decode(k) for k in os.listdir(pin_root)
-                  if os.path.isdir(os.path.join(pin_root, k)))
+    except OSError as e:
+        raise BackendError(f"cannot read pin root {pin_root}: {e.strerror}"
+                           + (" (bpfwall needs root)" if os.geteuid() != 0 else "")) from None
+    return sorted(unitkey.decode(k) for k in names if os.path.isdir(os.path.join(pin_root, k)))
 
 
 def attachments_of(prog_ids: dict[str, int]) -> list[dict]:

@@ -180,7 +180,10 @@ def bpf(cmd: int, attr: ctypes.Structure, what: str | None = None) -> int:
                         ctypes.c_uint(ctypes.sizeof(attr)))
     if ret < 0:
         err = ctypes.get_errno()
-        raise KernelError(err, f"{what}: {os.strerror(err)}" if what else None)
+        message = f"{what}: {os.strerror(err)}" if what else os.strerror(err)
+        if err == errno.EPERM and os.geteuid() != 0:
+            message += " (bpf() needs root, or CAP_BPF with CAP_NET_ADMIN)"
+        raise KernelError(err, message)
     return ret
 
 
