@@ -350,3 +350,22 @@ def test_non_multi_program_is_explained(capsys, pin_root, temp_cgroup):
         assert cgroup.query(temp_cgroup.path, "egress")[1] == []
     finally:
         subprocess.run(["bpftool", "cgroup", "detach", temp_cgroup.path, "ingress", "pinned", other])
+
+
+def test_non_root_is_told_what_is_missing(pin_root):
+    """As an unprivileged user: a one-line error naming the missing privilege, exit 2, no traceback."""
+    import shutil
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv missing")
+    exe = os.path.join(os.path.dirname(sys.executable), "bpfwall")
+    nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+    for argv in (["test", "tcp", "--hex", udp4(1).hex()], ["load", "x.service", "--ingress", "tcp"]):
+        proc = subprocess.run([*nobody, exe, *argv], capture_output=True, text=True,
+                              env=dict(os.environ, BPFWALL_PIN_ROOT=pin_root))
+        if "Permission denied" in proc.stderr and "python" in proc.stderr.lower() and proc.returncode == 126:
+            pytest.skip("the interpreter is not reachable for an unprivileged user here")
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+        assert "needs root" in proc.stderr
+    assert bpf.units(pin_root) == []
