@@ -192,7 +192,7 @@ def test_makefile_well_known_usage(pin_root):
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, BPFWALL_PIN_ROOT=pin_root)
     try:
-        proc = subprocess.run(["make", "-s", "-C", repo, f"FILTER=icmp || (udp && dst_port == 53)",
+        proc = subprocess.run(["make", "-s", "-C", repo, "FILTER=icmp || (udp && dst_port == 53)",
                                f"BPFNAME={name}", "load"], env=env, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         assert f"IPIngressFilterPath=/sys/fs/bpf/{name}" in proc.stdout

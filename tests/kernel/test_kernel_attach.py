@@ -6,19 +6,16 @@ removed in finally, and leaves no program, map or fd of its own behind.
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import subprocess
-import time
 import uuid
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.kernel
 
-DATA = Path(__file__).parent / "data"
+from tests.kernel.kernel_objects import compile_test_objects, our_objects, wait_for_no_new_objects
 
 
 # -- fixtures -------------------------------------------------------------------
@@ -27,48 +24,15 @@ DATA = Path(__file__).parent / "data"
 def obj(tmp_path_factory):
     from bpfwall.kernel.elf import read_object
 
-    if not shutil.which("clang"):
-        pytest.skip("clang is not installed")
-    out = tmp_path_factory.mktemp("kernel-objects") / "kernel_test.o"
-    subprocess.run(["clang", "-O2", "-g", "-target", "bpf", f"-I/usr/include/{platform.machine()}-linux-gnu",
-                    "-c", str(DATA / "kernel_test.c"), "-o", str(out)], check=True)
-    return read_object(str(out))
-
-
-def our_objects() -> tuple[set[int], set[int]]:
-    """Ids of live programs and maps named kt_* (ours; other processes come and go)."""
-    from bpfwall.kernel import maps, progs
-    from bpfwall.kernel.errors import KernelError
-
-    out = []
-    for next_id, get_fd, info in ((progs.prog_get_next_id, progs.prog_get_fd_by_id, progs.prog_info),
-                                  (progs.map_get_next_id, progs.map_get_fd_by_id, maps.map_info)):
-        ids, cur = set(), 0
-        while (cur := next_id(cur)) is not None:
-            try:
-                fd = get_fd(cur)
-            except KernelError:
-                continue
-            try:
-                if info(fd).name.startswith("kt_"):
-                    ids.add(cur)
-            finally:
-                os.close(fd)
-        out.append(ids)
-    return out[0], out[1]
+    return read_object(compile_test_objects(tmp_path_factory.mktemp("kernel-objects"))["kernel_test"])
 
 
 @pytest.fixture(autouse=True)
 def no_leaks():
-    """Our program and map ids are the same after the test (detached programs and
-    closed fds are freed asynchronously, so wait a little)."""
+    """Our program and map ids are the same after the test."""
     before = our_objects()
     yield
-    deadline = time.monotonic() + 5
-    while (after := our_objects()) != before:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"leaked programs {sorted(after[0] - before[0])}, maps {sorted(after[1] - before[1])}")
-        time.sleep(0.05)
+    wait_for_no_new_objects(before)
 
 
 @pytest.fixture

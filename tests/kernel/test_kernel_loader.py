@@ -9,19 +9,14 @@ import errno
 import ipaddress
 import os
 import pickle
-import platform
-import shutil
 import socket
 import struct
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.kernel
 
-DATA = Path(__file__).parent / "data"
+from tests.kernel.kernel_objects import compile_test_objects, our_objects, wait_for_no_new_objects
 ETH_IP = b"\0" * 12 + b"\x08\x00"
 ETH_IP6 = b"\0" * 12 + b"\x86\xdd"
 IPPROTO_UDP, IPPROTO_TCP = 17, 6
@@ -48,18 +43,7 @@ def addr_key(net: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def objects(tmp_path_factory) -> dict[str, str]:
-    """kernel_test*.c compiled: {stem: object path}."""
-    if not shutil.which("clang"):
-        pytest.skip("clang is not installed")
-    out = tmp_path_factory.mktemp("kernel-objects")
-    paths = {}
-    for src in DATA.glob("kernel_test*.c"):
-        obj = out / f"{src.stem}.o"
-        subprocess.run(["clang", "-O2", "-g", "-target", "bpf", "-Wall",
-                        f"-I/usr/include/{platform.machine()}-linux-gnu", "-c", str(src), "-o", str(obj)],
-                       check=True)
-        paths[src.stem] = str(obj)
-    return paths
+    return compile_test_objects(tmp_path_factory.mktemp("kernel-objects"))
 
 
 @pytest.fixture(scope="module")
@@ -67,30 +51,6 @@ def obj(objects):
     from bpfwall.kernel.elf import read_object
 
     return read_object(objects["kernel_test"])
-
-
-def our_objects() -> tuple[set[int], set[int]]:
-    """Ids of live programs and maps named kt_* (the test programs'): other
-    processes may load and free their own objects while we run."""
-    from bpfwall.kernel import maps, progs
-    from bpfwall.kernel.errors import KernelError
-
-    out = []
-    for next_id, get_fd, info in ((progs.prog_get_next_id, progs.prog_get_fd_by_id, progs.prog_info),
-                                  (progs.map_get_next_id, progs.map_get_fd_by_id, maps.map_info)):
-        ids, cur = set(), 0
-        while (cur := next_id(cur)) is not None:
-            try:
-                fd = get_fd(cur)
-            except KernelError:
-                continue  # freed meanwhile
-            try:
-                if info(fd).name.startswith("kt_"):
-                    ids.add(cur)
-            finally:
-                os.close(fd)
-        out.append(ids)
-    return out[0], out[1]
 
 
 def bpf_fds() -> int:
@@ -105,11 +65,7 @@ def no_leaks():
     before, fds = our_objects(), bpf_fds()
     yield
     assert bpf_fds() == fds, "the test leaked bpf file descriptors"
-    deadline = time.monotonic() + 5
-    while (after := our_objects()) != before:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"leaked programs {sorted(after[0] - before[0])}, maps {sorted(after[1] - before[1])}")
-        time.sleep(0.05)
+    wait_for_no_new_objects(before)
 
 
 # -- ELF and BTF ----------------------------------------------------------------
