@@ -206,3 +206,72 @@ def test_removed_cgroup_is_no_error(pin_root):
     assert bpf.stats(pin_root, unit)["attached"] == []
     bpf.unload(pin_root, unit)
     assert not os.path.exists(bpf.unit_dir(pin_root, unit))
+
+
+def test_audit_mode_passes_and_counts(pin_root, temp_cgroup):
+    """Audit: everything arrives; what the filter would drop is counted as dropped."""
+    rx = bound(temp_cgroup, *V4)
+    with rx, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+        port = rx.getsockname()[1]
+        unit = "audit.service"
+        bpf.load(pin_root, unit, program(ingress="tcp"), mode="audit")
+        bpf.attach(pin_root, unit, temp_cgroup.path)
+        for _ in range(7):
+            tx.sendto(b"x", ("127.0.0.1", port))
+        assert receive_all(rx) == 7
+        assert counters(pin_root, unit)["ingress"]["drop"]["packets"] == 7
+        with bpf.PinnedUnit.open(pin_root, unit) as u:  # back to enforce, live
+            u.write_mode("enforce")
+        for _ in range(3):
+            tx.sendto(b"x", ("127.0.0.1", port))
+        assert receive_all(rx) == 0
+        assert counters(pin_root, unit)["ingress"]["drop"]["packets"] == 10
+
+
+def _icmp6_echo(seq: int) -> bytes:
+    return struct.pack("!BBHHH", 128, 0, 0, 0x4242, seq) + b"bpfwall!"  # the kernel fills the checksum
+
+
+def test_icmpv6(pin_root, temp_cgroup):
+    with temp_cgroup.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as s:
+        unit = load_attached(pin_root, temp_cgroup, ingress="icmp && icmp_type == 129",
+                             egress="ipv6 && icmp && icmp_type == 128")
+
+        def ping6() -> int:
+            for seq in range(3):
+                try:
+                    s.sendto(_icmp6_echo(seq), ("::1", 0))
+                except PermissionError:
+                    pass
+            s.settimeout(0.3)
+            replies = 0
+            try:
+                while True:
+                    if s.recv(2048)[0] == 129:  # raw ICMPv6 sockets get no IP header
+                        replies += 1
+            except (TimeoutError, socket.timeout):
+                return replies
+
+        assert ping6() == 3
+        bpf.load(pin_root, unit, program(ingress="icmp && icmp_type == 128", egress="icmp"))
+        assert ping6() == 0
+
+
+def test_concurrent_loads_attach_once(pin_root, temp_cgroup):
+    """Four `bpfwall load`s of one unit at once: each swaps in place, none attaches a second copy."""
+    import subprocess
+    import sys
+
+    exe = os.path.join(os.path.dirname(sys.executable), "bpfwall")
+    env = dict(os.environ, BPFWALL_PIN_ROOT=pin_root)
+    unit = load_attached(pin_root, temp_cgroup, ingress="udp")
+    procs = [subprocess.Popen([exe, "load", unit, "--ingress", f"udp && dst_port != {i}"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+    from bpfwall.kernel import cgroup
+
+    flags, ids = cgroup.query(temp_cgroup.path, "ingress")
+    assert len(ids) == 1
+    assert bpf.stats(pin_root, unit)["programs"]["ingress"] == ids[0]
