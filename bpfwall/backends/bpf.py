@@ -115,7 +115,8 @@ class PinnedUnit:
                 elif not name.startswith("tmp"):
                     self.maps[name] = pins.get(full)
             if "meta" not in self.maps:
-                raise BackendError(f"{path} has no meta map: not a bpfwall unit, or one half-written")
+                raise BackendError(f"{path} has no meta map: not a bpfwall unit, or one half-written; "
+                                   f"remove it with: rm -r {path}")
             raw = maps.map_lookup(self.maps["meta"], struct.pack("=I", 0), maps.map_info(self.maps["meta"]).value_size)
             self.meta = json.loads(raw.split(b"\0", 1)[0])
         except BaseException:
@@ -278,7 +279,8 @@ def load(pin_root: str, unit: str, program: UnitProgram, params: dict[str, int] 
     check_values(program, params, sets)
     obj = build(program, cache)
     with _locked(pin_root):
-        old = PinnedUnit.open(pin_root, unit) if os.path.isdir(path) else None
+        # An empty directory (a load interrupted before its first pin) counts as not loaded.
+        old = PinnedUnit.open(pin_root, unit) if os.path.isdir(path) and os.listdir(path) else None
         created_dir = old is None
         try:
             return _load_locked(path, unit, program, obj, params, sets, mode, old, created_dir)

@@ -369,3 +369,20 @@ def test_non_root_is_told_what_is_missing(pin_root):
         assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
         assert "needs root" in proc.stderr
     assert bpf.units(pin_root) == []
+
+
+def test_interrupted_load_leftovers(capsys, pin_root):
+    """An empty unit directory loads over; a directory without meta is named with the fix."""
+    os.makedirs(os.path.join(pin_root, "empty+service"))
+    ok(capsys, "load", "empty.service", "--ingress", "udp")
+    os.makedirs(os.path.join(pin_root, "odd+service"))
+    from bpfwall.kernel import maps, pins, syscall
+
+    fd = maps.map_create(syscall.BPF_MAP_TYPE_ARRAY, 4, 4, 1)
+    try:
+        pins.pin(fd, os.path.join(pin_root, "odd+service", "counters"))
+    finally:
+        os.close(fd)
+    code, _, err = run(capsys, "load", "odd.service", "--ingress", "udp")
+    assert code == 2 and "has no meta map" in err and f"rm -r {pin_root}/odd+service" in err
+    os.unlink(os.path.join(pin_root, "odd+service", "counters"))
