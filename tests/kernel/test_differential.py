@@ -7,6 +7,8 @@ a CI run checks well over 2,000 (expression, packet) cases.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
@@ -19,7 +21,8 @@ from tests.strategies import expressions, packets, param_values, set_values
 
 pytestmark = [pytest.mark.kernel]
 
-EXAMPLES = 120
+# BPFWALL_DIFF_EXAMPLES=2000 for a longer soak; CI runs the default.
+EXAMPLES = int(os.environ.get("BPFWALL_DIFF_EXAMPLES", "120"))
 PACKETS_PER_EXAMPLE = 24
 MIN_CASES = 2000
 _cases = {"n": 0}
