@@ -119,35 +119,22 @@ def _cache(args):
     return Path(value) if value else None
 
 
-def _analyze(text: str, what: str):
+def _analyze(text: str):
     from .lang.checker import analyze
-    from .lang.errors import LangError
 
-    try:
-        return analyze(text)
-    except LangError as e:
-        e.what = what
-        raise
+    return analyze(text)
 
 
 def _program(args, ingress: str | None, egress: str | None):
     from .build import DEFAULT_SET_CAPACITY, UnitProgram
     from .lang.checker import analyze_pair
-    from .lang.errors import LangError
 
     capacity = getattr(args, "set_capacity", None)
     capacity = DEFAULT_SET_CAPACITY if capacity is None else capacity
     if capacity < 1 or capacity > 1 << 24:
         raise UsageError(f"--set-capacity {capacity}: must be between 1 and {1 << 24}")
-    for text, what in ((ingress, "--ingress"), (egress, "--egress")):
-        if text is not None:
-            _analyze(text, what)  # each alone first, so an error names its direction
-    try:
-        pair = analyze_pair(ingress, egress)
-    except LangError as e:
-        e.what = None
-        raise
-    return UnitProgram(pair[0], pair[1], capacity)
+    ingress_checked, egress_checked = analyze_pair(ingress, egress)
+    return UnitProgram(ingress_checked, egress_checked, capacity)
 
 
 def _param_values(args) -> dict[str, int]:
@@ -211,7 +198,7 @@ def _emit(args, data, text: str) -> None:
 # -- commands -----------------------------------------------------------------
 
 def cmd_check(args) -> None:
-    checked = _analyze(args.expr, None)
+    checked = _analyze(args.expr)
     _emit(args, {"expression": checked.text, "params": list(checked.params), "sets": checked.sets},
           checked.text)
 
@@ -219,7 +206,7 @@ def cmd_check(args) -> None:
 def cmd_explain(args) -> None:
     from .build import UnitProgram
 
-    checked = _analyze(args.expr, None)
+    checked = _analyze(args.expr)
     ingress = checked if args.direction in (None, "ingress") else None
     egress = checked if args.direction in (None, "egress") else None
     code = UnitProgram(ingress, egress).header()
@@ -429,10 +416,9 @@ def _error_lines(exc: BaseException) -> list[str]:
     from .lang.errors import LangError
 
     if isinstance(exc, LangError):
-        what = getattr(exc, "what", None)
         lines = exc.render().splitlines() if exc.text is not None else [str(exc)]
-        if what:
-            lines[0] = f"{what}: {lines[0]}"
+        if exc.direction:
+            lines[0] = f"--{exc.direction}: {lines[0]}"
         return lines
     return [str(exc).splitlines()[0] if str(exc) else type(exc).__name__]
 

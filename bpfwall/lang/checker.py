@@ -48,7 +48,11 @@ def analyze_pair(ingress: str | None, egress: str | None) -> tuple[Checked | Non
     done = {}
     for direction, text in (("ingress", ingress), ("egress", egress)):
         if text is not None:
-            done[direction] = _run(parse(text), text)
+            try:
+                done[direction] = _run(parse(text), text)
+            except LangError as e:
+                e.direction = direction
+                raise
     if len(done) == 2:
         (first, _), (second, checker) = done["ingress"], done["egress"]
         for name, kind in second.sets.items():

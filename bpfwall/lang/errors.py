@@ -6,13 +6,15 @@ _WINDOW = 60
 
 
 class LangError(Exception):
-    """A bad expression or value. `col` is 1-based; `text` is the expression it points into."""
+    """A bad expression or value. `col` is 1-based; `text` is the expression it points into;
+    `direction` says which of a unit's two expressions it is in, when that is known."""
 
     def __init__(self, message: str, col: int | None = None, text: str | None = None):
         super().__init__(message)
         self.message = message
         self.col = col
         self.text = text
+        self.direction: str | None = None
 
     def __str__(self) -> str:
         return self.message if self.col is None else f"column {self.col}: {self.message}"
