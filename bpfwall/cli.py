@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("set", "change params, sets or mode live: name=VALUE, @set+E,.., @set-E,.., @set=E,.., mode=audit", True)
     p.add_argument("unit")
     p.add_argument("changes", nargs="+", metavar="CHANGE")
+
+    from .commands import register_all
+
+    register_all(add)
     return parser
 
 
@@ -426,15 +430,17 @@ def _error_lines(exc: BaseException) -> list[str]:
 def main(argv=None) -> int:
     from .backends.bpf import BackendError
     from .build import BuildError
+    from .errors import UserError
     from .kernel.errors import KernelError
     from .lang.errors import LangError
     from .unitkey import UnitNameError
 
     try:
         args = build_parser().parse_args(argv)
-        COMMANDS[args.command](args)
+        handler = getattr(args, "handler", None) or COMMANDS[args.command]
+        handler(args)
         return 0
-    except (UsageError, LangError, KernelError, BackendError, BuildError, UnitNameError) as e:
+    except (UsageError, UserError, LangError, KernelError, BackendError, BuildError, UnitNameError) as e:
         lines = _error_lines(e)
         print(f"bpfwall: error: {lines[0]}", file=sys.stderr)
         for line in lines[1:]:

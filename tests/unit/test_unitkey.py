@@ -46,3 +46,19 @@ def test_invalid(bad, message):
     with pytest.raises(unitkey.UnitNameError, match=None) as e:
         unitkey.encode(bad)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("pattern,key", [
+    ("app-firefox-*.scope", "app-firefox-*+scope"),
+    ("getty@tty[12].service", "getty@tty[12]+service"),
+    ("worker-?.service", "worker-?+service"),
+])
+def test_glob_patterns_share_the_encoding(pattern, key):
+    assert unitkey.is_pattern(pattern)
+    assert unitkey.encode(pattern) == key
+    assert unitkey.decode(key) == pattern
+
+
+def test_glob_refused_where_a_unit_name_is_needed():
+    with pytest.raises(unitkey.UnitNameError, match="'\\*' cannot occur"):
+        unitkey.validate("app-*.scope", allow_glob=False)
