@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BPFWALL := $(VENV)/bin/bpfwall
 APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 python3-venv python3-pyelftools \
-                nftables python3-nftables python3-systemd
+                nftables python3-nftables python3-systemd \
+                debootstrap systemd-container iperf3 python3-matplotlib
 
 # The well-known usage: make FILTER='icmp || (udp && dst_port == 53)' BPFNAME=x load
 FILTER ?= icmp || (udp && dst_port == 53) || (tcp && dst_port == 80)
