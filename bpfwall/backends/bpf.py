@@ -417,19 +417,25 @@ def attach(pin_root: str, unit: str, cgroup_path: str) -> dict[str, bool]:
     with PinnedUnit.open(pin_root, unit) as u:
         if not u.progs:
             raise BackendError(f"unit {unit} has no programs pinned")
-        done: dict[str, bool] = {}
-        try:
-            for direction, fd in u.progs.items():
-                done[direction] = cgroup.attach(target, fd, direction)
-        except BaseException:
-            for direction, new in done.items():  # all or nothing
-                if new:
-                    try:
-                        cgroup.detach(target, u.progs[direction], direction)
-                    except KernelError:
-                        pass  # the cgroup vanished meanwhile: nothing left to undo
-            raise
-        return done
+        return attach_programs(target, u.progs)
+
+
+def attach_programs(target: str, prog_fds: dict[str, int]) -> dict[str, bool]:
+    """Attach {direction: program fd} to the cgroup at `target`, all or nothing;
+    {direction: newly attached}. (The watcher calls this with fds it keeps open.)"""
+    done: dict[str, bool] = {}
+    try:
+        for direction, fd in prog_fds.items():
+            done[direction] = cgroup.attach(target, fd, direction)
+    except BaseException:
+        for direction, new in done.items():
+            if new:
+                try:
+                    cgroup.detach(target, prog_fds[direction], direction)
+                except KernelError:
+                    pass  # the cgroup vanished meanwhile: nothing left to undo
+        raise
+    return done
 
 
 def detach(pin_root: str, unit: str, cgroup_path: str) -> dict[str, bool]:

@@ -1,0 +1,41 @@
+"""`bpfwall watch`: the daemon that attaches the policy's programs to unit cgroups as they appear."""
+from __future__ import annotations
+
+import os
+
+
+def register(add) -> None:
+    p = add("watch", "attach the policy's filters to matching cgroups, now and as they appear (the daemon)")
+    p.add_argument("--policy-dir", metavar="DIR",
+                   help="policy files (default $BPFWALL_POLICY_DIR or /etc/bpfwall)")
+    p.add_argument("--cgroup-root", metavar="PATH",
+                   help="watch only this cgroup subtree (absolute or relative to the cgroup2 mount; "
+                        "default: the whole mount); policy cgroup paths are relative to it")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="where the watcher remembers what it loaded (default $BPFWALL_STATE_DIR or /run/bpfwall)")
+    p.add_argument("--once", action="store_true", help="load, reconcile once and exit (e.g. ExecStartPre=)")
+    p.add_argument("-v", "--verbose", action="store_true", help="also log debug records (vanished cgroups)")
+    p.set_defaults(handler=run)
+
+
+def run(args) -> None:
+    from pathlib import Path
+
+    from ..backends.bpf import DEFAULT_PIN_ROOT
+    from ..kernel import cgroup
+    from ..watch.daemon import Watcher
+    from ..watch.log import Log
+    from ..watch.notify import Notifier
+    from ..watch.state import DEFAULT_STATE_DIR
+
+    pin_root = getattr(args, "pin_root", None) or os.environ.get("BPFWALL_PIN_ROOT") or DEFAULT_PIN_ROOT
+    cache = Path(args.cache_dir) if getattr(args, "cache_dir", None) else None
+    root = cgroup.resolve(args.cgroup_root) if args.cgroup_root else cgroup.cgroup2_mount()
+    state_dir = args.state_dir or os.environ.get("BPFWALL_STATE_DIR") or DEFAULT_STATE_DIR
+    watcher = Watcher(args.policy_dir, pin_root, root, state_dir, Log(args.verbose), Notifier(), cache)
+    try:
+        watcher.start(once=args.once)
+        if not args.once:
+            watcher.run()
+    finally:
+        watcher.close()

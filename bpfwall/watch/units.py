@@ -1,0 +1,138 @@
+"""The policy's units as the watcher holds them: loaded, pinned, and open for attaching.
+
+`UnitHandle` keeps one fd per program, so attaching on a new cgroup costs a
+query and an attach — no pins reopened, no meta parsed, no tree walked.
+`BpfUnits.ensure` decides between reusing what is pinned (unchanged
+definition: a watcher restart must not swap programs) and loading (which swaps
+new programs in place on every attachment, BPF_F_REPLACE, no gap).
+"""
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+
+from ..backends import bpf
+from ..build import build
+from ..kernel import cgroup, maps, pins, progs
+from ..kernel.errors import KernelError
+from ..lower.c import set_map
+from .state import Owned
+
+
+@dataclass
+class UnitHandle:
+    name: str
+    fingerprint: str
+    progs: dict[str, int] = field(default_factory=dict)  # direction → fd
+    ids: dict[str, int] = field(default_factory=dict)    # direction → program id
+
+    @classmethod
+    def open(cls, pin_root: str, name: str, fingerprint: str) -> "UnitHandle":
+        self = cls(name, fingerprint)
+        try:
+            for direction in bpf.DIRECTIONS:
+                path = bpf.prog_path(pin_root, name, direction)
+                if pins.is_pinned(path):
+                    fd = pins.get(path)
+                    self.progs[direction] = fd
+                    self.ids[direction] = progs.prog_info(fd).id
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        for fd in self.progs.values():
+            os.close(fd)
+        self.progs.clear()
+
+    def attach(self, path: str) -> list[str]:
+        """Attach every program to the cgroup (all or nothing); the directions newly attached."""
+        return [d for d, new in bpf.attach_programs(path, self.progs).items() if new]
+
+    def detach(self, path: str, directions=None) -> list[str]:
+        return [d for d, fd in self.progs.items()
+                if (directions is None or d in directions) and cgroup.detach(path, fd, d)]
+
+
+def _program_ids(pin_root: str, name: str) -> dict[str, int]:
+    out = {}
+    for direction in bpf.DIRECTIONS:
+        path = bpf.prog_path(pin_root, name, direction)
+        if pins.is_pinned(path):
+            fd = pins.get(path)
+            try:
+                out[direction] = progs.prog_info(fd).id
+            finally:
+                os.close(fd)
+    return out
+
+
+def _pins_match_entry(pin_root: str, entry, program) -> bool:
+    """Whether the pinned unit is exactly what `entry` would load (expressions, params, sets, mode)."""
+    try:
+        unit = bpf.PinnedUnit.open(pin_root, entry.name)
+    except (bpf.BackendError, KernelError):
+        return False
+    with unit:
+        if unit.meta != program.meta():
+            return False
+        if set(unit.progs) != {d for d in bpf.DIRECTIONS if getattr(program, d) is not None}:
+            return False
+        if entry.mode is not None and unit.mode() != entry.mode:
+            return False
+        if unit.params() != {n: entry.params.get(n, 0) for n in program.params}:
+            return False
+        for name, elements in entry.sets.items():
+            fd = unit.maps[set_map(name)]
+            have = set(maps.map_keys(fd, maps.map_info(fd).key_size))
+            if have != set(bpf.set_keys(program.sets[name], elements)):
+                return False
+    return True
+
+
+class BpfUnits:
+    """Policy entries with backend "bpf", pinned under one pin root."""
+
+    backend = "bpf"
+
+    def __init__(self, pin_root: str, cache=None):
+        self.pin_root = pin_root
+        self.cache = cache
+
+    def prepare(self, entry) -> None:
+        """Compile now (cached), so a bad build stops a reload before anything changes."""
+        program = entry.program()
+        bpf.check_values(program, entry.params, entry.sets)
+        build(program, self.cache)
+
+    def ensure(self, entry, owned: Owned | None) -> tuple[UnitHandle, str]:
+        """The entry's programs, pinned and open: ("reused" | "adopted" | "loaded", handle)."""
+        fingerprint = entry.fingerprint()
+        pinned = self._loaded(entry.name)
+        if pinned and owned is not None and owned.fingerprint == fingerprint \
+                and _program_ids(self.pin_root, entry.name) == owned.programs:
+            how = "reused"
+        elif pinned and owned is None and _pins_match_entry(self.pin_root, entry, entry.program()):
+            how = "adopted"  # state lost (or loaded by hand) but identical: keep it running
+        else:
+            program = entry.program()
+            bpf.load(self.pin_root, entry.name, program, entry.params, entry.sets, entry.mode, self.cache)
+            how = "loaded"
+        return UnitHandle.open(self.pin_root, entry.name, fingerprint), how
+
+    def _loaded(self, name: str) -> bool:
+        path = bpf.unit_dir(self.pin_root, name)
+        return os.path.isdir(path) and bool(os.listdir(path))
+
+    def unload(self, name: str) -> list:
+        """Detach the unit everywhere and remove its pins; [] if it was gone already."""
+        if not self._loaded(name):
+            return []
+        return bpf.unload(self.pin_root, name)
+
+
+def is_gone(error: KernelError) -> bool:
+    """A cgroup removed between the event and our attach: normal, not an error."""
+    return error.errno == errno.ENOENT

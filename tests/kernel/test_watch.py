@@ -1,0 +1,380 @@
+"""`bpfwall watch` as a real daemon: a subprocess with its own cgroup subtree, pin root,
+policy directory and state directory, telling a notify socket this test owns when it is ready.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from contextlib import contextmanager
+
+import pytest
+
+from bpfwall.backends import bpf
+from bpfwall.kernel import cgroup
+from bpfwall.sandbox import TempCgroup, own_cgroup_path
+from tests.kernel.test_traffic import receive_all
+
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("no_leaks")]
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PYTHON = os.path.join(REPO, ".venv", "bin", "python")
+WAIT = 10.0  # generous: only a bound on how long a broken test hangs, not a timing assertion
+
+
+def wait_for(what, condition, timeout=WAIT):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def remove_tree(path: str) -> None:
+    """rmdir a cgroup subtree, deepest first (cgroups cannot be removed recursively)."""
+    if not os.path.isdir(path):
+        return
+    for dirpath, dirnames, _ in os.walk(path, topdown=False):
+        for d in dirnames:
+            try:
+                os.rmdir(os.path.join(dirpath, d))
+            except FileNotFoundError:
+                pass
+    os.rmdir(path)
+
+
+class Daemon:
+    """One `bpfwall watch` process and the notify socket it reports to."""
+
+    def __init__(self, tmp_path, root: str, pin_root: str, policy_dir):
+        self.tmp_path, self.root, self.pin_root, self.policy_dir = tmp_path, root, pin_root, policy_dir
+        self.state_dir = tmp_path / "state"
+        self.proc: subprocess.Popen | None = None
+        self.notify_name = f"@bpfwall-test-{uuid.uuid4().hex[:10]}"  # abstract socket
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(b"\0" + self.notify_name[1:].encode())
+        self.messages: list[str] = []
+        self.runs = 0
+
+    def args(self, *extra):
+        return [PYTHON, "-m", "bpfwall", "watch", "--cgroup-root", self.root, "--policy-dir", str(self.policy_dir),
+                "--pin-root", self.pin_root, "--state-dir", str(self.state_dir), *extra]
+
+    def start(self, wait_ready=True):
+        self.runs += 1
+        self.log_path = self.tmp_path / f"watch-{self.runs}.log"
+        env = {**os.environ, "NOTIFY_SOCKET": self.notify_name, "BPFWALL_LOG": "stderr"}
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(self.args("-v"), stderr=log, stdout=log, env=env, cwd=REPO)
+        if wait_ready:
+            self.wait_message("READY=1")
+        return self
+
+    def receive(self, timeout: float) -> str | None:
+        self.sock.settimeout(timeout)
+        try:
+            msg = self.sock.recv(4096).decode()
+        except (TimeoutError, socket.timeout):
+            return None
+        self.messages.append(msg)
+        return msg
+
+    def wait_message(self, line: str) -> str:
+        """The next datagram holding `line`; fails early if the daemon died."""
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            msg = self.receive(0.1)
+            if msg is not None and line in msg.splitlines():
+                return msg
+            if self.proc.poll() is not None and msg is None:
+                raise AssertionError(f"bpfwall watch exited ({self.proc.returncode}):\n{self.log()}")
+        raise AssertionError(f"no {line} from bpfwall watch:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def signal(self, signum):
+        os.kill(self.proc.pid, signum)
+
+    def wait_exit(self) -> int:
+        return self.proc.wait(WAIT)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()  # by PID: only the process this test started
+            self.proc.wait()
+
+    def close(self):
+        self.stop()
+        self.sock.close()
+
+
+@pytest.fixture
+def subtree():
+    cg = TempCgroup("bpfwall-test-watch")
+    cg.__enter__()
+    try:
+        yield cg.path
+    finally:
+        remove_tree(cg.path)
+
+
+@pytest.fixture
+def policy_dir(tmp_path):
+    d = tmp_path / "policy"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def daemon(tmp_path, subtree, pin_root, policy_dir):
+    d = Daemon(tmp_path, subtree, pin_root, policy_dir)
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def write_policy(policy_dir, text: str, name="10-test.toml") -> None:
+    tmp = policy_dir / f".{name}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, policy_dir / name)
+
+
+def unit(name, ingress=None, egress=None, extra="") -> str:
+    lines = [f'[units."{name}"]']
+    if ingress:
+        lines.append(f'ingress = "{ingress}"')
+    if egress:
+        lines.append(f'egress = "{egress}"')
+    return "\n".join(lines) + "\n" + extra + "\n"
+
+
+def mkcg(root, rel) -> str:
+    path = os.path.join(root, rel)
+    os.makedirs(path)
+    return path
+
+
+def ours(pin_root, path, direction="ingress") -> list[int]:
+    """Ids of our pin root's programs attached to this cgroup itself."""
+    ids = set()
+    for name in bpf.units(pin_root):
+        ids |= set(pinned_ids(pin_root, name).values())
+    return [pid for pid in cgroup.query(path, direction)[1] if pid in ids]
+
+
+def pinned_ids(pin_root, name) -> dict[str, int]:
+    with bpf.PinnedUnit.open(pin_root, name) as u:
+        return u.prog_ids()
+
+
+def attached_id(pin_root, path, direction="ingress") -> int | None:
+    found = ours(pin_root, path, direction)
+    assert len(found) <= 1, f"{path}: attached more than once: {found}"
+    return found[0] if found else None
+
+
+# -- start and reconcile --------------------------------------------------------
+
+def test_reconcile_attaches_existing_matching_cgroups_only(daemon, policy_dir, subtree, pin_root):
+    write_policy(policy_dir, unit("a.service", ingress="udp") + unit("b.service", egress="tcp")
+                 + unit("app-*.scope", ingress="icmp"))
+    a = mkcg(subtree, "a.service")
+    sub = mkcg(subtree, "a.service/payload")
+    b = mkcg(subtree, "x.slice/b.service")
+    app = mkcg(subtree, "user.slice/app-firefox-1.scope")
+    other = mkcg(subtree, "c.service")
+    daemon.start()
+    ids_a, ids_b, ids_app = (pinned_ids(pin_root, n) for n in ("a.service", "b.service", "app-*.scope"))
+    assert ours(pin_root, a) == [ids_a["ingress"]]
+    assert ours(pin_root, b, "egress") == [ids_b["egress"]] and ours(pin_root, b) == []
+    assert ours(pin_root, app) == [ids_app["ingress"]]
+    for path in (sub, other, os.path.join(subtree, "x.slice"), subtree):
+        assert ours(pin_root, path) == [] and ours(pin_root, path, "egress") == []
+    status = [m for m in daemon.messages if "READY=1" in m][0]
+    assert "STATUS=policing 3 units on 3 cgroups" in status.splitlines()
+
+
+def test_invalid_policy_at_start_exits_2_and_changes_nothing(daemon, policy_dir, pin_root, subtree):
+    write_policy(policy_dir, unit("a.service", ingress="dst_port && udp"))
+    mkcg(subtree, "a.service")
+    daemon.start(wait_ready=False)
+    assert daemon.wait_exit() == 2
+    assert "bpfwall: error:" in daemon.log() and "10-test.toml:" in daemon.log()
+    assert not os.path.exists(pin_root) or bpf.units(pin_root) == []
+
+
+def test_once_reconciles_and_exits(daemon, policy_dir, pin_root, subtree):
+    write_policy(policy_dir, unit("a.service", ingress="udp"))
+    a = mkcg(subtree, "a.service")
+    proc = subprocess.run(daemon.args("--once"), capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert attached_id(pin_root, a) == pinned_ids(pin_root, "a.service")["ingress"]
+
+
+# -- events ---------------------------------------------------------------------
+
+def test_new_cgroups_are_attached_as_they_appear(daemon, policy_dir, subtree, pin_root):
+    write_policy(policy_dir, unit("b.service", ingress="udp") + unit("app-*.scope", egress="tcp"))
+    daemon.start()
+    ib = pinned_ids(pin_root, "b.service")["ingress"]
+    eapp = pinned_ids(pin_root, "app-*.scope")["egress"]
+    # Nested, created in one go: the parent's watch may come after its child exists.
+    nested = mkcg(subtree, "a.slice/b.service")
+    deep = mkcg(subtree, "user.slice/user-1000.slice/user@1000.service/app.slice/b.service")
+    wait_for("nested b.service attached", lambda: attached_id(pin_root, nested) == ib)
+    wait_for("deep b.service attached", lambda: attached_id(pin_root, deep) == ib)
+    # A burst.
+    burst = [mkcg(subtree, f"app.slice/app-{i}.scope") for i in range(60)]
+    for path in burst:
+        wait_for(f"{path} attached", lambda p=path: attached_id(pin_root, p, "egress") == eapp)
+    # Non-matching cgroups and sub-cgroups of units get nothing of their own.
+    quiet = [mkcg(subtree, "c.service"), mkcg(subtree, "a.slice/b.service/worker"),
+             mkcg(subtree, "app.slice/app-1.scope/inner.scope.d")]
+    late = mkcg(subtree, "a.slice/sentinel/b.service")  # processed after the quiet ones
+    wait_for("sentinel attached", lambda: attached_id(pin_root, late) == ib)
+    for path in quiet:
+        assert ours(pin_root, path) == [] and ours(pin_root, path, "egress") == []
+    assert "error" not in daemon.log()
+
+
+def test_restarted_unit_gets_attached_again(daemon, policy_dir, subtree, pin_root):
+    write_policy(policy_dir, unit("a.service", ingress="udp"))
+    daemon.start()
+    ia = pinned_ids(pin_root, "a.service")["ingress"]
+    path = os.path.join(subtree, "a.service")
+    for _ in range(5):
+        os.mkdir(path)
+        wait_for("a.service attached", lambda: attached_id(pin_root, path) == ia)
+        os.rmdir(path)
+    os.mkdir(path)  # removed and re-created before the watcher reads either event
+    os.rmdir(path)
+    os.mkdir(path)
+    wait_for("a.service attached after a quick restart", lambda: attached_id(pin_root, path) == ia)
+    os.rmdir(path)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+    assert "error" not in daemon.log()
+
+
+# -- SIGHUP ---------------------------------------------------------------------
+
+@contextmanager
+def inside(path):
+    """Run the body with this process in cgroup `path` (its sockets belong there)."""
+    home = own_cgroup_path()
+    with open(os.path.join(path, "cgroup.procs"), "w") as f:
+        f.write("0")
+    try:
+        yield
+    finally:
+        with open(os.path.join(home, "cgroup.procs"), "w") as f:
+            f.write("0")
+
+
+def arrived(rx, tx, port, count=5) -> int:
+    for _ in range(count):
+        tx.sendto(b"ping", ("127.0.0.1", port))
+    return receive_all(rx)
+
+
+def test_sighup_swaps_programs_in_place_and_changes_verdicts(daemon, policy_dir, subtree, pin_root):
+    a = mkcg(subtree, "a.service")
+    with inside(a):
+        one, two = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with one, two, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+        one.bind(("127.0.0.1", 0))
+        two.bind(("127.0.0.1", 0))
+        p1, p2 = one.getsockname()[1], two.getsockname()[1]
+        write_policy(policy_dir, unit("a.service", ingress=f"udp && local_port == {p1}"))
+        daemon.start()
+        before = attached_id(pin_root, a)
+        assert (arrived(one, tx, p1), arrived(two, tx, p2)) == (5, 0)
+
+        write_policy(policy_dir, unit("a.service", ingress=f"udp && local_port == {p2}"))
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_message("RELOADING=1")
+        daemon.wait_message("READY=1")
+        after = attached_id(pin_root, a)
+        assert after is not None and after != before
+        assert pinned_ids(pin_root, "a.service")["ingress"] == after
+        assert (arrived(one, tx, p1), arrived(two, tx, p2)) == (0, 5)
+
+
+def test_sighup_with_invalid_policy_keeps_the_old_one(daemon, policy_dir, subtree, pin_root):
+    write_policy(policy_dir, unit("a.service", ingress="udp"))
+    a = mkcg(subtree, "a.service")
+    daemon.start()
+    before = attached_id(pin_root, a)
+    write_policy(policy_dir, unit("a.service", ingress="udp && dst_port == 70000"))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_message("READY=1")
+    assert "warning: reload:" in daemon.log() and "keeping the running policy" in daemon.log()
+    assert attached_id(pin_root, a) == before
+    again = mkcg(subtree, "x.slice/a.service")  # the old policy still serves new cgroups
+    wait_for("new cgroup attached under the old policy", lambda: attached_id(pin_root, again) == before)
+
+
+def test_sighup_repoints_detaches_and_unloads(daemon, policy_dir, subtree, pin_root):
+    write_policy(policy_dir, unit("app-*.scope", ingress="udp") + unit("gone.service", ingress="tcp"))
+    glob = mkcg(subtree, "app-web.scope")
+    gone = mkcg(subtree, "gone.service")
+    daemon.start()
+    glob_id = attached_id(pin_root, glob)
+    assert glob_id is not None and attached_id(pin_root, gone) is not None
+    # app-web.scope now gets its own exact entry; gone.service leaves the policy; new.service arrives.
+    new = mkcg(subtree, "new.service")
+    write_policy(policy_dir, unit("app-*.scope", ingress="udp") + unit("app-web.scope", egress="icmp")
+                 + unit("new.service", ingress="icmp"))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_message("READY=1")
+    assert attached_id(pin_root, glob) is None  # the glob's program left it …
+    assert attached_id(pin_root, glob, "egress") == pinned_ids(pin_root, "app-web.scope")["egress"]  # … for its own
+    assert pinned_ids(pin_root, "app-*.scope")["ingress"] == glob_id  # unchanged entry: not swapped
+    assert cgroup.query(gone, "ingress")[1] == [] and "gone.service" not in bpf.units(pin_root)
+    assert attached_id(pin_root, new) == pinned_ids(pin_root, "new.service")["ingress"]
+    assert "STATUS=policing 3 units on 2 cgroups" in daemon.messages[-1].splitlines()
+
+
+# -- stopping and restarting ------------------------------------------------------
+
+def test_sigterm_leaves_filters_attached_and_pinned(daemon, policy_dir, subtree, pin_root):
+    write_policy(policy_dir, unit("a.service", ingress="udp", egress="udp"))
+    a = mkcg(subtree, "a.service")
+    daemon.start()
+    ids = pinned_ids(pin_root, "a.service")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+    assert "STOPPING=1" in daemon.wait_message("STOPPING=1")
+    assert attached_id(pin_root, a) == ids["ingress"]
+    assert attached_id(pin_root, a, "egress") == ids["egress"]
+
+
+def test_sigkill_then_restart_attaches_nothing_twice(daemon, policy_dir, subtree, pin_root):
+    write_policy(policy_dir, unit("a.service", ingress="udp", egress="tcp") + unit("app-*.scope", ingress="icmp"))
+    paths = [mkcg(subtree, "a.service"), mkcg(subtree, "s.slice/app-1.scope")]
+    daemon.start()
+    before = {p: (attached_id(pin_root, p), attached_id(pin_root, p, "egress")) for p in paths}
+    daemon.signal(signal.SIGKILL)
+    daemon.wait_exit()
+    later = mkcg(subtree, "s.slice/app-2.scope")  # appears while no watcher runs
+    daemon.start()
+    for p in paths:  # same programs (not swapped), each exactly once
+        assert (attached_id(pin_root, p), attached_id(pin_root, p, "egress")) == before[p]
+    assert attached_id(pin_root, later) == pinned_ids(pin_root, "app-*.scope")["ingress"]
+    assert "load:" not in daemon.log()  # everything reused
+
+
+def test_second_watcher_on_the_same_pin_root_is_refused(daemon, policy_dir, pin_root):
+    write_policy(policy_dir, unit("a.service", ingress="udp"))
+    daemon.start()
+    proc = subprocess.run(daemon.args(), capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 2
+    assert "another bpfwall watch manages the pin root" in proc.stderr
