@@ -1,0 +1,116 @@
+"""Which policy entry polices a cgroup.
+
+A cgroup is named by its path relative to the cgroup2 root, e.g.
+`system.slice/nginx.service` or
+`user.slice/user-1000.slice/user@1000.service/app.slice/foo.service`.
+
+Rules, in order:
+
+1. Only the LAST path component is a candidate, and only if it looks like a
+   unit: it ends in .service, .scope, .slice, .socket, .mount or .swap. So
+   `system.slice/nginx.service/sub` (a sub-cgroup inside a unit) matches
+   nothing: the program sits on the unit's own cgroup and the sub-cgroups
+   inherit it from there.
+2. An entry's name matches the component with fnmatch rules, case-sensitive
+   (`app-firefox-*.scope`, `getty@tty?.service`); a name without glob
+   characters must be equal.
+3. If the entry has `cgroup = GLOB`, the glob must match the END of the path,
+   component by component (so `*` never crosses a '/'): `app.slice/*` matches
+   `…/user@1000.service/app.slice/x.service` but not `…/app.slice/a.slice/x.service`.
+   `**` stands for any number of components (also none); a glob starting with
+   '/' is anchored at the cgroup2 root and must match the whole path.
+4. Precedence: an exact name beats every glob; among globs the first one in
+   file order wins (files sorted by name, entries in the order written).
+   An entry whose cgroup glob does not match is no candidate, so a later
+   entry can still match.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from .entry import Entry
+
+UNIT_SUFFIXES = (".service", ".scope", ".slice", ".socket", ".mount", ".swap")
+
+
+def unit_component(cgroup_rel: str) -> str | None:
+    """The last path component if it looks like a unit, else None."""
+    last = cgroup_rel.strip("/").rsplit("/", 1)[-1]
+    if last.endswith(UNIT_SUFFIXES) and len(last) > len(last.rsplit(".", 1)[-1]) + 1:
+        return last
+    return None
+
+
+def cgroup_glob_matches(glob: str, cgroup_rel: str) -> bool:
+    parts = [p for p in cgroup_rel.split("/") if p]
+    if glob.startswith("/"):
+        return _match_parts(glob[1:].split("/"), parts)
+    globs = glob.split("/")
+    return any(_match_parts(globs, parts[k:]) for k in range(len(parts)))
+
+
+def _match_parts(globs: list[str], parts: list[str]) -> bool:
+    """Do the component globs match exactly these components?"""
+    if not globs:
+        return not parts
+    head, rest = globs[0], globs[1:]
+    if head == "**":
+        return any(_match_parts(rest, parts[k:]) for k in range(len(parts) + 1))
+    return bool(parts) and fnmatchcase(parts[0], head) and _match_parts(rest, parts[1:])
+
+
+@dataclass
+class MatchReport:
+    """The answer to "who polices this cgroup", with the reasons."""
+    cgroup: str
+    unit: str | None                  # the unit-looking last component, if any
+    entry: Entry | None
+    reason: str
+    passed_over: list[tuple[Entry, str]] = field(default_factory=list)  # candidates that lost, and why
+
+    def as_dict(self) -> dict:
+        return {"cgroup": self.cgroup, "unit": self.unit, "reason": self.reason,
+                "entry": None if self.entry is None else
+                {"name": self.entry.name, "file": self.entry.file, "line": self.entry.line},
+                "passed_over": [{"name": e.name, "file": e.file, "line": e.line, "why": why}
+                                for e, why in self.passed_over]}
+
+
+class Policy:
+    def __init__(self, entries: list[Entry]):
+        self.entries = list(entries)
+        self._by_name = {e.name: e for e in self.entries}
+        self._globs = [e for e in self.entries if e.is_glob]
+
+    def entry(self, name: str) -> Entry | None:
+        """The entry written with exactly this name (a unit name or a glob)."""
+        return self._by_name.get(name)
+
+    def match(self, cgroup_rel: str) -> Entry | None:
+        return self.explain(cgroup_rel).entry
+
+    def explain(self, cgroup_rel: str) -> MatchReport:
+        path = cgroup_rel.strip("/")
+        unit = unit_component(path)
+        if unit is None:
+            last = path.rsplit("/", 1)[-1] or "(the root)"
+            return MatchReport(path, None, None, f"'{last}' is not a unit cgroup (no unit suffix: "
+                               + ", ".join(UNIT_SUFFIXES) + "); a sub-cgroup inherits its unit's program")
+        passed: list[tuple[Entry, str]] = []
+        exact = self._by_name.get(unit)
+        candidates = ([exact] if exact is not None and not exact.is_glob else []) + \
+            [e for e in self._globs if fnmatchcase(unit, e.name)]
+        for i, e in enumerate(candidates):
+            if e.cgroup is not None and not cgroup_glob_matches(e.cgroup, path):
+                passed.append((e, f"cgroup glob '{e.cgroup}' does not match the path"))
+                continue
+            how = "exact name" if not e.is_glob else f"glob '{e.name}', the first matching glob in file order"
+            if e.cgroup is not None:
+                how += f", cgroup glob '{e.cgroup}' matches"
+            for other in candidates[i + 1:]:
+                passed.append((other, "an exact name comes first" if not e.is_glob
+                               else "a glob earlier in file order matched first"))
+            return MatchReport(path, unit, e, f"{how} ({e.file}:{e.line})", passed)
+        return MatchReport(path, unit, None, f"no entry names {unit}" if not passed
+                           else "every entry naming it has a cgroup glob that does not match", passed)
