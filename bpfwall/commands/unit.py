@@ -1,0 +1,176 @@
+"""Commands that put a unit's filters where systemd finds them: apply, dropin, run.
+
+`apply` is the loader unit's ExecStart (bpfwall@UNIT.service), `dropin` writes
+the unit's drop-in that requires the loader and names the pins, `run` starts a
+command with the filters already on its cgroup.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+
+from .. import dropin
+from ..errors import UserError
+
+
+class ApplyError(UserError):
+    """No usable policy entry for the unit."""
+
+
+def register(add) -> None:
+    p = add("apply", "load and pin UNIT's filters from the policy (the ExecStart of bpfwall@UNIT.service)", True)
+    p.add_argument("unit")
+    _policy_dir_option(p)
+    p.set_defaults(handler=cmd_apply)
+
+    p = add("dropin", "write UNIT's drop-in: require bpfwall@UNIT.service and hand systemd the pinned filters")
+    p.add_argument("unit")
+    _policy_dir_option(p)
+    p.add_argument("--directions", metavar="ingress,egress",
+                   help="filter these directions (default: the ones UNIT's policy entry has)")
+    p.add_argument("--unit-dir", default=dropin.DEFAULT_UNIT_DIR, metavar="DIR",
+                   help=f"where the drop-in goes (default {dropin.DEFAULT_UNIT_DIR})")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--dry-run", action="store_true", help="print the drop-in, write nothing")
+    what.add_argument("--remove", action="store_true", help="delete the drop-in")
+    p.add_argument("--no-reload", action="store_true", help="do not run systemctl daemon-reload")
+    p.set_defaults(handler=cmd_dropin)
+
+    p = add("run", "run a command with filters on its cgroup from its first socket on: run [OPTIONS] -- CMD ARG…")
+    p.add_argument("--ingress", metavar="EXPR")
+    p.add_argument("--egress", metavar="EXPR")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=E1,E2")
+    p.add_argument("--mode", choices=("enforce", "audit"))
+    p.add_argument("--set-capacity", type=int, metavar="N", help="elements each @set can hold (default 4096)")
+    p.add_argument("--name", metavar="NAME", help="the scope (and pin) name; default run-bpfwall-<random>.scope")
+    p.add_argument("command", nargs="+", metavar="CMD")
+    p.set_defaults(handler=cmd_run)
+
+
+def _policy_dir_option(p) -> None:
+    p.add_argument("--policy-dir", metavar="DIR",
+                   help="policy directory (default $BPFWALL_POLICY_DIR or /etc/bpfwall)")
+
+
+def _policy_dir(args) -> str:
+    from ..policy import policy_dir
+
+    return policy_dir(args.policy_dir)
+
+
+def policy_entry(unit: str, directory: str):
+    """UNIT's entry: the one written with exactly its name, else the first matching glob."""
+    from ..policy import load_policy
+    from ..unitkey import UnitNameError, validate
+
+    try:
+        validate(unit, allow_glob=False)
+    except UnitNameError as e:
+        raise ApplyError(str(e)) from None
+    policy = load_policy(directory=directory)
+    entry = policy.entry(unit)
+    if entry is None or entry.is_glob:
+        # A bare unit name as the cgroup path: entries restricted by a cgroup glob
+        # need the real path, which only the watcher sees.
+        entry = policy.match(unit)
+    if entry is None:
+        raise ApplyError(f"no policy entry for {unit} in {directory}" + _escaping_hint(unit, policy))
+    if entry.backend != "bpf":
+        raise ApplyError(f"the policy entry for {unit} ({entry.where}) uses the {entry.backend} backend; "
+                         "IPIngressFilterPath=/IPEgressFilterPath= need pinned BPF programs, so the "
+                         "watcher (bpfwall.service) applies it instead")
+    return entry
+
+
+def _escaping_hint(unit: str, policy) -> str:
+    """systemd-escape turns '-' into '\\x2d'; %i keeps that, so say what went wrong."""
+    if "\\x2d" not in unit:
+        return ""
+    plain = unit.replace("\\x2d", "-")
+    if policy.entry(plain) is None and policy.match(plain) is None:
+        return ""
+    return (f" (there is one for {plain}: the loader instance is the unit name as it is, "
+            f"bpfwall@{plain}.service, not systemd-escape'd)")
+
+
+def cmd_apply(args) -> None:
+    from ..backends import bpf
+    from ..cli import _cache, _emit, _pin_root
+
+    entry = policy_entry(args.unit, _policy_dir(args))
+    program = entry.program()
+    result = bpf.load(_pin_root(args), args.unit, program, entry.params, entry.sets, entry.mode, _cache(args))
+    directions = [d for d in bpf.DIRECTIONS if getattr(program, d) is not None]
+    lines = [f"applied {entry.name} ({entry.where}) to {args.unit} [{entry.mode}]"]
+    lines += [f"  {d}: {result.path}/{d}" for d in directions]
+    if result.replaced:
+        lines.append(f"  replaced in place on {len(result.replaced)} attachment(s)")
+    _emit(args, {"unit": args.unit, "entry": entry.name, "file": entry.file, "line": entry.line,
+                 "mode": entry.mode, "path": result.path,
+                 "pins": {d: f"{result.path}/{d}" for d in directions},
+                 "replaced": [{"cgroup": c, "direction": d} for c, d in result.replaced]},
+          "\n".join(lines))
+
+
+def cmd_dropin(args) -> None:
+    from ..backends import bpf
+    from ..cli import _pin_root
+    from ..policy import DEFAULT_POLICY_DIR
+
+    unit = args.unit
+    dropin.section(unit)  # refuse units that cannot have one before anything else
+    path = dropin.dropin_path(args.unit_dir, unit)
+    loader_path = dropin.dropin_path(args.unit_dir, dropin.loader_unit(unit))
+    if args.remove:
+        removed = [p for p in (path, loader_path) if dropin.remove(p)]
+        print(f"removed {', '.join(removed)}" if removed else f"no bpfwall drop-in for {unit} ({path})")
+        if removed:
+            _reload(args)
+        return
+    if args.directions:
+        directions = dropin.parse_directions(args.directions)
+    else:
+        entry = policy_entry(unit, _policy_dir(args))
+        directions = tuple(d for d in bpf.DIRECTIONS if getattr(entry, d) is not None)
+    pin_root = _pin_root(args)
+    files = {path: dropin.render(unit, {d: bpf.prog_path(pin_root, unit, d) for d in directions})}
+    env = {}
+    if pin_root != bpf.DEFAULT_PIN_ROOT:
+        env["BPFWALL_PIN_ROOT"] = pin_root
+    if _policy_dir(args) != DEFAULT_POLICY_DIR:
+        env["BPFWALL_POLICY_DIR"] = os.path.abspath(_policy_dir(args))
+    if env:  # the loader must pin where the drop-in looks, from the same policy
+        files[loader_path] = dropin.render_loader_env(env)
+    if args.dry_run:
+        print("\n".join(f"# {p}\n{text}" for p, text in files.items()), end="")
+        return
+    changed = [p for p, text in files.items() if dropin.write(p, text)]
+    if not env:
+        dropin.remove(loader_path)  # an earlier non-default pin root no longer applies
+    print(f"wrote {', '.join(changed)}" if changed else f"{path} is up to date")
+    if changed:
+        _reload(args)
+
+
+def _reload(args) -> None:
+    if not dropin.systemd_running() or args.no_reload:
+        print("run `systemctl daemon-reload` for systemd to see it")
+        return
+    proc = subprocess.run(["systemctl", "daemon-reload"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"systemctl daemon-reload failed: {(proc.stderr.strip() or '?').splitlines()[0]}")
+    print("systemd reloaded (systemctl daemon-reload)")
+
+
+def cmd_run(args) -> None:
+    from .. import run
+    from ..cli import UsageError, _cache, _param_values, _pin_root, _program, _set_values
+
+    if args.ingress is None and args.egress is None:
+        raise UsageError("run: give --ingress EXPR, --egress EXPR or both")
+    program = _program(args, args.ingress, args.egress)
+    params, sets = _param_values(args), _set_values(args, program)
+    status = run.run(args.command, program, params, sets, args.mode, name=args.name,
+                     pin_root=_pin_root(args), cache=_cache(args))
+    raise SystemExit(status)

@@ -1,0 +1,172 @@
+"""Drop-ins that hand a unit's pinned filters to systemd (IPIngressFilterPath=).
+
+`bpfwall dropin nginx.service` writes /etc/systemd/system/nginx.service.d/bpfwall.conf:
+
+    [Unit]
+    Requires=bpfwall@nginx.service.service
+    After=bpfwall@nginx.service.service
+
+    [Service]
+    IPIngressFilterPath=/sys/fs/bpf/bpfwall/nginx+service/ingress
+
+The loader instance is `bpfwall@` + the unit name verbatim + `.service`; the
+template passes `%i` (the instance as written, never unescaped) to
+`bpfwall apply`. Do not build it with `systemd-escape --template`: that turns
+`-` into `\\x2d`, and `%i` would then name a different unit.
+
+The section holding IP*FilterPath= is the unit type's own ([Service],
+[Socket], …); only the types with resource control have one.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+from . import unitkey
+from .errors import UserError
+
+DEFAULT_UNIT_DIR = "/etc/systemd/system"
+DROPIN_NAME = "bpfwall.conf"
+LOADER_TEMPLATE = "bpfwall@.service"
+DIRECTIONS = ("ingress", "egress")
+SETTINGS = {"ingress": "IPIngressFilterPath", "egress": "IPEgressFilterPath"}
+# Unit types with resource control (systemd.resource-control(5)) and their section.
+SECTIONS = {"service": "Service", "socket": "Socket", "mount": "Mount", "swap": "Swap",
+            "slice": "Slice", "scope": "Scope"}
+# Slices that contain the loader itself (system.slice/system-bpfwall.slice/bpfwall@….service):
+# ordering them after the loader would be a cycle.
+LOADER_SLICES = ("-.slice", "system.slice", "system-bpfwall.slice")
+
+
+class DropinError(UserError):
+    """A unit that cannot get a bpfwall drop-in; the message says why."""
+
+
+def unit_type(unit: str) -> str:
+    return unit.rsplit(".", 1)[-1] if "." in unit else ""
+
+
+def section(unit: str) -> str:
+    """The section of `unit` that takes IP*FilterPath=, after checking the unit can have one."""
+    try:
+        unitkey.validate(unit, allow_glob=False)
+    except unitkey.UnitNameError as e:
+        raise DropinError(str(e)) from None
+    kind = unit_type(unit)
+    if kind not in SECTIONS and kind not in ("target", "timer", "path", "device", "automount"):
+        raise DropinError(f"{unit!r} is not a unit name: it needs a type suffix "
+                          f"(.{', .'.join(SECTIONS)})")
+    if kind not in SECTIONS:
+        raise DropinError(f"{unit}: a .{kind} unit has no IPIngressFilterPath= (only .{', .'.join(SECTIONS)} "
+                          "units do); police the units it starts")
+    name = unit[:-len(kind) - 1]
+    if name.endswith("@"):
+        raise DropinError(f"{unit} is a template; give an instance (e.g. {name}1.{kind}): "
+                          "each instance has its own pins")
+    if unit == "bpfwall.service" or unit.startswith("bpfwall@"):
+        raise DropinError(f"{unit} is bpfwall's own unit; it cannot police itself")
+    if unit in LOADER_SLICES:
+        raise DropinError(f"{unit} contains the loader units themselves (a dependency cycle); "
+                          "let the watcher (bpfwall.service) police it")
+    loader = loader_unit(unit)
+    if len(loader) > unitkey.UNIT_NAME_MAX:
+        raise DropinError(f"{unit}: the loader unit name {loader[:40]}… would be {len(loader)} characters; "
+                          f"systemd allows at most {unitkey.UNIT_NAME_MAX}")
+    return SECTIONS[kind]
+
+
+def loader_unit(unit: str) -> str:
+    """The instance of bpfwall@.service that pins `unit`'s filters."""
+    return f"bpfwall@{unit}.service"
+
+
+def dropin_path(unit_dir: str, unit: str) -> str:
+    return os.path.join(unit_dir, f"{unit}.d", DROPIN_NAME)
+
+
+def parse_directions(text: str) -> tuple[str, ...]:
+    """`ingress,egress` → ('ingress', 'egress'), in canonical order."""
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    bad = [w for w in words if w not in DIRECTIONS]
+    if bad or not words:
+        raise DropinError(f"--directions {text!r}: give ingress, egress or ingress,egress")
+    return tuple(d for d in DIRECTIONS if d in words)
+
+
+def render(unit: str, paths: dict[str, str], loader_env: dict[str, str] | None = None) -> str:
+    """The drop-in text: order and require the loader, hand systemd each direction's pin."""
+    sect = section(unit)
+    if not paths:
+        raise DropinError(f"{unit}: no direction to filter")
+    for path in paths.values():
+        # A unit file value is one line and '%' starts a specifier.
+        if "\n" in path or "%" in path:
+            raise DropinError(f"pin path {path!r} cannot be written into a unit file")
+    loader = loader_unit(unit)
+    lines = [
+        f"# Written by `bpfwall dropin {unit}`; undo with `bpfwall dropin --remove {unit}`.",
+        f"# {loader} pins the policy's filters first; systemd attaches them",
+        "# when it creates the cgroup, and refuses to start the unit if a pin is missing.",
+        "[Unit]",
+        f"Requires={loader}",
+        f"After={loader}",
+        "",
+        f"[{sect}]",
+    ]
+    lines += [f"{SETTINGS[d]}={paths[d]}" for d in DIRECTIONS if d in paths]
+    return "\n".join(lines) + "\n"
+
+
+def render_loader_env(env: dict[str, str]) -> str:
+    """A drop-in for the loader instance: where it finds the policy and pins (non-default only)."""
+    for key, value in env.items():
+        if any(ch in value for ch in '\n"\\%$'):
+            raise DropinError(f"{key}={value!r} cannot be written into a unit file")
+    lines = ["# Written by `bpfwall dropin`: the loader uses the same pin root and policy.", "[Service]"]
+    lines += [f'Environment="{k}={v}"' for k, v in sorted(env.items())]
+    return "\n".join(lines) + "\n"
+
+
+def write(path: str, text: str) -> bool:
+    """Write atomically (a reader sees the old file or the new one); False if it was already so."""
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return False
+    except FileNotFoundError:
+        pass
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bpfwall-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return True
+
+
+def remove(path: str) -> bool:
+    """Delete the drop-in, and its .d directory if that leaves it empty; False if absent."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    try:
+        os.rmdir(os.path.dirname(path))
+    except OSError:
+        pass  # other drop-ins live there: keep it
+    return True
+
+
+def systemd_running() -> bool:
+    """systemd is PID 1 (sd_booted(3): /run/systemd/system exists)."""
+    return os.path.isdir("/run/systemd/system")

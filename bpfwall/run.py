@@ -1,0 +1,272 @@
+"""`bpfwall run`: start a command whose sockets are filtered from the first one.
+
+A cgroup_skb program filters the sockets of the cgroup it is attached to, and
+a socket belongs to the cgroup its creator was in. So the command must sit in
+a filtered cgroup before it execs. Two ways, one result:
+
+- systemd is PID 1 and systemd-run exists: pin the programs as the unit
+  `run-bpfwall-<random>.scope` and run `systemd-run --scope
+  -p IPIngressFilterPath=<pin> …`. systemd attaches the programs when it
+  creates the scope's cgroup, before the command joins it. The scope's first
+  process checks that they really are attached (systemd only warns when it
+  cannot firewall, e.g. under a seccomp filter that blocks bpf()) and only then
+  execs the command: fail closed.
+- otherwise: make a cgroup of our own below the one we run in, attach the
+  programs, and fork; the child joins the cgroup before exec.
+
+The parent waits, forwards SIGINT/SIGTERM/SIGHUP/SIGQUIT, exits with the
+command's status (128+N when a signal N ended it) and leaves nothing behind.
+On the cgroup path it waits until everything the command started has exited:
+the cgroup can only go when it is empty, and processes left in it must not
+lose their filter. On the systemd path the pins go when the command exits;
+processes still in the scope keep the attached programs until the scope ends.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+
+from . import dropin
+from .backends import bpf
+from .errors import UserError
+from .kernel import cgroup, pins
+from .kernel.errors import KernelError
+from .sandbox import own_cgroup_path
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+WATCHED = {*FORWARDED, signal.SIGCHLD}
+SI_KERNEL = 0x80  # si_code of a signal the kernel sent, e.g. ^C from the terminal
+EXIT_NOT_FOUND, EXIT_CANNOT_RUN = 127, 126  # as env(1), timeout(1), shells
+
+
+class RunError(UserError):
+    """The command could not be started with its filters; nothing was left behind."""
+
+
+def scope_name(name: str | None) -> str:
+    """The unit the command runs as: NAME(.scope), or run-bpfwall-<random>.scope."""
+    if name is None:
+        return f"run-bpfwall-{uuid.uuid4().hex[:12]}.scope"
+    unit = name if name.endswith(".scope") else f"{name}.scope"
+    if dropin.unit_type(name) not in ("", "scope") and not name.endswith(".scope"):
+        raise RunError(f"--name {name}: the command runs as a scope; give NAME or NAME.scope")
+    dropin.section(unit)  # a valid, policeable unit name
+    return unit
+
+
+def use_systemd() -> bool:
+    return dropin.systemd_running() and shutil.which("systemd-run") is not None
+
+
+def resolve_command(command: list[str]) -> str:
+    if not command:
+        raise RunError("run: give the command after --, e.g. bpfwall run --egress 'udp' -- CMD ARG…")
+    path = shutil.which(command[0])
+    if path is None:
+        raise RunError(f"{command[0]}: command not found")
+    return path
+
+
+def run(command: list[str], program, params: dict | None = None, sets: dict | None = None,
+        mode: str | None = None, *, name: str | None = None, pin_root: str = bpf.DEFAULT_PIN_ROOT,
+        cache=None, systemd: bool | None = None) -> int:
+    """Run `command` with `program` on its cgroup; its exit status."""
+    unit = scope_name(name)
+    resolve_command(command)
+    if os.path.isdir(bpf.unit_dir(pin_root, unit)):
+        raise RunError(f"{unit} is loaded already (pins at {bpf.unit_dir(pin_root, unit)}); choose another --name")
+    systemd = use_systemd() if systemd is None else systemd
+    # Signals wait until the child can take them, and cleanup is never cut short.
+    with _signals_held():
+        bpf.load(pin_root, unit, program, params, sets, mode, cache)
+        try:
+            if systemd:
+                return _run_scope(command, pin_root, unit)
+            return _run_in_cgroup(command, pin_root, unit)
+        finally:
+            _cleanup(pin_root, unit, detach=not systemd)
+
+
+# -- the systemd way ------------------------------------------------------------
+
+def _run_scope(command: list[str], pin_root: str, unit: str) -> int:
+    with bpf.PinnedUnit.open(pin_root, unit) as u:
+        expected = u.prog_ids()
+    argv = ["systemd-run", "--scope", "--quiet", f"--unit={unit}"]
+    argv += [f"-p{dropin.SETTINGS[d]}={bpf.prog_path(pin_root, unit, d)}" for d in expected]
+    argv += ["--", *_verify_argv(unit, expected), *command]
+    return _supervise(argv, None)
+
+
+def _verify_argv(unit: str, expected: dict[str, int]) -> list[str]:
+    """The scope's first process: this Python, checking its cgroup, then exec'ing the command."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+            "from bpfwall.run import verify_and_exec; verify_and_exec(sys.argv[2:])")
+    return [sys.executable, "-I", "-c", code, package_parent, unit, json.dumps(expected), "--"]
+
+
+def verify_and_exec(args: list[str]) -> None:
+    """[unit, {direction: program id}, '--', CMD…]: exec CMD if our cgroup runs those programs."""
+    unit, expected, command = args[0], json.loads(args[1]), args[3:]
+    here = own_cgroup_path()
+    missing = [d for d, prog_id in expected.items() if prog_id not in cgroup.query(here, d)[1]]
+    if missing:
+        print(f"bpfwall: error: systemd did not attach the {' and '.join(missing)} filter of {unit} to "
+              f"{here} (is BPF firewalling supported? see `journalctl -b | grep -i bpf`); "
+              "the command was not started", file=sys.stderr)
+        sys.exit(EXIT_CANNOT_RUN)
+    try:
+        os.execvp(command[0], command)
+    except OSError as e:
+        print(f"bpfwall: error: {command[0]}: {e.strerror}", file=sys.stderr)
+        sys.exit(EXIT_NOT_FOUND if isinstance(e, FileNotFoundError) else EXIT_CANNOT_RUN)
+
+
+def _cleanup(pin_root: str, unit: str, detach: bool) -> None:
+    """Remove the unit's pins. On the systemd path the programs stay where systemd attached
+    them: processes the command left in the scope keep their filter until the scope ends
+    and the kernel frees the programs. Our own cgroup is gone by now: detach and unload."""
+    if detach:
+        try:
+            bpf.unload(pin_root, unit)
+            return
+        except (bpf.BackendError, KernelError) as e:
+            print(f"bpfwall: warning: unloading {unit}: {e}; removing its pins", file=sys.stderr)
+    path = bpf.unit_dir(pin_root, unit)
+    try:
+        for entry in os.listdir(path):
+            pins.unpin(os.path.join(path, entry))
+        os.rmdir(path)
+    except (OSError, KernelError) as e:
+        print(f"bpfwall: warning: cannot remove the pins of {unit} at {path}: {e}", file=sys.stderr)
+
+
+# -- a cgroup of our own ----------------------------------------------------------
+
+def _run_in_cgroup(command: list[str], pin_root: str, unit: str) -> int:
+    path = os.path.join(own_cgroup_path(), unit)
+    try:
+        os.mkdir(path)
+    except OSError as e:
+        raise RunError(f"cannot create cgroup {path}: {e.strerror}") from None
+    try:
+        bpf.attach(pin_root, unit, path)
+        status = _supervise(command, path)
+        _wait_empty(path)
+        return status
+    finally:
+        _remove_cgroup(path)
+
+
+def _join(path: str) -> None:
+    with open(os.path.join(path, "cgroup.procs"), "w") as f:
+        f.write("0")
+
+
+def _procs(path: str) -> list[int]:
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return [int(x) for x in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _populated(path: str) -> bool:
+    with open(os.path.join(path, "cgroup.events")) as f:
+        return any(line.split() == ["populated", "1"] for line in f)
+
+
+def _wait_empty(path: str) -> None:
+    """Wait for what the command left running; forward signals to all of it."""
+    while _populated(path):
+        info = signal.sigtimedwait(WATCHED, 0.2)
+        if info is not None and info.si_signo != signal.SIGCHLD:
+            for pid in _procs(path):
+                _kill(pid, info.si_signo)
+
+
+def _remove_cgroup(path: str) -> None:
+    # A failed start can leave our forked child behind for a moment: wait for the kernel.
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise RunError(f"cannot remove cgroup {path}: {e.strerror}") from None
+            time.sleep(0.02)
+
+
+# -- supervising the child --------------------------------------------------------
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@contextmanager
+def _signals_held():
+    """Block the forwarded signals and SIGCHLD (we take them with sigwaitinfo); on the way
+    out, drop the ones still pending: they were meant for a child that is gone."""
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)
+    try:
+        yield
+    finally:
+        while pending := signal.sigpending() & WATCHED:
+            signal.sigtimedwait(pending, 0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def _supervise(argv: list[str], cgroup_path: str | None) -> int:
+    """Start argv (joining cgroup_path first, if given), forward signals, return its status."""
+    early = signal.sigpending() & set(FORWARDED)
+    if early:  # interrupted while loading: do not start the command at all
+        sig = min(early)
+        signal.sigtimedwait({sig}, 0)
+        return 128 + sig
+    child_mask = signal.pthread_sigmask(signal.SIG_BLOCK, ()) - WATCHED
+
+    def in_child():
+        signal.pthread_sigmask(signal.SIG_SETMASK, child_mask)
+        if cgroup_path is not None:
+            _join(cgroup_path)
+
+    try:
+        child = subprocess.Popen(argv, preexec_fn=in_child)
+    except OSError as e:
+        raise RunError(f"{argv[0]}: {e.strerror}") from None
+    try:
+        while child.poll() is None:
+            info = signal.sigwaitinfo(WATCHED)
+            if info.si_signo == signal.SIGCHLD:
+                continue
+            # ^C at the terminal reaches the whole foreground group, the child too.
+            if info.si_code == SI_KERNEL and _same_group(child.pid):
+                continue
+            _kill(child.pid, info.si_signo)
+    except BaseException:
+        _kill(child.pid, signal.SIGKILL)
+        child.wait()
+        raise
+    code = child.returncode
+    return 128 - code if code < 0 else code
+
+
+def _same_group(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == os.getpgrp()
+    except ProcessLookupError:
+        return False
