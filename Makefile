@@ -13,7 +13,7 @@ BPFNAME ?= bpfwall-filter
 DIRECTION ?= ingress
 export FILTER BPFNAME DIRECTION
 
-.PHONY: setup apt venv bpffs demo test test-unit bench load unload clean
+.PHONY: setup apt venv bpffs demo test test-unit bench load unload clean install uninstall
 
 setup: apt venv bpffs
 
@@ -61,6 +61,63 @@ load: venv bpffs
 unload: venv
 	-$(BPFWALL) unload "$$BPFNAME"
 	rm -f "/sys/fs/bpf/$$BPFNAME"
+
+# make install [DESTDIR=/tmp/stage] [PREFIX=/usr/local]: the package into $(PREFIX)/lib/bpfwall
+# (run by Debian's /usr/bin/python3, which sees python3-pyelftools/-nftables/-systemd; no venv,
+# so the tree is relocatable), bpf/port_filter.c inside the package where build.source_dir()
+# finds it, the launcher $(PREFIX)/bin/bpfwall, the units, and the examples. The example policy
+# goes to /etc/bpfwall as 50-example.toml.example: only *.toml files are read, so nothing is
+# policed until you copy it to a .toml name. `make uninstall` removes it all but your policy.
+PREFIX ?= /usr/local
+SYSCONFDIR ?= /etc
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+LIBDIR := $(PREFIX)/lib/bpfwall
+DOCDIR := $(PREFIX)/share/doc/bpfwall
+define LAUNCHER
+#!/usr/bin/python3 -I
+# bpfwall, installed by `make install`: the package lives in ../lib/bpfwall beside this file.
+import os, sys
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "lib", "bpfwall"))
+from bpfwall.cli import main
+sys.exit(main())
+endef
+export LAUNCHER
+
+install: venv
+	rm -rf "$(DESTDIR)$(LIBDIR)"
+	@# pip builds in the source tree it is given: give it a copy, not the shared checkout.
+	stage=$$(mktemp -d) && cp -r pyproject.toml README.md bpfwall "$$stage" && \
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation --no-compile \
+		--target "$(DESTDIR)$(LIBDIR)" "$$stage"; rc=$$?; rm -rf "$$stage"; exit $$rc
+	rm -rf "$(DESTDIR)$(LIBDIR)/bin"
+	install -D -m 0644 bpf/port_filter.c "$(DESTDIR)$(LIBDIR)/bpfwall/bpf/port_filter.c"
+	/usr/bin/python3 -m compileall -q -d "$(LIBDIR)" "$(DESTDIR)$(LIBDIR)" >/dev/null
+	install -d "$(DESTDIR)$(PREFIX)/bin"
+	printf '%s\n' "$$LAUNCHER" > "$(DESTDIR)$(PREFIX)/bin/bpfwall"
+	chmod 0755 "$(DESTDIR)$(PREFIX)/bin/bpfwall"
+	install -d "$(DESTDIR)$(UNITDIR)"
+	for u in bpfwall.service bpfwall@.service; do \
+		sed -e 's|/usr/local/bin/bpfwall|$(PREFIX)/bin/bpfwall|g' -e 's|/usr/local/share/doc/bpfwall|$(DOCDIR)|g' \
+			"units/$$u" > "$(DESTDIR)$(UNITDIR)/$$u" && chmod 0644 "$(DESTDIR)$(UNITDIR)/$$u"; done
+	install -d "$(DESTDIR)$(DOCDIR)/examples/policy" "$(DESTDIR)$(DOCDIR)/examples/units/nginx.service.d"
+	install -m 0644 README.md "$(DESTDIR)$(DOCDIR)/README.md"
+	install -m 0644 examples/policy/*.toml "$(DESTDIR)$(DOCDIR)/examples/policy/"
+	install -m 0644 units/examples/nginx.service "$(DESTDIR)$(DOCDIR)/examples/units/"
+	install -m 0644 units/examples/nginx.service.d/bpfwall.conf "$(DESTDIR)$(DOCDIR)/examples/units/nginx.service.d/"
+	install -d -m 0755 "$(DESTDIR)$(SYSCONFDIR)/bpfwall"
+	for f in examples/policy/*.toml; do \
+		t="$(DESTDIR)$(SYSCONFDIR)/bpfwall/$$(basename "$$f").example"; \
+		[ -e "$$t" ] || install -m 0644 "$$f" "$$t"; done
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed $(PREFIX)/bin/bpfwall; units in $(UNITDIR); policy in $(SYSCONFDIR)/bpfwall"
+
+uninstall:
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl disable --now bpfwall.service || true; fi
+	rm -rf "$(DESTDIR)$(LIBDIR)" "$(DESTDIR)$(DOCDIR)"
+	rm -f "$(DESTDIR)$(PREFIX)/bin/bpfwall" "$(DESTDIR)$(UNITDIR)/bpfwall.service" "$(DESTDIR)$(UNITDIR)/bpfwall@.service"
+	for f in examples/policy/*.toml; do rm -f "$(DESTDIR)$(SYSCONFDIR)/bpfwall/$$(basename "$$f").example"; done
+	-rmdir "$(DESTDIR)$(SYSCONFDIR)/bpfwall" 2>/dev/null
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
