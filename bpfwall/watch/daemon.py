@@ -63,7 +63,7 @@ class Watcher:
         self.wd_of: dict[str, int] = {}    # cgroup path → inotify wd
         self.attached: dict[str, str] = {}  # cgroup path → entry name whose programs it carries
         self.inotify: ino.Inotify | None = None
-        self._status = None
+        self._sent_status = None
 
     # -- helpers --------------------------------------------------------------
 
@@ -73,11 +73,14 @@ class Watcher:
     def _index_programs(self) -> None:
         self.owner = {pid: (name, d) for name, h in self.units.items() for d, pid in h.ids.items()}
 
+    @property
+    def status(self) -> str:
+        return f"policing {len(self.units)} units on {len(self.attached)} cgroups"
+
     def update_status(self) -> None:
-        status = f"policing {len(self.units)} units on {len(self.attached)} cgroups"
-        if status != self._status:
-            self._status = status
-            self.notifier.status(status)
+        status = self.status
+        if status != self._sent_status and self.notifier.status(status):
+            self._sent_status = status  # sent; an update that found no room is retried next time
 
     # -- units ----------------------------------------------------------------
 
@@ -262,13 +265,13 @@ class Watcher:
             self.apply_policy(policy)
         except Exception as e:  # noqa: BLE001 — any reason to refuse keeps the old policy running
             self.log.warning("reload", f"{e}; keeping the running policy")
-            self.notifier.ready(self._status)
+            self.notifier.ready(self.status)
             return
         self.reconcile()
         self.unload_removed()
         self.update_status()
-        self.log.info("reload", f"policy reloaded: {self._status}")
-        self.notifier.ready(self._status)
+        self.log.info("reload", f"policy reloaded: {self.status}")
+        self.notifier.ready(self.status)
 
     # -- life cycle -----------------------------------------------------------
 
@@ -282,7 +285,7 @@ class Watcher:
         self.reconcile()
         self.unload_removed()
         self.update_status()
-        self.log.info("start", f"{self._status} under {self.root}")
+        self.log.info("start", f"{self.status} under {self.root}")
 
     def run(self) -> int:
         """The event loop; returns the exit status when a stop signal arrives."""
@@ -292,7 +295,7 @@ class Watcher:
         poller = select.poll()
         poller.register(self.inotify.fd, select.POLLIN)
         poller.register(rfd, select.POLLIN)
-        self.notifier.ready(self._status)
+        self.notifier.ready(self.status)
         try:
             while True:
                 for fd, _ in poller.poll():

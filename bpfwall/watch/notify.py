@@ -10,6 +10,7 @@ import os
 import socket
 import time
 
+SEND_TIMEOUT = 2.0  # seconds a state change (READY, RELOADING, STOPPING) may wait for room
 
 def _address(value: str) -> str | bytes:
     if value.startswith("@"):
@@ -26,24 +27,31 @@ class Notifier:
     def enabled(self) -> bool:
         return bool(self.path) and self.path[0] in "/@"
 
-    def send(self, *assignments: str) -> bool:
-        """Send 'KEY=VALUE' lines in one datagram; False when there is no one to tell."""
+    def send(self, *assignments: str, wait: float = SEND_TIMEOUT) -> bool:
+        """Send 'KEY=VALUE' lines in one datagram; False when there is no one to tell.
+
+        A datagram socket blocks the sender while the receiver's queue is full (10
+        datagrams by default), so a slow manager could stall the event loop: a send
+        waits at most `wait` seconds (0: not at all) and is then given up.
+        """
         if not self.enabled:
             return False
         if self._sock is None:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         message = "\n".join(assignments).encode()
         try:
+            self._sock.settimeout(wait if wait > 0 else 0.0)  # 0.0: non-blocking
             self._sock.sendto(message, _address(self.path))
         except OSError:
-            return False  # the manager went away; the daemon keeps working without it
+            return False  # full, or the manager went away: the daemon keeps working without it
         return True
 
     def ready(self, status: str | None = None) -> bool:
         return self.send("READY=1", *([f"STATUS={status}"] if status else []))
 
     def status(self, status: str) -> bool:
-        return self.send(f"STATUS={status}")
+        """Advisory and frequent: never waits (a later update carries the news)."""
+        return self.send(f"STATUS={status}", wait=0)
 
     def reloading(self) -> bool:
         # MONOTONIC_USEC lets Type=notify-reload tell this reload from an older one.
