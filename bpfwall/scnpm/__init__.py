@@ -1,0 +1,350 @@
+"""`bpfwall import-scnpm`: scnpm comment rules → an equivalent bpfwall policy file.
+
+systemd-cgroup-nftables-policy-manager ("scnpm") reads comment lines of an
+nftables.conf such as
+
+    # postfix.service :: add rule inet filter output \\
+    #   socket cgroupv2 level 2 "system.slice/postfix.service" tcp dport 25 accept
+
+and adds the rule whenever the unit (re)starts. The importer turns each unit's
+rules into one `[units."postfix.service"]` entry:
+
+* direction: the hook of the rule's chain, read from the file's chain
+  declarations (a chain without a hook takes the hook of the chains that jump
+  to it); `input` → ingress, `output` → egress. `--hook CHAIN=input|output`
+  settles chains the file does not declare; a chain named input or output is
+  taken at its word when nothing declares it.
+* order: the rules keep their order and the first one that matches decides,
+  as in nft. A packet no rule matches gets the default: the policy of the base
+  chain (nft's default, accept, when none is declared) or `--default`. The
+  default is written into the output, never left implicit.
+* `socket cgroupv2 level N "PATH"` becomes `cgroup = "PATH"` (its last
+  component must be the unit); every other match is translated as described in
+  translate.py, or the rule is reported with the reason it cannot be.
+
+The output is checked with the policy checker before it is printed, so what
+the importer prints passes `bpfwall policy check`.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from .. import unitkey
+from ..errors import UserError
+from ..lang.checker import analyze_pair
+from ..lang.errors import LangError
+from ..policy.match import UNIT_SUFFIXES
+from ..policy.schema import check_document
+from .ruleset import FAMILIES, Ruleset, ScnpmRule, scnpm_rules, tokenize
+from .translate import Translation, Untranslatable, address_element, translate
+
+DIRECTION_OF_HOOK = {"input": "ingress", "output": "egress"}
+
+
+class ScnpmError(UserError):
+    """The file cannot be imported at all (unreadable, no scnpm rules, bad option)."""
+
+
+@dataclass
+class Problem:
+    file: str
+    line: int
+    text: str    # the rule as written (after "add rule")
+    why: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+    def as_dict(self) -> dict:
+        return {"file": self.file, "line": self.line, "rule": self.text, "why": self.why}
+
+
+@dataclass
+class _Direction:
+    chain: str                   # "inet filter output"
+    default: str                 # "accept" | "drop"
+    why_default: str
+    how: str                     # how the hook was found
+    rules: list = field(default_factory=list)   # (ScnpmRule, Translation)
+
+
+@dataclass
+class _Unit:
+    name: str
+    cgroup: str | None = None
+    cgroup_line: int = 0
+    directions: dict = field(default_factory=dict)   # "ingress"/"egress" -> _Direction
+    notes: dict = field(default_factory=dict)        # message -> lines it applies to
+    set_kinds: dict = field(default_factory=dict)    # bpfwall set name -> (kind, nft name)
+    left_out: list = field(default_factory=list)     # lines of rules not translated
+    lines: list = field(default_factory=list)        # (line, text) of every rule, for comments
+
+
+@dataclass
+class ImportResult:
+    toml: str
+    problems: list[Problem]
+    units: list[dict]
+
+    def as_dict(self) -> dict:
+        return {"toml": self.toml, "units": self.units, "problems": [p.as_dict() for p in self.problems]}
+
+
+def import_file(path: str, default: str | None = None, hooks: list[str] | tuple = ()) -> ImportResult:
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as e:
+        raise ScnpmError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ScnpmError(f"{path}: not UTF-8 text") from None
+    return import_text(text, "<stdin>" if path == "-" else path, default, hooks)
+
+
+def parse_hooks(hooks) -> dict[str, str]:
+    out = {}
+    for item in hooks:
+        chain, eq, hook = item.partition("=")
+        if not eq or not chain or hook not in DIRECTION_OF_HOOK:
+            raise ScnpmError(f"--hook {item}: write CHAIN=input or CHAIN=output")
+        out[chain] = hook
+    return out
+
+
+def import_text(text: str, file: str = "<stdin>", default: str | None = None,
+                hooks: list[str] | tuple = ()) -> ImportResult:
+    if default not in (None, "accept", "drop"):
+        raise ScnpmError(f"--default {default}: accept or drop")
+    hook_of = parse_hooks(hooks)
+    rules, broken = scnpm_rules(text)
+    if not rules and not broken:
+        raise ScnpmError(f"{file}: no scnpm rules in it (comment lines '# UNIT :: add rule FAMILY TABLE CHAIN …')")
+    ruleset = Ruleset(text)
+    problems = [Problem(file, line, "", why) for line, why in broken]
+    units: dict[str, _Unit] = {}
+    for rule in rules:
+        unit = units.setdefault(rule.unit, _Unit(rule.unit))
+        unit.lines.append((rule.line, rule.text))
+        try:
+            _add_rule(unit, rule, ruleset, hook_of, default)
+        except Untranslatable as e:
+            problems.append(Problem(file, rule.line, rule.text, str(e)))
+            unit.left_out.append(rule.line)
+    rendered, summaries = [], []
+    for unit in units.values():
+        block, summary, why = _render_unit(unit, ruleset, file)
+        if why is not None:
+            problems.append(Problem(file, unit.lines[0][0], unit.lines[0][1], why))
+        if block is not None:
+            rendered.append(block)
+            summaries.append(summary)
+    problems.sort(key=lambda p: p.line)
+    toml = _header(file, problems) + "\n".join(rendered)
+    errors = check_document(f"{file} (imported)", toml).errors
+    if errors:  # a bug in the importer: say so rather than print a policy that does not check
+        problems += [Problem(file, 0, "", f"internal error, the imported policy does not check: {e}") for e in errors]
+    return ImportResult(toml, problems, summaries)
+
+
+# -- one rule -----------------------------------------------------------------
+
+def _add_rule(unit: _Unit, rule: ScnpmRule, ruleset: Ruleset, hook_of: dict, default: str | None) -> None:
+    try:
+        unitkey.validate(unit.name, allow_glob=False)
+    except unitkey.UnitNameError as e:
+        raise Untranslatable(str(e)) from None
+    if not unit.name.endswith(UNIT_SUFFIXES):
+        raise Untranslatable(f"{unit.name} has no cgroup of its own that bpfwall polices "
+                             f"(units ending in {', '.join(UNIT_SUFFIXES)})")
+    words = tokenize(rule.text)
+    words = [w for w in words if w != "\n"]
+    if words[:1] == ["insert"]:
+        raise Untranslatable("insert puts the rule before the others; only 'add rule' keeps a known order")
+    if len(words) < 3 or words[0] not in FAMILIES:
+        raise Untranslatable("expected FAMILY TABLE CHAIN after '::' (e.g. inet filter output)")
+    family, table, chain = words[:3]
+    direction, info = _direction(ruleset, family, table, chain, hook_of, default)
+    translation = translate(words[3:], family, ruleset.defines)
+    _check_cgroup(unit, rule, translation)
+    current = unit.directions.setdefault(direction, info)
+    if current.chain != info.chain:
+        raise Untranslatable(f"{unit.name} already has {direction} rules in chain {current.chain}; the order "
+                             f"of rules in two chains ({info.chain}) is not known")
+    for name, (kind, nft_name) in translation.sets.items():
+        if unit.set_kinds.setdefault(name, (kind, nft_name)) != (kind, nft_name):
+            raise Untranslatable(f"set @{nft_name} is used as two kinds of set, or two sets share the name @{name}")
+        _set_elements(ruleset, family, table, nft_name, kind)  # refuse elements bpfwall cannot hold, now
+    current.rules.append((rule, translation))
+    for note in translation.notes:
+        unit.notes.setdefault(note, []).append(rule.line)
+    if translation.verdict is None:
+        unit.notes.setdefault("no verdict, so the rule decides nothing (left out)", []).append(rule.line)
+
+
+def _direction(ruleset: Ruleset, family: str, table: str, chain: str, hook_of: dict,
+               default: str | None) -> tuple[str, _Direction]:
+    where = f"{family} {table} {chain}"
+    bases = ruleset.base_chains_reaching(family, table, chain)
+    if chain in hook_of:
+        hook, how = hook_of[chain], f"--hook {chain}={hook_of[chain]}"
+    elif bases:
+        hooks = sorted({ruleset.chain(family, table, b).hook for b in bases})
+        if len(hooks) > 1:
+            raise Untranslatable(f"chain {where} is reached from chains on hooks {' and '.join(hooks)}; "
+                                 f"give --hook {chain}=input or --hook {chain}=output")
+        hook = hooks[0]
+        how = f"hook {hook}" if bases == [chain] else f"reached from {', '.join(bases)}, hook {hook}"
+    elif chain in DIRECTION_OF_HOOK and ruleset.chain(family, table, chain) is None:
+        hook, how = chain, "not declared in the file; taken by its name"
+    else:
+        raise Untranslatable(f"cannot tell which hook chain {where} is on (the file declares no base chain "
+                             f"that reaches it); give --hook {chain}=input or --hook {chain}=output")
+    if hook not in DIRECTION_OF_HOOK:
+        raise Untranslatable(f"chain {where} is on hook {hook}; a unit's own traffic is seen on the "
+                             "input and output hooks only")
+    if default is not None:
+        verdict, why = default, "--default"
+    else:
+        declared = {b: ruleset.chain(family, table, b).policy for b in bases}
+        drops = [b for b, policy in declared.items() if policy == "drop"]
+        if drops:
+            verdict, why = "drop", f"policy drop of {family} {table} {drops[0]}"
+        elif any(declared.values()):
+            verdict, why = "accept", f"policy accept of {family} {table} {next(b for b in bases if declared[b])}"
+        else:
+            verdict, why = "accept", "no chain policy declared: nft accepts"
+    return DIRECTION_OF_HOOK[hook], _Direction(where, verdict, why, how)
+
+
+def _check_cgroup(unit: _Unit, rule: ScnpmRule, translation: Translation) -> None:
+    if translation.cgroup is None:
+        unit.notes.setdefault("no socket cgroupv2 match; translated as the unit's own traffic", []).append(rule.line)
+        return
+    level, path = translation.cgroup
+    path = path.strip("/")
+    parts = path.split("/")
+    if level != len(parts):
+        raise Untranslatable(f"socket cgroupv2 level {level} with a path of {len(parts)} components never matches")
+    if parts[-1] != unit.name:
+        raise Untranslatable(f"the cgroup {path} is not the unit's own ({unit.name}); bpfwall attaches a unit's "
+                             "filter to the unit's cgroup")
+    if unit.cgroup is not None and unit.cgroup != path:
+        raise Untranslatable(f"{unit.name} already has rules for cgroup {unit.cgroup} (line {unit.cgroup_line})")
+    unit.cgroup, unit.cgroup_line = path, rule.line
+
+
+def _set_elements(ruleset: Ruleset, family: str, table: str, nft_name: str, kind: str) -> list[str] | None:
+    """The declared elements of a named set in bpfwall's notation; None if the file does not declare it."""
+    words = ruleset.sets.get((family, table, nft_name))
+    if words is None:
+        return None
+    out = []
+    for word in words:
+        if kind == "address":
+            out += [str(n) for n in address_element(word.strip('"'), None)]
+        else:
+            lo, dash, hi = word.partition("-")
+            out.append(f"{lo}..{hi}" if dash else word)
+    return out
+
+
+# -- one unit's entry ---------------------------------------------------------
+
+def _first_match(rules: list, default: str) -> str:
+    """Rules in order, the first match decides; `default` when none matches."""
+    expr = "true" if default == "accept" else "false"
+    for _, t in reversed(rules):
+        if t.verdict is None:
+            continue
+        cond = t.condition
+        if t.verdict == "accept":
+            expr = "true" if expr == "true" or cond == "true" else cond if expr == "false" else f"({cond}) || ({expr})"
+        else:
+            expr = "false" if expr == "false" or cond == "true" else f"!({cond})" if expr == "true" \
+                else f"!({cond}) && ({expr})"
+    return expr
+
+
+def _render_unit(unit: _Unit, ruleset: Ruleset, file: str) -> tuple[str | None, dict | None, str | None]:
+    """The TOML block of a unit, its summary, and why it has no block (if it has none)."""
+    expressions, sets, comments = {}, {}, []
+    for line, text in unit.lines:
+        mark = "  (NOT TRANSLATED)" if line in unit.left_out else ""
+        comments.append(f"# {file}:{line}: {text}{mark}")
+    for direction in ("ingress", "egress"):
+        d = unit.directions.get(direction)
+        if d is None:
+            continue
+        comments.append(f"# {direction}: chain {d.chain} ({d.how}); no rule matches → {d.default} ({d.why_default})")
+        expressions[direction] = _first_match(d.rules, d.default)
+        for rule, t in d.rules:
+            family, table = d.chain.split()[:2]
+            for name, (kind, nft_name) in t.sets.items():
+                elements = _set_elements(ruleset, family, table, nft_name, kind)
+                if elements is None:
+                    elements = []
+                    unit.notes.setdefault(f"set @{name} (nft set {nft_name}) has no elements in the file: "
+                                          f"fill it with bpfwall set {unit.name} @{name}=…", [])
+                sets[name] = elements
+        if expressions[direction] == "true":
+            unit.notes.setdefault(f"every {direction} packet passes: no rule drops what the default accepts "
+                                  "(--default drop makes the accept rules a whitelist)", [])
+    for note, at in unit.notes.items():
+        where = "" if not at else f"line{'s' if len(at) > 1 else ''} {', '.join(map(str, at))}: "
+        comments.append(f"# note: {where}{note}")
+    if not expressions:
+        return None, None, None
+    try:
+        checked = analyze_pair(expressions.get("ingress"), expressions.get("egress"))
+    except LangError as e:
+        return None, None, f"the translated rules of {unit.name} do not check: {e}"
+    lines = comments + [f"[units.{_toml_str(unit.name)}]"]
+    if unit.cgroup and "/" in unit.cgroup:
+        lines.append(f"cgroup = {_toml_str(unit.cgroup)}")
+    summary = {"name": unit.name, "cgroup": unit.cgroup, "sets": sets}
+    for direction, c in zip(("ingress", "egress"), checked):
+        if c is not None:
+            lines.append(f"{direction} = {_toml_expression(c.text)}")
+            summary[direction] = c.text
+            summary[direction + "_default"] = unit.directions[direction].default
+    if sets:
+        lines.append("sets = { " + ", ".join(f"{name} = [{', '.join(_toml_str(e) for e in elements)}]"
+                                            for name, elements in sets.items()) + " }")
+    summary["left_out"] = unit.left_out
+    return "\n".join(lines) + "\n", summary, None
+
+
+def _header(file: str, problems: list[Problem]) -> str:
+    lines = [f"# bpfwall policy imported from {file} (scnpm rules) by bpfwall import-scnpm.",
+             "# Each unit's rules keep their order: the first rule that matches a packet decides;",
+             "# a packet that no rule matches gets the default stated for its direction."]
+    if problems:
+        lines += ["#", "# Not translated:"] + [f"#   {p.where}: {p.why}" for p in problems]
+    return "\n".join(lines) + "\n\n"
+
+
+def _toml_expression(text: str, width: int = 90) -> str:
+    """A short expression on one line; a long one as a multi-line string, one alternative (||) a line."""
+    if len(text) <= width:
+        return _toml_str(text)
+    parts, depth, start = [], 0, 0
+    for k, ch in enumerate(text):
+        depth += ch in "({"
+        depth -= ch in ")}"
+        if depth == 0 and text.startswith(" || ", k):
+            parts.append(text[start:k])
+            start = k + 4
+    parts.append(text[start:])
+    return '"""\n    ' + "\n    || ".join(parts) + '\n"""'
+
+
+def _toml_str(text: str) -> str:
+    """A TOML basic string (the escapes JSON uses are valid TOML escapes)."""
+    import json
+
+    return json.dumps(text, ensure_ascii=False)

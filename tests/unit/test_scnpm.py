@@ -1,0 +1,396 @@
+"""import-scnpm: scnpm comment rules → bpfwall policy; first-match order, defaults, what cannot be translated."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import textwrap
+import tomllib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bpfwall import cli
+from bpfwall.lang.checker import analyze
+from bpfwall.lang.evaluator import evaluate
+from bpfwall.lang.packet import parse_packet
+from bpfwall.policy import load_policy
+from bpfwall.policy.schema import check_document
+from bpfwall.scnpm import ScnpmError, import_text
+from bpfwall.scnpm.ruleset import Ruleset, scnpm_rules
+from tests.strategies import packets
+
+# The example of systemd-cgroup-nftables-policy-manager's README, with the chain declared.
+README = """
+table inet filter {
+  chain output {
+    type filter hook output priority 0;
+    oifname my-vpn jump vpn.whitelist
+    oifname my-vpn reject with icmpx type admin-prohibited
+  }
+  chain vpn.whitelist {
+  }
+}
+
+## Allow connections to/from vpn for system postfix.service
+# postfix.service :: add rule inet filter vpn.whitelist \\
+#   socket cgroupv2 level 2 "system.slice/postfix.service" tcp dport 25 accept
+
+## Allow connections to/from vpn for a scope unit running under "systemd --user"
+# app-mail.scope :: add rule inet filter vpn.whitelist socket cgroupv2 level 5 \\
+#   "user.slice/user-1000.slice/user@1000.service/app.slice/app-mail.scope" \\
+#   tcp dport {25, 143} accept
+"""
+
+
+def imported(text: str, **kw):
+    result = import_text(textwrap.dedent(text), "nft.conf", **kw)
+    assert check_document("out.toml", result.toml).errors == []  # every output passes the policy checker
+    units = tomllib.loads(result.toml).get("units", {})
+    for body in units.values():  # long expressions are written over several lines
+        for direction in ("ingress", "egress"):
+            if direction in body:
+                body[direction] = analyze(body[direction]).text
+    return result, units
+
+
+def problems(text: str, **kw) -> list[str]:
+    return [f"{p.line}: {p.why}" for p in imported(text, **kw)[0].problems]
+
+
+def test_readme_example_with_a_whitelist_default():
+    result, units = imported(README, default="drop")
+    assert result.problems == []
+    assert units == {
+        "postfix.service": {"cgroup": "system.slice/postfix.service", "egress": "tcp && dst_port == 25"},
+        "app-mail.scope": {"cgroup": "user.slice/user-1000.slice/user@1000.service/app.slice/app-mail.scope",
+                           "egress": "tcp && dst_port in {25, 143}"},
+    }
+    assert "# egress: chain inet filter vpn.whitelist (reached from output, hook output); " \
+           "no rule matches → drop (--default)" in result.toml
+    assert "# nft.conf:13: inet filter vpn.whitelist socket cgroupv2 level 2 \"system.slice/postfix.service\" " \
+           "tcp dport 25 accept" in result.toml
+
+
+def test_readme_example_keeps_nft_default_and_says_so():
+    result, units = imported(README)
+    assert units["postfix.service"]["egress"] == "true"
+    assert "no rule matches → accept (no chain policy declared: nft accepts)" in result.toml
+    assert "# note: every egress packet passes: no rule drops what the default accepts " \
+           "(--default drop makes the accept rules a whitelist)" in result.toml
+
+
+def test_chain_policy_is_the_default_and_rule_order_decides():
+    _, units = imported("""
+        table inet fw {
+          chain in { type filter hook input priority 0; policy drop; }
+          chain out { type filter hook output priority 0; policy accept; }
+        }
+        # web.service :: add rule inet fw in tcp dport { http, https } accept
+        # web.service :: add rule inet fw in ip saddr 10.0.0.0/8 drop
+        # web.service :: add rule inet fw in ip saddr 10.0.0.0/8 tcp dport 22 accept
+        # web.service :: add rule inet fw out ip daddr 192.168.0.0/16 drop
+        # web.service :: add rule inet fw out udp dport 53 accept
+    """)
+    assert units["web.service"] == {
+        # the third rule can never decide (the second drops all of 10/8 first), and says so by its shape
+        "ingress": "tcp && dst_port in {80, 443} || !(ip && saddr in 10.0.0.0/8) && "
+                   "ip && saddr in 10.0.0.0/8 && tcp && dst_port == 22",
+        "egress": "!(ip && daddr in 192.168.0.0/16)",
+    }
+
+
+def test_flat_commands_named_sets_defines_and_families():
+    result, units = imported("""
+        add table ip6 t6
+        add chain ip6 t6 out { type filter hook output priority 0 ; policy drop ; }
+        add set ip6 t6 peers { type ipv6_addr ; flags interval ; }
+        add element ip6 t6 peers { 2001:db8::/32, fd00::1 }
+        add table ip t4
+        add chain ip t4 in { type filter hook input priority 0 ; }
+        add chain ip t4 helper
+        add rule ip t4 in jump helper
+        define ports = { 22, 8000-8100 }
+        # a.service :: add rule ip6 t6 out ip6 daddr @peers accept
+        # a.service :: add rule ip6 t6 out icmpv6 type { echo-request, nd-neighbor-solicit } accept
+        # b.service :: add rule ip t4 helper tcp dport $ports counter log prefix "b " accept
+        # b.service :: add rule ip t4 helper ip saddr 10.0.0.1-10.0.0.6 reject with tcp reset
+        # b.service :: add rule ip t4 helper meta l4proto icmp icmp type != echo-request accept
+        # b.service :: add rule ip t4 helper tcp dport < 1024 meta length <= 1500 accept
+    """, default="drop")
+    assert result.problems == []
+    assert units["a.service"] == {
+        "egress": "ipv6 && daddr in @peers || ipv6 && icmp && icmp_type in {128, 135}",
+        "sets": {"peers": ["2001:db8::/32", "fd00::1/128"]},
+    }
+    ingress = units["b.service"]["ingress"]
+    assert "dst_port in {22, 8000..8100}" in ingress
+    assert "!(ip && saddr in {10.0.0.1, 10.0.0.2/31, 10.0.0.4/31, 10.0.0.6})" in ingress
+    assert "ip && icmp && ip && icmp && !icmp_type == 8" in ingress and "len <= 1500" in ingress
+    assert "reject became drop: bpfwall drops without an ICMP error or TCP reset" in result.toml
+    assert "(reached from in, hook input)" in result.toml
+
+
+def test_named_set_without_elements_is_empty_and_noted():
+    result, units = imported("""
+        # a.service :: add rule inet f output ip daddr @my-hosts accept
+        # a.service :: add rule inet f output tcp dport @my-hosts accept
+    """, default="drop")
+    assert [f"{p.line}: {p.why}" for p in result.problems] == [
+        "3: set @my-hosts is used as two kinds of set, or two sets share the name @my_hosts"]
+    assert units == {"a.service": {"egress": "ip && daddr in @my_hosts", "sets": {"my_hosts": []}}}
+    result, units = imported("# a.service :: add rule inet f output ip daddr @my-hosts accept\n", default="drop")
+    assert units["a.service"] == {"egress": "ip && daddr in @my_hosts", "sets": {"my_hosts": []}}
+    assert "set @my_hosts (nft set my-hosts) has no elements in the file: fill it with " \
+           "bpfwall set a.service @my_hosts=…" in result.toml
+
+
+def test_hook_option_and_chain_names():
+    assert problems("# a.service :: add rule inet f whitelist tcp dport 1 accept\n") == [
+        "1: cannot tell which hook chain inet f whitelist is on (the file declares no base chain that reaches it); "
+        "give --hook whitelist=input or --hook whitelist=output"]
+    _, units = imported("# a.service :: add rule inet f whitelist tcp dport 1 accept\n",
+                        hooks=["whitelist=input"], default="drop")
+    assert units["a.service"] == {"ingress": "tcp && dst_port == 1"}
+    result, units = imported("# a.service :: add rule inet f output tcp dport 1 accept\n", default="drop")
+    assert units["a.service"] == {"egress": "tcp && dst_port == 1"}
+    assert "(not declared in the file; taken by its name)" in result.toml
+    with pytest.raises(ScnpmError, match="--hook x=forward: write CHAIN=input or CHAIN=output"):
+        import_text("# a.service :: add rule inet f x accept\n", hooks=["x=forward"])
+
+
+@pytest.mark.parametrize("rule, why", [
+    ("inet f input ct state established accept",
+     "ct (connection tracking) is not in bpfwall's language: it judges each packet on its own"),
+    ("inet f input iifname lo accept", "interfaces (iifname) are not in bpfwall's language"),
+    ("inet f input meta mark 1 accept", "packet marks are not in bpfwall's language"),
+    ("inet f input th dport 53 accept",
+     "th (any transport header) is not in bpfwall's language; write tcp dport … or udp dport …"),
+    ("inet f input tcp flags syn accept", "TCP flags and options are not in bpfwall's language"),
+    ("inet f input jump other", "jump/goto to other chains has no bpfwall counterpart"),
+    ("inet f input meta l4proto sctp accept", "protocol sctp: bpfwall knows tcp, udp, icmp and icmpv6 only"),
+    ("inet f input ip6 nexthdr tcp accept",
+     "ip6 nexthdr is the first next header; bpfwall matches the final one (write meta l4proto)"),
+    ("inet f input ip saddr . tcp dport { 10.0.0.1 . 22 } accept",
+     "concatenations (a . b) are not in bpfwall's language"),
+    ("inet f input ip saddr $nope accept", "$nope is not defined in the file"),
+    ("inet f input ip saddr example.com accept", "'example.com' is not an address, a network or an address range"),
+    ("inet f input ip saddr fd00::1 accept", "fd00::1 is an IPv6 address in an ip match"),
+    ("inet f input ip saddr < 10.0.0.1 accept", "addresses have no order in bpfwall's language"),
+    ("inet f input tcp dport nosuchservice accept", "'nosuchservice' is not a value bpfwall knows"),
+    ("inet f input tcp dport 70000 accept", "70000 is out of range (0..65535)"),
+    ("inet f input tcp dport 90-80 accept", "empty range 90-80"),
+    ("inet f input accept tcp", "'tcp' after the verdict"),
+    ("inet f input tcp dport", "the rule ends too early"),
+    ("inet f input limit rate 10/second accept", "rate limits are not in bpfwall's language"),
+    ("bridge f input accept", "family bridge: bpfwall filters IP traffic of sockets (ip, ip6, inet tables)"),
+    ("inet f forward accept", "chain inet f forward is on hook forward; a unit's own traffic is seen on the "
+                              "input and output hooks only"),
+    ("filter input accept", "expected FAMILY TABLE CHAIN after '::' (e.g. inet filter output)"),
+    ('inet f input socket cgroupv2 level 3 "system.slice/a.service" accept',
+     "socket cgroupv2 level 3 with a path of 2 components never matches"),
+    ('inet f input socket cgroupv2 level 1 "system.slice" accept',
+     "the cgroup system.slice is not the unit's own (a.service); bpfwall attaches a unit's filter to the "
+     "unit's cgroup"),
+])
+def test_untranslatable_rules_say_why(rule, why):
+    decl = "table inet f { chain forward { type filter hook forward priority 0; } }\n"
+    assert problems(decl + f"# a.service :: add rule {rule}\n") == [f"2: {why}"]
+
+
+def test_problems_in_context():
+    text = """
+        # a.service :: add rule inet f input tcp dport 1 accept
+        # a.service :: add rule inet f in2 tcp dport 2 accept
+        # a.service :: add rule inet f input socket cgroupv2 level 2 "system.slice/a.service" accept
+        # a.service :: add rule inet f input socket cgroupv2 level 2 "other.slice/a.service" accept
+        # x.target :: add rule inet f input accept
+        # a.service :: insert rule inet f input accept
+        # b.service :: add rule inet f input \\
+        not a comment
+    """
+    assert problems(text, hooks=["in2=input"]) == [
+        "3: a.service already has ingress rules in chain inet f input; the order of rules in two chains "
+        "(inet f in2) is not known",
+        "5: a.service already has rules for cgroup system.slice/a.service (line 4)",
+        "6: x.target has no cgroup of its own that bpfwall polices (units ending in .service, .scope, .slice, "
+        ".socket, .mount, .swap)",
+        "7: insert puts the rule before the others; only 'add rule' keeps a known order",
+        "8: the rule ends in '\\' but the next line is not a comment that continues it",
+    ]
+
+
+def test_rules_left_out_are_marked():
+    result, units = imported("""
+        # a.service :: add rule inet f input tcp dport 22 accept
+        # a.service :: add rule inet f input ct state new drop
+    """, default="drop")
+    assert units["a.service"] == {"ingress": "tcp && dst_port == 22"}
+    assert "# nft.conf:3: inet f input ct state new drop  (NOT TRANSLATED)" in result.toml
+    assert "#   nft.conf:3: ct (connection tracking) is not in bpfwall's language" in result.toml
+
+
+def test_no_scnpm_rules_is_an_error():
+    with pytest.raises(ScnpmError, match=r"x.conf: no scnpm rules in it"):
+        import_text("table inet f { }\n# just a comment\n", "x.conf")
+
+
+def test_scnpm_comment_format():
+    rules, broken = scnpm_rules(textwrap.dedent("""
+        ## a plain comment :: with colons
+        # a.service :: add rule inet f input accept
+        ### b.scope ::   inet f output \\
+        ##   tcp dport 1 \\
+        #   accept
+        # c.slice :: add inet f input drop
+        #not-a-rule.service:: add rule x
+    """))
+    assert broken == []
+    assert [(r.line, r.unit, r.text) for r in rules] == [
+        (3, "a.service", "inet f input accept"),
+        (4, "b.scope", "inet f output tcp dport 1 accept"),
+        (7, "c.slice", "inet f input drop"),
+    ]
+
+
+def test_ruleset_reader():
+    rs = Ruleset(textwrap.dedent("""
+        table inet f {   # a comment { with braces
+          map m { type ipv4_addr : verdict; elements = { 10.0.0.1 : jump a } }
+          chain input { type filter hook input priority filter; policy drop;
+            tcp dport { 22,
+                        80 } jump a
+          }
+          chain a { goto b; }
+          chain b { }
+          set s { type inet_service; elements = { 22, 80-90, } }
+        }
+        add chain inet f out { type filter hook output priority 0; }
+    """))
+    assert rs.chain("inet", "f", "input").hook == "input" and rs.chain("inet", "f", "input").policy == "drop"
+    assert rs.chain("inet", "f", "input").jumps == {"a"} and rs.chain("inet", "f", "a").jumps == {"b"}
+    assert rs.base_chains_reaching("inet", "f", "b") == ["input"]
+    assert rs.base_chains_reaching("inet", "f", "out") == ["out"]
+    assert rs.sets[("inet", "f", "s")] == ["22", "80-90"]
+
+
+# -- the translation means what the rules mean --------------------------------
+
+_V4 = ["10.0.0.0/8", "10.0.0.1", "192.168.0.0/16", "127.0.0.0/8"]
+_V6 = ["2001:db8::/32", "::1", "fe80::/10"]
+_PORTS = [22, 53, 80, 443, 1024]
+
+
+def _in_ports(value, spec):
+    return any(lo <= value <= hi for lo, hi in spec)
+
+
+@st.composite
+def nft_match(draw):
+    """(nft text, predicate over PacketFields) for one match nft and bpfwall both know."""
+    kind = draw(st.sampled_from(["port", "ports", "addr", "proto", "icmp", "nfproto", "length", "counter"]))
+    if kind in ("port", "ports"):
+        proto, key = draw(st.sampled_from(["tcp", "udp"])), draw(st.sampled_from(["sport", "dport"]))
+        attr = "src_port" if key == "sport" else "dst_port"
+        if kind == "port":
+            op, n = draw(st.sampled_from(["", "!= ", "< ", ">= "])), draw(st.sampled_from(_PORTS))
+            test = {"": int.__eq__, "!= ": int.__ne__, "< ": int.__lt__, ">= ": int.__ge__}[op]
+            return f"{proto} {key} {op}{n}", lambda f: getattr(f, proto) and test(getattr(f, attr), n)
+        spans = draw(st.lists(st.tuples(st.sampled_from(_PORTS), st.integers(0, 500)), min_size=1, max_size=3))
+        spans = [(lo, min(lo + w, 65535)) for lo, w in spans]
+        neg = draw(st.booleans())
+        text = "{ " + ", ".join(f"{lo}-{hi}" if hi > lo else str(lo) for lo, hi in spans) + " }"
+        return (f"{proto} {key} {'!= ' if neg else ''}{text}",
+                lambda f: getattr(f, proto) and _in_ports(getattr(f, attr), spans) != neg)
+    if kind == "addr":
+        v6 = draw(st.booleans())
+        nets = draw(st.lists(st.sampled_from(_V6 if v6 else _V4), min_size=1, max_size=2, unique=True))
+        key, neg = draw(st.sampled_from(["saddr", "daddr"])), draw(st.booleans())
+        value = nets[0] if len(nets) == 1 else "{ " + ", ".join(nets) + " }"
+        networks = [ipaddress.ip_network(n) for n in nets]
+        family = 6 if v6 else 4
+        return (f"{'ip6' if v6 else 'ip'} {key} {'!= ' if neg else ''}{value}",
+                lambda f: f.family == family and any(getattr(f, key) in n for n in networks) != neg)
+    if kind == "proto":
+        names = draw(st.lists(st.sampled_from(["tcp", "udp", "icmp", "ipv6-icmp"]), min_size=1, max_size=2,
+                              unique=True))
+        ok = {"tcp": lambda f: f.tcp, "udp": lambda f: f.udp, "icmp": lambda f: f.family == 4 and f.proto == 1,
+              "ipv6-icmp": lambda f: f.family == 6 and f.proto == 58}
+        value = names[0] if len(names) == 1 else "{ " + ", ".join(names) + " }"
+        return f"meta l4proto {value}", lambda f: any(ok[n](f) for n in names)
+    if kind == "icmp":
+        v6 = draw(st.booleans())
+        name, number = draw(st.sampled_from([("echo-request", 128), ("echo-reply", 129)] if v6 else
+                                            [("echo-request", 8), ("echo-reply", 0), ("time-exceeded", 11)]))
+        return (f"{'icmpv6' if v6 else 'icmp'} type {name}",
+                lambda f: f.family == (6 if v6 else 4) and f.icmp and f.icmp_type == number)
+    if kind == "nfproto":
+        v6 = draw(st.booleans())
+        return f"meta nfproto {'ipv6' if v6 else 'ipv4'}", lambda f: f.family == (6 if v6 else 4)
+    if kind == "length":
+        n = draw(st.sampled_from([40, 60, 100]))
+        return f"meta length > {n}", lambda f: f.length > n
+    return "counter", lambda f: True
+
+
+@st.composite
+def rule_lists(draw):
+    rules = []
+    for _ in range(draw(st.integers(1, 5))):
+        matches = draw(st.lists(nft_match(), max_size=3))
+        verdict = draw(st.sampled_from(["accept", "drop", "reject"]))
+        rules.append((" ".join(m for m, _ in matches) + " " + verdict, [p for _, p in matches],
+                      verdict == "accept"))
+    return rules
+
+
+@settings(max_examples=150, deadline=None)
+@given(rule_lists(), st.sampled_from(["accept", "drop"]), st.lists(packets(), min_size=8, max_size=8))
+def test_first_matching_rule_decides_like_nft(rules, policy, raw_packets):
+    text = f"table inet f {{ chain input {{ type filter hook input priority 0; policy {policy}; }} }}\n"
+    text += "".join(f"# a.service :: add rule inet f input {r}\n" for r, _, _ in rules)
+    result, units = imported(text)
+    assert result.problems == []
+    expr = analyze(units["a.service"]["ingress"]).expr
+    for data in raw_packets:
+        fields = parse_packet(data)
+        expected = policy == "accept"
+        for _, predicates, accept in rules:
+            if all(p(fields) for p in predicates):
+                expected = accept
+                break
+        assert evaluate(expr, fields, "ingress", {}, {}) == expected, (text, fields)
+
+
+# -- the command --------------------------------------------------------------
+
+def run(capsys, *argv):
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:  # commands that report several errors exit by themselves
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_exit_status_and_partial(tmp_path, capsys):
+    conf = tmp_path / "nftables.conf"
+    conf.write_text(README + "# postfix.service :: add rule inet filter vpn.whitelist ct state new accept\n")
+    code, out, err = run(capsys, "import-scnpm", str(conf), "--default", "drop")
+    assert code == 2
+    assert err == f"{conf}:20: cannot translate: ct (connection tracking) is not in bpfwall's language: " \
+                  "it judges each packet on its own\n"
+    policy_file = tmp_path / "imported.toml"
+    policy_file.write_text(out)
+    assert [e.name for e in load_policy(files=[str(policy_file)]).entries] == ["postfix.service", "app-mail.scope"]
+    code, out2, _ = run(capsys, "import-scnpm", str(conf), "--default", "drop", "--partial")
+    assert (code, out2) == (0, out)
+    code, out, _ = run(capsys, "import-scnpm", str(conf), "--json", "--partial")
+    data = json.loads(out)
+    assert code == 0 and data["problems"][0]["line"] == 20 and "[units.\"postfix.service\"]" in data["toml"]
+    assert data["units"][1]["name"] == "app-mail.scope" and data["units"][1]["egress_default"] == "accept"
+
+
+def test_cli_errors(tmp_path, capsys):
+    code, _, err = run(capsys, "import-scnpm", str(tmp_path / "missing.conf"))
+    assert code == 2 and err == f"bpfwall: error: {tmp_path}/missing.conf: cannot read: No such file or directory\n"
