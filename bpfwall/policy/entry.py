@@ -33,6 +33,10 @@ class Entry:
     # The checked expressions, kept from validation so program() does not parse twice.
     checked: tuple = field(default=(None, None), compare=False, repr=False)
 
+    def __hash__(self) -> int:
+        # The generated hash would hash the dicts and fail; equal entries share name and place.
+        return hash((self.name, self.file, self.line))
+
     @property
     def where(self) -> str:
         return f"{self.file}:{self.line}"

@@ -554,3 +554,9 @@ def test_locator_on_generated_documents(doc):
     lines = key_lines(text)
     for path, line in expect.items():
         assert lines.get(path) == line, (path, text)
+
+
+def test_entries_are_hashable_and_compare_by_value(tmp_path):
+    file = write(tmp_path, "a.toml", FINGERPRINTED)
+    first, second = load_policy(files=[file]).entries[0], load_policy(files=[file]).entries[0]
+    assert first == second and hash(first) == hash(second) and len({first, second}) == 1
