@@ -17,6 +17,8 @@ Facts this relies on (this host has no systemd and hybrid cgroups):
   --register=no --keep-unit keep nspawn from asking a host systemd for a scope.
 - nspawn's seccomp filter blocks bpf(2) unless --system-call-filter=bpf; without
   it systemd inside reports no BPF firewall and ignores IP*FilterPath=.
+- nspawn's default capability set lacks CAP_BPF and CAP_PERFMON, which
+  bpfwall.service keeps (and needs: without CAP_SYS_ADMIN, bpf(2) wants them).
 - The container's PID 1 is a direct child of nspawn; signals reach it through a
   pidfd, so a recycled PID is never hit. SIGRTMIN+4 asks it to power off.
 - Files are written through the overlay's merged directory on the host, so units
@@ -146,6 +148,7 @@ class Container:
     def _launch(self) -> None:
         cmd = ["systemd-nspawn", "--quiet", "-D", str(self.merged), "--boot", f"--machine={self.name}",
                "--register=no", "--keep-unit", "--private-network", "--system-call-filter=bpf",
+               "--capability=CAP_BPF,CAP_PERFMON",
                "--console=read-only",
                f"--bind={self.bpffs_dir}:{BPFFS}", f"--bind-ro={self.repo}:{REPO_MOUNT}"]
         env = {"PATH": PATH, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}
@@ -264,12 +267,16 @@ class Container:
 
     # -- running things inside ---------------------------------------------------
 
+    def _nsenter(self, args: list[str], timeout: float) -> list[str]:
+        if not self.leader:
+            raise ContainerError("the container is not running")
+        # timeout(1) signals its whole process group, so nsenter's forked child dies with it.
+        return ["timeout", "-k", "3", str(int(timeout)), "nsenter", "-t", str(self.leader), "-a", "--", *args]
+
     def exec(self, args: list[str], timeout: float = 60, input: str | None = None, check: bool = False,
              env: dict | None = None) -> subprocess.CompletedProcess:
         """Run a command in all of the container's namespaces (as root, in no unit)."""
-        if not self.leader:
-            raise ContainerError("the container is not running")
-        cmd = ["timeout", "-k", "3", str(int(timeout)), "nsenter", "-t", str(self.leader), "-a", "--", *args]
+        cmd = self._nsenter(args, timeout)
         try:
             proc = subprocess.run(cmd, input=input, capture_output=True, text=True,
                                   env={**INSIDE_ENV, **(env or {})}, timeout=timeout + 10)
@@ -278,6 +285,12 @@ class Container:
         if check and proc.returncode != 0:
             raise ExecError(args, proc)
         return proc
+
+    def popen(self, args: list[str], timeout: float = 60) -> subprocess.Popen:
+        """Start a command inside and return at once (stdout/stderr piped, text); it is killed
+        after `timeout` seconds at the latest."""
+        return subprocess.Popen(self._nsenter(args, timeout), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True, env=INSIDE_ENV)
 
     def sh(self, script: str, **kw) -> subprocess.CompletedProcess:
         return self.exec(["sh", "-c", script], **kw)
@@ -296,6 +309,13 @@ class Container:
 
     def systemd_run(self, *args: str, **kw) -> subprocess.CompletedProcess:
         return self.exec(["systemd-run", "--quiet", *args], **kw)
+
+    def user_systemctl(self, user: str, *args: str, **kw) -> subprocess.CompletedProcess:
+        """systemctl --user of USER's manager (`-M USER@` needs systemd-machined, which nspawn
+        --register=no does not give): as the user, on the manager's private socket."""
+        uid = self.exec(["id", "-u", user], check=True).stdout.strip()
+        return self.exec(["runuser", "-u", user, "--", "env", f"XDG_RUNTIME_DIR=/run/user/{uid}",
+                          "systemctl", "--user", "--no-pager", *args], **kw)
 
     def bpfwall(self, *args: str, **kw) -> subprocess.CompletedProcess:
         return self.exec(["bpfwall", *args], **kw)
@@ -339,8 +359,8 @@ class Container:
         if user is None:
             rel = self.show(unit, "ControlGroup")["ControlGroup"]
         else:
-            rel = self.exec(["systemctl", f"--machine={user}@.host", "--user", "show", unit,
-                             "--property=ControlGroup", "--value"], check=True).stdout.strip()
+            rel = self.user_systemctl(user, "show", unit, "--property=ControlGroup", "--value",
+                                      check=True).stdout.strip()
         if not rel:
             raise ContainerError(f"{unit} has no cgroup (not running?)")
         return os.path.join(self.payload_cgroup, rel.lstrip("/"))

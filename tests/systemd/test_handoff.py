@@ -11,10 +11,11 @@ import os
 
 import pytest
 
-from bpfwall.kernel import cgroup, pins, progs
+from bpfwall.kernel import cgroup
+from tests.systemd import services
 from tests.systemd.services import (
-    SENDER, STATE_DIR, bpfwall_stats, install_counter, install_unit, loader_unit, packets, receiver_state,
-    receiver_unit, send_udp, unique, wait_counts,
+    SENDER, STATE_DIR, bpfwall_stats, host_pin, install_counter, install_unit, loader_unit, packets,
+    pinned_prog_id, receiver_state, receiver_unit, send_udp, unique, wait_counts,
 )
 
 pytestmark = pytest.mark.kernel
@@ -29,17 +30,8 @@ def c(container):
     return container
 
 
-def pinned_prog_id(c, pin: str) -> int:
-    """The id of the program pinned at `pin` inside the container, read from the host."""
-    fd = pins.get(os.path.join(c.bpffs_dir, os.path.relpath(pin, "/sys/fs/bpf")))
-    try:
-        return progs.prog_info(fd).id
-    finally:
-        os.close(fd)
-
-
 def pin_path(c, unit: str, direction: str) -> str:
-    path = c.bpfwall("path", unit, direction, check=True).stdout.strip()
+    path = services.pin_path(c, unit, direction)
     assert path.startswith("/sys/fs/bpf/bpfwall/") and "." not in os.path.basename(os.path.dirname(path))
     return path
 
@@ -141,7 +133,7 @@ def test_egress_filter_path_limits_what_a_service_sends(c):
 def test_stopping_the_loader_stops_the_service_and_removes_the_pins(c):
     svc, loader, pin = filtered_receiver(c, [5301], "udp && local_port == 5301")
     c.systemctl("start", svc, check=True)
-    host_dir = os.path.join(c.bpffs_dir, os.path.relpath(os.path.dirname(pin), "/sys/fs/bpf"))
+    host_dir = os.path.dirname(host_pin(c, pin))
     assert os.path.isdir(host_dir)
     c.systemctl("stop", loader, check=True)
     assert c.show(svc, "ActiveState")["ActiveState"] == "inactive"  # Requires= took it down
