@@ -17,17 +17,18 @@ import os
 import select
 import signal
 
+from ..backends.bpf import BackendError
 from ..kernel.errors import KernelError
 from . import inotify as ino
-from .log import Log
+from .log import DEBUG, INFO, Log
 from .notify import Notifier
 from .state import Owned, State, WatchError
 from .units import BpfUnits, UnitHandle, is_gone
 
 # cgroupfs (kernfs) sends no IN_DELETE_SELF on rmdir, and a watch pins the removed
 # directory's inode, so removals are taken from the parent's IN_DELETE and the
-# child's watch is dropped by hand.
-WATCH_MASK = ino.IN_CREATE | ino.IN_DELETE | ino.IN_ONLYDIR | ino.IN_DELETE_SELF | ino.IN_MOVED_TO
+# child's watch is dropped by hand. No IN_MOVED_*: cgroup2 refuses rename(2) (EPERM).
+WATCH_MASK = ino.IN_CREATE | ino.IN_DELETE | ino.IN_ONLYDIR | ino.IN_DELETE_SELF
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -64,6 +65,7 @@ class Watcher:
         self.attached: dict[str, str] = {}  # cgroup path → entry name whose programs it carries
         self.inotify: ino.Inotify | None = None
         self._sent_status = None
+        self._signals: tuple[int, int, dict, int] | None = None  # pipe fds, previous handlers, wakeup fd
 
     # -- helpers --------------------------------------------------------------
 
@@ -105,9 +107,9 @@ class Watcher:
             self.units[entry.name] = handle
             self.state.units[entry.name] = Owned(handle.fingerprint, self.backend.backend, dict(handle.ids))
             self.state.write()
-            if how != "reused":
-                self.log.info("load", f"{entry.name}: {how} ({', '.join(handle.progs) or 'no programs'})",
-                              unit=entry.name, direction=",".join(handle.progs), file=entry.where)
+            self.log.event("load", f"{entry.name}: {how} ({', '.join(handle.progs) or 'no programs'})",
+                           DEBUG if how == "reused" else INFO,
+                           unit=entry.name, direction=",".join(handle.progs), file=entry.where)
         self.policy = policy
         self._index_programs()
 
@@ -118,7 +120,7 @@ class Watcher:
             handle = self.units.pop(name, None)
             try:
                 detached = self.backend.unload(name)
-            except KernelError as e:
+            except (KernelError, BackendError) as e:
                 self.log.error("unload", f"{name}: {e}", unit=name)
                 if handle is not None:
                     self.units[name] = handle
@@ -238,8 +240,8 @@ class Watcher:
     def handle(self, events: list[ino.Event]) -> None:
         full = False
         for ev in events:
-            if ev.mask & ino.IN_Q_OVERFLOW or ev.mask & ino.IN_MOVED_TO:
-                full = True  # lost events, or a renamed cgroup (stale paths below it)
+            if ev.mask & ino.IN_Q_OVERFLOW:
+                full = True  # events were lost: look at everything
             elif ev.mask & ino.IN_CREATE and ev.mask & ino.IN_ISDIR:
                 parent = self.watches.get(ev.wd)
                 if parent is not None:
@@ -254,7 +256,7 @@ class Watcher:
                     del self.wd_of[path]
                     self.attached.pop(path, None)
         if full:
-            self.log.info("reconcile", "full rescan (inotify queue overflow or a renamed cgroup)")
+            self.log.warning("reconcile", "inotify queue overflowed: full rescan")
             self.reconcile()
         self.update_status()
 
@@ -281,43 +283,53 @@ class Watcher:
         self.state.read()
         if not once:
             self.inotify = ino.Inotify()
+            self._catch_signals()  # from here on a SIGHUP or SIGTERM waits for the loop
         self.apply_policy(policy)
         self.reconcile()
         self.unload_removed()
         self.update_status()
         self.log.info("start", f"{self.status} under {self.root}")
 
-    def run(self) -> int:
-        """The event loop; returns the exit status when a stop signal arrives."""
+    def _catch_signals(self) -> None:
+        """Signals become bytes on a pipe (signal.set_wakeup_fd), read by the poll loop."""
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         previous = {s: signal.signal(s, _note) for s in (signal.SIGHUP, *STOP_SIGNALS)}
-        old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+        self._signals = (rfd, wfd, previous, signal.set_wakeup_fd(wfd, warn_on_full_buffer=False))
+
+    def _release_signals(self) -> None:
+        if self._signals is None:
+            return
+        rfd, wfd, previous, old_wakeup = self._signals
+        signal.set_wakeup_fd(old_wakeup)
+        for s, h in previous.items():
+            signal.signal(s, h)
+        os.close(rfd)
+        os.close(wfd)
+        self._signals = None
+
+    def run(self) -> int:
+        """The event loop; returns the exit status when a stop signal arrives."""
+        rfd = self._signals[0]
         poller = select.poll()
         poller.register(self.inotify.fd, select.POLLIN)
         poller.register(rfd, select.POLLIN)
         self.notifier.ready(self.status)
-        try:
-            while True:
-                for fd, _ in poller.poll():
-                    if fd == rfd:
-                        for signum in _drain(rfd):
-                            if signum in STOP_SIGNALS:
-                                self.notifier.stopping()
-                                self.log.info("stop", f"{signal.Signals(signum).name}: leaving every "
-                                                      "filter attached and pinned")
-                                return 0
-                            if signum == signal.SIGHUP:
-                                self.reload()
-                    else:
-                        self.handle(self.inotify.read())
-        finally:
-            signal.set_wakeup_fd(old_wakeup)
-            for s, h in previous.items():
-                signal.signal(s, h)
-            os.close(rfd)
-            os.close(wfd)
+        while True:
+            for fd, _ in poller.poll():
+                if fd == rfd:
+                    for signum in _drain(rfd):
+                        if signum in STOP_SIGNALS:
+                            self.notifier.stopping()
+                            self.log.info("stop", f"{signal.Signals(signum).name}: leaving every "
+                                                  "filter attached and pinned")
+                            return 0
+                        if signum == signal.SIGHUP:
+                            self.reload()
+                else:
+                    self.handle(self.inotify.read())
 
     def close(self) -> None:
+        self._release_signals()
         for handle in self.units.values():
             handle.close()
         self.units.clear()
