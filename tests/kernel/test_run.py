@@ -177,3 +177,24 @@ def test_taken_name_is_refused(no_leaks, pin_root, tmp_path):
     assert rc == 2 and "is loaded already" in err
     assert not marker.exists()
     assert bpf.stats(pin_root, f"{name}.scope")["egress"] == "udp"  # untouched
+
+
+def test_the_scopes_first_process_execs_only_under_the_filters(no_leaks, pin_root, temp_cgroup, tmp_path):
+    """On the systemd path the command starts only if systemd really attached the programs
+    (systemd merely warns when it cannot): fail closed."""
+    from bpfwall import run
+
+    unit, marker = f"{_name()}.scope", tmp_path / "started"
+    assert _finish(_bpfwall("load", unit, "--egress", "udp"))[0] == 0
+    with bpf.PinnedUnit.open(pin_root, unit) as u:
+        argv = run._verify_argv(unit, u.prog_ids()) + ["touch", str(marker)]
+    refused = subprocess.run(argv, preexec_fn=temp_cgroup.join_in_child, capture_output=True, text=True)
+    assert refused.returncode == run.EXIT_CANNOT_RUN
+    assert f"systemd did not attach the egress filter of {unit}" in refused.stderr
+    assert not marker.exists()
+
+    bpf.attach(pin_root, unit, temp_cgroup.path)
+    started = subprocess.run(argv, preexec_fn=temp_cgroup.join_in_child, capture_output=True, text=True)
+    assert started.returncode == 0, started.stderr
+    assert marker.exists()
+    bpf.unload(pin_root, unit)
