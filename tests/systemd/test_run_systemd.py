@@ -130,6 +130,35 @@ def test_a_backslash_in_the_unit_name_reaches_bpfwall_unchanged(c):
         c.remove(file)
 
 
+@pytest.mark.parametrize("kind", ["slice", "scope"])
+def test_dropin_polices_a_slice_and_a_named_scope(c, kind):
+    """IP*FilterPath= in [Slice] reaches every unit in the slice; a transient scope started
+    with a known name picks up its drop-in too."""
+    receiver, unit = unique("sink"), unique("egress", kind)
+    file = policy(c, f'[units."{unit}"]\negress = "udp && remote_port == 5701"\n')
+    install_unit(c, receiver, receiver_unit(receiver, [5701, 5702]))
+    c.bpfwall("dropin", unit, check=True)
+    text = c.path(f"/etc/systemd/system/{unit}.d/bpfwall.conf").read_text()
+    assert f"[{kind.capitalize()}]\nIPEgressFilterPath=" in text
+    c.systemctl("start", receiver, check=True)
+    try:
+        if kind == "slice":
+            proc = c.systemd_run("--wait", "--pipe", f"--slice={unit}", "--",
+                                 "python3", RUN_SENDER, f"5701x{N}", f"5702x{N}")
+        else:
+            proc = c.systemd_run("--wait", "--pipe", "--", "systemd-run", "--scope", "--quiet",
+                                 f"--unit={unit}", "--", "python3", RUN_SENDER, f"5701x{N}", f"5702x{N}")
+        assert proc.returncode == 0, proc.stderr
+        result = sender_result(proc.stdout)
+        assert (len(result["sent"][5701]), len(result["refused"][5702])) == (N, N), proc.stdout
+        assert wait_counts(c, receiver, {5701: N}) == {5701: N, 5702: 0}
+        assert c.show(f"bpfwall@{unit}.service", "ActiveState")["ActiveState"] == "active"
+    finally:
+        c.systemctl("stop", receiver, unit, f"bpfwall@{unit}.service")
+        c.bpfwall("dropin", "--remove", unit, check=True)
+        c.remove(file)
+
+
 def test_hardened_watcher_reaches_ready_and_attaches(c):
     directory = f"/etc/bpfwall-watch-{uuid.uuid4().hex[:6]}"
     svc = unique("watched")
