@@ -34,10 +34,11 @@ from .. import unitkey
 from ..errors import UserError
 from ..lang.checker import analyze_pair
 from ..lang.errors import LangError
+from ..lang.values import SET_NUMBER_MAX
 from ..policy.match import UNIT_SUFFIXES
 from ..policy.schema import check_document
 from .ruleset import FAMILIES, Ruleset, ScnpmRule, scnpm_rules, tokenize
-from .translate import Translation, Untranslatable, address_element, translate
+from .translate import Translation, Untranslatable, address_element, any_service, number_item, translate
 
 DIRECTION_OF_HOOK = {"input": "ingress", "output": "egress"}
 
@@ -170,20 +171,28 @@ def _add_rule(unit: _Unit, rule: ScnpmRule, ruleset: Ruleset, hook_of: dict, def
     family, table, chain = words[:3]
     direction, info = _direction(ruleset, family, table, chain, hook_of, default)
     translation = translate(words[3:], family, ruleset.defines)
-    _check_cgroup(unit, rule, translation)
-    current = unit.directions.setdefault(direction, info)
+    # Every check before any change, so a rule that fails leaves no trace in the unit.
+    current = unit.directions.get(direction, info)
     if current.chain != info.chain:
         raise Untranslatable(f"{unit.name} already has {direction} rules in chain {current.chain}; the order "
                              f"of rules in two chains ({info.chain}) is not known")
+    cgroup = _rule_cgroup(unit, translation)
     for name, (kind, nft_name) in translation.sets.items():
-        if unit.set_kinds.setdefault(name, (kind, nft_name)) != (kind, nft_name):
+        if unit.set_kinds.get(name, (kind, nft_name)) != (kind, nft_name):
             raise Untranslatable(f"set @{nft_name} is used as two kinds of set, or two sets share the name @{name}")
         _set_elements(ruleset, family, table, nft_name, kind)  # refuse elements bpfwall cannot hold, now
+    unit.directions[direction] = current
     current.rules.append((rule, translation))
-    for note in translation.notes:
-        unit.notes.setdefault(note, []).append(rule.line)
+    unit.set_kinds.update(translation.sets)
+    notes = list(translation.notes)
+    if cgroup is None:
+        notes.append("no socket cgroupv2 match; translated as the unit's own traffic")
+    elif unit.cgroup is None:
+        unit.cgroup, unit.cgroup_line = cgroup, rule.line
     if translation.verdict is None:
-        unit.notes.setdefault("no verdict, so the rule decides nothing (left out)", []).append(rule.line)
+        notes.append("no verdict, so the rule decides nothing (left out)")
+    for note in notes:
+        unit.notes.setdefault(note, []).append(rule.line)
 
 
 def _direction(ruleset: Ruleset, family: str, table: str, chain: str, hook_of: dict,
@@ -221,10 +230,10 @@ def _direction(ruleset: Ruleset, family: str, table: str, chain: str, hook_of: d
     return DIRECTION_OF_HOOK[hook], _Direction(where, verdict, why, how)
 
 
-def _check_cgroup(unit: _Unit, rule: ScnpmRule, translation: Translation) -> None:
+def _rule_cgroup(unit: _Unit, translation: Translation) -> str | None:
+    """The cgroup path of the rule's `socket cgroupv2` match, checked against the unit."""
     if translation.cgroup is None:
-        unit.notes.setdefault("no socket cgroupv2 match; translated as the unit's own traffic", []).append(rule.line)
-        return
+        return None
     level, path = translation.cgroup
     path = path.strip("/")
     parts = path.split("/")
@@ -235,7 +244,7 @@ def _check_cgroup(unit: _Unit, rule: ScnpmRule, translation: Translation) -> Non
                              "filter to the unit's cgroup")
     if unit.cgroup is not None and unit.cgroup != path:
         raise Untranslatable(f"{unit.name} already has rules for cgroup {unit.cgroup} (line {unit.cgroup_line})")
-    unit.cgroup, unit.cgroup_line = path, rule.line
+    return path
 
 
 def _set_elements(ruleset: Ruleset, family: str, table: str, nft_name: str, kind: str) -> list[str] | None:
@@ -248,8 +257,7 @@ def _set_elements(ruleset: Ruleset, family: str, table: str, nft_name: str, kind
         if kind == "address":
             out += [str(n) for n in address_element(word.strip('"'), None)]
         else:
-            lo, dash, hi = word.partition("-")
-            out.append(f"{lo}..{hi}" if dash else word)
+            out.append(number_item(word, 0, SET_NUMBER_MAX, any_service))
     return out
 
 

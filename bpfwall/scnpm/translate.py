@@ -188,7 +188,7 @@ class _Rule:
             raise Untranslatable("socket matches other than 'socket cgroupv2' are not in bpfwall's language")
         if self.take() != "level":
             raise Untranslatable("expected 'socket cgroupv2 level N \"PATH\"'")
-        level = self.number(self.take(), 0, 255, "a cgroup level")
+        level = number(self.take(), 0, 255, "a cgroup level")
         op = self.op()
         path = self.take()
         if op != "==" or path.startswith(("{", "@")):
@@ -304,7 +304,7 @@ class _Rule:
             self.match(f"{field_name} in {self.named_set(self.take(), 'number')}", op, guard)
             return
         values, braced = self.values()
-        items = [self.number_item(v, lo, hi, names) for v in values]
+        items = [number_item(v, lo, hi, names) for v in values]
         if op in ("<", ">", "<=", ">="):
             if len(items) != 1 or ".." in items[0]:
                 raise Untranslatable(f"'{op}' needs one number")
@@ -316,26 +316,6 @@ class _Rule:
         else:
             condition = f"{field_name} in {{{', '.join(items)}}}"
         self.match(condition, op, guard)
-
-    def number_item(self, word: str, lo: int, hi: int, names) -> str:
-        """`80`, `0x50`, `http`, `1000-2000` → bpfwall's `80`, `1000..2000`."""
-        ends = word.split("-")
-        if len(ends) != 2 or not all(_is_number(e) for e in ends):
-            ends = [word]  # a number or a name (service names may contain '-')
-        numbers = [self.number(e, lo, hi, "a value", names) for e in ends]
-        if len(numbers) == 2:
-            if numbers[0] > numbers[1]:
-                raise Untranslatable(f"empty range {word}")
-            return f"{numbers[0]}..{numbers[1]}"
-        return str(numbers[0])
-
-    def number(self, word: str, lo: int, hi: int, what: str, names=None) -> int:
-        value = parse_number(word) if _is_number(word) else (names(word) if names else None)
-        if value is None:
-            raise Untranslatable(f"'{word}' is not {what} bpfwall knows")
-        if not lo <= value <= hi:
-            raise Untranslatable(f"{word} is out of range ({lo}..{hi})")
-        return value
 
     def addresses(self, key: str, guard: str, version: int, word: str) -> None:
         op = self.op()
@@ -356,6 +336,33 @@ class _Rule:
         else:
             condition = f"{field_name} in {{{', '.join(_show_net(n) for n in networks)}}}"
         self.match(condition, op, guard)
+
+
+def number_item(word: str, lo: int, hi: int, names=None) -> str:
+    """`80`, `0x50`, `http`, `1000-2000` → bpfwall's `80`, `80`, `80`, `1000..2000`."""
+    ends = word.split("-")
+    if len(ends) != 2 or not all(_is_number(e) for e in ends):
+        ends = [word]  # a number or a name (service names may contain '-')
+    numbers = [number(e, lo, hi, "a value", names) for e in ends]
+    if len(numbers) == 2:
+        if numbers[0] > numbers[1]:
+            raise Untranslatable(f"empty range {word}")
+        return f"{numbers[0]}..{numbers[1]}"
+    return str(numbers[0])
+
+
+def number(word: str, lo: int, hi: int, what: str, names=None) -> int:
+    value = parse_number(word) if _is_number(word) else (names(word) if names else None)
+    if value is None:
+        raise Untranslatable(f"'{word}' is not {what} bpfwall knows")
+    if not lo <= value <= hi:
+        raise Untranslatable(f"{word} is out of range ({lo}..{hi})")
+    return value
+
+
+def any_service(name: str) -> int | None:
+    """A service name of a set whose protocol is not known: TCP's number, else UDP's."""
+    return _service(name, "tcp") or _service(name, "udp")
 
 
 def address_element(word: str, version: int | None, where: str = "") -> list:

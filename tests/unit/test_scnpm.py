@@ -145,6 +145,20 @@ def test_named_set_without_elements_is_empty_and_noted():
            "bpfwall set a.service @my_hosts=…" in result.toml
 
 
+def test_declared_set_elements_are_translated():
+    result, units = imported("""
+        table inet f {
+          set ports { type inet_service; flags interval; elements = { ssh, 8000-8100, 0x50 } }
+          set bad { type ipv4_addr; elements = { example.com } }
+        }
+        # a.service :: add rule inet f input tcp dport @ports accept
+        # b.service :: add rule inet f input ip saddr @bad accept
+    """, default="drop")
+    assert units == {"a.service": {"ingress": "tcp && dst_port in @ports", "sets": {"ports": ["22", "8000..8100", "80"]}}}
+    assert [f"{p.line}: {p.why}" for p in result.problems] == [
+        "7: 'example.com' is not an address, a network or an address range"]
+
+
 def test_hook_option_and_chain_names():
     assert problems("# a.service :: add rule inet f whitelist tcp dport 1 accept\n") == [
         "1: cannot tell which hook chain inet f whitelist is on (the file declares no base chain that reaches it); "
