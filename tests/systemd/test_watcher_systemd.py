@@ -247,8 +247,9 @@ def test_sigkill_leaves_filters_enforced_and_the_restart_attaches_nothing_twice(
         wait_until(lambda: c.show("bpfwall.service", "MainPID")["MainPID"] != before["MainPID"],
                    "the watcher's main process did not die")
 
-        # Nobody watches now, and the filter still holds.
+        # Nobody watches now (systemd waits RestartSec=1s), and the filter still holds.
         assert attached(c.unit_cgroup("wkill.service")) == [prog]
+        assert c.show("bpfwall.service", "SubState")["SubState"] == "auto-restart"
         send_udp(c, {6402: N, 6401: N})
         assert wait_counts(c, "wkill.service", {6401: N}) == {6401: N, 6402: 0}
         # A cgroup made while the watcher is down (a documented gap) is attached when it is back.
