@@ -46,6 +46,20 @@ def scan(text: str) -> tuple[dict[tuple, int], dict[tuple, int]]:
     return scanner.run(), scanner.multiline
 
 
+def defined_twice(text: str, line: int) -> tuple[tuple, int] | None:
+    """For tomllib's "Cannot declare … twice" / "Cannot overwrite a value" at `line`: the key
+    defined again there and the line of its first definition (None if the scan cannot tell)."""
+    scanner = _Scanner(text)
+    try:
+        scanner.run()
+    except (ValueError, IndexError):  # the scanner expects valid TOML; this text is not
+        return None
+    found = [(path, seen[0]) for path, seen in scanner.occurrences.items() if line in seen[1:]]
+    if not found:
+        return None
+    return max(found, key=lambda f: len(f[0]))
+
+
 def line_of(lines: dict[tuple, int], path: tuple) -> int:
     """The line of `path`, or of its longest prefix that has one (1 if none)."""
     for n in range(len(path), 0, -1):
@@ -63,12 +77,17 @@ class _Scanner:
         self.lines: dict[tuple, int] = {}
         self.array_tables: dict[tuple, int] = {}
         self.multiline: dict[tuple, int] = {}
+        self.occurrences: dict[tuple, list[int]] = {}
 
     def line(self, pos: int) -> int:
         return bisect.bisect_left(self.newlines, pos) + 1
 
     def record(self, path: tuple, pos: int) -> None:
-        self.lines.setdefault(path, self.line(pos))
+        line = self.line(pos)
+        self.lines.setdefault(path, line)
+        seen = self.occurrences.setdefault(path, [])
+        if not seen or seen[-1] != line:
+            seen.append(line)
 
     def peek(self, n: int = 1) -> str:
         return self.text[self.pos:self.pos + n]

@@ -19,7 +19,7 @@ from ..lang.errors import LangError
 from ..lang.names import did_you_mean, suggestions
 from ..lang.values import PARAM_MAX, parse_set_elements
 from .entry import Entry
-from .locate import line_of, scan, syntax_error_line
+from .locate import defined_twice, line_of, scan, syntax_error_line
 from .match import UNIT_SUFFIXES
 
 TOP_KEYS = ("defaults", "units")
@@ -69,6 +69,9 @@ def check_document(file: str, text: str) -> FileResult:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         line, message = syntax_error_line(str(e), text)
+        twice = defined_twice(text, line) if message.startswith(("Cannot declare", "Cannot overwrite", "Cannot redefine")) else None
+        if twice is not None:
+            message = f"{show_path(twice[0])}: defined twice (first at line {twice[1]})"
         return FileResult([], [f"{file}:{line}: {message}"], [])
     return _File(file, data, *scan(text)).run()
 

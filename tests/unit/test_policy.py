@@ -560,3 +560,19 @@ def test_entries_are_hashable_and_compare_by_value(tmp_path):
     file = write(tmp_path, "a.toml", FINGERPRINTED)
     first, second = load_policy(files=[file]).entries[0], load_policy(files=[file]).entries[0]
     assert first == second and hash(first) == hash(second) and len({first, second}) == 1
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('[units."a.service"]\ningress = "tcp"\n\n[units."a.service"]\negress = "udp"\n',
+     'p.toml:4: units."a.service": defined twice (first at line 1)'),
+    ('[units]\n"a.service" = { ingress = "tcp" }\n"a.service" = { egress = "udp" }\n',
+     'p.toml:3: units."a.service": defined twice (first at line 2)'),
+    ('[units."a.service"]\ningress = "tcp"\ningress = "udp"\n',
+     'p.toml:3: units."a.service".ingress: defined twice (first at line 2)'),
+    ('units."a.service".ingress = "tcp"\n[units."a.service"]\negress = "udp"\n',
+     'p.toml:2: units."a.service": defined twice (first at line 1)'),
+    ('[units."a.service"]\ningress = "tcp"\n[units]\n"a.service".egress = "udp"\n',
+     'p.toml:4: units."a.service": defined twice (first at line 1)'),
+])
+def test_same_unit_twice_in_one_file(tmp_path, text, expected):
+    assert one_error(tmp_path, text) == expected
