@@ -282,7 +282,10 @@ class Watcher:
         self.state.lock()
         self.state.read()
         if not once:
-            self.inotify = ino.Inotify()
+            try:
+                self.inotify = ino.Inotify()
+            except ino.InotifyError as e:
+                raise WatchError(str(e)) from None
             self._catch_signals()  # from here on a SIGHUP or SIGTERM waits for the loop
         self.apply_policy(policy)
         self.reconcile()

@@ -211,6 +211,15 @@ def test_invalid_policy_at_start_exits_2_and_changes_nothing(daemon, policy_dir,
     assert not os.path.exists(pin_root) or bpf.units(pin_root) == []
 
 
+def test_bad_cgroup_root_is_one_error_line(daemon, policy_dir, subtree):
+    write_policy(policy_dir, unit("a.service", ingress="udp"))
+    args = daemon.args()
+    args[args.index("--cgroup-root") + 1] = os.path.join(subtree, "missing")
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("bpfwall: error: no such cgroup:") and proc.stderr.count("\n") == 1
+
+
 def test_once_reconciles_and_exits(daemon, policy_dir, pin_root, subtree):
     write_policy(policy_dir, unit("a.service", ingress="udp"))
     a = mkcg(subtree, "a.service")
