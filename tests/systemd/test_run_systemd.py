@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from bpfwall.kernel import cgroup, pins, progs
+from tests.systemd import container as ct
 from tests.systemd.services import (
     SENDER, bpfwall_stats, install_counter, install_unit, receiver_state, receiver_unit,
     send_udp, sender_result, unique, wait_counts,
@@ -215,3 +217,41 @@ def test_run_goes_through_a_systemd_scope(c):
         assert not [u for u in units if u.startswith("run-bpfwall-") or u == f"{name}.scope"]
     finally:
         c.systemctl("stop", receiver)
+
+
+class InstalledContainer(ct.Container):
+    """A container whose tree gets `make install` and an enabled bpfwall.service before it boots."""
+
+    policy = ""
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        make = subprocess.run(["make", "-s", "install", f"DESTDIR={self.merged}"], cwd=REPO,
+                              capture_output=True, text=True)
+        if make.returncode != 0:
+            raise ct.ContainerError(f"make install failed: {make.stderr.strip()}")
+        self.write("/etc/bpfwall/10-boot.toml", self.policy)
+        wants = self.path("/etc/systemd/system/sysinit.target.wants")
+        wants.mkdir(parents=True, exist_ok=True)
+        (wants / "bpfwall.service").symlink_to("/usr/local/lib/systemd/system/bpfwall.service")
+
+
+def test_installed_and_enabled_watcher_polices_from_boot(systemd_rootfs):
+    """make install + enable: at boot the watcher (the installed copy, not the repository)
+    is up before sysinit.target, with no ordering cycle, and polices what the policy names."""
+    c = InstalledContainer(systemd_rootfs, REPO)
+    c.policy = '[units."systemd-journald.service"]\negress = "true"\n'
+    c.start()
+    try:
+        assert c.show("bpfwall.service", "ActiveState")["ActiveState"] == "active", c.journal("bpfwall.service")
+        order = c.exec(["systemctl", "list-dependencies", "--after", "--plain", "sysinit.target"], check=True).stdout
+        assert "bpfwall.service" in order
+        assert "cycle" not in c.journal(None, "-b").lower()
+        main_pid = c.show("bpfwall.service", "MainPID")["MainPID"]
+        cmdline = c.exec(["cat", f"/proc/{main_pid}/cmdline"], check=True).stdout.split("\0")
+        assert cmdline[:3] == ["/usr/bin/python3", "-I", "/usr/local/bin/bpfwall"], cmdline
+        stats = json.loads(c.exec(["/usr/local/bin/bpfwall", "stats", "systemd-journald.service", "--json"],
+                                  check=True).stdout)
+        assert [a["direction"] for a in stats["attached"]] == ["egress"]
+    finally:
+        c.stop()
