@@ -198,3 +198,50 @@ def test_the_scopes_first_process_execs_only_under_the_filters(no_leaks, pin_roo
     assert started.returncode == 0, started.stderr
     assert marker.exists()
     bpf.unload(pin_root, unit)
+
+
+COUNT_SIGINT = textwrap.dedent("""
+    import signal, sys, time
+    got = []
+    signal.signal(signal.SIGINT, lambda *_: got.append(1))
+    print("ready", flush=True)
+    while len(got) < 2 and time.monotonic() < START + 20:
+        time.sleep(0.01)
+    time.sleep(0.3)  # a duplicate would arrive now
+    print("sigint", len(got), flush=True)
+""")
+
+
+def test_sigint_reaches_the_command_once_from_the_terminal_or_from_kill(no_leaks, pin_root):
+    """^C goes to the terminal's whole foreground group, so bpfwall does not forward it again;
+    a SIGINT sent to bpfwall alone is forwarded."""
+    import pty
+
+    name = _name()
+    script = "import time; START = time.monotonic()\n" + COUNT_SIGINT
+    pid, master = pty.fork()
+    if pid == 0:  # the child: a session of its own on the pty, bpfwall in the foreground
+        os.chdir(REPO)
+        os.execv(sys.executable, [sys.executable, "-m", "bpfwall", "run", "--name", name, "--egress", "udp",
+                                  "--", sys.executable, "-c", script])
+    output = b""
+    try:
+        while b"ready" not in output:
+            output += os.read(master, 1024)
+        os.write(master, b"\x03")  # ^C: the line discipline signals the foreground group
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGINT)  # to bpfwall alone: forwarded
+        while True:
+            try:
+                chunk = os.read(master, 1024)
+            except OSError:  # EIO: the pty's other side is closed
+                break
+            if not chunk:
+                break
+            output += chunk
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(master)
+    assert b"sigint 2" in output, output
+    assert os.waitstatus_to_exitcode(status) == 0
+    _nothing_left(pin_root, f"{name}.scope")
