@@ -54,9 +54,12 @@ def scope_name(name: str | None) -> str:
     """The unit the command runs as: NAME(.scope), or run-bpfwall-<random>.scope."""
     if name is None:
         return f"run-bpfwall-{uuid.uuid4().hex[:12]}.scope"
-    unit = name if name.endswith(".scope") else f"{name}.scope"
-    if dropin.unit_type(name) not in ("", "scope") and not name.endswith(".scope"):
+    if name.endswith(".scope"):
+        unit = name
+    elif "." in name:
         raise RunError(f"--name {name}: the command runs as a scope; give NAME or NAME.scope")
+    else:
+        unit = f"{name}.scope"
     dropin.section(unit)  # a valid, policeable unit name
     return unit
 

@@ -70,12 +70,16 @@ def policy_entry(unit: str, directory: str):
         raise ApplyError(str(e)) from None
     policy = load_policy(directory=directory)
     entry = policy.entry(unit)
+    passed_over = []
     if entry is None or entry.is_glob:
-        # A bare unit name as the cgroup path: entries restricted by a cgroup glob
-        # need the real path, which only the watcher sees.
-        entry = policy.match(unit)
+        # The bare unit name as the cgroup path: an entry restricted by a cgroup glob
+        # needs the real path, which only the watcher sees.
+        report = policy.explain(unit)
+        entry, passed_over = report.entry, report.passed_over
     if entry is None:
-        raise ApplyError(f"no policy entry for {unit} in {directory}" + _escaping_hint(unit, policy))
+        hint = (f" (only {', '.join(f'{e.name} ({e.where})' for e, _ in passed_over)}, restricted by "
+                "cgroup =, which the watcher applies)") if passed_over else _escaping_hint(unit, policy)
+        raise ApplyError(f"no policy entry for {unit} in {directory}{hint}")
     if entry.backend != "bpf":
         raise ApplyError(f"the policy entry for {unit} ({entry.where}) uses the {entry.backend} backend; "
                          "IPIngressFilterPath=/IPEgressFilterPath= need pinned BPF programs, so the "

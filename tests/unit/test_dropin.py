@@ -31,6 +31,10 @@ ingress = "tcp"
 
 [units."a-b.service"]
 egress = "udp"
+
+[units."app-*.scope"]
+cgroup = "user@*.service/app.slice/*"
+egress = "udp"
 """
 
 
@@ -249,6 +253,12 @@ def test_apply_explains_a_systemd_escaped_instance(capsys, policy_dir):
     rc, _, err = _cli(capsys, "apply", "a\\x2db.service", "--policy-dir", str(policy_dir))
     assert rc == 2
     assert "there is one for a-b.service" in err and "bpfwall@a-b.service.service" in err
+
+
+def test_apply_names_entries_only_the_watcher_can_match(capsys, policy_dir):
+    rc, _, err = _cli(capsys, "apply", "app-x.scope", "--policy-dir", str(policy_dir))
+    assert rc == 2 and "no policy entry for app-x.scope" in err
+    assert "only app-*.scope (" in err and "10-test.toml:" in err and "restricted by cgroup =" in err
 
 
 def test_apply_refuses_the_nft_backend(capsys, policy_dir):
