@@ -11,6 +11,12 @@ after a failed or half-done start:
     /sys/fs/bpf/<name>/            bind-mounted as the container's /sys/fs/bpf,
                                    so bpfwall's default pin root inside and
                                    every IP*FilterPath= pin live under it
+    /run/systemd/nspawn/locks/…    nspawn's lock for the image, which it
+                                   leaves behind when it is killed
+
+An own overlay rather than --volatile=overlay (which also works here): its
+upper layer is visible from the host, so files and units are put in place
+before boot and the container's journal can be read from outside.
 
 Facts this relies on (this host has no systemd and hybrid cgroups):
 - SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 gives the container cgroup2 only;
@@ -29,6 +35,7 @@ tears down such leftovers of runs whose owner process is gone.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -45,6 +52,7 @@ from bpfwall.kernel.cgroup import cgroup2_mount
 REPO_MOUNT = "/opt/bpfwall"
 WORK_ROOT = Path("/var/tmp/bpfwall-test-containers")
 BPFFS = "/sys/fs/bpf"
+NSPAWN_LOCKS = "/run/systemd/nspawn/locks"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Commands inside see this environment, not the test runner's.
 INSIDE_ENV = {"PATH": PATH, "LANG": "C.UTF-8", "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0", "TERM": "dumb"}
@@ -101,6 +109,7 @@ class Container:
         self.boot_seconds = 0.0  # nspawn start → is-system-running answered
         self.system_state = ""   # running or degraded
         self._mounted = False
+        self.nspawn_lock = ""    # nspawn's lock file for the image; left behind when nspawn is killed
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -139,6 +148,8 @@ class Container:
         opts = f"lowerdir={self.rootfs},upperdir={self.workdir / 'upper'},workdir={self.workdir / 'work'}"
         _run(["mount", "-t", "overlay", "overlay", "-o", opts, str(self.merged)])
         self._mounted = True
+        st = os.stat(self.merged)
+        self.nspawn_lock = f"{NSPAWN_LOCKS}/inode-{st.st_dev}:{st.st_ino}"
         self.write("/usr/local/bin/bpfwall", WRAPPER, mode=0o755)
         os.mkdir(self.host_cgroup)
         if not os.path.ismount(BPFFS):
@@ -204,7 +215,8 @@ class Container:
             raise ContainerError(f"teardown of {self.name} stopped: its processes did not end ({e}); "
                                  f"left in place: {self.workdir}, {self.host_cgroup}, {self.bpffs_dir}") from e
         errors = []
-        for step in (self._remove_cgroups, self._unmount, self._remove_bpffs_dir, self._remove_workdir):
+        for step in (self._remove_cgroups, self._unmount, self._remove_bpffs_dir, self._remove_workdir,
+                     self._remove_nspawn_lock):
             try:
                 step()
             except Exception as e:  # every step runs, whatever failed before
@@ -250,12 +262,18 @@ class Container:
         if self.workdir.exists():
             shutil.rmtree(self.workdir)
 
+    def _remove_nspawn_lock(self) -> None:
+        if self.nspawn_lock:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.nspawn_lock)
+
     def _save_state(self) -> None:
         state = {"owner": os.getpid(), "owner_start": _start_time(os.getpid()),
                  "nspawn": self.nspawn.pid if self.nspawn else 0,
                  "nspawn_start": _start_time(self.nspawn.pid) if self.nspawn else None,
                  "leader": self.leader, "leader_start": _start_time(self.leader) if self.leader else None,
-                 "cgroup": self.host_cgroup, "bpffs": self.bpffs_dir, "merged": str(self.merged)}
+                 "cgroup": self.host_cgroup, "bpffs": self.bpffs_dir, "merged": str(self.merged),
+                 "nspawn_lock": self.nspawn_lock}
         (self.workdir / "state.json").write_text(json.dumps(state))
 
     def log_tail(self, lines: int = 30) -> str:
@@ -446,7 +464,8 @@ def reap_stale() -> list[str]:
         stale.__dict__.update(
             name=statefile.parent.name, workdir=statefile.parent, merged=Path(state["merged"]),
             host_cgroup=state["cgroup"], bpffs_dir=state["bpffs"], nspawn=None, leader=0,
-            _leader_fd=-1, _mounted=False, log_path=statefile.parent / "nspawn.log")
+            _leader_fd=-1, _mounted=False, log_path=statefile.parent / "nspawn.log",
+            nspawn_lock=state.get("nspawn_lock", ""))
         for pid_key in ("leader", "nspawn"):  # the same processes, not PIDs since reused
             pid = state[pid_key]
             if pid and _start_time(pid) == state[f"{pid_key}_start"]:

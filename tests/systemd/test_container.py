@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -34,7 +35,9 @@ def prog_exists(prog_id: int) -> bool:
     return True
 
 
-def assert_gone(name: str, workdir, cgroup_path: str, bpffs_dir: str, pids: list[int], prog_ids: list[int]) -> None:
+def assert_gone(name: str, workdir, cgroup_path: str, bpffs_dir: str, pids: list[int], prog_ids: list[int],
+                nspawn_lock: str) -> None:
+    assert nspawn_lock and not os.path.exists(nspawn_lock), nspawn_lock
     assert not os.path.exists(workdir), workdir
     assert not any(name in line for line in open("/proc/self/mountinfo")), f"{name} still mounted"
     assert not os.path.exists(cgroup_path), cgroup_path
@@ -60,7 +63,7 @@ def test_stop_removes_everything_the_container_made(systemd_rootfs):
     finally:
         c.stop()
     assert c.nspawn.returncode is not None
-    assert_gone(c.name, c.workdir, c.host_cgroup, c.bpffs_dir, pids, [prog])
+    assert_gone(c.name, c.workdir, c.host_cgroup, c.bpffs_dir, pids, [prog], c.nspawn_lock)
     c.stop()  # a second stop is harmless
 
 
@@ -77,11 +80,10 @@ def test_a_run_killed_before_stop_is_reaped_by_the_next(systemd_rootfs):
         owner.wait()
     workdir = ct.WORK_ROOT / name
     assert workdir.is_dir() and os.path.exists(f"/proc/{leader}")
-    state = (workdir / "state.json").read_text()
+    state = json.loads((workdir / "state.json").read_text())
+    assert os.path.exists(state["nspawn_lock"])  # held by the orphaned nspawn; reaping kills it (SIGKILL)
     assert name in ct.reap_stale()
-    assert_gone(name, workdir, f"{ct.cgroup2_mount()}/{name}", f"{ct.BPFFS}/{name}",
-                [int(nspawn), int(leader)], [])
-    assert name in state
+    assert_gone(name, workdir, state["cgroup"], state["bpffs"], [int(nspawn), int(leader)], [], state["nspawn_lock"])
 
 
 def test_exec_is_bounded_by_its_timeout(container):
