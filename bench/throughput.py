@@ -20,10 +20,11 @@ The figure is packets/s as sent by the iperf3 client: on loopback the receive
 path (nft input, cgroup ingress, socket enqueue) runs in the sender's softirq, so
 every sent datagram has crossed every filter; the receiver (a single recv loop)
 is slower and its rate is reported too. Rounds interleave the configurations
-(rotating their order) and the median per configuration is reported, with its
-ratio to `none` at the same unit count. Writes bench/out/throughput.{json,png}.
+(rotating their order); each run is divided by the same round's `none` run at the
+same unit count, and the median of those ratios is reported (with its range).
+Writes bench/out/throughput.{json,png}.
 
-    .venv/bin/python bench/throughput.py [--quick] [--units 1,100,1000] [--rounds 3] [--seconds 5]
+    .venv/bin/python bench/throughput.py [--quick] [--units 1,100,1000] [--rounds 7] [--seconds 2]
 """
 from __future__ import annotations
 
@@ -258,25 +259,30 @@ def measure(args, tree: BenchTree, configs: list) -> list[dict]:
                     config.remove(tree, n)
             print(f"  units {n}: round {r + 1}/{args.rounds} done", flush=True)
         for (name, direction), runs in samples.items():
+            base = samples[("none", direction)]
+            # Each round's run against the same round's baseline: slow drift (other load on the
+            # machine) cancels; the median over rounds resists bursts.
+            ratios = [run["sent_pps"] / b["sent_pps"] for run, b in zip(runs, base)]
             rows.append({"units": n, "config": name, "direction": direction,
                          "sent_pps": statistics.median(x["sent_pps"] for x in runs),
                          "received_pps": statistics.median(x["received_pps"] for x in runs),
+                         "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                         "received_ratio": statistics.median(
+                             run["received_pps"] / b["received_pps"] for run, b in zip(runs, base)),
                          "runs": runs})
-    for row in rows:
-        base = next(b for b in rows if b["units"] == row["units"] and b["direction"] == row["direction"]
-                    and b["config"] == "none")
-        row["ratio"] = row["sent_pps"] / base["sent_pps"]
-        row["received_ratio"] = row["received_pps"] / base["received_pps"]
     return rows
 
 
 def report(args, rows: list[dict]) -> None:
     print(f"\nfilter (both directions, every unit): {FILTER}")
-    print(f"iperf3 UDP, 64-byte datagrams, -b 0, {args.seconds} s per run, median of {args.rounds} rounds")
-    print(f"{'direction':<9} {'units':>5} {'config':<11} {'sent pps':>10} {'ratio':>6} {'recv pps':>10} {'ratio':>6}")
+    print(f"iperf3 UDP, 64-byte datagrams, -b 0, {args.seconds} s per run, {args.rounds} interleaved rounds; "
+          "pps: median; ratio: median over rounds of (pps / same round's no-filter pps), [min–max]")
+    print(f"{'direction':<9} {'units':>5} {'config':<11} {'sent pps':>10} {'ratio':>6} {'range':>11} "
+          f"{'recv pps':>10} {'ratio':>6}")
     for r in sorted(rows, key=lambda r: (r["direction"], r["units"], r["config"] != "none", r["config"])):
+        spread = f"{r['ratio_min']:.2f}–{r['ratio_max']:.2f}"
         print(f"{r['direction']:<9} {r['units']:>5} {r['config']:<11} {r['sent_pps']:>10,.0f} {r['ratio']:>6.2f} "
-              f"{r['received_pps']:>10,.0f} {r['received_ratio']:>6.2f}")
+              f"{spread:>11} {r['received_pps']:>10,.0f} {r['received_ratio']:>6.2f}")
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "throughput.json"), "w") as f:
         json.dump({"filter": FILTER, "seconds": args.seconds,
@@ -287,22 +293,22 @@ def report(args, rows: list[dict]) -> None:
             series.setdefault(f"{r['config']} ({r['direction']})", []).append((r["units"], r["ratio"]))
     plot_lines(series, os.path.join(OUT, "throughput.png"), logx=True, reference=0.95,
                title=f"Loopback UDP (64-byte datagrams) through policed units\n"
-                     f"packets/s sent, ratio to no filter (median of {args.rounds})",
+                     f"packets/s sent, ratio to no filter (median of {args.rounds} rounds)",
                xlabel="policed units", ylabel="ratio to no filter")
     print(f"wrote {os.path.join(OUT, 'throughput.json')} and throughput.png")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="short run: 1 and 100 units, 1 s, 1 round, egress")
+    ap.add_argument("--quick", action="store_true", help="short run: 1 and 100 units, 1 s, 2 rounds, egress")
     ap.add_argument("--units", default="1,100,1000")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--seconds", type=float, default=2)
     ap.add_argument("--directions", default="egress,ingress")
     ap.add_argument("--configs", default="none,bpf,nft-linear")
     args = ap.parse_args()
     if args.quick:
-        args.units, args.rounds, args.seconds, args.directions = "1,100", 1, 1, "egress"
+        args.units, args.rounds, args.seconds, args.directions = "1,100", 2, 1, "egress"
     args.units = [int(u) for u in args.units.split(",")]
     args.directions = args.directions.split(",")
     names = args.configs.split(",")
