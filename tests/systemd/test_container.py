@@ -57,7 +57,7 @@ def test_stop_removes_everything_the_container_made(systemd_rootfs):
         assert c.system_state in ("running", "degraded")
         c.bpfwall("load", "held.service", "--ingress", "udp", check=True)
         pin = pin_path(c, "held.service")
-        c.systemd_run(f"--unit=held.service", f"--property=IPIngressFilterPath={pin}", "sleep", "600", check=True)
+        c.systemd_run("--unit=held.service", f"--property=IPIngressFilterPath={pin}", "sleep", "600", check=True)
         prog = pinned_prog_id(c, pin)
         pids = [c.nspawn.pid, c.leader]
     finally:
