@@ -33,6 +33,9 @@ def _common(json_output: bool = False) -> argparse.ArgumentParser:
                    help="compiled-object cache (default $BPFWALL_CACHE_DIR or ~/.cache/bpfwall)")
     if json_output:
         p.add_argument("--json", action="store_true", help="machine-readable output")
+    from .commands import nft as nft_cli
+
+    nft_cli.add_options(p)
     return p
 
 
@@ -211,6 +214,13 @@ def cmd_explain(args) -> None:
     from .build import UnitProgram
 
     checked = _analyze(args.expr)
+    nft = _nft(args)
+    if nft:
+        data, text = nft.explain(checked)
+        if args.direction:
+            text = data["nft"][args.direction]
+        _emit(args, data, text)
+        return
     ingress = checked if args.direction in (None, "ingress") else None
     egress = checked if args.direction in (None, "egress") else None
     code = UnitProgram(ingress, egress).header()
@@ -219,6 +229,8 @@ def cmd_explain(args) -> None:
 
 def cmd_test(args) -> None:
     from .backends import bpf
+
+    _bpf_only(args, "test")
     from .lang.evaluator import evaluate
     from .lang.packet import as_dict, parse_packet
 
@@ -246,28 +258,33 @@ def cmd_load(args) -> None:
         raise UsageError("load: give --ingress EXPR, --egress EXPR or both")
     program = _program(args, args.ingress, args.egress)
     params, sets = _param_values(args), _set_values(args, program)
-    result = bpf.load(_pin_root(args), args.unit, program, params, sets, args.mode, _cache(args))
-    lines = [f"loaded {args.unit}"]
-    for d in bpf.DIRECTIONS:
-        if getattr(program, d) is not None:
-            lines.append(f"  {d}: {result.path}/{d}")
+    nft = _nft(args)
+    if nft:
+        result = nft.load(args, program, params, sets)
+        head = [f"  {d}: table inet {result.table} chain {c}" for d, c in result.chains.items()]
+        extra = {"table": result.table, "chains": result.chains}
+    else:
+        result = bpf.load(_pin_root(args), args.unit, program, params, sets, args.mode, _cache(args))
+        head = [f"  {d}: {result.path}/{d}" for d in bpf.DIRECTIONS if getattr(program, d) is not None]
+        extra = {"path": result.path, "kept_maps": result.reused_maps}
+    lines = [f"loaded {args.unit}"] + head
     if result.replaced:
         lines.append(f"  replaced in place on {len(result.replaced)} attachment(s)")
     if result.attached:
         lines.append(f"  newly attached: {len(result.attached)}")
     if result.detached:
         lines.append(f"  detached: {len(result.detached)}")
-    _emit(args, {"unit": args.unit, "path": result.path,
+    _emit(args, {"unit": args.unit, **extra,
                  "replaced": [{"cgroup": c, "direction": d} for c, d in result.replaced],
                  "attached": [{"cgroup": c, "direction": d} for c, d in result.attached],
-                 "detached": [{"cgroup": c, "direction": d} for c, d in result.detached],
-                 "kept_maps": result.reused_maps}, "\n".join(lines))
+                 "detached": [{"cgroup": c, "direction": d} for c, d in result.detached]}, "\n".join(lines))
 
 
 def cmd_attach(args) -> None:
     from .backends import bpf
 
-    done = bpf.attach(_pin_root(args), args.unit, args.cgroup)
+    nft = _nft(args)
+    done = nft.attach(args) if nft else bpf.attach(_pin_root(args), args.unit, args.cgroup)
     words = [f"{d} {'attached' if new else 'already attached'}" for d, new in done.items()]
     _emit(args, {"unit": args.unit, "cgroup": args.cgroup, "attached": done},
           f"{args.unit} → {args.cgroup}: " + ", ".join(words))
@@ -276,7 +293,8 @@ def cmd_attach(args) -> None:
 def cmd_detach(args) -> None:
     from .backends import bpf
 
-    done = bpf.detach(_pin_root(args), args.unit, args.cgroup)
+    nft = _nft(args)
+    done = nft.detach(args) if nft else bpf.detach(_pin_root(args), args.unit, args.cgroup)
     words = [f"{d} {'detached' if gone else 'was not attached'}" for d, gone in done.items()]
     _emit(args, {"unit": args.unit, "cgroup": args.cgroup, "detached": done},
           f"{args.unit} ✕ {args.cgroup}: " + ", ".join(words))
@@ -285,6 +303,7 @@ def cmd_detach(args) -> None:
 def cmd_path(args) -> None:
     from .backends import bpf
 
+    _bpf_only(args, "path")
     path = bpf.prog_path(_pin_root(args), args.unit, args.direction)
     _emit(args, {"unit": args.unit, "direction": args.direction, "path": path}, path)
 
@@ -293,6 +312,7 @@ def cmd_pin(args) -> None:
     from .backends import bpf
     from .kernel import pins
 
+    _bpf_only(args, "pin")
     source = bpf.prog_path(_pin_root(args), args.unit, args.direction)
     fd = pins.get(source)
     try:
@@ -305,7 +325,8 @@ def cmd_pin(args) -> None:
 def cmd_unload(args) -> None:
     from .backends import bpf
 
-    detached = bpf.unload(_pin_root(args), args.unit)
+    nft = _nft(args)
+    detached = nft.unload(args) if nft else bpf.unload(_pin_root(args), args.unit)
     _emit(args, {"unit": args.unit, "detached": [{"cgroup": c, "direction": d} for c, d in detached]},
           f"unloaded {args.unit}" + (f" (detached from {len(detached)} attachment(s))" if detached else ""))
 
@@ -313,7 +334,8 @@ def cmd_unload(args) -> None:
 def cmd_list(args) -> None:
     from .backends import bpf
 
-    rows = bpf.summary(_pin_root(args))
+    nft = _nft(args)
+    rows = nft.summary(args) if nft else bpf.summary(_pin_root(args))
     lines = []
     for r in rows:
         if "error" in r:
@@ -330,7 +352,8 @@ def cmd_list(args) -> None:
 def cmd_stats(args) -> None:
     from .backends import bpf
 
-    s = bpf.stats(_pin_root(args), args.unit)
+    nft = _nft(args)
+    s = nft.stats(args) if nft else bpf.stats(_pin_root(args), args.unit)
     lines = [f"{s['unit']} [{s['mode']}]"]
     for d in ("ingress", "egress"):
         if s[d] is None:
@@ -373,6 +396,11 @@ def cmd_set(args) -> None:
     from .lang.values import parse_set_elements
 
     changes = [_parse_change(c) for c in args.changes]
+    nft = _nft(args)
+    if nft:
+        done = nft.set_values(args, changes)
+        _emit(args, {"unit": args.unit, "done": done}, "\n".join(done))
+        return
     done = []
     with bpf.PinnedUnit.open(_pin_root(args), args.unit) as u:
         # Validate every change against the unit before applying any.
@@ -407,6 +435,18 @@ def cmd_set(args) -> None:
                     u.replace_set(name, elements)
                     done.append(f"@{name}: replaced, {u.set_size(name)} element(s)")
     _emit(args, {"unit": args.unit, "done": done}, "\n".join(done))
+
+
+def _nft(args):
+    """The nft backend's command helpers when --backend nft (or BPFWALL_BACKEND=nft), else None."""
+    from .commands import nft as nft_cli
+
+    return nft_cli if nft_cli.backend(args) == "nft" else None
+
+
+def _bpf_only(args, command: str) -> None:
+    if _nft(args):
+        raise UsageError(f"{command}: only the bpf backend has this command")
 
 
 COMMANDS = {

@@ -1,0 +1,586 @@
+"""The nftables backend: the same units, expressions, params, sets and modes as the
+BPF backend, applied with `socket cgroupv2` verdict maps in one table of our own.
+
+    load(table, unit, program, params=None, sets=None, mode=None, cache=None) -> LoadResult
+    unload(table, unit) -> [(cgroup, direction)]
+    attach(table, unit, cgroup_path) -> {direction: newly attached}
+    detach(table, unit, cgroup_path) -> {direction: was attached}
+    units(table) -> [unit]            stats(table, unit) -> dict     summary(table) -> [dict]
+    set_values(table, unit, changes) -> [message]   (changes as the CLI parses them)
+    explain(checked, direction, ...) -> nft text     restore(table) -> dict     destroy(table)
+
+The state file (nft/state.py) is the truth; the table is rendered from it, each
+change in one nft transaction (all or nothing) made under the state lock, and
+the state is saved after nft accepted the change. Input is checked before the
+first transaction. Nothing outside our table is ever touched.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from ..kernel import cgroup as cg
+from ..kernel.errors import KernelError
+from ..lang.checker import analyze_pair
+from ..lang.errors import LangError
+from ..lang.values import parse_set_elements
+from ..lower import nft as lower
+from ..nft import layout
+from ..nft.errors import NftError
+from ..nft.names import UnitNames, check_table
+from ..nft.runner import runner
+from ..nft.state import StateFile
+
+DIRECTIONS = ("ingress", "egress")
+MODES = ("enforce", "audit")
+DEFAULT_TABLE = "bpfwall"
+
+
+def default_table() -> str:
+    return os.environ.get("BPFWALL_NFT_TABLE") or DEFAULT_TABLE
+
+
+@dataclass
+class LoadResult:
+    unit: str
+    table: str
+    chains: dict = field(default_factory=dict)      # direction -> entry chain
+    replaced: list = field(default_factory=list)    # (cgroup, direction) now filtered by the new rules
+    attached: list = field(default_factory=list)    # (cgroup, direction) newly filtered
+    detached: list = field(default_factory=list)    # (cgroup, direction) no longer filtered
+
+
+# -- set contents as stored: strings -----------------------------------------------------
+
+def _store_numbers(elements) -> list[str]:
+    return [str(lo) if lo == hi else f"{lo}..{hi}" for lo, hi in lower.elements_intervals(elements)]
+
+
+def _store(kind: str, elements) -> list[str]:
+    if kind == "number":
+        return _store_numbers(elements)
+    return list(dict.fromkeys(str(n) for n in elements))
+
+
+def _parse(name: str, kind: str, stored: list[str]) -> list:
+    return parse_set_elements(name, kind, ",".join(stored))
+
+
+def _subtract(kind: str, stored: list[str], name: str, removed) -> tuple[list[str], int]:
+    """Stored contents minus `removed`; how many of the removed were there."""
+    if kind == "address":
+        gone = {str(n) for n in removed}
+        kept = [s for s in stored if s not in gone]
+        return kept, len(stored) - len(kept)
+    have = lower.elements_intervals(_parse(name, kind, stored))
+    cut = lower.elements_intervals(removed)
+    out = []
+    for lo, hi in have:
+        for clo, chi in cut:
+            if chi < lo or clo > hi:
+                continue
+            if clo > lo:
+                out.append((lo, clo - 1))
+            lo = chi + 1
+            if lo > hi:
+                break
+        if lo <= hi:
+            out.append((lo, hi))
+    hits = sum(1 for e in removed if lower.contains(have, e if isinstance(e, int) else e[0]))
+    return _store_numbers(out), hits
+
+
+# -- cgroups -----------------------------------------------------------------------------
+
+def _relative(path: str) -> str:
+    mount = cg.cgroup2_mount()
+    if os.path.isabs(path) and (path == mount or path.startswith(mount + "/")):
+        path = os.path.relpath(path, mount)
+    return os.path.normpath(path.lstrip("/"))
+
+
+def _resolve(path: str) -> tuple[str, str, int, int]:
+    """(absolute path, path relative to the cgroup2 root, level, cgroup id) of an existing cgroup."""
+    try:
+        absolute = cg.resolve(path)
+        cid = cg.cgroup_id(absolute)
+    except KernelError as e:
+        raise NftError(str(e)) from None
+    rel = os.path.relpath(absolute, cg.cgroup2_mount())
+    if rel == ".":
+        raise NftError("cannot attach to the cgroup2 root itself: name a cgroup below it")
+    return absolute, rel, rel.count("/") + 1, cid
+
+
+def _alive(record: dict) -> bool:
+    try:
+        return os.stat(os.path.join(cg.cgroup2_mount(), record["cgroup"])).st_ino == record["id"]
+    except OSError:
+        return False
+
+
+# -- rendering -----------------------------------------------------------------------------
+
+def _directions(ustate: dict) -> list[str]:
+    return [d for d in DIRECTIONS if ustate.get(d) is not None]
+
+
+def _checked(ustate: dict) -> dict:
+    try:
+        pair = analyze_pair(ustate.get("ingress"), ustate.get("egress"))
+    except LangError as e:
+        raise NftError(f"stored expression no longer valid: {e}") from None
+    return {d: c for d, c in zip(DIRECTIONS, pair) if c is not None}
+
+
+def _render(unit: str, ustate: dict, checked: dict | None = None) -> dict:
+    """The unit's objects: {"chains": {name: rules}, "sets": {name: (type, elements)},
+    "counters": [...], "entry": {direction: chain}}. Raises NftError before anything changes."""
+    names = UnitNames(unit)
+    checked = checked or _checked(ustate)
+    sets = {n: _parse(n, s["kind"], s["elements"]) for n, s in ustate["sets"].items()}
+    out = {"chains": {}, "sets": {}, "counters": [], "entry": {}}
+    for direction, c in checked.items():
+        low = lower.lower(c.expr, direction, names, ustate["mode"], ustate["params"], sets)
+        for name in low.chains.names:
+            out["chains"][name] = low.chains.rules[name]
+        for nft_name, (set_name, key_type) in low.sets.items():
+            out["sets"][nft_name] = (lower.SET_TYPES[key_type], lower.set_elements(key_type, sets[set_name]))
+        out["counters"] += [names.counter(direction, v) for v in ("pass", "drop")]
+        out["entry"][direction] = names.chain(direction)
+    return out
+
+
+def _levels(state: dict) -> set[tuple[str, int]]:
+    return {(d, a["level"]) for u in state["units"].values() for a in u["attached"] for d in a["directions"]}
+
+
+def _elements_of_level(state: dict, direction: str, level: int) -> list[tuple[str, str]]:
+    out = []
+    for unit, u in state["units"].items():
+        for a in u["attached"]:
+            if a["level"] == level and direction in a["directions"] and _alive(a):
+                out.append((a["cgroup"], UnitNames(unit).chain(direction)))
+    return out
+
+
+def _prune_vanished(state: dict) -> None:
+    for u in state["units"].values():
+        u["attached"] = [a for a in u["attached"] if _alive(a)]
+
+
+# -- health and restore ---------------------------------------------------------------------
+
+def _live_chains(table: str) -> set[str] | None:
+    """Names of the chains of our table, or None when the table does not exist."""
+    out = runner().json([{"list": {"chains": {"family": "inet"}}}], "listing chains")
+    found, exists = set(), False
+    for item in (out or {}).get("nftables", []):
+        chain = item.get("chain")
+        if chain and chain.get("table") == table:
+            found.add(chain["name"])
+            exists = True
+    if not exists:
+        tables = runner().json([{"list": {"tables": {"family": "inet"}}}], "listing tables")
+        exists = any(t.get("table", {}).get("name") == table for t in (tables or {}).get("nftables", []))
+    return found if exists else None
+
+
+def healthy(table: str, state: dict) -> bool:
+    """Every chain the state says we rendered (and every level's base chain) exists."""
+    if not state["units"]:
+        return True
+    live = _live_chains(table)
+    if live is None:
+        return False
+    wanted = {layout.base_chain(d, level) for d, level in _levels(state)}
+    for u in state["units"].values():
+        wanted.update(u["objects"]["chains"])
+    return wanted <= live
+
+
+def _rebuild(table: str, state: dict) -> None:
+    """Delete our table (if any) and render it again from the state, all in one transaction;
+    then the dispatch rules (nft syntax)."""
+    _prune_vanished(state)
+    cmds = []
+    if _live_chains(table) is not None:
+        cmds.append(layout.delete_table(table))
+    cmds.append(layout.add_table(table))
+    for unit, u in state["units"].items():
+        rendered = _render(unit, u)
+        cmds += layout.render_unit(table, rendered, {})
+        u["objects"] = layout.objects_of(rendered)
+    levels = sorted(_levels(state))
+    for direction, level in levels:
+        cmds += layout.add_level(table, direction, level)
+        pairs = _elements_of_level(state, direction, level)
+        if pairs:
+            cmds.append(layout.add_elements(table, direction, level, pairs))
+    runner().json(cmds, f"restoring table inet {table}")
+    if levels:
+        runner().text("".join(layout.level_rule_text(table, d, level) for d, level in levels),
+                      f"restoring the dispatch rules of table inet {table}")
+
+
+def _ensure(table: str, state: dict) -> bool:
+    """Restore the table when it is missing or damaged; True if it was."""
+    if healthy(table, state):
+        return False
+    _rebuild(table, state)
+    return True
+
+
+def restore(table: str) -> dict:
+    """Rebuild the table from the state file (under its lock); what was restored."""
+    with _changing(table) as (sf, state, _):
+        _rebuild(table, state)
+        sf.save(state)
+    return {"table": table, "units": sorted(state["units"]),
+            "attached": sum(len(u["attached"]) for u in state["units"].values())}
+
+
+def restore_if_needed(table: str) -> bool:
+    """The guard's check: restore the table if something removed (part of) it."""
+    sf = StateFile(table)
+    with sf.locked():
+        state = sf.load()
+        if not _ensure(table, state):
+            return False
+        sf.save(state)
+        return True
+
+
+# -- load / unload -----------------------------------------------------------------------------
+
+@contextmanager
+def _changing(table: str, unit: str | None = None):
+    """The state under its lock (and the unit's entry, which must exist); saved by the caller."""
+    check_table(table)
+    sf = StateFile(table)
+    with sf.locked():
+        state = sf.load()
+        yield sf, state, (_unit(state, table, unit) if unit is not None else None)
+
+
+def _unit(state: dict, table: str, unit: str) -> dict:
+    u = state["units"].get(unit)
+    if u is None:
+        raise NftError(f"unit {unit} is not loaded in nft table inet {table}; load it with: "
+                       f"bpfwall --backend nft load {unit} --ingress EXPR")
+    return u
+
+
+def _check_values(program, params: dict, sets: dict) -> None:
+    for name in params:
+        if name not in program.params:
+            have = ", ".join("$" + p for p in program.params) or "none"
+            raise NftError(f"--param {name}: the filter has no parameter ${name} (its params: {have})")
+    for name in sets:
+        if name not in program.sets:
+            have = ", ".join("@" + s for s in sorted(program.sets)) or "none"
+            raise NftError(f"--set {name}: the filter has no set @{name} (its sets: {have})")
+
+
+def load(table: str, unit: str, program, params: dict | None = None, sets: dict | None = None,
+         mode: str | None = None, cache=None) -> LoadResult:
+    """Render `unit`'s filters into the table; if it is loaded, replace them in one transaction
+    (its attachments keep working, counters, params, mode and compatible sets are kept)."""
+    check_table(table)
+    names = UnitNames(unit)  # validates the unit name
+    params, sets = dict(params or {}), dict(sets or {})
+    _check_values(program, params, sets)
+    if mode is not None and mode not in MODES:
+        raise NftError(f"mode {mode!r}: mode is enforce or audit")
+    sf = StateFile(table)
+    with sf.locked():
+        state = sf.load()
+        _ensure(table, state)
+        old = state["units"].get(unit)
+        old_sets = old["sets"] if old else {}
+        new = {
+            "ingress": program.ingress.text if program.ingress is not None else None,
+            "egress": program.egress.text if program.egress is not None else None,
+            "params": {n: params.get(n, (old or {}).get("params", {}).get(n, 0)) for n in program.params},
+            "mode": mode or (old or {}).get("mode", "enforce"),
+            "sets": {},
+            "objects": (old or {}).get("objects", {}),
+            "attached": (old or {}).get("attached", []),
+        }
+        for name, kind in program.sets.items():
+            if name in sets:
+                elements = _store(kind, sets[name])
+            elif name in old_sets and old_sets[name]["kind"] == kind:
+                elements = old_sets[name]["elements"]
+            else:
+                elements = []
+            new["sets"][name] = {"kind": kind, "elements": elements}
+        checked = {d: c for d, c in (("ingress", program.ingress), ("egress", program.egress)) if c is not None}
+        rendered = _render(unit, new, checked)
+        result = LoadResult(unit, table, dict(rendered["entry"]))
+
+        before = set(_directions(old)) if old else set()
+        after = set(checked)
+        state["units"][unit] = new
+        vanished = [a for a in new["attached"] if not _alive(a)]
+        new["attached"] = [a for a in new["attached"] if _alive(a)]
+        cmds = [layout.add_table(table)] + _element_removals(table, state, unit, vanished)
+        for a in new["attached"]:
+            for d in sorted(before - after):
+                cmds.append(layout.delete_elements(table, d, a["level"], [a["cgroup"]]))
+                result.detached.append((a["cgroup"], d))
+        cmds += layout.render_unit(table, rendered, new["objects"])
+        new_levels = set()
+        for a in new["attached"]:
+            for d in sorted(after):
+                where = (os.path.join(cg.cgroup2_mount(), a["cgroup"]), d)
+                if d in before:
+                    result.replaced.append(where)
+                    continue
+                result.attached.append(where)
+                new_levels.add((d, a["level"]))
+                cmds.append(layout.add_elements(table, d, a["level"], [(a["cgroup"], names.chain(d))]))
+            a["directions"] = sorted(after)
+        result.detached = [(os.path.join(cg.cgroup2_mount(), c), d) for c, d in result.detached]
+        _apply(table, state, cmds, new_levels - _levels_without(state, unit), f"loading {unit}")
+        new["objects"] = layout.objects_of(rendered)
+        sf.save(state)
+    return result
+
+
+def _levels_without(state: dict, unit: str) -> set:
+    return _levels({"units": {n: u for n, u in state["units"].items() if n != unit}})
+
+
+def _live_levels(table: str) -> set[tuple[str, int]]:
+    levels = set()
+    for name in _live_chains(table) or ():
+        for direction in DIRECTIONS:
+            prefix = layout.base_chain(direction, 0)[:-1]
+            if name.startswith(prefix) and name[len(prefix):].isdigit():
+                levels.add((direction, int(name[len(prefix):])))
+    return levels
+
+
+def _apply(table: str, state: dict, cmds: list, new_levels, what: str) -> None:
+    """Create the levels `new_levels` (nft syntax: their dispatch rule), then run `cmds` in one
+    JSON transaction that also removes levels nothing is attached at any more. If that
+    transaction fails, the levels just created are removed again."""
+    for direction, level in sorted(new_levels):
+        runner().text(layout.level_text(table, direction, level), what)
+    for direction, level in sorted(_live_levels(table) - _levels(state) - set(new_levels)):
+        cmds.append(layout.flush_map(table, direction, level))
+        cmds += layout.remove_level(table, direction, level)
+    try:
+        runner().json(cmds, what)
+    except NftError:
+        for direction, level in sorted(new_levels):
+            try:
+                runner().json(layout.remove_level(table, direction, level), "undoing a new level")
+            except NftError:
+                pass
+        raise
+
+
+def unload(table: str, unit: str) -> list:
+    """Detach the unit everywhere and remove its objects; the table goes with the last unit."""
+    with _changing(table, unit) as (sf, state, u):
+        _ensure(table, state)
+        detached = [(os.path.join(cg.cgroup2_mount(), a["cgroup"]), d) for a in u["attached"] for d in a["directions"]]
+        del state["units"][unit]
+        if not state["units"]:
+            cmds = [layout.delete_table(table)] if _live_chains(table) is not None else []
+            if cmds:
+                runner().json(cmds, f"unloading {unit}")
+        else:
+            cmds = _element_removals(table, state, unit, u["attached"])
+            cmds += layout.remove_unit_objects(table, u["objects"])
+            _apply(table, state, cmds, set(), f"unloading {unit}")
+        sf.save(state)
+    return detached
+
+
+def _element_removals(table: str, state: dict, unit: str, records: list) -> list:
+    """Delete the map elements of `records` (already out of the state): by path when the cgroup
+    is the one we attached, else (it vanished) by refilling its level's map from the state."""
+    cmds, refill = [], set()
+    for a in records:
+        for d in a["directions"]:
+            if _alive(a):
+                cmds.append(layout.delete_elements(table, d, a["level"], [a["cgroup"]]))
+            else:
+                refill.add((d, a["level"]))
+    for d, level in sorted(refill):
+        cmds.append(layout.flush_map(table, d, level))
+        pairs = _elements_of_level(state, d, level)
+        if pairs:
+            cmds.append(layout.add_elements(table, d, level, pairs))
+    return cmds
+
+
+# -- attach / detach ---------------------------------------------------------------------------
+
+def attach(table: str, unit: str, cgroup_path: str) -> dict[str, bool]:
+    """Filter the sockets of a cgroup (and its descendants) with the unit; {direction: newly}."""
+    with _changing(table, unit) as (sf, state, u):
+        directions = _directions(u)
+        absolute, rel, level, cid = _resolve(cgroup_path)
+        for a in u["attached"]:
+            if a["cgroup"] == rel and a["id"] == cid:
+                return {d: False for d in directions}
+        for other, o in state["units"].items():
+            for a in o["attached"]:
+                shared = set(a["directions"]) & set(directions)
+                if other != unit and a["cgroup"] == rel and shared and _alive(a):
+                    raise NftError(f"cgroup {absolute} already has unit {other} attached ({', '.join(sorted(shared))}); "
+                                   "the nft backend filters a cgroup with one unit: detach it first")
+        _ensure(table, state)
+        stale = [a for a in u["attached"] if a["cgroup"] == rel]
+        u["attached"] = [a for a in u["attached"] if a["cgroup"] != rel]
+        cmds = _element_removals(table, state, unit, stale)
+        names = UnitNames(unit)
+        for d in directions:
+            cmds.append(layout.add_elements(table, d, level, [(rel, names.chain(d))]))
+        new_levels = {(d, level) for d in directions} - _levels(state)
+        u["attached"].append({"cgroup": rel, "level": level, "id": cid, "directions": directions})
+        _apply(table, state, cmds, new_levels, f"attaching {unit} to {absolute}")
+        sf.save(state)
+    return {d: True for d in directions}
+
+
+def detach(table: str, unit: str, cgroup_path: str) -> dict[str, bool]:
+    """Stop filtering a cgroup with the unit; works for a cgroup that vanished meanwhile."""
+    with _changing(table, unit) as (sf, state, u):
+        rel = _relative(cgroup_path)
+        records = [a for a in u["attached"] if a["cgroup"] == rel]
+        if not records:
+            _resolve(cgroup_path)  # a cgroup that does not exist is an error, as with the BPF backend
+            return {d: False for d in _directions(u)}
+        _ensure(table, state)
+        u["attached"] = [a for a in u["attached"] if a["cgroup"] != rel]
+        _apply(table, state, _element_removals(table, state, unit, records), set(), f"detaching {unit}")
+        sf.save(state)
+    return {d: any(d in a["directions"] for a in records) for d in _directions(u)}
+
+
+# -- live changes --------------------------------------------------------------------------------
+
+def set_values(table: str, unit: str, changes: list) -> list[str]:
+    """Apply `changes` to a loaded unit in one transaction, all or nothing:
+    ("param", name, value), ("mode", "enforce"|"audit"), ("set", name, "+"|"-"|"=", "E1,E2,…")."""
+    with _changing(table, unit) as (sf, state, u):
+        new = {**u, "params": dict(u["params"]), "sets": {n: dict(s) for n, s in u["sets"].items()}}
+        done = []
+        for change in changes:
+            kind = change[0]
+            if kind == "param":
+                _, name, value = change
+                if name not in new["params"]:
+                    have = ", ".join("$" + p for p in sorted(new["params"])) or "none"
+                    raise NftError(f"unit {unit} has no parameter ${name} (its params: {have})")
+                new["params"][name] = value
+                done.append(f"${name} = {value}")
+            elif kind == "mode":
+                if change[1] not in MODES:
+                    raise NftError(f"mode={change[1]}: mode is enforce or audit")
+                new["mode"] = change[1]
+                done.append(f"mode = {change[1]}")
+            elif kind == "set":
+                _, name, op, raw = change
+                if name not in new["sets"]:
+                    have = ", ".join("@" + s for s in sorted(new["sets"])) or "none"
+                    raise NftError(f"unit {unit} has no set @{name} (its sets: {have})")
+                s = new["sets"][name]
+                try:
+                    elements = parse_set_elements(name, s["kind"], raw) if isinstance(raw, str) else list(raw)
+                except LangError as e:
+                    raise NftError(str(e)) from None
+                if op == "+":
+                    s["elements"] = _store(s["kind"], _parse(name, s["kind"], s["elements"]) + elements)
+                    done.append(f"@{name}: added {len(elements)}")
+                elif op == "-":
+                    s["elements"], hits = _subtract(s["kind"], s["elements"], name, elements)
+                    done.append(f"@{name}: removed {hits}")
+                elif op == "=":
+                    s["elements"] = _store(s["kind"], elements)
+                    done.append(f"@{name}: replaced, {len(s['elements'])} element(s)")
+                else:
+                    raise NftError(f"@{name}{op}: write @set+ELEMENTS, @set-ELEMENTS or @set=ELEMENTS")
+            else:
+                raise NftError(f"unknown change {change!r}")
+        rendered = _render(unit, new)
+        _ensure(table, state)
+        runner().json(layout.render_unit(table, rendered, u["objects"]), f"changing {unit}")
+        new["objects"] = layout.objects_of(rendered)
+        state["units"][unit] = new
+        sf.save(state)
+    return done
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+def units(table: str) -> list[str]:
+    check_table(table)
+    return sorted(StateFile(table).load()["units"])
+
+
+def _counters(table: str) -> dict[str, dict]:
+    try:
+        out = runner().json([{"list": {"counters": {"family": "inet", "table": table}}}], "listing counters")
+    except NftError:
+        return {}  # no table (yet, or flushed and not restored): nothing counted
+    return {c["counter"]["name"]: {"packets": c["counter"]["packets"], "bytes": c["counter"]["bytes"]}
+            for c in (out or {}).get("nftables", []) if "counter" in c}
+
+
+def _attached(u: dict) -> list[dict]:
+    mount = cg.cgroup2_mount()
+    return [{"cgroup": os.path.join(mount, a["cgroup"]), "direction": d}
+            for a in sorted(u["attached"], key=lambda a: a["cgroup"]) for d in a["directions"]]
+
+
+def stats(table: str, unit: str) -> dict:
+    check_table(table)
+    state = StateFile(table).load()
+    u = _unit(state, table, unit)
+    names = UnitNames(unit)
+    live = _counters(table)
+    zero = {"packets": 0, "bytes": 0}
+    counters = {d: {v: live.get(names.counter(d, v), zero) for v in ("pass", "drop")} for d in _directions(u)}
+    return {
+        "unit": unit, "table": table, "path": f"inet {table}", "mode": u["mode"],
+        "ingress": u.get("ingress"), "egress": u.get("egress"),
+        "chains": {d: names.chain(d) for d in _directions(u)},
+        "counters": counters, "params": dict(sorted(u["params"].items())),
+        "sets": {n: list(s["elements"]) for n, s in sorted(u["sets"].items())},
+        "attached": _attached(u),
+    }
+
+
+def summary(table: str) -> list[dict]:
+    check_table(table)
+    state = StateFile(table).load()
+    out = []
+    for unit, u in sorted(state["units"].items()):
+        names = UnitNames(unit)
+        out.append({"unit": unit, "mode": u["mode"], "ingress": u.get("ingress"), "egress": u.get("egress"),
+                    "chains": {d: names.chain(d) for d in _directions(u)}, "attached": _attached(u)})
+    return out
+
+
+def explain(checked, direction: str, unit: str = "UNIT.service", params: dict | None = None,
+            sets: dict | None = None, mode: str = "enforce") -> str:
+    """The chains `checked` becomes for `direction`, as nft text (nothing is loaded)."""
+    return lower.explain(checked.expr, direction, UnitNames(unit), mode, params or {}, sets or {})
+
+
+def destroy(table: str) -> None:
+    """Delete our table and its state file (tests, uninstall)."""
+    check_table(table)
+    sf = StateFile(table)
+    with sf.locked():
+        if _live_chains(table) is not None:
+            runner().json([layout.delete_table(table)], f"deleting table inet {table}")
+        sf.remove()
+

@@ -1,0 +1,111 @@
+"""Notice when someone removes bpfwall's table (`nft flush ruleset`, `nft delete table`)
+and restore it, with every attachment, from the state file.
+
+Event-driven: a NETLINK_NETFILTER socket subscribed to NFNLGRP_NFTABLES hears
+every ruleset change in the network namespace (ours too); after a burst of
+events settles (a few ms) the guard checks that our table's chains are all
+there and restores the table if not. A timeout on the socket doubles as a
+slow poll, in case events were lost (a full socket buffer reports ENOBUFS,
+which is handled as "something changed").
+"""
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+
+from .errors import NftError
+
+NETLINK_NETFILTER = 12
+NFNLGRP_NFTABLES = 7
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+
+
+def ruleset_events() -> socket.socket:
+    """A netlink socket that becomes readable whenever the nftables ruleset changes."""
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+    s.bind((0, 0))
+    s.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+    s.setblocking(False)
+    return s
+
+
+def _drain(s: socket.socket) -> None:
+    while True:
+        try:
+            if not s.recv(65536):
+                return
+        except BlockingIOError:
+            return
+        except OSError:  # ENOBUFS: events were lost, which the check after this covers
+            continue
+
+
+class Guard:
+    """Keeps table `table` in place. `check` is the restore function (default: the nft
+    backend's restore_if_needed); `on_restore(table)` is called after each restore."""
+
+    def __init__(self, table: str, poll: float = 1.0, settle: float = 0.005, check=None, on_restore=None):
+        if check is None:
+            from ..backends.nft import restore_if_needed as check
+        self.table = table
+        self.poll, self.settle = poll, settle
+        self.check, self.on_restore = check, on_restore
+        self.restores = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+
+    def start(self) -> "Guard":
+        self._sock = ruleset_events()  # subscribe before the first check: no change slips between
+        self._thread = threading.Thread(target=self._run, name=f"bpfwall-nft-guard-{self.table}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> "Guard":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def run_forever(self) -> None:
+        """Run in the calling thread until stop() (or KeyboardInterrupt)."""
+        if self._sock is None:
+            self._sock = ruleset_events()
+        self._run()
+
+    def _run(self) -> None:
+        self._check_once()
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._sock], [], [], min(self.poll, 0.2))
+            if self._stop.is_set():
+                return
+            if ready:
+                _drain(self._sock)
+                time.sleep(self.settle)  # let a burst (a whole flush, a transaction) finish
+                _drain(self._sock)
+                self._check_once()
+            elif time.monotonic() - self._last >= self.poll:
+                self._check_once()
+
+    def _check_once(self) -> None:
+        self._last = time.monotonic()
+        try:
+            if self.check(self.table):
+                self.restores += 1
+                if self.on_restore is not None:
+                    self.on_restore(self.table)
+        except NftError as e:  # e.g. a cgroup vanished mid-restore: the next event or poll retries
+            self.errors.append(str(e))

@@ -1,0 +1,135 @@
+"""The layout of a bpfwall table and the commands that build and change it.
+
+    table inet <table>
+      map ingress_level_N { type cgroupsv2 : verdict }     cgroup at depth N → goto unit chain
+      chain input_level_N  { hook input  priority N; socket cgroupv2 level N vmap @ingress_level_N }
+      map egress_level_N, chain output_level_N               the same on the output hook
+      counter <unit>/in.pass, <unit>/in.drop, …              per unit and direction
+      set <unit>/s.<name>.<key type>                         named sets (interval)
+      chain <unit>/in, <unit>/in.1, …                        the unit's filter (see lower/nft.py)
+
+One base chain per cgroup level in use, each with one rule: a packet costs one
+socket lookup and one map lookup per level, whatever the number of units. An
+`accept` ends only its own base chain, so a unit attached at one level passing
+a packet does not spare it the units of the other levels (as with cgroup_skb).
+Levels and maps exist only while a unit is attached at that depth.
+
+nft 1.0.6's JSON parser cannot express `socket cgroupv2` (it knows only the
+transparent, mark and wildcard keys), so the one dispatch rule per level is
+written in nft syntax from identifiers bpfwall made itself; everything else is
+JSON.
+"""
+from __future__ import annotations
+
+from . import expr as X
+from .names import BASE_CHAINS, HOOKS, level_map
+
+FAMILY = "inet"
+
+
+def _obj(table: str, **fields) -> dict:
+    return {"family": FAMILY, "table": table, **fields}
+
+
+def add_table(table: str) -> dict:
+    return {"add": {"table": {"family": FAMILY, "name": table}}}
+
+
+def delete_table(table: str) -> dict:
+    return {"delete": {"table": {"family": FAMILY, "name": table}}}
+
+
+def base_chain(direction: str, level: int) -> str:
+    return f"{BASE_CHAINS[direction]}_level_{level}"
+
+
+def add_level(table: str, direction: str, level: int) -> list:
+    """The map and the base chain of a level (JSON); the dispatch rule comes from level_rule_text."""
+    return [
+        {"add": {"map": _obj(table, name=level_map(direction, level), type="cgroupsv2", map="verdict")}},
+        {"add": {"chain": _obj(table, name=base_chain(direction, level), type="filter",
+                               hook=HOOKS[direction], prio=level, policy="accept")}},
+    ]
+
+
+def level_rule_text(table: str, direction: str, level: int) -> str:
+    """The dispatch rule of a level, idempotent (the chain is flushed first), in nft syntax."""
+    chain = base_chain(direction, level)
+    return (f"flush chain inet {table} {chain}\n"
+            f"add rule inet {table} {chain} socket cgroupv2 level {level} vmap @{level_map(direction, level)}\n")
+
+
+def level_text(table: str, direction: str, level: int) -> str:
+    """Map, base chain and dispatch rule of a level in one nft-syntax transaction (idempotent)."""
+    chain = base_chain(direction, level)
+    return (f"add table inet {table}\n"
+            f"add map inet {table} {level_map(direction, level)} {{ type cgroupsv2 : verdict; }}\n"
+            f"add chain inet {table} {chain} {{ type filter hook {HOOKS[direction]} priority {level}; "
+            f"policy accept; }}\n" + level_rule_text(table, direction, level))
+
+
+def remove_level(table: str, direction: str, level: int) -> list:
+    return [{"delete": {"chain": _obj(table, name=base_chain(direction, level))}},
+            {"delete": {"map": _obj(table, name=level_map(direction, level))}}]
+
+
+def flush_map(table: str, direction: str, level: int) -> dict:
+    return {"flush": {"map": _obj(table, name=level_map(direction, level))}}
+
+
+def add_elements(table: str, direction: str, level: int, pairs) -> dict:
+    """Map elements: (cgroup path relative to the cgroup2 root, unit entry chain)."""
+    return {"add": {"element": _obj(table, name=level_map(direction, level),
+                                    elem=[[path, X.goto(chain)] for path, chain in pairs])}}
+
+
+def delete_elements(table: str, direction: str, level: int, paths) -> dict:
+    return {"delete": {"element": _obj(table, name=level_map(direction, level), elem=list(paths))}}
+
+
+# -- a unit's objects ------------------------------------------------------------
+
+def render_unit(table: str, rendered: dict, old: dict) -> list:
+    """Commands that replace a unit's objects `old` ({"chains", "sets", "counters"} names)
+    with `rendered` ({"chains": {name: rules}, "sets": {name: (nft type, elements)},
+    "counters": [names]}) in one transaction. Counters that stay keep their values."""
+    cmds = []
+    old_chains, old_sets, old_counters = (set(old.get(k, ())) for k in ("chains", "sets", "counters"))
+    for name in rendered["counters"]:
+        if name not in old_counters:
+            cmds.append({"add": {"counter": _obj(table, name=name)}})
+    for name in old.get("chains", ()):  # drop every old rule first: nothing refers to old objects then
+        cmds.append({"flush": {"chain": _obj(table, name=name)}})
+    for name in rendered["chains"]:
+        if name not in old_chains:
+            cmds.append({"add": {"chain": _obj(table, name=name)}})
+    for name, (nft_type, elements) in rendered["sets"].items():
+        if name in old_sets:
+            cmds.append({"flush": {"set": _obj(table, name=name)}})
+        else:
+            cmds.append({"add": {"set": _obj(table, name=name, type=nft_type, flags=["interval"])}})
+        if elements:
+            cmds.append({"add": {"element": _obj(table, name=name, elem=elements)}})
+    for name, rules in rendered["chains"].items():
+        for rule in rules:
+            cmds.append({"add": {"rule": _obj(table, chain=name, expr=rule)}})
+    cmds.extend(remove_unit_objects(table, {
+        "chains": [c for c in old.get("chains", ()) if c not in rendered["chains"]],
+        "sets": [s for s in old.get("sets", ()) if s not in rendered["sets"]],
+        "counters": [c for c in old.get("counters", ()) if c not in rendered["counters"]],
+    }, flush=False))
+    return cmds
+
+
+def remove_unit_objects(table: str, objects: dict, flush: bool = True) -> list:
+    chains = objects.get("chains", ())
+    cmds = [{"flush": {"chain": _obj(table, name=c)}} for c in chains] if flush else []
+    cmds += [{"delete": {"chain": _obj(table, name=c)}} for c in chains]
+    cmds += [{"delete": {"set": _obj(table, name=s)}} for s in objects.get("sets", ())]
+    cmds += [{"delete": {"counter": _obj(table, name=c)}} for c in objects.get("counters", ())]
+    return cmds
+
+
+def objects_of(rendered: dict) -> dict:
+    return {"chains": list(rendered["chains"]), "sets": list(rendered["sets"]),
+            "counters": list(rendered["counters"])}
