@@ -21,16 +21,18 @@ from __future__ import annotations
 import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
-from bpfwall.backends import bpf
+from bpfwall.backends import bpf, nft
 from bpfwall.build import UnitProgram
 from bpfwall.lang.checker import analyze
 from bpfwall.lang.evaluator import evaluate
 from bpfwall.lang.packet import parse_packet
+from bpfwall.nft import runner as nft_runner
 from bpfwall.sandbox import TempCgroup
 from tests.kernel.realpackets import Exchange, NetNamespace, PacketSpec, batches
 from tests.strategies import expressions, param_values, set_values
@@ -64,14 +66,32 @@ class Backend:
 
 @pytest.fixture(scope="module")
 def world():
-    """A private network namespace (this thread inside it) and one policed cgroup."""
+    """A private network namespace (this thread inside it) and one policed cgroup.
+
+    nft rules belong to a network namespace: the nft backend's libnftables worker is
+    restarted inside ours, and again outside it afterwards."""
     with NetNamespace() as netns, TempCgroup("bpfwall-test") as cg:
-        yield netns, cg
+        nft_runner.reset()
+        try:
+            yield netns, cg
+        finally:
+            nft_runner.reset()
 
 
 @pytest.fixture
-def backends(pin_root) -> list[Backend]:
-    return [Backend("bpf", bpf, pin_root)]
+def nft_table(world, tmp_path, monkeypatch):
+    """A table of our own (in the test's namespace), its state file under tmp_path; deleted after."""
+    monkeypatch.setenv("BPFWALL_NFT_STATE_DIR", str(tmp_path / "nft-state"))
+    table = f"bpfwall-test-{uuid.uuid4().hex[:10]}"
+    try:
+        yield table
+    finally:
+        nft.destroy(table)
+
+
+@pytest.fixture
+def backends(pin_root, nft_table) -> list[Backend]:
+    return [Backend("bpf", bpf, pin_root), Backend("nft", nft, nft_table)]
 
 
 @st.composite
@@ -129,7 +149,7 @@ def test_backends_agree_with_reference(world, backends, scenario):
 def test_enough_cases_ran():
     """Runs after the property test (file order): the comparison happened at scale, on every backend."""
     print(f"parity cases: {_cases}")
-    for name in ("bpf",):
+    for name in ("bpf", "nft"):
         count = _cases["by_backend"].get(name, 0)
         assert count >= MIN_CASES, f"only {count} cases compared on {name} ({_cases})"
 
