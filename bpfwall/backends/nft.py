@@ -187,11 +187,12 @@ def _live_chains(table: str) -> set[str] | None:
     return found if exists else None
 
 
-def healthy(table: str, state: dict) -> bool:
-    """Every chain the state says we rendered (and every level's base chain) exists."""
+def healthy(table: str, state: dict, live: set | None = None) -> bool:
+    """Every chain the state says we rendered (and every level's base chain) exists
+    (`live`: the table's chains, when the caller listed them already)."""
     if not state["units"]:
         return True
-    live = _live_chains(table)
+    live = _live_chains(table) if live is None else live
     if live is None:
         return False
     wanted = {layout.base_chain(d, level) for d, level in _levels(state)}
@@ -224,12 +225,16 @@ def _rebuild(table: str, state: dict) -> None:
                       f"restoring the dispatch rules of table inet {table}")
 
 
-def _ensure(table: str, state: dict) -> bool:
-    """Restore the table when it is missing or damaged; True if it was."""
-    if healthy(table, state):
-        return False
+def _ensure(table: str, state: dict) -> set:
+    """Restore the table when it is missing or damaged; the names of its chains now (the
+    state lock is held, so they stay valid for the caller's change)."""
+    live = _live_chains(table)
+    if live is not None and healthy(table, state, live):
+        return live
+    if not state["units"]:
+        return live or set()
     _rebuild(table, state)
-    return True
+    return _live_chains(table) or set()
 
 
 def restore(table: str) -> dict:
@@ -246,8 +251,9 @@ def restore_if_needed(table: str) -> bool:
     sf = StateFile(table)
     with sf.locked():
         state = sf.load()
-        if not _ensure(table, state):
+        if healthy(table, state):
             return False
+        _rebuild(table, state)
         sf.save(state)
         return True
 
@@ -296,7 +302,7 @@ def load(table: str, unit: str, program, params: dict | None = None, sets: dict 
     sf = StateFile(table)
     with sf.locked():
         state = sf.load()
-        _ensure(table, state)
+        live = _ensure(table, state)
         old = state["units"].get(unit)
         old_sets = old["sets"] if old else {}
         new = {
@@ -343,7 +349,7 @@ def load(table: str, unit: str, program, params: dict | None = None, sets: dict 
                 cmds.append(layout.add_elements(table, d, a["level"], [(a["cgroup"], names.chain(d))]))
             a["directions"] = sorted(after)
         result.detached = [(os.path.join(cg.cgroup2_mount(), c), d) for c, d in result.detached]
-        _apply(table, state, cmds, new_levels - _levels_without(state, unit), f"loading {unit}")
+        _apply(table, state, live, cmds, new_levels - _levels_without(state, unit), f"loading {unit}")
         new["objects"] = layout.objects_of(rendered)
         sf.save(state)
     return result
@@ -353,9 +359,9 @@ def _levels_without(state: dict, unit: str) -> set:
     return _levels({"units": {n: u for n, u in state["units"].items() if n != unit}})
 
 
-def _live_levels(table: str) -> set[tuple[str, int]]:
+def _live_levels(live: set) -> set[tuple[str, int]]:
     levels = set()
-    for name in _live_chains(table) or ():
+    for name in live:
         for direction in DIRECTIONS:
             prefix = layout.base_chain(direction, 0)[:-1]
             if name.startswith(prefix) and name[len(prefix):].isdigit():
@@ -363,13 +369,13 @@ def _live_levels(table: str) -> set[tuple[str, int]]:
     return levels
 
 
-def _apply(table: str, state: dict, cmds: list, new_levels, what: str) -> None:
+def _apply(table: str, state: dict, live: set, cmds: list, new_levels, what: str) -> None:
     """Create the levels `new_levels` (nft syntax: their dispatch rule), then run `cmds` in one
     JSON transaction that also removes levels nothing is attached at any more. If that
     transaction fails, the levels just created are removed again."""
     for direction, level in sorted(new_levels):
         runner().text(layout.level_text(table, direction, level), what)
-    for direction, level in sorted(_live_levels(table) - _levels(state) - set(new_levels)):
+    for direction, level in sorted(_live_levels(live) - _levels(state) - set(new_levels)):
         cmds.append(layout.flush_map(table, direction, level))
         cmds += layout.remove_level(table, direction, level)
     try:
@@ -386,17 +392,16 @@ def _apply(table: str, state: dict, cmds: list, new_levels, what: str) -> None:
 def unload(table: str, unit: str) -> list:
     """Detach the unit everywhere and remove its objects; the table goes with the last unit."""
     with _changing(table, unit) as (sf, state, u):
-        _ensure(table, state)
+        live = _ensure(table, state)
         detached = [(os.path.join(cg.cgroup2_mount(), a["cgroup"]), d) for a in u["attached"] for d in a["directions"]]
         del state["units"][unit]
         if not state["units"]:
-            cmds = [layout.delete_table(table)] if _live_chains(table) is not None else []
-            if cmds:
-                runner().json(cmds, f"unloading {unit}")
+            if _live_chains(table) is not None:
+                runner().json([layout.delete_table(table)], f"unloading {unit}")
         else:
             cmds = _element_removals(table, state, unit, u["attached"])
             cmds += layout.remove_unit_objects(table, u["objects"])
-            _apply(table, state, cmds, set(), f"unloading {unit}")
+            _apply(table, state, live, cmds, set(), f"unloading {unit}")
         sf.save(state)
     return detached
 
@@ -435,7 +440,6 @@ def attach(table: str, unit: str, cgroup_path: str) -> dict[str, bool]:
                 if other != unit and a["cgroup"] == rel and shared and _alive(a):
                     raise NftError(f"cgroup {absolute} already has unit {other} attached ({', '.join(sorted(shared))}); "
                                    "the nft backend filters a cgroup with one unit: detach it first")
-        _ensure(table, state)
         stale = [a for a in u["attached"] if a["cgroup"] == rel]
         u["attached"] = [a for a in u["attached"] if a["cgroup"] != rel]
         cmds = _element_removals(table, state, unit, stale)
@@ -443,8 +447,20 @@ def attach(table: str, unit: str, cgroup_path: str) -> dict[str, bool]:
         for d in directions:
             cmds.append(layout.add_elements(table, d, level, [(rel, names.chain(d))]))
         new_levels = {(d, level) for d in directions} - _levels(state)
-        u["attached"].append({"cgroup": rel, "level": level, "id": cid, "directions": directions})
-        _apply(table, state, cmds, new_levels, f"attaching {unit} to {absolute}")
+        record = {"cgroup": rel, "level": level, "id": cid, "directions": directions}
+        what = f"attaching {unit} to {absolute}"
+        # The watcher's hot path: no health check first (an attach only adds, so no level can
+        # empty). If the table was damaged the transaction fails: restore, then run it again.
+        try:
+            _apply(table, state, set(), list(cmds), new_levels, what)
+        except NftError:
+            if not _alive(record):
+                raise NftError(f"no such cgroup: {absolute} (it vanished while being attached)") from None
+            if healthy(table, state):
+                raise
+            _rebuild(table, state)
+            _apply(table, state, set(), cmds, new_levels, what)
+        u["attached"].append(record)
         sf.save(state)
     return {d: True for d in directions}
 
@@ -457,9 +473,9 @@ def detach(table: str, unit: str, cgroup_path: str) -> dict[str, bool]:
         if not records:
             _resolve(cgroup_path)  # a cgroup that does not exist is an error, as with the BPF backend
             return {d: False for d in _directions(u)}
-        _ensure(table, state)
+        live = _ensure(table, state)
         u["attached"] = [a for a in u["attached"] if a["cgroup"] != rel]
-        _apply(table, state, _element_removals(table, state, unit, records), set(), f"detaching {unit}")
+        _apply(table, state, live, _element_removals(table, state, unit, records), set(), f"detaching {unit}")
         sf.save(state)
     return {d: any(d in a["directions"] for a in records) for d in _directions(u)}
 

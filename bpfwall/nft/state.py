@@ -68,8 +68,9 @@ class StateFile:
             self.remove()
             return
         tmp = f"{self.path}.tmp{os.getpid()}"
+        text = json.dumps(state, separators=(",", ":"))  # one C-encoder call; json.dump streams in Python
         with open(tmp, "w") as f:
-            json.dump(state, f, sort_keys=True)
+            f.write(text)
         os.replace(tmp, self.path)
 
     def remove(self) -> None:
