@@ -314,6 +314,113 @@ def _socket_in(path: str) -> socket.socket:
     return s
 
 
+def _low_port_sockets(family, addresses_ports) -> list[socket.socket]:
+    """UDP sockets bound (SO_REUSEPORT, so a sender may share a receiver's port) to low ports,
+    shifted together until all are free: `len` and ports can meet there."""
+    for shift in range(0, 400, 7):
+        out = []
+        try:
+            for addr, port in addresses_ports:
+                s = socket.socket(family, socket.SOCK_DGRAM)
+                out.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                s.bind((addr, port + shift))
+            return out
+        except OSError:
+            for s in out:
+                s.close()
+    raise RuntimeError("no free low UDP ports")
+
+
+RELATIONS = ["src_port < dst_port", "src_port == dst_port", "dst_port >= src_port", "len < dst_port",
+             "len >= src_port", "dst_port <= len", "len == src_port", "saddr == daddr",
+             "local_addr != remote_addr", "len in @s || dst_port in @s", "src_port > $p && len <= $p",
+             "!(dst_port in 1000..1200) && len != $p", "icmp_type < icmp_code || len > icmp_type"]
+
+
+@pytest.mark.parametrize("host,family", [V4, V6], ids=["ipv4", "ipv6"])
+def test_relations_agree_with_the_evaluator_on_real_packets(table, temp_cgroup, host, family):
+    """The lowerings nft cannot check for us (byte-pair concatenated sets, `meta length >> 8`
+    in interval sets, raw header offsets, param folding) against the reference evaluator,
+    on real datagrams whose length crosses the port numbers."""
+    from bpfwall.lang.checker import analyze
+    from bpfwall.lang.evaluator import evaluate
+    from bpfwall.lang.packet import parse_packet
+    from tests.unit import packets as pk
+
+    other = "127.0.0.2" if family == socket.AF_INET else host  # saddr == daddr both ways on IPv4
+    receivers = _low_port_sockets(family, [(host, 1100), (host, 1137), (host, 1240)])
+    with temp_cgroup.entered():  # equal to, between and above the receivers' ports
+        senders = _low_port_sockets(family, [(host, 1100), (other, 1160), (host, 1300)])
+    params, sets = {"p": 1200}, {"s": [1150, (1200, 1250)]}
+    unit, checked, outcomes = "rel.service", 0, set()
+    try:
+        for i, expr in enumerate(RELATIONS):
+            prog = program(egress=expr)
+            nft.load(table, unit, prog, params={n: params[n] for n in prog.params},
+                     sets={n: sets[n] for n in prog.sets})
+            if i == 0:
+                nft.attach(table, unit, temp_cgroup.path)
+            tree = analyze(expr).expr
+            for tx in senders:
+                for rx in receivers:
+                    (saddr, sport), dport = tx.getsockname()[:2], rx.getsockname()[1]
+                    for size in (1060, dport - 28, dport - 48, dport - 47, 1200 - 28):
+                        payload = b"x" * max(size, 0)
+                        try:
+                            tx.sendto(payload, (host, dport))
+                            passed = True
+                        except PermissionError:
+                            passed = False
+                        ip = pk.ipv4 if family == socket.AF_INET else pk.ipv6
+                        packet = ip(saddr, host, pk.UDP, pk.udp(sport, dport, payload))
+                        expected = evaluate(tree, parse_packet(packet), "egress", params, sets)
+                        assert passed == expected, (expr, sport, dport, len(packet))
+                        outcomes.add((expr, passed))
+                        checked += 1
+    finally:
+        for s in receivers + senders:
+            s.close()
+    assert checked == len(RELATIONS) * 9 * 5
+    decided_both_ways = {e for e in RELATIONS if (e, True) in outcomes and (e, False) in outcomes}
+    constant = {"icmp_type < icmp_code || len > icmp_type"}  # UDP: icmp fields read 0, len > 0
+    if family == socket.AF_INET6:
+        constant |= {"saddr == daddr", "local_addr != remote_addr"}  # only ::1 to ::1
+    assert decided_both_ways == set(RELATIONS) - constant
+
+
+def test_icmp_relations_agree_with_the_evaluator(table, temp_cgroup):
+    from bpfwall.lang.checker import analyze
+    from bpfwall.lang.evaluator import evaluate
+    from bpfwall.lang.packet import parse_packet
+    from tests.unit import packets as pk
+
+    exprs = ["icmp_type < icmp_code", "len > icmp_type", "icmp_code == len", "icmp_type in @s",
+             "icmp_type >= icmp_code && dst_port == 0", "len <= icmp_code || icmp_type == $p"]
+    outcomes = set()
+    with temp_cgroup.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+        for i, expr in enumerate(exprs):
+            prog = program(egress=expr)
+            nft.load(table, "icmp.service", prog, params={"p": 40} if prog.params else {},
+                     sets={"s": [(30, 45), 200]} if prog.sets else {})
+            if i == 0:
+                nft.attach(table, "icmp.service", temp_cgroup.path)
+            tree = analyze(expr).expr
+            for type_, code, size in ((8, 0, 0), (40, 41, 2), (41, 40, 13), (30, 60, 20), (200, 29, 2),
+                                      (0, 255, 200), (255, 0, 300), (44, 44, 16)):
+                message = pk.icmp(type_, code) + b"\0" * size
+                try:
+                    s.sendto(message, ("127.0.0.1", 0))
+                    passed = True
+                except PermissionError:
+                    passed = False
+                expected = evaluate(tree, parse_packet(pk.ipv4("127.0.0.1", "127.0.0.1", pk.ICMP, message)),
+                                    "egress", {"p": 40}, {"s": [(30, 45), 200]})
+                assert passed == expected, (expr, type_, code, 28 + size)
+                outcomes.add((expr, passed))
+    assert len(outcomes) == 2 * len(exprs)  # every expression both passed and dropped something
+
+
 # -- layout -----------------------------------------------------------------------
 
 def _rules(table: str, chain: str) -> list:
