@@ -26,6 +26,7 @@ import struct
 import subprocess
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from hypothesis import strategies as st
@@ -64,16 +65,17 @@ def _setns(fd: int) -> None:
 
 
 class NetNamespace:
-    """A uniquely named network namespace that this thread lives in while the context is open."""
+    """A uniquely named network namespace; this thread lives in it while the context is open
+    (or while `entered()` is, for a namespace made with `create()`)."""
 
     def __init__(self, prefix: str = "bpfwall-test"):
         self.name = f"{prefix}-{uuid.uuid4().hex[:10]}"
-        self._home = None
+        self._homes: list[int] = []
 
     def _ip(self, *args: str) -> None:
         subprocess.run(["ip", "-n", self.name, *args], check=True, capture_output=True)
 
-    def __enter__(self) -> "NetNamespace":
+    def create(self) -> "NetNamespace":
         subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True)
         try:
             self._ip("link", "set", "lo", "up")
@@ -85,23 +87,57 @@ class NetNamespace:
             sysctls = {"net.ipv4.ping_group_range": "0 0", **TCP_SYSCTLS}
             subprocess.run(["ip", "netns", "exec", self.name, "sysctl", "-q",
                             *(f"{k}={v}" for k, v in sysctls.items())], check=True, capture_output=True)
-            self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+    def enter(self) -> None:
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
             fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
             try:
                 _setns(fd)
             finally:
                 os.close(fd)
         except BaseException:
-            self.__exit__()
+            os.close(home)
+            raise
+        self._homes.append(home)
+
+    def leave(self) -> None:
+        home = self._homes.pop()
+        try:
+            _setns(home)
+        finally:
+            os.close(home)
+
+    @contextmanager
+    def entered(self):
+        self.enter()
+        try:
+            yield self
+        finally:
+            self.leave()
+
+    def __enter__(self) -> "NetNamespace":
+        self.create()
+        try:
+            self.enter()
+        except BaseException:
+            self.remove()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._home is not None:
-            _setns(self._home)
-            os.close(self._home)
-            self._home = None
-        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+        try:
+            while self._homes:
+                self.leave()
+        finally:
+            self.remove()
 
 
 # -- one packet -------------------------------------------------------------------
