@@ -492,16 +492,43 @@ def nnf(f: Formula, negate: bool = False) -> Formula:
     return and_(*children) if conjunction else or_(*children)
 
 
-def _conj(atoms) -> list:
-    """The matches of several atoms as one rule, duplicates dropped."""
-    seen, out = set(), []
+_PAIRS = frozenset((l3, l4) for l3 in ("ipv4", "ipv6") for l4 in ("tcp", "udp", "icmp", "ipv6-icmp", None))
+_HEADER_PAIRS = {"ip": "ipv4", "ip6": "ipv6", "icmp": ("ipv4", "icmp"), "icmpv6": ("ipv6", "ipv6-icmp")}
+
+
+def _allows(m) -> frozenset:
+    """The (family, L4 protocol) pairs a match leaves possible (all, for what it does not restrict)."""
+    body = m["match"]
+    left, right = body["left"], body["right"]
+    values = right["set"] if isinstance(right, dict) and "set" in right else [right]
+    if left == X.meta("nfproto"):
+        return frozenset(p for p in _PAIRS if p[0] in values)
+    if left == X.meta("l4proto"):
+        return frozenset(p for p in _PAIRS if p[1] in values)
+    if left == X.concat(X.meta("nfproto"), X.meta("l4proto")):
+        return frozenset(tuple(v["concat"]) for v in values)
+    protocol = left.get("payload", {}).get("protocol") if isinstance(left, dict) else None
+    need = _HEADER_PAIRS.get(protocol)
+    if isinstance(need, str):
+        return frozenset(p for p in _PAIRS if p[0] == need)
+    if need is not None:
+        return frozenset([need])
+    return _PAIRS
+
+
+def _conj(atoms) -> list | None:
+    """The matches of several atoms as one rule, duplicates dropped; None when no packet can
+    satisfy them all (two families, two L4 protocols): nft refuses some such rules
+    ("conflicting protocols specified: ip vs. ip6"), and all of them never match."""
+    seen, out, possible = set(), [], _PAIRS
     for a in atoms:
         for m in a.matches:
             k = X.key(m)
             if k not in seen:
                 seen.add(k)
                 out.append(m)
-    return out
+                possible = possible & _allows(m)
+    return out if possible else None
 
 
 @dataclass
@@ -663,8 +690,9 @@ class _Compiler:
                 go = Exit((X.goto(nxt),), False)
                 self.gen(sub, go, e, chain) if conjunction else self.gen(sub, t, go, chain)
                 chain = nxt
-        if last:
-            self.out.add(chain, _conj(last) + list(final.actions))
+        rule = _conj(last) if last else None
+        if rule is not None:
+            self.out.add(chain, rule + list(final.actions))
         self.out.add(chain, decide.actions if last else final.actions)
 
 

@@ -125,8 +125,30 @@ def match_holds(m, pkt: Packet, named_sets: dict) -> bool:
     return element_holds(right, got)
 
 
+_L3_OF = {"ip": "ip", "ip6": "ip6", "icmp": "ip", "icmpv6": "ip6"}
+
+
+def check_nft_accepts(rule) -> None:
+    """What nft 1.0.6 refuses in one rule ("conflicting protocols specified"): headers of both
+    IP families, both ICMPs, or an ICMP header after `meta l4proto` named another protocol."""
+    headers = [x["match"]["left"]["payload"]["protocol"] for x in rule
+               if "match" in x and isinstance(x["match"]["left"], dict)
+               and "protocol" in x["match"]["left"].get("payload", {})]
+    families = {_L3_OF[h] for h in headers if h in _L3_OF}
+    assert len(families) <= 1, f"nft refuses ip with ip6: {rule}"
+    assert not {"icmp", "icmpv6"} <= set(headers), f"nft refuses icmp with icmpv6: {rule}"
+    l4 = [x["match"]["right"] for x in rule if "match" in x and x["match"]["left"] == {"meta": {"key": "l4proto"}}
+          and isinstance(x["match"]["right"], str)]
+    for h in headers:
+        if h in ("icmp", "icmpv6"):
+            assert all(v == ("icmp" if h == "icmp" else "ipv6-icmp") for v in l4), f"nft refuses {l4} with {h}: {rule}"
+
+
 def run(chains, packet: bytes, named_sets: dict) -> tuple[str, str]:
     """(counter name, final verdict) for one packet through lowered Chains."""
+    for rules in chains.rules.values():
+        for rule in rules:
+            check_nft_accepts(rule)
     pkt = Packet(packet)
     chain, position, stack, hops = chains.names[0], 0, [], 0
     while True:
