@@ -15,6 +15,8 @@ from bpfwall.lang.evaluator import evaluate
 from bpfwall.lang.packet import parse_packet
 from bpfwall.lower import nft as L
 from bpfwall.nft import expr as X
+from bpfwall.nft import formula as F
+from bpfwall.nft.chains import MAX_CHAIN_LEVEL
 from bpfwall.nft.errors import NftError
 from bpfwall.nft.names import UnitNames, check_table, unit_key
 from tests import strategies as S
@@ -157,7 +159,7 @@ def test_too_deep_is_one_clear_error():
         cls = ast.And if depth % 2 else ast.Or
         return cls((sub, ast.Not(sub, 1), ast.Field("tcp", 1)), 1)
 
-    assert 1 + L.lower(tree(5), "ingress", NAMES).chains.depth() <= L.MAX_CHAIN_LEVEL
+    assert 1 + L.lower(tree(5), "ingress", NAMES).chains.depth() <= MAX_CHAIN_LEVEL
     with pytest.raises(NftError, match="levels of nft chains"):
         L.lower(tree(6), "ingress", NAMES)
 
@@ -247,7 +249,7 @@ def test_same_verdicts_as_the_evaluator(tree, packets, params, sets, direction):
 def test_depth_of_generated_expressions(tree):
     """The generated expressions (up to 12 leaves) all fit the kernel's chain depth."""
     low = L.lower(tree, "ingress", NAMES)
-    assert 1 + low.chains.depth() <= L.MAX_CHAIN_LEVEL
+    assert 1 + low.chains.depth() <= MAX_CHAIN_LEVEL
 
 
 def test_model_agrees_on_handwritten_packets():
@@ -263,9 +265,8 @@ def test_model_agrees_on_handwritten_packets():
 
 
 def test_formula_constructors_simplify():
-    a = L.atom(X.match(X.meta("nfproto"), "ipv4"))
-    assert L.and_(L.TRUE, a) is a and L.and_(L.FALSE, a) is L.FALSE
-    assert L.or_(L.FALSE, a) is a and L.or_(L.TRUE, a) is L.TRUE
-    assert L.not_(L.not_(a)) is a
-    assert isinstance(L.nnf(L.not_(L.and_(a, L.not_(a)))), L.Or)
-    assert isinstance(ast.BoolConst(True, 1), ast.BoolConst)
+    a = F.atom(X.match(X.meta("nfproto"), "ipv4"))
+    assert F.and_(F.TRUE, a) is a and F.and_(F.FALSE, a) is F.FALSE
+    assert F.or_(F.FALSE, a) is a and F.or_(F.TRUE, a) is F.TRUE
+    assert F.not_(F.not_(a)) is a
+    assert isinstance(F.nnf(F.not_(F.and_(a, F.not_(a)))), F.Or)
