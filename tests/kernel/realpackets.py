@@ -50,6 +50,8 @@ TCP_SYSCTLS = {"net.ipv4.tcp_timestamps": "1", "net.ipv4.tcp_sack": "1", "net.ip
 KINDS = ("udp", "tcp", "ping", "icmp")  # ping: an echo request from a ping socket; icmp: a raw ICMP socket
 INGRESS_KINDS = ("udp", "tcp")  # nft's `socket cgroupv2` finds no socket for incoming ICMP
 SO_RCVBUFFORCE = 33
+IPV6_DSTOPTS = 59  # Linux; the socket module does not export it
+IP_OPTION_SIZES, DSTOPT_SIZES = [4, 8, 40], [8, 16, 24]
 
 
 # -- the namespace --------------------------------------------------------------
@@ -153,6 +155,7 @@ class PacketSpec:
     payload: int = 0   # bytes after the L4 header (a SYN carries none)
     icmp_type: int = 0
     icmp_code: int = 0
+    options: int = 0   # TCP/UDP: bytes of IPv4 options, or of an IPv6 destination-options header
 
     @property
     def proto(self) -> int:
@@ -168,13 +171,26 @@ class PacketSpec:
         ports = (self.sport, self.dport) if self.kind in ("udp", "tcp") else (0, 0)
         icmp = (self.icmp_type, self.icmp_code) if self.kind in ("ping", "icmp") else (0, 0)
         return PacketFields(self.family, self.proto, True, *ports, *icmp,
-                            IP_HEADER[self.family] + self.l4_header() + self.payload,
+                            IP_HEADER[self.family] + self.options + self.l4_header() + self.payload,
                             ipaddress.ip_address(self.saddr), ipaddress.ip_address(self.daddr))
 
     def describe(self) -> str:
         where = f"{self.saddr}:{self.sport} -> {self.daddr}:{self.dport}" if self.kind in ("udp", "tcp") \
             else f"{self.saddr} -> {self.daddr} type {self.icmp_type} code {self.icmp_code}"
-        return f"{self.kind}/v{self.family} {where}, len {self.fields().length}"
+        extra = f" ({self.options} bytes of {'IP options' if self.family == 4 else 'destination options'})" \
+            if self.options else ""
+        return f"{self.kind}/v{self.family} {where}, len {self.fields().length}{extra}"
+
+    def sockopt(self) -> tuple[int, int, bytes] | None:
+        """The socket option that makes the kernel add this spec's header options."""
+        if not self.options:
+            return None
+        if self.family == 4:  # NOPs, then end of options
+            return socket.IPPROTO_IP, socket.IP_OPTIONS, b"\x01" * (self.options - 1) + b"\x00"
+        # One option the receiver skips (type 0x1e: experimental, action "skip"); long runs of
+        # padding alone are dropped on receipt (more than 7 pad bytes is malformed for Linux).
+        return (socket.IPPROTO_IPV6, IPV6_DSTOPTS,
+                bytes([0, self.options // 8 - 1, 0x1E, self.options - 4]) + bytes(self.options - 4))
 
 
 # -- hypothesis strategies -------------------------------------------------------
@@ -201,7 +217,8 @@ def packet_specs(draw, kinds=KINDS) -> PacketSpec:
     if kind in ("udp", "tcp"):
         port = mostly(st.sampled_from(_PORTS), st.integers(1, 65535))
         payload = draw(mostly(st.sampled_from(_PAYLOADS), st.integers(0, 1600))) if kind == "udp" else 0
-        return PacketSpec(kind, family, saddr, daddr, draw(port), draw(port), payload)
+        options = draw(mostly(st.just(0), st.sampled_from(IP_OPTION_SIZES if family == 4 else DSTOPT_SIZES)))
+        return PacketSpec(kind, family, saddr, daddr, draw(port), draw(port), payload, options=options)
     payload = draw(mostly(st.sampled_from(_PAYLOADS), st.integers(0, 1600)))
     if kind == "ping":
         return PacketSpec(kind, family, saddr, daddr, payload=payload, icmp_type=8 if family == 4 else 128)
@@ -214,10 +231,11 @@ def packet_specs(draw, kinds=KINDS) -> PacketSpec:
 def compatible(batch: list[PacketSpec]) -> list[PacketSpec]:
     """The specs that can share one batch, in order (see Exchange for the sockets each needs).
 
-    A (proto, address, port) is either a sending or a receiving socket, never both; a UDP
-    4-tuple and a TCP client endpoint occur once, so each packet is recognised on arrival.
+    A (proto, address, port) is either a sending socket (with one set of header options) or a
+    receiving one, never both; a UDP 4-tuple and a TCP client endpoint occur once, so each
+    packet is recognised on arrival.
     """
-    roles: dict[tuple, str] = {}
+    roles: dict[tuple, tuple] = {}
     tuples: set = set()
     kept = []
     for spec in batch:
@@ -226,11 +244,12 @@ def compatible(batch: list[PacketSpec]) -> list[PacketSpec]:
             continue
         src, dst = (spec.kind, spec.family, spec.saddr, spec.sport), (spec.kind, spec.family, spec.daddr, spec.dport)
         four = src + dst[2:]
-        if src == dst or roles.get(src, "tx") != "tx" or roles.get(dst, "rx") != "rx" or four in tuples:
+        tx, rx = ("tx", spec.options), ("rx", 0)
+        if src == dst or roles.get(src, tx) != tx or roles.get(dst, rx) != rx or four in tuples:
             continue
         if spec.kind == "tcp" and src in roles:  # a TCP client socket makes one connection
             continue
-        roles[src], roles[dst] = "tx", "rx"
+        roles[src], roles[dst] = tx, rx
         tuples.add(four)
         kept.append(spec)
     return kept
@@ -255,6 +274,16 @@ def _icmp_message(spec: PacketSpec, ident: int, seq: int) -> bytes:
     if spec.family == 4 and spec.kind == "icmp":
         body = body[:2] + struct.pack("!H", internet_checksum(body)) + body[4:]
     return body
+
+
+@dataclass(frozen=True)
+class _Socket:
+    inside: bool       # made inside the policed cgroup
+    family: int
+    type: int
+    proto: int
+    bind: tuple
+    sockopt: tuple | None = None
 
 
 class Exchange:
@@ -305,39 +334,33 @@ class Exchange:
 
     def _open(self) -> None:
         tx_inside, rx_inside = self._sides()
-        wanted = []  # (inside, key, family, type, proto, bind address) — inside ones made in one cgroup visit
+        wanted: dict[tuple, _Socket] = {}  # by key; several packets may share a socket
         for i, spec in enumerate(self.specs):
-            if spec.kind == "udp":
-                wanted.append((tx_inside, ("udp-tx", spec.family, spec.saddr, spec.sport), spec.family,
-                               socket.SOCK_DGRAM, 0, (spec.saddr, spec.sport)))
-                wanted.append((rx_inside, ("udp-rx", spec.family, spec.daddr, spec.dport), spec.family,
-                               socket.SOCK_DGRAM, 0, (spec.daddr, spec.dport)))
-            elif spec.kind == "tcp":
-                wanted.append((tx_inside, ("tcp-tx", i), spec.family, socket.SOCK_STREAM, 0,
-                               (spec.saddr, spec.sport)))
-                wanted.append((rx_inside, ("tcp-rx", spec.family, spec.daddr, spec.dport), spec.family,
-                               socket.SOCK_STREAM, 0, (spec.daddr, spec.dport)))
+            f, dgram = spec.family, socket.SOCK_DGRAM
+            icmp = socket.IPPROTO_ICMP if f == 4 else socket.IPPROTO_ICMPV6
+            if spec.kind in ("udp", "tcp"):
+                kind = dgram if spec.kind == "udp" else socket.SOCK_STREAM
+                tx_key = ("udp-tx", f, spec.saddr, spec.sport) if spec.kind == "udp" else ("tcp-tx", i)
+                wanted[tx_key] = _Socket(tx_inside, f, kind, 0, (spec.saddr, spec.sport), spec.sockopt())
+                wanted[(spec.kind + "-rx", f, spec.daddr, spec.dport)] = _Socket(rx_inside, f, kind, 0,
+                                                                                 (spec.daddr, spec.dport))
             elif spec.kind == "ping":
-                proto = socket.IPPROTO_ICMP if spec.family == 4 else socket.IPPROTO_ICMPV6
-                wanted.append((True, ("ping", i), spec.family, socket.SOCK_DGRAM, proto, (spec.saddr, 0)))
+                wanted[("ping", i)] = _Socket(True, f, dgram, icmp, (spec.saddr, 0))
             else:
-                proto = socket.IPPROTO_ICMP if spec.family == 4 else socket.IPPROTO_ICMPV6
-                wanted.append((True, ("raw", spec.family, spec.saddr), spec.family, socket.SOCK_RAW, proto,
-                               (spec.saddr, 0)))
+                wanted[("raw", f, spec.saddr)] = _Socket(True, f, socket.SOCK_RAW, icmp, (spec.saddr, 0))
         self.by_key: dict = {}
-        unique = {w[1]: w for w in wanted}
         for inside in (False, True):
-            todo = [w for w in unique.values() if w[0] == inside]
+            todo = [(k, w) for k, w in wanted.items() if w.inside == inside]
             if inside and todo:
                 with self.cgroup.entered():  # sockets belong to the cgroup they are created in
-                    made = [self._new(*w[2:5]) for w in todo]
+                    made = [self._new(w.family, w.type, w.proto) for _, w in todo]
             else:
-                made = [self._new(*w[2:5]) for w in todo]
-            for w, s in zip(todo, made):
-                self.by_key[w[1]] = s
+                made = [self._new(w.family, w.type, w.proto) for _, w in todo]
+            self.by_key.update((k, s) for (k, _), s in zip(todo, made))
         for key, s in self.by_key.items():
-            bind = unique[key][5]
-            s.bind(bind)
+            if wanted[key].sockopt:
+                s.setsockopt(*wanted[key].sockopt)
+            s.bind(wanted[key].bind)
             if key[0] == "tcp-rx":
                 s.listen(128)
             elif key[0] == "udp-rx":

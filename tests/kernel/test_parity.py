@@ -111,7 +111,11 @@ def run_backend(backend: Backend, cg, checked, direction, params, sets, specs) -
     """Load and attach `checked` for `direction`, send the batch, detach and unload: what arrived."""
     program = UnitProgram(checked if direction == "ingress" else None, checked if direction == "egress" else None)
     with Exchange(specs, direction, cg) as exchange:
-        backend.apply(program, params, sets, cg.path)
+        try:
+            backend.apply(program, params, sets, cg.path)
+        except Exception as e:  # a valid expression must load: that is a finding too
+            raise AssertionError(f"backend {backend.name} refused a valid {direction} filter: {e}\n"
+                                 f"  expression: {checked.text}\n  params: {params}  sets: {sets}") from e
         try:
             return exchange.run()
         finally:
@@ -129,7 +133,7 @@ def test_backends_agree_with_reference(world, backends, scenario):
     expected = [evaluate(checked.expr, s.fields(), direction, params, sets) for s in specs]
     _cases["expected_pass"] += sum(expected) * len(backends)
     for s in specs:
-        key = f"{direction}/{s.kind}/v{s.family}"
+        key = f"{direction}/{s.kind}/v{s.family}" + ("+options" if s.options else "")
         _cases["by_kind"][key] = _cases["by_kind"].get(key, 0) + len(backends)
     mismatches = []
     for backend in backends:
@@ -170,8 +174,12 @@ def _sniff_lo() -> socket.socket:
 WIRE_SAMPLES = [
     PacketSpec("udp", 4, "10.0.0.1", "10.0.0.2", 1024, 53, 0),
     PacketSpec("udp", 6, "2001:db8::1", "::1", 8080, 443, 37),
+    PacketSpec("udp", 4, "127.0.0.1", "10.1.2.3", 9, 53, 5, options=8),
+    PacketSpec("udp", 6, "::1", "2001:db8::2", 9, 53, 5, options=16),
     PacketSpec("tcp", 4, "127.3.4.5", "192.168.1.1", 22, 80),
     PacketSpec("tcp", 6, "2001:db8:1::5", "2001:db8::2", 65535, 1),
+    PacketSpec("tcp", 4, "10.0.0.1", "10.0.0.2", 2222, 80, options=40),
+    PacketSpec("tcp", 6, "2001:db8:1::5", "2001:db8::1", 2222, 80, options=24),
     PacketSpec("ping", 4, "10.1.2.3", "127.0.0.1", payload=56, icmp_type=8),
     PacketSpec("ping", 6, "::1", "2001:db8::1", payload=3, icmp_type=128),
     PacketSpec("icmp", 4, "10.0.0.2", "10.0.0.1", payload=0, icmp_type=11, icmp_code=1),
