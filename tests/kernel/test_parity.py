@@ -8,11 +8,15 @@ packet for real, across the cgroup boundary inside a private network namespace
 (realpackets.py), and whether it arrived is compared with
 `evaluate(expr, spec.fields(), direction, params, sets)`.
 
-UDP (v4, v6) and TCP (the SYN decides whether connect succeeds) go both ways.
-ICMP (echo requests from ping sockets, any type/code from raw sockets) goes out
-only: nft's input hook matches `socket cgroupv2` by looking up the receiving
-socket, and that lookup knows TCP and UDP only, so incoming ICMP is never
-policed by nft while cgroup_skb ingress sees it. That difference is by design.
+The namespace's loopback carries the hosts the expression strategies name
+(10.0.0.1, 2001:db8::2, …; any 127.0.0.0/8 address too), so address literals,
+CIDRs and address sets match real packets. UDP (v4, v6; some with IPv4 options or
+an IPv6 destination-options header) and TCP (the SYN decides whether connect
+succeeds) go both ways. ICMP (echo requests from ping sockets, any type/code
+from raw sockets) goes out only: nft's input hook matches `socket cgroupv2` by
+looking up the receiving socket, and that lookup knows TCP and UDP (and ICMP
+errors quoting them) only, so an incoming echo reply is not policed by nft while
+cgroup_skb ingress sees it. That difference is by design.
 
 BPFWALL_PARITY_EXAMPLES=300 for a longer soak; CI runs the default.
 """
