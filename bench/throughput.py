@@ -10,6 +10,7 @@ from one of them (egress) or to one of them (ingress). Configurations:
   nft         the nft backend: one table, one `socket cgroupv2 level N vmap` rule per level
   nft-linear  one `socket cgroupv2 level 2 "<path>" jump <unit chain>` rule per unit (the
               layout the vmap replaces: each rule costs a socket lookup on input)
+  nft-hooks   (optional) input/output base chains without rules: what any nft table costs
 
 The policed iperf3 end sits in the last unit, so a linear list walks every rule
 to find it, and the other end (outside every unit) walks every rule on input
@@ -233,6 +234,15 @@ class NftLinear(Config):
             self.present = False
 
 
+class NftHooks(NftLinear):
+    """Optional reference: the same input/output base chains with no rule at all, the floor
+    of any nft configuration (what hooking netfilter costs before the first match)."""
+    name = "nft-hooks"
+
+    def prepare(self, tree, n):
+        super().prepare(tree, 0)
+
+
 # -- one measurement -----------------------------------------------------------------
 
 def _server_ready(proc: subprocess.Popen, timeout: float = 10) -> None:
@@ -276,7 +286,8 @@ def iperf(tree: BenchTree, policed: int, direction: str, seconds: float) -> dict
 # -- the run -----------------------------------------------------------------------------
 
 def configurations(names: list[str], cache: pathlib.Path) -> list:
-    made = {"none": Config, "bpf": lambda: BpfUnits(cache), "nft": NftUnits, "nft-linear": NftLinear}
+    made = {"none": Config, "bpf": lambda: BpfUnits(cache), "nft": NftUnits, "nft-linear": NftLinear,
+            "nft-hooks": NftHooks}
     out = []
     try:
         for n in names:
@@ -366,7 +377,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--seconds", type=float, default=2)
     ap.add_argument("--directions", default="egress,ingress")
-    ap.add_argument("--configs", default="none,bpf,nft,nft-linear")
+    ap.add_argument("--configs", default="none,bpf,nft,nft-linear",
+                    help="comma-separated: none, bpf, nft, nft-linear, nft-hooks (base chains without rules)")
     args = ap.parse_args()
     if args.quick:
         args.units, args.rounds, args.seconds, args.directions = "1,100", 2, 1, "egress"
