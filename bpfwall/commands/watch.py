@@ -1,4 +1,5 @@
-"""`bpfwall watch`: the daemon that attaches the policy's programs to unit cgroups as they appear."""
+"""`bpfwall watch`: the daemon that attaches the policy's filters (bpf programs, nft elements)
+to unit cgroups as they appear."""
 from __future__ import annotations
 
 import os
@@ -27,12 +28,15 @@ def run(args) -> None:
     from ..watch.log import Log
     from ..watch.notify import Notifier
     from ..watch.state import DEFAULT_STATE_DIR
+    from .nft import table
 
     pin_root = getattr(args, "pin_root", None) or os.environ.get("BPFWALL_PIN_ROOT") or DEFAULT_PIN_ROOT
     cache = Path(args.cache_dir) if getattr(args, "cache_dir", None) else None
     root = cgroup.resolve(args.cgroup_root) if args.cgroup_root else cgroup.cgroup2_mount()
     state_dir = args.state_dir or os.environ.get("BPFWALL_STATE_DIR") or DEFAULT_STATE_DIR
-    watcher = Watcher(args.policy_dir, pin_root, root, state_dir, Log(args.verbose), Notifier(), cache)
+    # --table (a common option, default $BPFWALL_NFT_TABLE or "bpfwall"): where nft entries go.
+    watcher = Watcher(args.policy_dir, pin_root, root, state_dir, Log(args.verbose), Notifier(), cache,
+                      table=table(args))
     try:
         watcher.start(once=args.once)
         if not args.once:

@@ -1,12 +1,15 @@
-"""`bpfwall watch`: keep the policy's programs attached to every matching cgroup.
+"""`bpfwall watch`: keep the policy's filters on every matching cgroup.
 
-Start: load the policy, pin each entry's programs (reusing unchanged ones),
-then reconcile: walk the cgroup tree under the root, watching every directory
-with inotify, attaching where the policy matches and detaching our programs
-where it no longer does. Then wait in poll(2) on the inotify fd and on a pipe
-the signal handlers write to (signal.set_wakeup_fd): a new cgroup is attached
-as soon as its IN_CREATE is read; SIGHUP re-reads the policy; SIGTERM/SIGINT
-stop the watcher and leave every filter attached and pinned, still enforced.
+Start: load the policy, load each entry's filters (reusing unchanged ones):
+backend "bpf" pins programs, backend "nft" renders the unit into our nft table.
+Then reconcile: walk the cgroup tree under the root, watching every directory
+with inotify, attaching where the policy matches and detaching our filters
+where it no longer does. Then wait in poll(2) on the inotify fd, on a pipe the
+signal handlers write to (signal.set_wakeup_fd) and, when any entry uses nft,
+on the ruleset's netlink events (nftguard.py: a flushed or deleted table is
+restored): a new cgroup is attached as soon as its IN_CREATE is read; SIGHUP
+re-reads the policy; SIGTERM/SIGINT stop the watcher and leave every filter
+attached, still enforced.
 
 Cgroup paths given to the policy are relative to the watched root (the whole
 cgroup2 mount by default), e.g. "system.slice/nginx.service".
@@ -19,51 +22,49 @@ import signal
 
 from ..backends.bpf import BackendError
 from ..kernel.errors import KernelError
+from ..nft.errors import NftError
 from . import inotify as ino
 from .log import DEBUG, INFO, Log
+from .nftguard import TableGuard
+from .nftunits import NftUnits
 from .notify import Notifier
-from .state import Owned, State, WatchError
-from .units import BpfUnits, UnitHandle, is_gone
+from .state import State, WatchError
+from .units import BpfUnits, is_gone
 
 # cgroupfs (kernfs) sends no IN_DELETE_SELF on rmdir, and a watch pins the removed
 # directory's inode, so removals are taken from the parent's IN_DELETE and the
 # child's watch is dropped by hand. No IN_MOVED_*: cgroup2 refuses rename(2) (EPERM).
 WATCH_MASK = ino.IN_CREATE | ino.IN_DELETE | ino.IN_ONLYDIR | ino.IN_DELETE_SELF
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+BACKEND_ERRORS = (KernelError, BackendError, NftError)
 
 
 def load_policy_checked(policy_dir: str | None):
-    """The policy, refused as a whole if any entry cannot be served."""
+    """The policy, refused as a whole if it is invalid (only reads files)."""
     from ..policy import load_policy
 
-    policy = load_policy(directory=policy_dir)
-    for entry in policy.entries:
-        if entry.backend == "nft":
-            try:
-                from ..backends import nft  # noqa: F401  (written by another part of the project)
-            except ImportError:
-                raise WatchError(f"{entry.where}: {entry.name}: the nft backend is not available") from None
-            raise WatchError(f"{entry.where}: {entry.name}: bpfwall watch serves backend \"bpf\" "
-                             "entries only so far")
-    return policy
+    return load_policy(directory=policy_dir)
 
 
 class Watcher:
     def __init__(self, policy_dir: str | None, pin_root: str, cgroup_root: str, state_dir: str,
-                 log: Log, notifier: Notifier | None = None, cache=None):
+                 log: Log, notifier: Notifier | None = None, cache=None, table: str | None = None):
+        from ..backends.nft import default_table
+
         self.policy_dir = policy_dir
         self.root = cgroup_root
         self.log = log
         self.notifier = notifier or Notifier(None)
-        self.backend = BpfUnits(pin_root, cache)
+        self.backends = {"bpf": BpfUnits(pin_root, cache), "nft": NftUnits(table or default_table())}
         self.state = State(state_dir, pin_root)
         self.policy = None
-        self.units: dict[str, UnitHandle] = {}  # entry name → open programs
-        self.owner: dict[int, tuple[str, str]] = {}  # program id → (entry name, direction)
+        self.units: dict = {}  # entry name → UnitHandle (bpf) | NftUnit (nft)
         self.watches: dict[int, str] = {}  # inotify wd → cgroup path
         self.wd_of: dict[str, int] = {}    # cgroup path → inotify wd
-        self.attached: dict[str, str] = {}  # cgroup path → entry name whose programs it carries
+        self.attached: dict[str, str] = {}  # cgroup path → entry name whose filters it carries
         self.inotify: ino.Inotify | None = None
+        self.guard: TableGuard | None = None
+        self._table_locked = False
         self._sent_status = None
         self._signals: tuple[int, int, dict, int] | None = None  # pipe fds, previous handlers, wakeup fd
 
@@ -72,8 +73,9 @@ class Watcher:
     def rel(self, path: str) -> str:
         return os.path.relpath(path, self.root) if path != self.root else ""
 
-    def _index_programs(self) -> None:
-        self.owner = {pid: (name, d) for name, h in self.units.items() for d, pid in h.ids.items()}
+    @property
+    def table(self) -> str:
+        return self.backends["nft"].table
 
     @property
     def status(self) -> str:
@@ -86,42 +88,79 @@ class Watcher:
 
     # -- units ----------------------------------------------------------------
 
+    def _start_nft(self, policy, watching: bool) -> None:
+        """With an nft entry: nft must run here (checked before anything changes), one watcher
+        owns the table, and the guard keeps the table in place."""
+        if not any(e.backend == "nft" for e in policy.entries):
+            return
+        self.backends["nft"].check_runnable()
+        if not self._table_locked:
+            self.state.lock_table(self.table)
+            self._table_locked = True
+        if watching and self.guard is None:
+            self.guard = TableGuard(self.table, self.log)
+            self.guard.check()  # a table removed while no watcher ran comes back before any change
+
     def apply_policy(self, policy) -> None:
-        """Pin every entry's programs (compiling all first), unload entries that left."""
+        """Load every entry's filters (compiling/lowering all first); an entry that moved to the
+        other backend (or nft table) retires its old filters, removed by unload_removed()."""
         for entry in policy.entries:
-            self.backend.prepare(entry)  # a build error stops here, before any change
+            self.backends[entry.backend].prepare(entry)  # a build error stops here, before any change
         for entry in policy.entries:
+            adapter = self.backends[entry.backend]
             old = self.units.get(entry.name)
             if old is not None and old.fingerprint == entry.fingerprint():
                 continue
+            owned = self.state.units.get(entry.name)
+            moved = owned is not None and (owned.backend != entry.backend
+                                           or (entry.backend == "nft" and owned.table != self.table))
             try:
-                handle, how = self.backend.ensure(entry, self.state.units.get(entry.name))
+                handle, how = adapter.ensure(entry, None if moved else owned)
             except Exception as e:  # noqa: BLE001 — kernel, backend or build: the entry keeps what it had
                 if self.policy is None:
                     raise  # at start, a unit that cannot be loaded stops the watcher
-                self.log.error("load", f"{entry.name}: {e}; keeping its previous programs",
+                self.log.error("load", f"{entry.name}: {e}; keeping its previous filters",
                                unit=entry.name, file=entry.where)
                 continue
             if old is not None:
                 old.close()
+            if moved:
+                self.state.retired[entry.name] = owned
             self.units[entry.name] = handle
-            self.state.units[entry.name] = Owned(handle.fingerprint, self.backend.backend, dict(handle.ids))
+            self.state.units[entry.name] = adapter.owned(handle)
             self.state.write()
-            self.log.event("load", f"{entry.name}: {how} ({', '.join(handle.progs) or 'no programs'})",
-                           DEBUG if how == "reused" else INFO,
-                           unit=entry.name, direction=",".join(handle.progs), file=entry.where)
+            self.log.event("load", f"{entry.name}: {how} ({', '.join(handle.directions) or 'no filters'}, "
+                                   f"{entry.backend})",
+                           DEBUG if how == "reused" else INFO, unit=entry.name,
+                           direction=",".join(handle.directions), file=entry.where, backend=entry.backend)
         self.policy = policy
-        self._index_programs()
+
+    def _unload(self, name: str, owned, why: str) -> bool:
+        """Remove a unit's filters from the backend that holds them; False on failure."""
+        try:
+            detached = self.backends[owned.backend].unload(name, owned)
+        except BACKEND_ERRORS as e:
+            self.log.error("unload", f"{name}: {e}", unit=name, backend=owned.backend)
+            return False
+        for cg, direction in detached:
+            if self.attached.get(cg) == name and name not in self.units:
+                del self.attached[cg]
+        self.log.info("unload", f"{name}: {why}; removed from {len(detached)} attachment(s) ({owned.backend})",
+                      unit=name, backend=owned.backend)
+        return True
 
     def unload_removed(self) -> None:
-        """Units we loaded that the policy no longer names: detach everywhere, unpin."""
+        """Units we loaded that the policy no longer names, and filters an entry left behind
+        when it moved to another backend: detach everywhere, unload."""
+        for name, owned in list(self.state.retired.items()):
+            if self._unload(name, owned, "moved to the " + self.state.units[name].backend + " backend"
+                            if name in self.state.units else "retired"):
+                del self.state.retired[name]
+                self.state.write()
         wanted = {e.name for e in self.policy.entries}
         for name in [n for n in self.state.units if n not in wanted]:
             handle = self.units.pop(name, None)
-            try:
-                detached = self.backend.unload(name)
-            except (KernelError, BackendError) as e:
-                self.log.error("unload", f"{name}: {e}", unit=name)
+            if not self._unload(name, self.state.units[name], "left the policy"):
                 if handle is not None:
                     self.units[name] = handle
                 continue
@@ -129,11 +168,6 @@ class Watcher:
                 handle.close()
             del self.state.units[name]
             self.state.write()
-            for cg, direction in detached:
-                self.attached.pop(cg, None)
-            self.log.info("unload", f"{name}: left the policy; detached from {len(detached)} attachment(s), unpinned",
-                          unit=name)
-        self._index_programs()
 
     # -- cgroups --------------------------------------------------------------
 
@@ -147,53 +181,77 @@ class Watcher:
         return wd
 
     def forget(self, path: str) -> None:
-        """A removed cgroup: drop its watch and its index entry."""
+        """A removed cgroup: drop its watch, its index entry and (nft) its map element."""
         wd = self.wd_of.pop(path, None)
         if wd is not None:
             self.watches.pop(wd, None)
             self.inotify.remove(wd)
+        self._gone(path)
+
+    def _gone(self, path: str) -> None:
         name = self.attached.pop(path, None)
-        self.log.debug("gone", f"{path} removed", cgroup=path, entry=name)
+        handle = self.units.get(name) if name is not None else None
+        try:
+            dropped = handle is not None and handle.gone(path)
+        except BACKEND_ERRORS as e:
+            self.log.error("gone", f"{path} removed; dropping its {name} element: {e}", cgroup=path, entry=name)
+            return
+        self.log.debug("gone", f"{path} removed" + (f"; its {name} element dropped" if dropped else ""),
+                       cgroup=path, entry=name)
 
     def sync_cgroup(self, path: str, fresh: bool) -> None:
-        """Make the cgroup carry exactly its matching entry's programs (of ours).
+        """Make the cgroup carry exactly its matching entry's filters (of ours).
 
         A fresh cgroup (just created) cannot carry ours yet, so it skips the query.
         """
         entry = self.policy.match(self.rel(path)) if path != self.root else None
         handle = self.units.get(entry.name) if entry is not None else None
         try:
+            stale = [] if fresh else self._stale(path, handle)
+            if handle is not None and handle.backend == "nft":
+                # nft filters a cgroup with one unit: another of ours leaves before this one comes
+                stale = self._detach(path, stale, only="nft")
             if handle is not None:
                 new = handle.attach(path)
                 self.attached[path] = handle.name
                 if new:
                     self.log.info("attach", f"{handle.name} → {path} ({', '.join(new)})",
                                   unit=os.path.basename(path), cgroup=path, direction=",".join(new),
-                                  entry=handle.name)
-            if not fresh:
-                self._detach_stale(path, handle)
-        except KernelError as e:
-            if is_gone(e) or not os.path.isdir(path):
-                self.log.debug("vanished", f"{path} went away before it was handled", cgroup=path)
+                                  entry=handle.name, backend=handle.backend)
+            self._detach(path, stale)
+            if handle is None:
                 self.attached.pop(path, None)
+        except BACKEND_ERRORS as e:
+            if (isinstance(e, KernelError) and is_gone(e)) or not os.path.isdir(path):
+                self.log.debug("vanished", f"{path} went away before it was handled", cgroup=path)
+                self._gone(path)
                 return
             self.log.error("attach", str(e), unit=os.path.basename(path), cgroup=path,
                            entry=entry.name if entry is not None else None)
 
-    def _detach_stale(self, path: str, keep: UnitHandle | None) -> None:
-        from ..kernel import cgroup
+    def _stale(self, path: str, keep) -> list[tuple[str, str]]:
+        """(unit, direction) of our filters on this cgroup that are not `keep`'s."""
+        out = []
+        for backend in self.backends.values():
+            for name, d in backend.ours_on(path):
+                unit = self.units.get(name)
+                if unit is not None and unit.backend == backend.backend and not (keep is not None and keep is unit):
+                    out.append((name, d))
+        return out
 
-        for direction in ("ingress", "egress"):
-            _, ids = cgroup.query(path, direction)
-            for pid in ids:
-                name, d = self.owner.get(pid, (None, None))
-                if name is None or (keep is not None and keep.name == name):
-                    continue
-                if self.units[name].detach(path, [d]):
-                    self.log.info("detach", f"{name} ✕ {path} ({d}): no longer matches",
-                                  unit=os.path.basename(path), cgroup=path, direction=d, entry=name)
-        if keep is None:
-            self.attached.pop(path, None)
+    def _detach(self, path: str, stale: list[tuple[str, str]], only: str | None = None) -> list:
+        """Detach these (unit, direction) pairs (of backend `only`, or all); the pairs left."""
+        left = []
+        for name, d in stale:
+            unit = self.units[name]
+            if only is not None and unit.backend != only:
+                left.append((name, d))
+                continue
+            if unit.detach(path, [d]):
+                self.log.info("detach", f"{name} ✕ {path} ({d}): no longer matches",
+                              unit=os.path.basename(path), cgroup=path, direction=d, entry=name,
+                              backend=unit.backend)
+        return left
 
     def scan(self, top: str, fresh: bool) -> set[str]:
         """Watch and sync `top` and everything below it; the paths seen.
@@ -225,11 +283,22 @@ class Watcher:
 
     def reconcile(self) -> None:
         """Everything under the root, from scratch: attach, detach, rebuild the index."""
+        for backend in self.backends.values():
+            if not any(u.backend == backend.backend for u in self.units.values()):
+                continue
+            try:
+                dropped = backend.refresh(self.units)
+            except BACKEND_ERRORS as e:
+                self.log.error("reconcile", f"{backend.backend}: {e}", backend=backend.backend)
+                continue
+            for name, path in dropped:
+                self.log.info("gone", f"{path} was removed while nobody watched: its {name} element dropped",
+                              cgroup=path, entry=name, backend=backend.backend)
         old = self.watches
         self.watches, self.wd_of = {}, {}
         seen = self.scan(self.root, fresh=False)
         for path in [p for p in self.attached if p not in seen]:
-            del self.attached[path]
+            self._gone(path)
         if self.inotify is not None:
             for wd in set(old) - set(self.watches):
                 self.inotify.remove(wd)
@@ -254,7 +323,7 @@ class Watcher:
                 path = self.watches.pop(ev.wd, None)  # the watched directory itself is gone
                 if path is not None and self.wd_of.get(path) == ev.wd:
                     del self.wd_of[path]
-                    self.attached.pop(path, None)
+                    self._gone(path)
         if full:
             self.log.warning("reconcile", "inotify queue overflowed: full rescan")
             self.reconcile()
@@ -264,6 +333,7 @@ class Watcher:
         self.notifier.reloading()
         try:
             policy = load_policy_checked(self.policy_dir)
+            self._start_nft(policy, watching=True)
             self.apply_policy(policy)
         except Exception as e:  # noqa: BLE001 — any reason to refuse keeps the old policy running
             self.log.warning("reload", f"{e}; keeping the running policy")
@@ -287,6 +357,7 @@ class Watcher:
             except ino.InotifyError as e:
                 raise WatchError(str(e)) from None
             self._catch_signals()  # from here on a SIGHUP or SIGTERM waits for the loop
+        self._start_nft(policy, watching=not once)
         self.apply_policy(policy)
         self.reconcile()
         self.unload_removed()
@@ -316,23 +387,34 @@ class Watcher:
         poller = select.poll()
         poller.register(self.inotify.fd, select.POLLIN)
         poller.register(rfd, select.POLLIN)
+        guarded = None  # the guard's fd once registered (a SIGHUP may bring the first nft entry)
         self.notifier.ready(self.status)
         while True:
-            for fd, _ in poller.poll():
-                if fd == rfd:
+            if self.guard is not None and guarded is None:
+                guarded = self.guard.fd
+                poller.register(guarded, select.POLLIN)
+            for fd, _ in poller.poll(self.guard.timeout_ms() if self.guard is not None else None):
+                if fd == guarded:
+                    self.guard.readable()
+                elif fd == rfd:
                     for signum in _drain(rfd):
                         if signum in STOP_SIGNALS:
                             self.notifier.stopping()
                             self.log.info("stop", f"{signal.Signals(signum).name}: leaving every "
-                                                  "filter attached and pinned")
+                                                  "filter attached and loaded")
                             return 0
                         if signum == signal.SIGHUP:
                             self.reload()
                 else:
                     self.handle(self.inotify.read())
+            if self.guard is not None:
+                self.guard.tick()
 
     def close(self) -> None:
         self._release_signals()
+        if self.guard is not None:
+            self.guard.close()
+            self.guard = None
         for handle in self.units.values():
             handle.close()
         self.units.clear()

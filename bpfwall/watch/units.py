@@ -22,10 +22,16 @@ from .state import Owned
 
 @dataclass
 class UnitHandle:
+    """One bpf unit: its pinned programs, open."""
     name: str
     fingerprint: str
     progs: dict[str, int] = field(default_factory=dict)  # direction → fd
     ids: dict[str, int] = field(default_factory=dict)    # direction → program id
+    backend = "bpf"
+
+    @property
+    def directions(self) -> list[str]:
+        return list(self.progs)
 
     @classmethod
     def open(cls, pin_root: str, name: str, fingerprint: str) -> "UnitHandle":
@@ -54,6 +60,10 @@ class UnitHandle:
     def detach(self, path: str, directions=None) -> list[str]:
         return [d for d, fd in self.progs.items()
                 if (directions is None or d in directions) and cgroup.detach(path, fd, d)]
+
+    def gone(self, path: str) -> bool:
+        """A removed cgroup: the kernel released its programs with it; nothing to do."""
+        return False
 
 
 def _program_ids(pin_root: str, name: str) -> dict[str, int]:
@@ -100,6 +110,7 @@ class BpfUnits:
     def __init__(self, pin_root: str, cache=None):
         self.pin_root = pin_root
         self.cache = cache
+        self._owner: dict[int, tuple[str, str]] = {}  # program id → (unit, direction)
 
     def prepare(self, entry) -> None:
         """Compile now (cached), so a bad build stops a reload before anything changes."""
@@ -122,15 +133,35 @@ class BpfUnits:
             how = "loaded"
         return UnitHandle.open(self.pin_root, entry.name, fingerprint), how
 
+    def owned(self, handle: UnitHandle) -> Owned:
+        return Owned(handle.fingerprint, self.backend, dict(handle.ids))
+
     def _loaded(self, name: str) -> bool:
         path = bpf.unit_dir(self.pin_root, name)
         return os.path.isdir(path) and bool(os.listdir(path))
 
-    def unload(self, name: str) -> list:
+    def unload(self, name: str, owned: Owned | None = None) -> list:
         """Detach the unit everywhere and remove its pins; [] if it was gone already."""
         if not self._loaded(name):
             return []
         return bpf.unload(self.pin_root, name)
+
+    # -- what a reconcile needs -------------------------------------------------
+
+    def refresh(self, handles: dict) -> list:
+        """Index our units' program ids (`handles`: name → UnitHandle). A removed cgroup
+        takes its programs with it, so nothing is ever left to drop: []."""
+        self._owner = {pid: (name, d) for name, h in handles.items() if h.backend == self.backend
+                       for d, pid in h.ids.items()}
+        return []
+
+    def ours_on(self, path: str) -> list[tuple[str, str]]:
+        """(unit, direction) of our programs attached to this cgroup itself (BPF_PROG_QUERY)."""
+        out = []
+        for direction in bpf.DIRECTIONS:
+            _, ids = cgroup.query(path, direction)
+            out += [self._owner[pid] for pid in ids if pid in self._owner]
+        return out
 
 
 def is_gone(error: KernelError) -> bool:
