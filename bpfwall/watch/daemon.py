@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import time
 
 from ..backends.bpf import BackendError
 from ..kernel.errors import KernelError
@@ -36,6 +37,11 @@ from .units import BpfUnits, is_gone
 # child's watch is dropped by hand. No IN_MOVED_*: cgroup2 refuses rename(2) (EPERM).
 WATCH_MASK = ino.IN_CREATE | ino.IN_DELETE | ino.IN_ONLYDIR | ino.IN_DELETE_SELF
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A removed cgroup's nft element is dropped once no cgroup event came for CLEANUP_IDLE seconds
+# (at the latest CLEANUP_MAX after the removal): a restart removes a unit's cgroup and makes
+# the new one at once, and the new one's attach must not wait behind the old one's cleanup.
+# The element of a removed cgroup matches nothing meanwhile (cgroup ids are never reused).
+CLEANUP_IDLE, CLEANUP_MAX = 0.02, 1.0
 BACKEND_ERRORS = (KernelError, BackendError, NftError)
 
 
@@ -62,6 +68,8 @@ class Watcher:
         self.watches: dict[int, str] = {}  # inotify wd → cgroup path
         self.wd_of: dict[str, int] = {}    # cgroup path → inotify wd
         self.attached: dict[str, str] = {}  # cgroup path → entry name whose filters it carries
+        self.removed: dict[str, tuple[str, float]] = {}  # removed cgroup → (entry name, when): cleanup due
+        self._last_event = 0.0
         self.inotify: ino.Inotify | None = None
         self.guard: TableGuard | None = None
         self._table_locked = False
@@ -191,13 +199,30 @@ class Watcher:
     def _gone(self, path: str) -> None:
         name = self.attached.pop(path, None)
         handle = self.units.get(name) if name is not None else None
-        try:
-            dropped = handle is not None and handle.gone(path)
-        except BACKEND_ERRORS as e:
-            self.log.error("gone", f"{path} removed; dropping its {name} element: {e}", cgroup=path, entry=name)
+        if handle is not None and handle.backend == "nft":
+            self.removed.setdefault(path, (name, time.monotonic()))  # see CLEANUP_IDLE
             return
-        self.log.debug("gone", f"{path} removed" + (f"; its {name} element dropped" if dropped else ""),
-                       cgroup=path, entry=name)
+        self.log.debug("gone", f"{path} removed", cgroup=path, entry=name)
+
+    def cleanup_due(self) -> float | None:
+        """When the removed cgroups' cleanup is due (monotonic seconds), None if nothing waits."""
+        if not self.removed:
+            return None
+        oldest = min(when for _, when in self.removed.values())
+        return min(self._last_event + CLEANUP_IDLE, oldest + CLEANUP_MAX)
+
+    def cleanup(self) -> None:
+        """Drop the nft elements of removed cgroups (a cgroup re-made meanwhile keeps its own)."""
+        removed, self.removed = self.removed, {}
+        for path, (name, _) in removed.items():
+            handle = self.units.get(name)
+            try:
+                dropped = handle is not None and handle.gone(path)
+            except BACKEND_ERRORS as e:
+                self.log.error("gone", f"{path} removed; dropping its {name} element: {e}", cgroup=path, entry=name)
+                continue
+            self.log.debug("gone", f"{path} removed" + (f"; its {name} element dropped" if dropped else ""),
+                           cgroup=path, entry=name)
 
     def sync_cgroup(self, path: str, fresh: bool) -> None:
         """Make the cgroup carry exactly its matching entry's filters (of ours).
@@ -307,6 +332,7 @@ class Watcher:
     # -- events ---------------------------------------------------------------
 
     def handle(self, events: list[ino.Event]) -> None:
+        self._last_event = time.monotonic()
         full = False
         for ev in events:
             if ev.mask & ino.IN_Q_OVERFLOW:
@@ -393,13 +419,14 @@ class Watcher:
             if self.guard is not None and guarded is None:
                 guarded = self.guard.fd
                 poller.register(guarded, select.POLLIN)
-            for fd, _ in poller.poll(self.guard.timeout_ms() if self.guard is not None else None):
+            for fd, _ in poller.poll(self._timeout_ms()):
                 if fd == guarded:
                     self.guard.readable()
                 elif fd == rfd:
                     for signum in _drain(rfd):
                         if signum in STOP_SIGNALS:
                             self.notifier.stopping()
+                            self.cleanup()
                             self.log.info("stop", f"{signal.Signals(signum).name}: leaving every "
                                                   "filter attached and loaded")
                             return 0
@@ -409,6 +436,17 @@ class Watcher:
                     self.handle(self.inotify.read())
             if self.guard is not None:
                 self.guard.tick()
+            due = self.cleanup_due()
+            if due is not None and time.monotonic() >= due:
+                self.cleanup()
+
+    def _timeout_ms(self) -> int | None:
+        """How long poll(2) may wait: until the guard's next check or the cleanup, else forever."""
+        waits = [] if self.guard is None else [self.guard.timeout_ms()]
+        due = self.cleanup_due()
+        if due is not None:
+            waits.append(max(0, int((due - time.monotonic()) * 1000) + 1))
+        return min(waits) if waits else None
 
     def close(self) -> None:
         self._release_signals()
