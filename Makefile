@@ -48,6 +48,9 @@ test-unit: venv
 bench: venv bpffs
 	$(PY) bench/per_packet.py
 	$(PY) bench/load_time.py
+	$(PY) bench/watch_reaction.py
+	$(PY) bench/watch_rss.py
+	$(PY) bench/watch_window.py
 
 load: venv bpffs
 	$(BPFWALL) load "$$BPFNAME" --ingress "$$FILTER" --egress "$$FILTER"
