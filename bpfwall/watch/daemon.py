@@ -161,8 +161,10 @@ class Watcher:
         """Units we loaded that the policy no longer names, and filters an entry left behind
         when it moved to another backend: detach everywhere, unload."""
         for name, owned in list(self.state.retired.items()):
-            if self._unload(name, owned, "moved to the " + self.state.units[name].backend + " backend"
-                            if name in self.state.units else "retired"):
+            now = self.state.units.get(name)
+            where = "elsewhere" if now is None else \
+                f"to nft table {now.table}" if now.backend == "nft" else "to the bpf backend"
+            if self._unload(name, owned, f"moved {where}"):
                 del self.state.retired[name]
                 self.state.write()
         wanted = {e.name for e in self.policy.entries}

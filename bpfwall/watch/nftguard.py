@@ -57,6 +57,7 @@ class TableGuard:
         self.due: float | None = time.monotonic()  # check at once
         self.last = 0.0
         self.restores = 0
+        self._failing: str | None = None  # the last check's error, logged once
 
     @property
     def fd(self) -> int:
@@ -94,8 +95,11 @@ class TableGuard:
         try:
             restored = nft.restore_if_needed(self.table)
         except NftError as e:  # e.g. a cgroup vanished mid-restore: the next event or poll retries
-            self.log.error("restore", f"table inet {self.table}: {e}", table=self.table)
+            if str(e) != self._failing:  # once per distinct failure, not once a second
+                self.log.error("restore", f"table inet {self.table}: {e}", table=self.table)
+            self._failing = str(e)
             return
+        self._failing = None
         if not restored:
             return
         self.restores += 1

@@ -34,7 +34,8 @@ from tests.kernel.test_traffic import receive_all
 from tests.kernel.test_watch import (Daemon, attached_id, inside, mkcg, pinned_ids, unit, wait_for, write_policy)
 from tests.kernel.test_watch import policy_dir, subtree  # noqa: F401  (fixtures: the same as the bpf watcher tests')
 
-pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("no_leaks")]
+# no_leaks comes with the daemon fixture: the container test's systemd keeps its own programs
+pytestmark = pytest.mark.kernel
 
 CLONE_NEWNET = 0x40000000
 RESTORE_BOUND = 1.0  # seconds, as the issue demands
@@ -90,7 +91,7 @@ def table(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def daemon(tmp_path, subtree, pin_root, policy_dir, netns, table):
+def daemon(no_leaks, tmp_path, subtree, pin_root, policy_dir, netns, table):
     d = NftDaemon(tmp_path, subtree, pin_root, policy_dir, netns, table)
     try:
         yield d
@@ -349,8 +350,8 @@ BPF_ONLY = "-all,+bpf,+perfmon,+net_admin"  # units/bpfwall.service's Capability
 
 
 @pytest.mark.skipif(not needs_worker(), reason="unified host: nft runs in-process, no worker")
-def test_without_the_dropin_privileges_the_error_names_the_dropin(tmp_path, subtree, pin_root, policy_dir,
-                                                                   netns, table):
+def test_without_the_dropin_privileges_the_error_names_the_dropin(no_leaks, tmp_path, subtree, pin_root,
+                                                                   policy_dir, netns, table):
     write_policy(policy_dir, nft_unit("a.service", ingress="udp"))
     a = mkcg(subtree, "a.service")
     bare = NftDaemon(tmp_path, subtree, pin_root, policy_dir, netns, table,
@@ -370,3 +371,60 @@ def test_without_the_dropin_privileges_the_error_names_the_dropin(tmp_path, subt
     finally:
         granted.close()
 
+
+
+# -- the drop-in under a real systemd ------------------------------------------------
+
+from tests.systemd.conftest import container, systemd_rootfs  # noqa: E402,F401  (fixtures: a booted systemd 252)
+from tests.systemd.container import REPO_MOUNT  # noqa: E402
+
+PROBE = "bpfwall-nftprobe.service"
+# What the nft worker does first (bpfwall/nft/worker.py): unshare a mount namespace, make / private,
+# mount cgroup2 at /sys/fs/cgroup. The container is unified (cgroup2 already at /sys/fs/cgroup, where
+# mounting it again is EBUSY), so the probe first lays a hybrid host's tmpfs over /sys/fs/cgroup in a
+# namespace of its own: the same system calls, each needing what the drop-in grants. The container's
+# python has no nftables module, so the probe stops there; the rest of the worker needs nothing the
+# watcher lacks (netlink, CAP_NET_ADMIN).
+PROBE_SCRIPT = """import ctypes, os
+from bpfwall.nft import worker
+libc = ctypes.CDLL(None, use_errno=True)
+for ok, what in ((lambda: libc.unshare(worker.CLONE_NEWNS), "unshare"),
+                 (lambda: libc.mount(b"none", b"/", None, worker.MS_REC | worker.MS_PRIVATE, None), "private /"),
+                 (lambda: libc.mount(b"tmpfs", b"/sys/fs/cgroup", b"tmpfs", 0, None), "tmpfs")):
+    if ok() != 0:
+        raise OSError(ctypes.get_errno(), what + ": " + os.strerror(ctypes.get_errno()))
+worker.enter_private_cgroup2_view()
+print("cgroup2 mounted:", os.path.exists("/sys/fs/cgroup/cgroup.controllers"))
+"""
+PROBE_DROPIN = f"""[Service]
+Type=oneshot
+Restart=no
+Environment=PYTHONPATH={REPO_MOUNT} PYTHONDONTWRITEBYTECODE=1
+ExecStart=
+ExecStart=/usr/bin/python3 /usr/local/lib/bpfwall-nftprobe.py
+"""
+
+
+def test_the_dropin_gives_the_nft_worker_what_it_needs(container):
+    """The shipped bpfwall.service's sandbox (under another name, running the worker's first steps)
+    refuses the worker's mount namespace; with units/examples/bpfwall.service.d/nft-hybrid.conf it works."""
+    from tests.systemd.conftest import REPO
+
+    c = container
+    c.write(f"/etc/systemd/system/{PROBE}", (REPO / "units" / "bpfwall.service").read_text())
+    c.write(f"/etc/systemd/system/{PROBE}.d/probe.conf", PROBE_DROPIN)
+    c.write("/usr/local/lib/bpfwall-nftprobe.py", PROBE_SCRIPT)
+    c.systemctl("daemon-reload", check=True)
+    refused = c.systemctl("start", PROBE)
+    assert refused.returncode != 0
+    assert "Operation not permitted" in c.journal(PROBE)
+    c.write(f"/etc/systemd/system/{PROBE}.d/nft-hybrid.conf",
+            (REPO / "units" / "examples" / "bpfwall.service.d" / "nft-hybrid.conf").read_text())
+    c.systemctl("daemon-reload", check=True)
+    c.systemctl("reset-failed", PROBE)
+    done = c.systemctl("start", PROBE)
+    assert done.returncode == 0, c.journal(PROBE)
+    assert c.show(PROBE, "Result")["Result"] == "success"
+    assert "cgroup2 mounted: True" in c.journal(PROBE)
+    verify = c.exec(["systemd-analyze", "verify", "--man=no", PROBE])
+    assert verify.returncode == 0, verify.stderr
