@@ -102,11 +102,13 @@ install: venv
 	for u in bpfwall.service bpfwall@.service; do \
 		sed -e 's|/usr/local/bin/bpfwall|$(PREFIX)/bin/bpfwall|g' -e 's|/usr/local/share/doc/bpfwall|$(DOCDIR)|g' \
 			"units/$$u" > "$(DESTDIR)$(UNITDIR)/$$u" && chmod 0644 "$(DESTDIR)$(UNITDIR)/$$u"; done
-	install -d "$(DESTDIR)$(DOCDIR)/examples/policy" "$(DESTDIR)$(DOCDIR)/examples/units/nginx.service.d"
+	install -d "$(DESTDIR)$(DOCDIR)/examples/policy" "$(DESTDIR)$(DOCDIR)/examples/units/nginx.service.d" \
+		"$(DESTDIR)$(DOCDIR)/examples/units/bpfwall.service.d"
 	install -m 0644 README.md "$(DESTDIR)$(DOCDIR)/README.md"
 	install -m 0644 examples/policy/*.toml "$(DESTDIR)$(DOCDIR)/examples/policy/"
 	install -m 0644 units/examples/nginx.service "$(DESTDIR)$(DOCDIR)/examples/units/"
 	install -m 0644 units/examples/nginx.service.d/bpfwall.conf "$(DESTDIR)$(DOCDIR)/examples/units/nginx.service.d/"
+	install -m 0644 units/examples/bpfwall.service.d/nft-hybrid.conf "$(DESTDIR)$(DOCDIR)/examples/units/bpfwall.service.d/"
 	install -d -m 0755 "$(DESTDIR)$(SYSCONFDIR)/bpfwall"
 	for f in examples/policy/*.toml; do \
 		t="$(DESTDIR)$(SYSCONFDIR)/bpfwall/$$(basename "$$f").example"; \

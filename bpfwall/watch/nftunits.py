@@ -22,7 +22,9 @@ from ..nft.runner import needs_worker, runner
 from ..nft.state import StateFile
 from .state import Owned, WatchError
 
-DROPIN = "units/examples/bpfwall.service.d/nft-hybrid.conf"
+# Where `make install` puts it (PREFIX /usr/local), and where it is in the source tree.
+DROPIN = "/usr/local/share/doc/bpfwall/examples/units/bpfwall.service.d/nft-hybrid.conf"
+DROPIN_SOURCE = "units/examples/bpfwall.service.d/nft-hybrid.conf"
 DROPIN_DIR = "/etc/systemd/system/bpfwall.service.d/"
 
 
@@ -30,7 +32,7 @@ def worker_hint(error: Exception) -> str:
     """The one-line error when nft cannot run here, saying which drop-in gives it what it needs."""
     return (f"{error}; nft entries on a hybrid-cgroup host need CAP_SYS_ADMIN and the @mount system calls "
             f"(the nft worker mounts cgroup2 in a mount namespace of its own): under systemd, copy {DROPIN} "
-            f"from bpfwall's source to {DROPIN_DIR} and run systemctl daemon-reload; systemctl restart bpfwall")
+            f"(in the source tree: {DROPIN_SOURCE}) to {DROPIN_DIR} and run systemctl daemon-reload; systemctl restart bpfwall")
 
 
 @dataclass

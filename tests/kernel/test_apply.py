@@ -117,6 +117,7 @@ def test_make_install_with_destdir_is_complete_and_runs(tmp_path, cache_dir):
                  "usr/local/lib/bpfwall/bpfwall/bpf/port_filter.c",
                  "usr/local/lib/systemd/system/bpfwall.service", "usr/local/lib/systemd/system/bpfwall@.service",
                  "usr/local/share/doc/bpfwall/examples/units/nginx.service.d/bpfwall.conf",
+                 "usr/local/share/doc/bpfwall/examples/units/bpfwall.service.d/nft-hybrid.conf",
                  "etc/bpfwall/50-example.toml.example"):
         assert (stage / path).is_file(), path
     assert os.access(stage / "usr/local/bin/bpfwall", os.X_OK)
