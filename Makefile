@@ -13,7 +13,7 @@ BPFNAME ?= bpfwall-filter
 DIRECTION ?= ingress
 export FILTER BPFNAME DIRECTION
 
-.PHONY: setup apt venv bpffs demo test test-unit bench load unload clean install uninstall
+.PHONY: setup apt venv bpffs rootfs demo test test-unit bench load unload clean install uninstall
 
 setup: apt venv bpffs
 
@@ -39,8 +39,13 @@ demo: venv bpffs
 	$(PY) scripts/demo.py
 
 # Every tier the machine supports: unit always; kernel and traffic tiers when root.
-test: venv bpffs
+test: venv bpffs rootfs
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The Debian rootfs the systemd tests boot with systemd-nspawn (built once, ~1 min, then reused
+# from /var/cache/bpfwall-test); only root can run those tests, so only root builds it.
+rootfs: venv
+	@if [ "$$(id -u)" = 0 ]; then $(PY) tests/systemd/rootfs.py; fi
 
 test-unit: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
