@@ -82,6 +82,11 @@ def send(port):
 
 if sys.argv[1] == "--steady":
     seconds, interval, ports = float(sys.argv[2]), float(sys.argv[3]), [int(p) for p in sys.argv[4:]]
+    # Loopback queues each datagram on the sending CPU's backlog and the ingress filter judges it
+    # from there: on one CPU, datagrams are judged in the order they were sent, so "which filter
+    # judged it" follows the sequence numbers even when softirq work is deferred under load.
+    import os
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     start = time.monotonic()
     while time.monotonic() - start < seconds:
         send(ports[seq % len(ports)])
