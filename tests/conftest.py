@@ -110,14 +110,31 @@ def no_leaks():
 
 
 def _ours_on_disk() -> set[str]:
-    """Pin roots and cgroups the tests create (their names carry 'bpfwall-test')."""
+    """Pin roots, cgroups, network namespaces and nft tables the tests create (named 'bpfwall-test…')."""
     from bpfwall.kernel import cgroup
 
     found = set()
-    for top in ("/sys/fs/bpf", cgroup.cgroup2_mount()):
+    for top in ("/sys/fs/bpf", cgroup.cgroup2_mount(), "/run/netns"):
         if os.path.isdir(top):
             found |= {os.path.join(top, n) for n in os.listdir(top) if n.startswith("bpfwall-test")}
-    return found
+    return found | _our_nft_tables()
+
+
+def _our_nft_tables() -> set[str]:
+    try:
+        import nftables
+    except ImportError:
+        return set()
+    nft = nftables.Nftables()
+    nft.set_json_output(True)
+    rc, out, _ = nft.cmd("list tables")
+    if rc != 0 or not out:
+        return set()
+    import json
+
+    return {f"nft table {t['table']['family']} {t['table']['name']}"
+            for t in json.loads(out)["nftables"]
+            if "table" in t and t["table"]["name"].startswith("bpfwall-test")}
 
 
 @pytest.fixture(scope="session", autouse=True)
