@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from . import expr as X
 from .errors import NftError
-from .formula import And, Atom, Const, Formula, Not, Or, nnf
+from .formula import FALSE, TRUE, And, Atom, Const, Formula, Not, Or, and_, nnf, or_
 
 
 # The kernel validates chain links up to NFT_JUMP_STACK_SIZE (16): the base chain
@@ -47,9 +47,9 @@ def _allows(m) -> frozenset:
 
 
 def _conj(atoms) -> list | None:
-    """The matches of several atoms as one rule, duplicates dropped; None when no packet can
-    satisfy them all (two families, two L4 protocols): nft refuses some such rules
-    ("conflicting protocols specified: ip vs. ip6"), and all of them never match."""
+    """The matches of several atoms as one rule, duplicates and implied matches dropped; None
+    when no packet can satisfy them all (two families, two L4 protocols): nft refuses some such
+    rules ("conflicting protocols specified: ip vs. ip6"), and all of them never match."""
     seen, out, possible = set(), [], _PAIRS
     for a in atoms:
         for m in a.matches:
@@ -58,7 +58,96 @@ def _conj(atoms) -> list | None:
                 seen.add(k)
                 out.append(m)
                 possible = possible & _allows(m)
-    return out if possible else None
+    return simplify(out) if possible else None
+
+
+_PROTOCOL_KEYS = (X.meta("nfproto"), X.meta("l4proto"), X.concat(X.meta("nfproto"), X.meta("l4proto")))
+# Bits of the transport header a named field reads: (offset, length).
+_TH_FIELDS = {"sport": (0, 16), "dport": (16, 16), "type": (0, 8), "code": (8, 8)}
+_TH_PROTOCOLS = ("th", "tcp", "udp", "icmp", "icmpv6")
+
+
+def _th_end(e) -> int:
+    """How many bits of the transport header reading expression e proves present (0: none)."""
+    if isinstance(e, list):
+        return max((_th_end(x) for x in e), default=0)
+    if not isinstance(e, dict):
+        return 0
+    body = e.get("payload")
+    if body is not None:
+        if body.get("base") == "th":
+            return body["offset"] + body["len"]
+        if body.get("protocol") in _TH_PROTOCOLS and body.get("field") in _TH_FIELDS:
+            return sum(_TH_FIELDS[body["field"]])
+        return 0
+    return max((_th_end(v) for v in e.values()), default=0)
+
+
+def _read_bits(left) -> tuple[int, int] | None:
+    """(offset, length) in bits of a transport-header read, else None."""
+    read = left.get("payload") if isinstance(left, dict) else None
+    if not read:
+        return None
+    if read.get("base") == "th":
+        return read["offset"], read["len"]
+    if read.get("protocol") in _TH_PROTOCOLS:
+        return _TH_FIELDS.get(read.get("field"))
+    return None
+
+
+def _presence_only(m) -> int:
+    """The header bits a match only proves present (it accepts every value it reads), else 0."""
+    body = m["match"]
+    bits = _read_bits(body["left"])
+    right = body["right"]
+    if body["op"] != "==" or bits is None or not (isinstance(right, dict) and "range" in right):
+        return 0
+    return sum(bits) if right["range"] == [0, 2 ** bits[1] - 1] else 0
+
+
+def _narrowed(m, possible: frozenset):
+    """A protocol set match as one compare when the other protocol matches leave it a single
+    value: `meta nfproto ipv4` makes `meta nfproto . meta l4proto { ipv4 . icmp, ipv6 . ipv6-icmp }`
+    just `meta l4proto icmp` (a compare instead of a set lookup)."""
+    left, right = m["match"]["left"], m["match"]["right"]
+    if not (isinstance(right, dict) and "set" in right):
+        return m
+    pairs = _allows(m) & possible
+    l4s = {p[1] for p in pairs}
+    if left == X.meta("l4proto") and len(l4s) == 1 and None not in l4s:
+        return X.match(left, l4s.pop())
+    if left == X.concat(X.meta("nfproto"), X.meta("l4proto")) and len(pairs) == 1:
+        (family, l4), = pairs
+        if {p[0] for p in possible} == {family}:
+            return X.match(X.meta("l4proto"), l4)
+    return m
+
+
+def simplify(matches: list) -> list:
+    """The same conjunction with fewer matches: a protocol match (meta nfproto / l4proto) the
+    other protocol matches imply goes (`meta l4proto udp` makes `meta l4proto { tcp, udp }`
+    redundant), and so does a presence guard (`th dport 0-65535`) another match's read already
+    proves; a remaining guard goes last, after the matches that decide most packets. The same
+    packets match: each match is a test of its own (a missing header fails it), so their order
+    does not matter."""
+    out = list(matches)
+    for m in list(out):
+        if m["match"]["left"] not in _PROTOCOL_KEYS:
+            continue
+        others = [o for o in out if o is not m]
+        possible = _PAIRS
+        for o in others:
+            if o["match"]["left"] in _PROTOCOL_KEYS:
+                possible = possible & _allows(o)
+        if possible <= _allows(m):
+            out = others
+        else:
+            out = [_narrowed(o, possible) if o is m else o for o in out]
+    guards = [m for m in out if _presence_only(m)]
+    rest = [m for m in out if not _presence_only(m)]
+    proven = max((_th_end(m["match"]["left"]) for m in rest), default=0)
+    widest = max(guards, key=_presence_only, default=None)
+    return rest + ([widest] if widest is not None and _presence_only(widest) > proven else [])
 
 
 @dataclass
@@ -192,7 +281,7 @@ class _Compiler:
         if isinstance(f, Const):
             self.out.add(chain, (t if f.value else e).actions)
         elif isinstance(f, Atom):
-            self.out.add(chain, list(f.matches) + list(t.actions))
+            self.out.add(chain, simplify(list(f.matches)) + list(t.actions))
             self.out.add(chain, e.actions)
         elif isinstance(f, Not):
             self.gen(f.operand, e, t, chain)
@@ -206,7 +295,7 @@ class _Compiler:
         _, order, tail, jumped = self.plan(f, t.is_global, e.is_global)
         early, last = (negated, plain) if conjunction else (plain, negated)
         for a in early:
-            self.out.add(chain, list(a.matches) + list(decide.actions))
+            self.out.add(chain, simplify(list(a.matches)) + list(decide.actions))
         for i, sub in enumerate(order):
             if i == tail:
                 self.gen(sub, t, e, chain)
@@ -226,12 +315,53 @@ class _Compiler:
         self.out.add(chain, decide.actions if last else final.actions)
 
 
+# Up to this many rules replace a jump to a chain of its own (see _flatten).
+MAX_DISTRIBUTED = 8
+
+
+def _flatten(f: Formula) -> Formula:
+    """An NNF formula with fewer chain jumps: `p && (a || b)` (atoms) would need a jumped chain
+    for the Or; as `p && a || p && b` it is one rule per atom in the same chain. Likewise,
+    mirrored, `!p || !a && !b`. Only where the And (Or) has nothing else nested, and few atoms."""
+    if not isinstance(f, (And, Or)):
+        return f
+    operands = [_flatten(o) for o in f.operands]
+    conjunction = isinstance(f, And)
+    inner_cls = Or if conjunction else And
+    shared = [literal_of(o, conjunction) for o in operands if literal_of(o, conjunction) is not None]
+    nested = [o for o in operands if not isinstance(o, (Atom, Not))]
+    keep = [o for o in operands if o not in nested and literal_of(o, conjunction) is None]
+    if (shared and len(nested) == 1 and isinstance(nested[0], inner_cls)
+            and len(nested[0].operands) <= MAX_DISTRIBUTED
+            and all(literal_of(o, conjunction) is not None for o in nested[0].operands)):
+        parts = []
+        for o in nested[0].operands:
+            rule = _conj(shared + [literal_of(o, conjunction)])
+            if rule is None:  # no packet: FALSE in the Or (TRUE in the And)
+                continue
+            a = Atom(tuple(rule))
+            parts.append(a if conjunction else Not(a))
+        if not parts:
+            return and_(*keep, FALSE) if conjunction else or_(*keep, TRUE)
+        inner = or_(*parts) if conjunction else and_(*parts)
+        return and_(*keep, inner) if conjunction else or_(*keep, inner)
+    return and_(*operands) if conjunction else or_(*operands)
+
+
+def literal_of(o, conjunction: bool):
+    """The atom of a literal that decides like a plain atom in an And (an Atom) or in an Or
+    (a Not(Atom)); None for anything else."""
+    if conjunction:
+        return o if isinstance(o, Atom) else None
+    return o.operand if isinstance(o, Not) and isinstance(o.operand, Atom) else None
+
+
 def compile_chains(f: Formula, chain_name, on_true: list, on_false: list) -> Chains:
     """Chains for formula f; chain_name(i) names the i-th chain (0: the entry); on_true and
     on_false are terminal (they end with accept or drop)."""
     c = _Compiler(chain_name)
     entry = c.new_chain()
-    c.gen(nnf(f), Exit(tuple(on_true), True), Exit(tuple(on_false), True), entry)
+    c.gen(_flatten(nnf(f)), Exit(tuple(on_true), True), Exit(tuple(on_false), True), entry)
     levels = 1 + c.out.depth()
     if levels > MAX_CHAIN_LEVEL:
         raise NftError(f"this expression needs {levels} levels of nft chains; the kernel allows "

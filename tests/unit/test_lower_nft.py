@@ -270,3 +270,76 @@ def test_formula_constructors_simplify():
     assert F.or_(F.FALSE, a) is a and F.or_(F.TRUE, a) is F.TRUE
     assert F.not_(F.not_(a)) is a
     assert isinstance(F.nnf(F.not_(F.and_(a, F.not_(a)))), F.Or)
+
+
+# -- cheaper rules: implied matches dropped, sub-chains flattened -----------------------------
+
+BENCH_FILTER = "udp && (remote_port in {5201, 53} || local_port == 5201) || tcp"
+PORTS_GUARD = X.match(X.meta("l4proto"), X.anon_set(["tcp", "udp"]))
+DPORT_PRESENT = X.match(X.payload("th", "dport"), X.rng(0, 65535))
+
+
+def _all_rules(low) -> list:
+    return [r for rules in low.chains.rules.values() for r in rules]
+
+
+def test_bench_filter_is_one_flat_chain_without_implied_matches():
+    low = lowered(BENCH_FILTER, "egress")
+    assert len(low.chains.names) == 1, "no jump to a sub-chain"
+    udp = X.match(X.meta("l4proto"), "udp")
+    assert _all_rules(low)[:2] == [
+        [udp, X.match(X.payload("th", "dport"), X.anon_set([53, 5201])), *_all_rules(low)[0][-2:]],
+        [udp, X.match(X.payload("th", "sport"), 5201), DPORT_PRESENT, *_all_rules(low)[1][-2:]],
+    ]
+    assert not any(PORTS_GUARD in r for r in _all_rules(low)), "udp already pins the protocol"
+
+
+@pytest.mark.parametrize("text, absent", [
+    ("tcp && local_port in {80, 443}", PORTS_GUARD),           # implied by meta l4proto tcp
+    ("tcp && dst_port == 22 && src_port == 80", DPORT_PRESENT),  # th dport 22 proves the bytes
+])
+def test_implied_matches_are_dropped(text, absent):
+    low = lowered(text)
+    assert not any(absent in r for r in _all_rules(low))
+    assert len(_all_rules(low)) == 2
+
+
+def test_presence_guard_goes_last_and_icmp_pair_narrows():
+    rule = _all_rules(lowered("udp && src_port == 7"))[0]
+    assert rule[:3] == [X.match(X.meta("l4proto"), "udp"), X.match(X.payload("th", "sport"), 7), DPORT_PRESENT]
+    rule = _all_rules(lowered("ip && icmp"))[0]
+    assert rule[:2] == [X.match(X.meta("nfproto"), "ipv4"), X.match(X.meta("l4proto"), "icmp")]
+
+
+def test_negated_distribution_is_flat_too():
+    low = lowered("!(udp && (dst_port == 53 || src_port == 53))")
+    assert len(low.chains.names) == 1
+    assert [r[-1] for r in _all_rules(low)] == [X.DROP, X.DROP, X.ACCEPT]
+
+
+@pytest.mark.parametrize("text", [BENCH_FILTER, "tcp && local_port in {80, 443}", "icmp || udp && dst_port == 53",
+                                  "!(udp && (dst_port == 53 || src_port == 53))", "udp && src_port == 7",
+                                  "ip && icmp_type == 8", "ipv6 && icmp", "ip && (icmp || dst_port == 0)",
+                                  "!(ip && (icmp || tcp))"])
+@pytest.mark.parametrize("direction", ["ingress", "egress"])
+def test_simplified_rules_keep_the_verdicts(text, direction):
+    """Including the packets the dropped guards were about: a transport header cut to 2 bytes,
+    ICMP over IPv6 with the IPv4 protocol number, and a non-first fragment."""
+    frag_kind, frag = pk.chain([(pk.FRAGMENT, 0, 8)], pk.UDP)
+    packets = [pk.ipv4("10.0.0.1", "10.0.0.2", pk.UDP, pk.udp(5201, 53)),
+               pk.ipv4("10.0.0.1", "10.0.0.2", pk.UDP, pk.udp(53, 5201)[:2]),
+               pk.ipv4("10.0.0.1", "10.0.0.2", pk.TCP, pk.tcp(443, 80)),
+               pk.ipv6("::1", "::2", pk.UDP, pk.udp(7, 5201)),
+               pk.ipv6("::1", "::2", pk.UDP, pk.udp(7, 5201)[:3]),
+               pk.ipv4("10.0.0.1", "10.0.0.2", pk.ICMP, pk.icmp(8, 0)),
+               pk.ipv4("10.0.0.1", "10.0.0.2", pk.ICMP, pk.icmp(8, 0)[:1]),
+               pk.ipv6("::1", "::2", pk.ICMP, pk.icmp(8, 0)),
+               pk.ipv6("::1", "::2", pk.ICMPV6, pk.icmp(128, 0)),
+               pk.ipv6("::1", "::2", frag_kind, frag + pk.udp(53, 53))]
+    low = lowered(text, direction)
+    for rule in _all_rules(low):
+        nft_model.check_nft_accepts(rule)
+    for data in packets:
+        expected = evaluate(analyze(text).expr, parse_packet(data), direction, PARAMS, SETS)
+        counter, _ = nft_model.run(low.chains, data, named_sets(low))
+        assert counter.endswith("pass" if expected else "drop"), (text, direction, data.hex())
