@@ -11,6 +11,8 @@ from one of them (egress) or to one of them (ingress). Configurations:
   nft-linear  one `socket cgroupv2 level 2 "<path>" jump <unit chain>` rule per unit (the
               layout the vmap replaces: each rule costs a socket lookup on input)
   nft-hooks   (optional) input/output base chains without rules: what any nft table costs
+  bpf-empty   (optional) a two-instruction cgroup_skb program (`return 1`) on every unit:
+              what running any cgroup_skb program costs before it reads a byte
 
 The policed iperf3 end sits in the last unit, so a linear list walks every rule
 to find it, and the other end (outside every unit) walks every rule on input
@@ -49,7 +51,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 from bench.plot import plot_lines  # noqa: E402
 from bpfwall.backends import bpf, nft  # noqa: E402
 from bpfwall.build import UnitProgram  # noqa: E402
-from bpfwall.kernel import cgroup  # noqa: E402
+from bpfwall.kernel import cgroup, progs  # noqa: E402
+from bpfwall.kernel import syscall as sc  # noqa: E402
 from bpfwall.lang.checker import analyze  # noqa: E402
 from bpfwall.nft import runner as nft_runner  # noqa: E402
 from tests.kernel.realpackets import NetNamespace  # noqa: E402
@@ -161,6 +164,37 @@ class BpfUnits(Config):
             bpf.unload(self.pin_root, tree.unit(i))
         if os.path.isdir(self.pin_root):
             os.rmdir(self.pin_root)
+
+
+class BpfEmpty(Config):
+    """Optional reference: `r0 = 1; exit` attached to every unit in both directions, the floor of
+    any cgroup_skb filter (the kernel's per-packet cost of running a program at all)."""
+    name = "bpf-empty"
+    ACCEPT_ALL = bytes.fromhex("b700000001000000" "9500000000000000")  # mov64 r0, 1; exit
+
+    def __init__(self):
+        super().__init__()
+        self.fds = {d: progs.prog_load(sc.BPF_PROG_TYPE_CGROUP_SKB, self.ACCEPT_ALL, "GPL", t, "bench_empty")
+                    for d, t in (("ingress", sc.BPF_CGROUP_INET_INGRESS), ("egress", sc.BPF_CGROUP_INET_EGRESS))}
+        self.attached = 0
+
+    def apply(self, tree, n):
+        for i in range(n):
+            for direction, fd in self.fds.items():
+                cgroup.attach(tree.path(i), fd, direction)
+            self.attached = i + 1
+
+    def remove(self, tree, n):
+        while self.attached:
+            for direction, fd in self.fds.items():
+                cgroup.detach(tree.path(self.attached - 1), fd, direction)
+            self.attached -= 1
+
+    def close(self, tree):
+        if tree is not None:
+            self.remove(tree, self.attached)
+        for fd in self.fds.values():
+            os.close(fd)
 
 
 class NftUnits(Config):
@@ -287,7 +321,7 @@ def iperf(tree: BenchTree, policed: int, direction: str, seconds: float) -> dict
 
 def configurations(names: list[str], cache: pathlib.Path) -> list:
     made = {"none": Config, "bpf": lambda: BpfUnits(cache), "nft": NftUnits, "nft-linear": NftLinear,
-            "nft-hooks": NftHooks}
+            "nft-hooks": NftHooks, "bpf-empty": BpfEmpty}
     out = []
     try:
         for n in names:
@@ -378,7 +412,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2)
     ap.add_argument("--directions", default="egress,ingress")
     ap.add_argument("--configs", default="none,bpf,nft,nft-linear",
-                    help="comma-separated: none, bpf, nft, nft-linear, nft-hooks (base chains without rules)")
+                    help="comma-separated: none, bpf, nft, nft-linear, nft-hooks (base chains without rules), "
+                         "bpf-empty (an accept-all cgroup_skb program)")
     args = ap.parse_args()
     if args.quick:
         args.units, args.rounds, args.seconds, args.directions = "1,100", 2, 1, "egress"
