@@ -187,18 +187,52 @@ def _live_chains(table: str) -> set[str] | None:
     return found if exists else None
 
 
-def healthy(table: str, state: dict, live: set | None = None) -> bool:
+def _live_rules(table: str) -> dict[str, int] | None:
+    """{chain: number of rules} of our table, or None when the table does not exist."""
+    if _live_chains(table) is None:
+        return None
+    out = runner().json([{"list": {"table": {"family": "inet", "name": table}}}], f"listing table inet {table}")
+    counts: dict[str, int] = {}
+    for item in (out or {}).get("nftables", []):
+        if "chain" in item:
+            counts.setdefault(item["chain"]["name"], 0)
+        elif "rule" in item:
+            chain = item["rule"]["chain"]
+            counts[chain] = counts.get(chain, 0) + 1
+    return counts
+
+
+def healthy(table: str, state: dict, live: set | None = None, deep: bool = False) -> bool:
     """Every chain the state says we rendered (and every level's base chain) exists
-    (`live`: the table's chains, when the caller listed them already)."""
+    (`live`: the table's chains, when the caller listed them already). `deep` also counts
+    each chain's rules: `nft flush table`/`flush chain` leave the chains but empty them,
+    which would let every packet through."""
     if not state["units"]:
         return True
-    live = _live_chains(table) if live is None else live
+    rules = _live_rules(table) if deep else None
+    if deep:
+        live = None if rules is None else set(rules)
+    elif live is None:
+        live = _live_chains(table)
     if live is None:
         return False
-    wanted = {layout.base_chain(d, level) for d, level in _levels(state)}
+    bases = {layout.base_chain(d, level) for d, level in _levels(state)}
+    wanted = set(bases)
     for u in state["units"].values():
         wanted.update(u["objects"]["chains"])
-    return wanted <= live
+    if not wanted <= live:
+        return False
+    if not deep:
+        return True
+    if any(rules[chain] != 1 for chain in bases):  # the dispatch rule
+        return False
+    for u in state["units"].values():
+        counts = u["objects"].get("rules", {})
+        for chain in u["objects"]["chains"]:
+            expected = counts.get(chain)
+            if rules[chain] == 0 or (expected is not None and rules[chain] != expected):
+                return False
+    return True
 
 
 def _rebuild(table: str, state: dict) -> None:
@@ -246,12 +280,13 @@ def restore(table: str) -> dict:
             "attached": sum(len(u["attached"]) for u in state["units"].values())}
 
 
-def restore_if_needed(table: str) -> bool:
-    """The guard's check: restore the table if something removed (part of) it."""
+def restore_if_needed(table: str, deep: bool = False) -> bool:
+    """The guard's check: restore the table if something removed (part of) it; `deep` counts
+    rules too (after events that removed rules or chains)."""
     sf = StateFile(table)
     with sf.locked():
         state = sf.load()
-        if healthy(table, state):
+        if healthy(table, state, deep=deep):
             return False
         _rebuild(table, state)
         sf.save(state)

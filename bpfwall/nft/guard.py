@@ -4,14 +4,17 @@ and restore it, with every attachment, from the state file.
 Event-driven: a NETLINK_NETFILTER socket subscribed to NFNLGRP_NFTABLES hears
 every ruleset change in the network namespace (ours too); after a burst of
 events settles (a few ms) the guard checks that our table's chains are all
-there and restores the table if not. A timeout on the socket doubles as a
-slow poll, in case events were lost (a full socket buffer reports ENOBUFS,
-which is handled as "something changed").
+there and restores the table if not. When the burst removed rules or chains
+(`nft flush table`, `flush chain`, `delete rule`) the check also counts each
+chain's rules, since an emptied chain lets everything through. A timeout on
+the socket doubles as a slow poll, in case events were lost (a full socket
+buffer reports ENOBUFS, which is handled as a removal).
 """
 from __future__ import annotations
 
 import select
 import socket
+import struct
 import threading
 import time
 
@@ -32,20 +35,54 @@ def ruleset_events() -> socket.socket:
     return s
 
 
-def _drain(s: socket.socket) -> None:
+NFNL_SUBSYS_NFTABLES = 10
+# nf_tables_msg_types that only add things or touch set elements: never a removal of our table's
+# rules or chains (element deletions are every detach's own doing).
+HARMLESS = {0,   # NEWTABLE
+            3,   # NEWCHAIN
+            6,   # NEWRULE
+            9,   # NEWSET
+            12,  # NEWSETELEM
+            14,  # DELSETELEM
+            15,  # NEWGEN (ends every transaction)
+            18,  # NEWOBJ
+            22}  # NEWFLOWTABLE
+_NLMSGHDR = struct.Struct("=IHHII")
+
+
+def removes_something(buf: bytes) -> bool:
+    """Whether a datagram of ruleset events holds anything but additions and element changes."""
+    off = 0
+    while off + _NLMSGHDR.size <= len(buf):
+        length, kind, _, _, _ = _NLMSGHDR.unpack_from(buf, off)
+        if kind >> 8 != NFNL_SUBSYS_NFTABLES or kind & 0xff not in HARMLESS:
+            return True
+        if length < _NLMSGHDR.size:
+            return True  # malformed: look at the table rather than trust it
+        off += (length + 3) & ~3
+    return False
+
+
+def drain(s: socket.socket) -> tuple[bool, bool]:
+    """Read every pending event: (anything read, anything removed or events lost)."""
+    seen = removed = False
     while True:
         try:
-            if not s.recv(65536):
-                return
+            buf = s.recv(65536)
         except BlockingIOError:
-            return
-        except OSError:  # ENOBUFS: events were lost, which the check after this covers
+            return seen, removed
+        except OSError:  # ENOBUFS: events were lost; assume the worst
+            seen = removed = True
             continue
+        if not buf:
+            return seen, removed
+        seen = True
+        removed = removed or removes_something(buf)
 
 
 class Guard:
-    """Keeps table `table` in place. `check` is the restore function (default: the nft
-    backend's restore_if_needed); `on_restore(table)` is called after each restore."""
+    """Keeps table `table` in place. `check(table, deep)` is the restore function (default:
+    the nft backend's restore_if_needed); `on_restore(table)` is called after each restore."""
 
     def __init__(self, table: str, poll: float = 1.0, settle: float = 0.005, check=None, on_restore=None):
         if check is None:
@@ -87,23 +124,23 @@ class Guard:
         self._run()
 
     def _run(self) -> None:
-        self._check_once()
+        self._check_once(deep=True)
         while not self._stop.is_set():
             ready, _, _ = select.select([self._sock], [], [], min(self.poll, 0.2))
             if self._stop.is_set():
                 return
             if ready:
-                _drain(self._sock)
+                removed = drain(self._sock)[1]
                 time.sleep(self.settle)  # let a burst (a whole flush, a transaction) finish
-                _drain(self._sock)
-                self._check_once()
+                removed = drain(self._sock)[1] or removed
+                self._check_once(deep=removed)
             elif time.monotonic() - self._last >= self.poll:
-                self._check_once()
+                self._check_once(deep=False)
 
-    def _check_once(self) -> None:
+    def _check_once(self, deep: bool = True) -> None:
         self._last = time.monotonic()
         try:
-            if self.check(self.table):
+            if self.check(self.table, deep):
                 self.restores += 1
                 if self.on_restore is not None:
                     self.on_restore(self.table)

@@ -131,5 +131,8 @@ def remove_unit_objects(table: str, objects: dict, flush: bool = True) -> list:
 
 
 def objects_of(rendered: dict) -> dict:
+    """What the state keeps of a rendering: object names, and each chain's rule count (the guard's
+    deep check compares it with the live table, so a flushed chain is noticed)."""
     return {"chains": list(rendered["chains"]), "sets": list(rendered["sets"]),
-            "counters": list(rendered["counters"])}
+            "counters": list(rendered["counters"]),
+            "rules": {name: len(rules) for name, rules in rendered["chains"].items()}}

@@ -5,7 +5,8 @@
             "ingress": "tcp && local_port == 80", "egress": null,   # normalized expressions
             "params": {"extra": 0}, "mode": "enforce",
             "sets": {"ports": {"kind": "number", "elements": ["80", "8000..8100"]}},
-            "objects": {"chains": [...], "sets": [...], "counters": [...]},  # rendered now
+            "objects": {"chains": [...], "sets": [...], "counters": [...],  # rendered now
+                        "rules": {chain: number of rules}},
             "attached": [{"cgroup": "system.slice/nginx.service", "level": 2, "id": 1234,
                           "directions": ["ingress"]}]}}}
 

@@ -7,44 +7,17 @@ and once a second in any case (events can be lost). Unlike it, it reads the
 events: the watcher's own attach and detach add and remove map elements all
 the time, and a health check after each of them would slow a burst of new
 cgroups, so only a removal of a table, chain, rule, set or object (or lost
-events) asks for a check.
+events) asks for a check, a deep one that also counts each chain's rules
+(`nft flush table` empties our chains and leaves them in place).
 """
 from __future__ import annotations
 
-import struct
 import time
 
 from ..backends import nft
 from ..nft.errors import NftError
-from ..nft.guard import ruleset_events
+from ..nft.guard import drain, ruleset_events
 from ..nft.state import StateFile
-
-NFNL_SUBSYS_NFTABLES = 10
-# nf_tables_msg_types that only add things or touch set elements: never a removal of our table.
-HARMLESS = {0,   # NEWTABLE
-            3,   # NEWCHAIN
-            6,   # NEWRULE
-            9,   # NEWSET
-            12,  # NEWSETELEM
-            14,  # DELSETELEM (our own attach and detach)
-            15,  # NEWGEN (ends every transaction)
-            18,  # NEWOBJ
-            22}  # NEWFLOWTABLE
-_NLMSGHDR = struct.Struct("=IHHII")
-
-
-def removes_something(buf: bytes) -> bool:
-    """Whether a datagram of ruleset events holds anything but additions and element changes."""
-    off = 0
-    while off + _NLMSGHDR.size <= len(buf):
-        length, kind, _, _, _ = _NLMSGHDR.unpack_from(buf, off)
-        if kind >> 8 != NFNL_SUBSYS_NFTABLES or kind & 0xff not in HARMLESS:
-            return True
-        if length < _NLMSGHDR.size:
-            return True  # malformed: look at the table rather than trust it
-        off += (length + 3) & ~3
-    return False
-
 
 class TableGuard:
     """Owns the event socket; the daemon polls `fd`, calls `readable()` when it is ready and
@@ -55,6 +28,7 @@ class TableGuard:
         self.poll, self.settle = poll, settle
         self.sock = ruleset_events()  # subscribed before the first check: no change slips between
         self.due: float | None = time.monotonic()  # check at once
+        self.deep = True  # the next check counts rules too
         self.last = 0.0
         self.restores = 0
         self._failing: str | None = None  # the last check's error, logged once
@@ -64,20 +38,10 @@ class TableGuard:
         return self.sock.fileno()
 
     def readable(self) -> None:
-        damage = False
-        while True:
-            try:
-                buf = self.sock.recv(65536)
-            except BlockingIOError:
-                break
-            except OSError:  # ENOBUFS: events were lost
-                damage = True
-                continue
-            if not buf:
-                break
-            damage = damage or removes_something(buf)
-        if damage and self.due is None:
-            self.due = time.monotonic() + self.settle  # let the rest of a flush arrive first
+        if drain(self.sock)[1]:
+            self.deep = True
+            if self.due is None:
+                self.due = time.monotonic() + self.settle  # let the rest of a flush arrive first
 
     def timeout_ms(self) -> int:
         now = time.monotonic()
@@ -90,10 +54,11 @@ class TableGuard:
             self.check()
 
     def check(self) -> None:
+        deep, self.deep = self.due is not None and self.deep, False
         self.due = None
         self.last = start = time.monotonic()
         try:
-            restored = nft.restore_if_needed(self.table)
+            restored = nft.restore_if_needed(self.table, deep=deep)
         except NftError as e:  # e.g. a cgroup vanished mid-restore: the next event or poll retries
             if str(e) != self._failing:  # once per distinct failure, not once a second
                 self.log.error("restore", f"table inet {self.table}: {e}", table=self.table)
@@ -106,7 +71,7 @@ class TableGuard:
         units = StateFile(self.table).load()["units"]
         attached = sum(len(u["attached"]) for u in units.values())
         took = (time.monotonic() - start) * 1000
-        self.log.warning("restore", f"table inet {self.table} was flushed or deleted: restored {len(units)} "
+        self.log.warning("restore", f"table inet {self.table} was flushed, emptied or deleted: restored {len(units)} "
                                     f"unit(s) and {attached} attachment(s) in {took:.0f} ms",
                          table=self.table, units=len(units), attachments=attached, took_ms=f"{took:.1f}")
 

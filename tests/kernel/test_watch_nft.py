@@ -28,8 +28,8 @@ import pytest
 from bpfwall.backends import bpf
 from bpfwall.nft.runner import needs_worker
 from bpfwall.nft.state import StateFile
-from bpfwall.watch.nftguard import removes_something
-from tests.kernel.test_nft_flush import in_netns
+from bpfwall.nft.guard import removes_something
+from tests.kernel.test_nft_flush import in_netns, rule_counts
 from tests.kernel.test_traffic import receive_all
 from tests.kernel.test_watch import (Daemon, attached_id, inside, mkcg, pinned_ids, unit, wait_for, write_policy)
 from tests.kernel.test_watch import policy_dir, subtree  # noqa: F401  (fixtures: the same as the bpf watcher tests')
@@ -285,8 +285,9 @@ def test_restart_reuses_the_table_and_catches_up(daemon, policy_dir, subtree, ne
 
 # -- the guard ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("how", [["flush", "ruleset"], ["delete", "table", "inet", "{table}"]],
-                         ids=["flush-ruleset", "delete-table"])
+@pytest.mark.parametrize("how", [["flush", "ruleset"], ["delete", "table", "inet", "{table}"],
+                                 ["flush", "table", "inet", "{table}"]],
+                         ids=["flush-ruleset", "delete-table", "flush-table"])
 def test_removed_table_is_restored_within_a_second(daemon, policy_dir, subtree, netns, table, how):
     write_policy(policy_dir, nft_unit("a.service", ingress="udp") + nft_unit("b.service", egress="udp"))
     a, b = mkcg(subtree, "a.service"), mkcg(subtree, "x.slice/b.service")
@@ -297,7 +298,8 @@ def test_removed_table_is_restored_within_a_second(daemon, policy_dir, subtree, 
         t0 = time.monotonic()
         done = in_netns(netns, "nft", *[x.format(table=table) for x in how])
         assert done.returncode == 0, done.stderr
-        while elements(netns, table) != full:
+        # `flush table` keeps chains and elements but empties the chains: count rules too
+        while elements(netns, table) != full or not all((rule_counts(netns, table) or {"": 0}).values()):
             assert time.monotonic() - t0 < 5, f"not restored after 5 s: {elements(netns, table)}"
             time.sleep(0.005)
         took = time.monotonic() - t0
