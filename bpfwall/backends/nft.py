@@ -29,6 +29,7 @@ from ..lower import nft as lower
 from ..nft import layout
 from ..nft.errors import NftError
 from ..nft.names import UnitNames, check_table
+from ..nft.rulecount import count_rules
 from ..nft.runner import runner
 from ..nft.state import StateFile
 
@@ -187,51 +188,36 @@ def _live_chains(table: str) -> set[str] | None:
     return found if exists else None
 
 
-def _live_rules(table: str) -> dict[str, int] | None:
-    """{chain: number of rules} of our table, or None when the table does not exist."""
-    if _live_chains(table) is None:
-        return None
-    out = runner().json([{"list": {"table": {"family": "inet", "name": table}}}], f"listing table inet {table}")
-    counts: dict[str, int] = {}
-    for item in (out or {}).get("nftables", []):
-        if "chain" in item:
-            counts.setdefault(item["chain"]["name"], 0)
-        elif "rule" in item:
-            chain = item["rule"]["chain"]
-            counts[chain] = counts.get(chain, 0) + 1
-    return counts
-
-
-def healthy(table: str, state: dict, live: set | None = None, deep: bool = False) -> bool:
+def healthy(table: str, state: dict, live: set | None = None, deep=False) -> bool:
     """Every chain the state says we rendered (and every level's base chain) exists
     (`live`: the table's chains, when the caller listed them already). `deep` also counts
-    each chain's rules: `nft flush table`/`flush chain` leave the chains but empty them,
-    which would let every packet through."""
+    rules, of every chain (True) or of the chains named (a set): `nft flush table`/`flush
+    chain` leave the chains but empty them, which would let every packet through."""
     if not state["units"]:
         return True
-    rules = _live_rules(table) if deep else None
-    if deep:
-        live = None if rules is None else set(rules)
-    elif live is None:
-        live = _live_chains(table)
+    live = _live_chains(table) if live is None else live
     if live is None:
         return False
-    bases = {layout.base_chain(d, level) for d, level in _levels(state)}
-    wanted = set(bases)
-    for u in state["units"].values():
-        wanted.update(u["objects"]["chains"])
-    if not wanted <= live:
-        return False
-    if not deep:
-        return True
-    if any(rules[chain] != 1 for chain in bases):  # the dispatch rule
-        return False
+    expected = {layout.base_chain(d, level): 1 for d, level in _levels(state)}  # the dispatch rule
     for u in state["units"].values():
         counts = u["objects"].get("rules", {})
         for chain in u["objects"]["chains"]:
-            expected = counts.get(chain)
-            if rules[chain] == 0 or (expected is not None and rules[chain] != expected):
-                return False
+            expected[chain] = counts.get(chain)  # None: state from before counts were kept
+    if not set(expected) <= live:
+        return False
+    if not deep:
+        return True
+    check = set(expected) if deep is True else set(deep) & set(expected)
+    if len(check) > 4:  # one dump of the whole table is cheaper than a dump per chain
+        rules = count_rules(table) or {}
+    else:
+        rules = {}
+        for chain in check:
+            rules.update(count_rules(table, chain) or {})
+    for chain in check:
+        have, want = rules.get(chain, 0), expected[chain]
+        if have == 0 or (want is not None and have != want):
+            return False
     return True
 
 
@@ -280,9 +266,9 @@ def restore(table: str) -> dict:
             "attached": sum(len(u["attached"]) for u in state["units"].values())}
 
 
-def restore_if_needed(table: str, deep: bool = False) -> bool:
+def restore_if_needed(table: str, deep=False) -> bool:
     """The guard's check: restore the table if something removed (part of) it; `deep` counts
-    rules too (after events that removed rules or chains)."""
+    rules too, of every chain (True) or of the chains named (after events that removed rules)."""
     sf = StateFile(table)
     with sf.locked():
         state = sf.load()

@@ -4,9 +4,10 @@ and restore it, with every attachment, from the state file.
 Event-driven: a NETLINK_NETFILTER socket subscribed to NFNLGRP_NFTABLES hears
 every ruleset change in the network namespace (ours too); after a burst of
 events settles (a few ms) the guard checks that our table's chains are all
-there and restores the table if not. When the burst removed rules or chains
-(`nft flush table`, `flush chain`, `delete rule`) the check also counts each
-chain's rules, since an emptied chain lets everything through. A timeout on
+there and restores the table if not. When the burst removed rules from our
+chains (`nft flush table`, `flush chain`, `delete rule`: the events name the
+chain) the check also counts those chains' rules, since an emptied chain lets
+everything through; the first check counts them all. A timeout on
 the socket doubles as a slow poll, in case events were lost (a full socket
 buffer reports ENOBUFS, which is handled as a removal).
 """
@@ -36,6 +37,8 @@ def ruleset_events() -> socket.socket:
 
 
 NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_DELRULE = 8
+NFTA_RULE_TABLE, NFTA_RULE_CHAIN = 1, 2
 # nf_tables_msg_types that only add things or touch set elements: never a removal of our table's
 # rules or chains (element deletions are every detach's own doing).
 HARMLESS = {0,   # NEWTABLE
@@ -48,36 +51,84 @@ HARMLESS = {0,   # NEWTABLE
             18,  # NEWOBJ
             22}  # NEWFLOWTABLE
 _NLMSGHDR = struct.Struct("=IHHII")
+_NLATTR = struct.Struct("=HH")
+_NFGENMSG = 4
 
 
-def removes_something(buf: bytes) -> bool:
-    """Whether a datagram of ruleset events holds anything but additions and element changes."""
-    off = 0
-    while off + _NLMSGHDR.size <= len(buf):
-        length, kind, _, _, _ = _NLMSGHDR.unpack_from(buf, off)
-        if kind >> 8 != NFNL_SUBSYS_NFTABLES or kind & 0xff not in HARMLESS:
-            return True
-        if length < _NLMSGHDR.size:
-            return True  # malformed: look at the table rather than trust it
+def _strings(buf: bytes, start: int, end: int) -> dict[int, str]:
+    """The string attributes of one message (type → value)."""
+    out, off = {}, start
+    while off + _NLATTR.size <= end:
+        length, kind = _NLATTR.unpack_from(buf, off)
+        if length < _NLATTR.size:
+            break
+        out[kind & 0x3fff] = buf[off + _NLATTR.size:off + length].split(b"\0", 1)[0].decode(errors="replace")
         off += (length + 3) & ~3
-    return False
+    return out
 
 
-def drain(s: socket.socket) -> tuple[bool, bool]:
-    """Read every pending event: (anything read, anything removed or events lost)."""
-    seen = removed = False
+class Removals:
+    """What a burst of ruleset events removed, as the health check needs it: `any` (something
+    other than additions and element changes), `chains` (chains of `table` that lost rules:
+    their rules must be counted), `everything` (events lost or unreadable: count all)."""
+
+    def __init__(self, table: str):
+        self.table = table
+        self.clear()
+
+    def clear(self) -> None:
+        self.any, self.everything, self.chains = False, False, set()
+
+    def lost(self) -> None:
+        self.any = self.everything = True
+
+    def read(self, buf: bytes) -> None:
+        off = 0
+        while off + _NLMSGHDR.size <= len(buf):
+            length, kind, _, _, _ = _NLMSGHDR.unpack_from(buf, off)
+            if length < _NLMSGHDR.size or off + length > len(buf):
+                self.lost()  # malformed: look at the table rather than trust it
+                return
+            if kind >> 8 != NFNL_SUBSYS_NFTABLES:
+                self.any = True
+            elif kind & 0xff == NFT_MSG_DELRULE:
+                attrs = _strings(buf, off + _NLMSGHDR.size + _NFGENMSG, off + length)
+                if attrs.get(NFTA_RULE_TABLE) == self.table:
+                    self.any = True
+                    self.chains.add(attrs.get(NFTA_RULE_CHAIN, ""))
+            elif kind & 0xff not in HARMLESS:
+                self.any = True
+            off += (length + 3) & ~3
+
+    def depth(self):
+        """The check's `deep` argument: False, True (count every chain) or the chains to count."""
+        return True if self.everything else (self.chains or False)
+
+
+def removes_something(buf: bytes, table: str = "") -> bool:
+    """Whether a datagram of ruleset events holds anything but additions and element changes
+    (rule removals count only in `table`)."""
+    r = Removals(table)
+    r.read(buf)
+    return r.any
+
+
+def drain(s: socket.socket, removals: Removals) -> bool:
+    """Read every pending event into `removals`; whether there was any."""
+    seen = False
     while True:
         try:
             buf = s.recv(65536)
         except BlockingIOError:
-            return seen, removed
+            return seen
         except OSError:  # ENOBUFS: events were lost; assume the worst
-            seen = removed = True
+            seen = True
+            removals.lost()
             continue
         if not buf:
-            return seen, removed
+            return seen
         seen = True
-        removed = removed or removes_something(buf)
+        removals.read(buf)
 
 
 class Guard:
@@ -130,14 +181,15 @@ class Guard:
             if self._stop.is_set():
                 return
             if ready:
-                removed = drain(self._sock)[1]
+                removals = Removals(self.table)
+                drain(self._sock, removals)
                 time.sleep(self.settle)  # let a burst (a whole flush, a transaction) finish
-                removed = drain(self._sock)[1] or removed
-                self._check_once(deep=removed)
+                drain(self._sock, removals)
+                self._check_once(deep=removals.depth())
             elif time.monotonic() - self._last >= self.poll:
                 self._check_once(deep=False)
 
-    def _check_once(self, deep: bool = True) -> None:
+    def _check_once(self, deep=True) -> None:
         self._last = time.monotonic()
         try:
             if self.check(self.table, deep):

@@ -7,8 +7,8 @@ and once a second in any case (events can be lost). Unlike it, it reads the
 events: the watcher's own attach and detach add and remove map elements all
 the time, and a health check after each of them would slow a burst of new
 cgroups, so only a removal of a table, chain, rule, set or object (or lost
-events) asks for a check, a deep one that also counts each chain's rules
-(`nft flush table` empties our chains and leaves them in place).
+events) asks for a check; rules removed from our chains (`nft flush table`
+empties them and leaves them in place) get those chains' rules counted.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import time
 
 from ..backends import nft
 from ..nft.errors import NftError
-from ..nft.guard import drain, ruleset_events
+from ..nft.guard import Removals, drain, ruleset_events
 from ..nft.state import StateFile
 
 class TableGuard:
@@ -28,7 +28,8 @@ class TableGuard:
         self.poll, self.settle = poll, settle
         self.sock = ruleset_events()  # subscribed before the first check: no change slips between
         self.due: float | None = time.monotonic()  # check at once
-        self.deep = True  # the next check counts rules too
+        self.removals = Removals(table)
+        self.removals.lost()  # the first check counts every chain's rules
         self.last = 0.0
         self.restores = 0
         self._failing: str | None = None  # the last check's error, logged once
@@ -38,10 +39,9 @@ class TableGuard:
         return self.sock.fileno()
 
     def readable(self) -> None:
-        if drain(self.sock)[1]:
-            self.deep = True
-            if self.due is None:
-                self.due = time.monotonic() + self.settle  # let the rest of a flush arrive first
+        drain(self.sock, self.removals)
+        if self.removals.any and self.due is None:
+            self.due = time.monotonic() + self.settle  # let the rest of a flush arrive first
 
     def timeout_ms(self) -> int:
         now = time.monotonic()
@@ -54,7 +54,8 @@ class TableGuard:
             self.check()
 
     def check(self) -> None:
-        deep, self.deep = self.due is not None and self.deep, False
+        deep = self.removals.depth() if self.due is not None else False  # a poll only looks for chains
+        self.removals.clear()
         self.due = None
         self.last = start = time.monotonic()
         try:

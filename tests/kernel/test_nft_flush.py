@@ -197,3 +197,18 @@ def test_host_ruleset_untouched(guarded):
     names = lambda out: {(t["table"]["family"], t["table"]["name"]) for t in json.loads(out)["nftables"] if "table" in t}
     assert names(host_after) >= {n for n in names(host_before) if not n[1].startswith("bpfwall-test")}
     assert table not in {n for _, n in names(host_after)}
+
+
+def test_rule_count_dump_matches_nft(guarded):
+    """The guard's own rule dump (one netlink request) counts what `nft list table` shows."""
+    netns, table, _ = guarded
+    code = ("import json, sys; from bpfwall.nft.rulecount import count_rules; "
+            "print(json.dumps([count_rules(sys.argv[1]), count_rules(sys.argv[1], 'a.service/in'), "
+            "count_rules('bpfwall-test-no-such-table')]))")
+    out = in_netns(netns, sys.executable, "-c", code, table)
+    assert out.returncode == 0, out.stderr
+    whole, one, missing = json.loads(out.stdout)
+    listed = rule_counts(netns, table)
+    assert whole == {chain: n for chain, n in listed.items() if n} and len(whole) >= 5
+    assert one == {"a.service/in": listed["a.service/in"]}
+    assert not missing

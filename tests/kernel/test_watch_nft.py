@@ -28,7 +28,7 @@ import pytest
 from bpfwall.backends import bpf
 from bpfwall.nft.runner import needs_worker
 from bpfwall.nft.state import StateFile
-from bpfwall.nft.guard import removes_something
+from bpfwall.nft.guard import Removals, removes_something
 from tests.kernel.test_nft_flush import in_netns, rule_counts
 from tests.kernel.test_traffic import receive_all
 from tests.kernel.test_watch import (Daemon, attached_id, inside, mkcg, pinned_ids, unit, wait_for, write_policy)
@@ -313,13 +313,31 @@ def test_removed_table_is_restored_within_a_second(daemon, policy_dir, subtree, 
 
 def test_guard_ignores_element_changes_and_sees_removals():
     """What the guard reads from the event stream (nfnetlink messages, type = 10 << 8 | msg)."""
-    def msg(kind):
-        return (20).to_bytes(4, "little") + ((10 << 8) | kind).to_bytes(2, "little") + bytes(14)
+    def attr(kind, text):
+        data = text.encode() + b"\0"
+        return (4 + len(data)).to_bytes(2, "little") + kind.to_bytes(2, "little") + data + bytes(-len(data) % 4)
 
-    assert not removes_something(msg(12) + msg(15))   # NEWSETELEM, NEWGEN: an attach
-    assert not removes_something(msg(14) + msg(15))   # DELSETELEM: a detach
-    for kind in (2, 5, 8, 11, 20):                    # DELTABLE, DELCHAIN, DELRULE, DELSET, DELOBJ
-        assert removes_something(msg(12) + msg(kind))
+    def msg(kind, payload=b""):
+        return (20 + len(payload)).to_bytes(4, "little") + ((10 << 8) | kind).to_bytes(2, "little") + bytes(14) \
+            + payload
+
+    def delrule(table, chain):
+        return msg(8, attr(1, table) + attr(2, chain))
+
+    assert not removes_something(msg(12) + msg(15), "t")   # NEWSETELEM, NEWGEN: an attach
+    assert not removes_something(msg(14) + msg(15), "t")   # DELSETELEM: a detach
+    for kind in (2, 5, 11, 20):                            # DELTABLE, DELCHAIN, DELSET, DELOBJ
+        assert removes_something(msg(12) + msg(kind), "t")
+    assert removes_something(delrule("t", "a.service/in"), "t")
+    assert not removes_something(delrule("other", "a.service/in"), "t")  # another table's rules
+    r = Removals("t")
+    r.read(delrule("t", "a.service/in") + delrule("t", "output_level_2") + delrule("u", "x") + msg(15))
+    assert r.depth() == {"a.service/in", "output_level_2"}
+    r.clear()
+    r.read(msg(12) + msg(15))
+    assert r.depth() is False and not r.any
+    r.read(msg(8, attr(1, "t"))[:-3])  # cut short: trust nothing
+    assert r.depth() is True
 
 
 # -- mixed ---------------------------------------------------------------------------
