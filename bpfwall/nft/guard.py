@@ -20,6 +20,7 @@ import threading
 import time
 
 from .errors import NftError
+from .rulecount import NFNL_SUBSYS_NFTABLES, NFTA_RULE_CHAIN, NFTA_RULE_TABLE, parse_attrs, string
 
 NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7
@@ -36,9 +37,7 @@ def ruleset_events() -> socket.socket:
     return s
 
 
-NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_DELRULE = 8
-NFTA_RULE_TABLE, NFTA_RULE_CHAIN = 1, 2
 # nf_tables_msg_types that only add things or touch set elements: never a removal of our table's
 # rules or chains (element deletions are every detach's own doing).
 HARMLESS = {0,   # NEWTABLE
@@ -51,20 +50,7 @@ HARMLESS = {0,   # NEWTABLE
             18,  # NEWOBJ
             22}  # NEWFLOWTABLE
 _NLMSGHDR = struct.Struct("=IHHII")
-_NLATTR = struct.Struct("=HH")
 _NFGENMSG = 4
-
-
-def _strings(buf: bytes, start: int, end: int) -> dict[int, str]:
-    """The string attributes of one message (type → value)."""
-    out, off = {}, start
-    while off + _NLATTR.size <= end:
-        length, kind = _NLATTR.unpack_from(buf, off)
-        if length < _NLATTR.size:
-            break
-        out[kind & 0x3fff] = buf[off + _NLATTR.size:off + length].split(b"\0", 1)[0].decode(errors="replace")
-        off += (length + 3) & ~3
-    return out
 
 
 class Removals:
@@ -92,10 +78,10 @@ class Removals:
             if kind >> 8 != NFNL_SUBSYS_NFTABLES:
                 self.any = True
             elif kind & 0xff == NFT_MSG_DELRULE:
-                attrs = _strings(buf, off + _NLMSGHDR.size + _NFGENMSG, off + length)
-                if attrs.get(NFTA_RULE_TABLE) == self.table:
+                attrs = parse_attrs(buf, off + _NLMSGHDR.size + _NFGENMSG, off + length)
+                if string(attrs.get(NFTA_RULE_TABLE)) == self.table:
                     self.any = True
-                    self.chains.add(attrs.get(NFTA_RULE_CHAIN, ""))
+                    self.chains.add(string(attrs.get(NFTA_RULE_CHAIN)) or "")
             elif kind & 0xff not in HARMLESS:
                 self.any = True
             off += (length + 3) & ~3

@@ -33,7 +33,8 @@ def _attr(kind: int, text: str) -> bytes:
     return _ATTR.pack(_ATTR.size + len(data), kind) + data + bytes(-len(data) % 4)
 
 
-def _attrs(buf: bytes, start: int, end: int) -> dict[int, bytes]:
+def parse_attrs(buf: bytes, start: int, end: int) -> dict[int, bytes]:
+    """The netlink attributes between `start` and `end` (type → payload)."""
     out, off = {}, start
     while off + _ATTR.size <= end:
         length, kind = _ATTR.unpack_from(buf, off)
@@ -42,6 +43,11 @@ def _attrs(buf: bytes, start: int, end: int) -> dict[int, bytes]:
         out[kind & 0x3fff] = buf[off + _ATTR.size:off + length]
         off += (length + 3) & ~3
     return out
+
+
+def string(payload: bytes | None) -> str | None:
+    """A NUL-terminated string attribute's text."""
+    return None if payload is None else payload.split(b"\0", 1)[0].decode(errors="replace")
 
 
 def count_rules(table: str, chain: str | None = None) -> dict[str, int] | None:
@@ -73,7 +79,6 @@ def count_rules(table: str, chain: str | None = None) -> dict[str, int] | None:
                     if code == errno.ENOENT:
                         return None
                     raise NftError(f"cannot list the rules of table inet {table}: {os.strerror(code)}")
-                attrs = _attrs(buf, off + _HDR.size + _GEN.size, off + length)
-                name = attrs.get(NFTA_RULE_CHAIN, b"").split(b"\0", 1)[0].decode(errors="replace")
+                name = string(parse_attrs(buf, off + _HDR.size + _GEN.size, off + length).get(NFTA_RULE_CHAIN))
                 counts[name] = counts.get(name, 0) + 1
                 off += (length + 3) & ~3
