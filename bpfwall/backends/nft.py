@@ -27,9 +27,9 @@ from ..lang.errors import LangError
 from ..lang.values import parse_set_elements
 from ..lower import nft as lower
 from ..nft import layout
+from ..nft.dump import cgroup_keys, count_rules
 from ..nft.errors import NftError
-from ..nft.names import UnitNames, check_table
-from ..nft.rulecount import count_rules
+from ..nft.names import UnitNames, check_table, level_map
 from ..nft.runner import runner
 from ..nft.state import StateFile
 
@@ -114,9 +114,11 @@ def _resolve(path: str) -> tuple[str, str, int, int]:
     return absolute, rel, rel.count("/") + 1, cid
 
 
-def _alive(record: dict) -> bool:
+def _alive(record: dict, mount: str | None = None) -> bool:
+    """Whether the attachment's cgroup still exists (`mount`: the cgroup2 mount, when the caller
+    checks many: reading mountinfo costs more than the stat)."""
     try:
-        return os.stat(os.path.join(cg.cgroup2_mount(), record["cgroup"])).st_ino == record["id"]
+        return os.stat(os.path.join(mount or cg.cgroup2_mount(), record["cgroup"])).st_ino == record["id"]
     except OSError:
         return False
 
@@ -158,17 +160,23 @@ def _levels(state: dict) -> set[tuple[str, int]]:
 
 
 def _elements_of_level(state: dict, direction: str, level: int) -> list[tuple[str, str]]:
-    out = []
+    out, mount = [], cg.cgroup2_mount()
     for unit, u in state["units"].items():
         for a in u["attached"]:
-            if a["level"] == level and direction in a["directions"] and _alive(a):
+            if a["level"] == level and direction in a["directions"] and _alive(a, mount):
                 out.append((a["cgroup"], UnitNames(unit).chain(direction)))
     return out
 
 
+def _records_of_level(state: dict, direction: str, level: int) -> dict[int, dict]:
+    return {a["id"]: a for u in state["units"].values() for a in u["attached"]
+            if a["level"] == level and direction in a["directions"]}
+
+
 def _prune_vanished(state: dict) -> None:
+    mount = cg.cgroup2_mount()
     for u in state["units"].values():
-        u["attached"] = [a for a in u["attached"] if _alive(a)]
+        u["attached"] = [a for a in u["attached"] if _alive(a, mount)]
 
 
 # -- health and restore ---------------------------------------------------------------------
@@ -189,8 +197,9 @@ def _live_chains(table: str) -> set[str] | None:
 
 
 def healthy(table: str, state: dict, live: set | None = None, deep=False) -> bool:
-    """Every chain the state says we rendered (and every level's base chain) exists
-    (`live`: the table's chains, when the caller listed them already). `deep` also counts
+    """Every chain the state says we rendered (and every level's base chain) exists, and every
+    attachment's map element (`live`: the table's chains, when the caller listed them
+    already). `deep` also counts
     rules, of every chain (True) or of the chains named (a set): `nft flush table`/`flush
     chain` leave the chains but empty them, which would let every packet through."""
     if not state["units"]:
@@ -205,6 +214,16 @@ def healthy(table: str, state: dict, live: set | None = None, deep=False) -> boo
             expected[chain] = counts.get(chain)  # None: state from before counts were kept
     if not set(expected) <= live:
         return False
+    mount = None
+    for direction, level in _levels(state):  # every attachment's element (cheap: a netlink dump)
+        keys = cgroup_keys(table, level_map(direction, level))
+        if keys is None:
+            return False
+        missing = [a for cid, a in _records_of_level(state, direction, level).items() if cid not in keys]
+        if missing:  # fine for vanished cgroups only (a refilled map leaves them out)
+            mount = mount or cg.cgroup2_mount()
+            if any(_alive(a, mount) for a in missing):
+                return False
     if not deep:
         return True
     check = set(expected) if deep is True else set(deep) & set(expected)

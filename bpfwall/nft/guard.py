@@ -20,7 +20,7 @@ import threading
 import time
 
 from .errors import NftError
-from .rulecount import NFNL_SUBSYS_NFTABLES, NFTA_RULE_CHAIN, NFTA_RULE_TABLE, parse_attrs, string
+from .dump import NFNL_SUBSYS_NFTABLES, NFTA_RULE_CHAIN, NFTA_RULE_TABLE, parse_attrs, string
 
 NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7

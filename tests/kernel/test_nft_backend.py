@@ -503,6 +503,25 @@ def test_detach_a_vanished_cgroup(table):
     assert "input_level_1" not in _chains(table)  # the empty level went with it
 
 
+def test_a_vanished_cgroup_is_not_damage(table):
+    """The guard's health check (every element of the state in its map) does not call for a
+    restore, which rebuilds the whole table, when cgroups vanished, whether their elements are
+    still there or a detach refilled the map without them; a live cgroup's missing element does."""
+    with TempCgroup("bpfwall-test") as a, TempCgroup("bpfwall-test") as b, TempCgroup("bpfwall-test") as c:
+        load_attached(table, a, ingress="udp")
+        nft.attach(table, "t.service", b.path)
+        nft.attach(table, "t.service", c.path)
+    with TempCgroup("bpfwall-test") as live:
+        nft.attach(table, "t.service", live.path)
+        assert not nft.restore_if_needed(table) and not nft.restore_if_needed(table, deep=True)
+        nft.detach(table, "t.service", a.path)  # vanished: its level's map is refilled, without b and c
+        assert not nft.restore_if_needed(table) and not nft.restore_if_needed(table, deep=True)
+        subprocess.run(["nft", "flush", "map", "inet", table, "ingress_level_1"], check=True)
+        assert nft.restore_if_needed(table)  # live's element is back; the vanished records are pruned
+        assert nft.stats(table, "t.service")["attached"] == [{"cgroup": live.path, "direction": "ingress"}]
+        assert not nft.restore_if_needed(table, deep=True)
+
+
 def test_unload_and_list(table, temp_cgroup):
     unit = load_attached(table, temp_cgroup, ingress="udp", egress="tcp")
     nft.load(table, "other.service", program(ingress="icmp"))

@@ -286,8 +286,9 @@ def test_restart_reuses_the_table_and_catches_up(daemon, policy_dir, subtree, ne
 # -- the guard ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("how", [["flush", "ruleset"], ["delete", "table", "inet", "{table}"],
-                                 ["flush", "table", "inet", "{table}"]],
-                         ids=["flush-ruleset", "delete-table", "flush-table"])
+                                 ["flush", "table", "inet", "{table}"],
+                                 ["flush", "map", "inet", "{table}", "ingress_level_2"]],
+                         ids=["flush-ruleset", "delete-table", "flush-table", "flush-map"])
 def test_removed_table_is_restored_within_a_second(daemon, policy_dir, subtree, netns, table, how):
     write_policy(policy_dir, nft_unit("a.service", ingress="udp") + nft_unit("b.service", egress="udp"))
     a, b = mkcg(subtree, "a.service"), mkcg(subtree, "x.slice/b.service")
@@ -304,7 +305,8 @@ def test_removed_table_is_restored_within_a_second(daemon, policy_dir, subtree, 
             time.sleep(0.005)
         took = time.monotonic() - t0
         print(f"\n{' '.join(how[:2])}: restored with all elements {took * 1e3:.0f} ms after the command started")
-        assert took <= RESTORE_BOUND
+        # element removals are the watcher's own detaches too: they wait for the 1 s poll
+        assert took <= (RESTORE_BOUND if how[1] != "map" else 1.5)
         wait_for("restore logged", lambda: daemon.log().count("warning: restore:") == round_ + 1)
     new = mkcg(subtree, "y.slice/a.service")  # the watcher keeps attaching after restores
     wait_for("new element after restores", lambda: has_element(netns, table, "ingress_level_3", new))

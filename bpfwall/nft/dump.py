@@ -1,0 +1,117 @@
+"""Read a table's rules and verdict-map keys with netlink dumps (NFT_MSG_GETRULE,
+NFT_MSG_GETSETELEM), not libnftables.
+
+libnftables lists a chain only after filling its cache of the whole table, set
+elements included, and prints every cgroupsv2 element by walking the cgroup
+tree for its path: about 0.2 s per listing with 1,000 attached cgroups. The
+guard only needs how many rules each chain has and which cgroup ids each map
+holds, which the kernel's dumps give directly, in this network namespace.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import sys
+from typing import Iterator
+
+from .errors import NftError
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_GETRULE, NFT_MSG_GETSETELEM = 7, 13
+NFPROTO_INET = 1
+NFTA_RULE_TABLE, NFTA_RULE_CHAIN = 1, 2
+NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
+NFTA_LIST_ELEM = 1
+NFTA_SET_ELEM_KEY = 1
+NFTA_DATA_VALUE = 1
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+
+_HDR = struct.Struct("=IHHII")      # nlmsghdr
+_GEN = struct.Struct("=BBH")        # nfgenmsg: family, version, res_id (big endian, 0 here)
+_ATTR = struct.Struct("=HH")
+
+
+def _attr(kind: int, text: str) -> bytes:
+    data = text.encode() + b"\0"
+    return _ATTR.pack(_ATTR.size + len(data), kind) + data + bytes(-len(data) % 4)
+
+
+def attrs_list(buf: bytes, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """The netlink attributes between `start` and `end`, in order (type, payload)."""
+    off = start
+    while off + _ATTR.size <= end:
+        length, kind = _ATTR.unpack_from(buf, off)
+        if length < _ATTR.size:
+            return
+        yield kind & 0x3fff, buf[off + _ATTR.size:off + length]
+        off += (length + 3) & ~3
+
+
+def parse_attrs(buf: bytes, start: int = 0, end: int | None = None) -> dict[int, bytes]:
+    """The netlink attributes between `start` and `end` (type → payload)."""
+    return dict(attrs_list(buf, start, len(buf) if end is None else end))
+
+
+def string(payload: bytes | None) -> str | None:
+    """A NUL-terminated string attribute's text."""
+    return None if payload is None else payload.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def _dump(msg_type: int, attrs: bytes, what: str) -> Iterator[dict[int, bytes]] | None:
+    """The answers (their attributes) to a dump request; None when the kernel says ENOENT."""
+    payload = _GEN.pack(NFPROTO_INET, 0, 0) + attrs
+    kind = (NFNL_SUBSYS_NFTABLES << 8) | msg_type
+    request = _HDR.pack(_HDR.size + len(payload), kind, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + payload
+    answers = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER) as s:
+        s.bind((0, 0))
+        s.send(request)
+        while True:
+            buf = s.recv(1 << 20)
+            off = 0
+            while off + _HDR.size <= len(buf):
+                length, mtype, _, _, _ = _HDR.unpack_from(buf, off)
+                if length < _HDR.size:
+                    raise NftError(f"unreadable netlink answer while {what}")
+                if mtype == NLMSG_DONE:
+                    return iter(answers)
+                if mtype == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", buf, off + _HDR.size)[0]
+                    if code == errno.ENOENT:
+                        return None
+                    if code:
+                        raise NftError(f"{what}: {os.strerror(code)}")
+                else:
+                    answers.append(parse_attrs(buf, off + _HDR.size + _GEN.size, off + length))
+                off += (length + 3) & ~3
+
+
+def count_rules(table: str, chain: str | None = None) -> dict[str, int]:
+    """{chain: number of rules (at least one)} of inet `table` (only `chain`, if given); chains
+    without rules, and chains or a table that do not exist, are absent."""
+    request = _attr(NFTA_RULE_TABLE, table) + (_attr(NFTA_RULE_CHAIN, chain) if chain is not None else b"")
+    counts: dict[str, int] = {}
+    for answer in _dump(NFT_MSG_GETRULE, request, f"listing the rules of table inet {table}") or ():
+        name = string(answer.get(NFTA_RULE_CHAIN)) or ""
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def cgroup_keys(table: str, map_name: str) -> set[int] | None:
+    """The cgroup ids that are keys of the cgroupsv2 map `map_name`; None when it does not exist."""
+    request = _attr(NFTA_SET_ELEM_LIST_TABLE, table) + _attr(NFTA_SET_ELEM_LIST_SET, map_name)
+    answers = _dump(NFT_MSG_GETSETELEM, request, f"listing map {map_name} of table inet {table}")
+    if answers is None:
+        return None
+    keys = set()
+    for answer in answers:
+        elements = answer.get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")
+        for kind, elem in attrs_list(elements, 0, len(elements)):
+            key = parse_attrs(parse_attrs(elem).get(NFTA_SET_ELEM_KEY, b"")).get(NFTA_DATA_VALUE)
+            if kind == NFTA_LIST_ELEM and key is not None and len(key) == 8:
+                keys.add(int.from_bytes(key, sys.byteorder))  # a cgroup id is a host-order u64
+    return keys
