@@ -239,7 +239,8 @@ def test_udp_filtered_and_sighup_changes_verdicts(daemon, policy_dir, subtree, n
         assert (arrived(one, tx, p1), arrived(two, tx, p2)) == (0, 5)
         assert state_units(table)["a.service"]["ingress"] == f"udp && local_port == {p2}"
         assert has_element(netns, table, "ingress_level_2", a, "a.service/in")  # kept across the swap
-    assert "error" not in daemon.log()
+    time.sleep(0.1)  # the guard has looked at the swap's own rule removals: not damage
+    assert "error" not in daemon.log() and "restore" not in daemon.log()
 
 
 def test_sighup_unloads_removed_entries_and_moves_backends(daemon, policy_dir, subtree, netns, table, pin_root):
@@ -260,7 +261,8 @@ def test_sighup_unloads_removed_entries_and_moves_backends(daemon, policy_dir, s
     assert attached_id(pin_root, move) is None
     assert attached_id(pin_root, back, "egress") == pinned_ids(pin_root, "back.service")["egress"]
     daemon.wait_status("policing 2 units on 2 cgroups")
-    assert "error" not in daemon.log()
+    time.sleep(0.1)
+    assert "error" not in daemon.log() and "restore" not in daemon.log()
 
 
 def test_restart_reuses_the_table_and_catches_up(daemon, policy_dir, subtree, netns, table):
