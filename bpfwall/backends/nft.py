@@ -27,7 +27,7 @@ from ..lang.errors import LangError
 from ..lang.values import parse_set_elements
 from ..lower import nft as lower
 from ..nft import layout
-from ..nft.dump import cgroup_keys, count_rules
+from ..nft.dump import cgroup_keys, chain_names, count_rules
 from ..nft.errors import NftError
 from ..nft.names import UnitNames, check_table, level_map
 from ..nft.runner import runner
@@ -204,8 +204,8 @@ def healthy(table: str, state: dict, live: set | None = None, deep=False) -> boo
     chain` leave the chains but empty them, which would let every packet through."""
     if not state["units"]:
         return True
-    live = _live_chains(table) if live is None else live
-    if live is None:
+    live = chain_names(table) if live is None else live
+    if not live:
         return False
     expected = {layout.base_chain(d, level): 1 for d, level in _levels(state)}  # the dispatch rule
     for u in state["units"].values():

@@ -1,11 +1,12 @@
-"""Read a table's rules and verdict-map keys with netlink dumps (NFT_MSG_GETRULE,
-NFT_MSG_GETSETELEM), not libnftables.
+"""Read a table's chains, rules and verdict-map keys with netlink dumps (NFT_MSG_GETCHAIN,
+NFT_MSG_GETRULE, NFT_MSG_GETSETELEM), not libnftables.
 
 libnftables lists a chain only after filling its cache of the whole table, set
 elements included, and prints every cgroupsv2 element by walking the cgroup
 tree for its path: about 0.2 s per listing with 1,000 attached cgroups. The
-guard only needs how many rules each chain has and which cgroup ids each map
-holds, which the kernel's dumps give directly, in this network namespace.
+guard only needs which chains exist, how many rules each has and which cgroup
+ids each map holds, which the kernel's dumps give directly, in this network
+namespace (a few ms for a table of 1,000 units, checked once a second).
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from .errors import NftError
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
-NFT_MSG_GETRULE, NFT_MSG_GETSETELEM = 7, 13
+NFT_MSG_GETCHAIN, NFT_MSG_GETRULE, NFT_MSG_GETSETELEM = 4, 7, 13
 NFPROTO_INET = 1
+NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME = 1, 3
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN = 1, 2
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_LIST_ELEM = 1
@@ -88,6 +90,13 @@ def _dump(msg_type: int, attrs: bytes, what: str) -> Iterator[dict[int, bytes]] 
                 else:
                     answers.append(parse_attrs(buf, off + _HDR.size + _GEN.size, off + length))
                 off += (length + 3) & ~3
+
+
+def chain_names(table: str) -> set[str]:
+    """The names of inet `table`'s chains (none when the table does not exist)."""
+    # The kernel's chain dump ignores a table in the request and answers with every inet chain.
+    answers = _dump(NFT_MSG_GETCHAIN, _attr(NFTA_CHAIN_TABLE, table), f"listing the chains of table inet {table}")
+    return {string(a.get(NFTA_CHAIN_NAME)) for a in answers or () if string(a.get(NFTA_CHAIN_TABLE)) == table} - {None}
 
 
 def count_rules(table: str, chain: str | None = None) -> dict[str, int]:

@@ -206,13 +206,15 @@ def test_netlink_dumps_match_nft(guarded):
     """The guard's own dumps (one netlink request each) see what `nft list table` shows: rules
     per chain, and the cgroup ids that key the verdict maps."""
     netns, table, child = guarded
-    code = ("import json, sys; from bpfwall.nft.dump import cgroup_keys as k, count_rules as c; t = sys.argv[1]; "
-            "print(json.dumps([c(t), c(t, 'a.service/in'), c('bpfwall-test-no-such-table'), "
-            "sorted(k(t, 'ingress_level_1')), sorted(k(t, 'egress_level_1')), k(t, 'no_such_map')]))")
+    code = ("import json, sys; from bpfwall.nft.dump import cgroup_keys as k, count_rules as c, chain_names as n; "
+            "t = sys.argv[1]; print(json.dumps([c(t), c(t, 'a.service/in'), c('bpfwall-test-no-such-table'), "
+            "sorted(k(t, 'ingress_level_1')), sorted(k(t, 'egress_level_1')), k(t, 'no_such_map'), "
+            "sorted(n(t)), sorted(n('bpfwall-test-no-such-table'))]))")
     out = in_netns(netns, sys.executable, "-c", code, table)
     assert out.returncode == 0, out.stderr
-    whole, one, missing, ingress, egress, no_map = json.loads(out.stdout)
+    whole, one, missing, ingress, egress, no_map, chains, no_chains = json.loads(out.stdout)
     listed = rule_counts(netns, table)
+    assert chains == sorted(listed) and no_chains == []
     assert whole == {chain: n for chain, n in listed.items() if n} and len(whole) >= 5
     assert one == {"a.service/in": listed["a.service/in"]}
     assert missing == {} and no_map is None
