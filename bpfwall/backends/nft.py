@@ -228,11 +228,11 @@ def healthy(table: str, state: dict, live: set | None = None, deep=False) -> boo
         return True
     check = set(expected) if deep is True else set(deep) & set(expected)
     if len(check) > 4:  # one dump of the whole table is cheaper than a dump per chain
-        rules = count_rules(table) or {}
+        rules = count_rules(table)
     else:
         rules = {}
         for chain in check:
-            rules.update(count_rules(table, chain) or {})
+            rules.update(count_rules(table, chain))
     for chain in check:
         have, want = rules.get(chain, 0), expected[chain]
         if have == 0 or (want is not None and have != want):

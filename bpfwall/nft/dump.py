@@ -21,6 +21,7 @@ from .errors import NftError
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_DELRULE = 8
 NFT_MSG_GETCHAIN, NFT_MSG_GETRULE, NFT_MSG_GETSETELEM = 4, 7, 13
 NFPROTO_INET = 1
 NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME = 1, 3
@@ -63,7 +64,24 @@ def string(payload: bytes | None) -> str | None:
     return None if payload is None else payload.split(b"\0", 1)[0].decode(errors="replace")
 
 
-def _dump(msg_type: int, attrs: bytes, what: str) -> Iterator[dict[int, bytes]] | None:
+def messages(buf: bytes) -> Iterator[tuple[int, int, int]]:
+    """(type, payload start, end) of each netlink message in a datagram; ValueError when one is
+    malformed (a length shorter than its header, or past the datagram)."""
+    off = 0
+    while off + _HDR.size <= len(buf):
+        length, kind, _, _, _ = _HDR.unpack_from(buf, off)
+        if length < _HDR.size or off + length > len(buf):
+            raise ValueError("malformed netlink message")
+        yield kind, off + _HDR.size, off + length
+        off += (length + 3) & ~3
+
+
+def nft_attrs(buf: bytes, start: int, end: int) -> dict[int, bytes]:
+    """The attributes of an nf_tables message whose payload (nfgenmsg first) is buf[start:end]."""
+    return parse_attrs(buf, start + _GEN.size, end)
+
+
+def _dump(msg_type: int, attrs: bytes, what: str) -> list[dict[int, bytes]] | None:
     """The answers (their attributes) to a dump request; None when the kernel says ENOENT."""
     payload = _GEN.pack(NFPROTO_INET, 0, 0) + attrs
     kind = (NFNL_SUBSYS_NFTABLES << 8) | msg_type
@@ -74,22 +92,20 @@ def _dump(msg_type: int, attrs: bytes, what: str) -> Iterator[dict[int, bytes]] 
         s.send(request)
         while True:
             buf = s.recv(1 << 20)
-            off = 0
-            while off + _HDR.size <= len(buf):
-                length, mtype, _, _, _ = _HDR.unpack_from(buf, off)
-                if length < _HDR.size:
-                    raise NftError(f"unreadable netlink answer while {what}")
-                if mtype == NLMSG_DONE:
-                    return iter(answers)
-                if mtype == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", buf, off + _HDR.size)[0]
-                    if code == errno.ENOENT:
-                        return None
-                    if code:
-                        raise NftError(f"{what}: {os.strerror(code)}")
-                else:
-                    answers.append(parse_attrs(buf, off + _HDR.size + _GEN.size, off + length))
-                off += (length + 3) & ~3
+            try:
+                for mtype, start, end in messages(buf):
+                    if mtype == NLMSG_DONE:
+                        return answers
+                    if mtype == NLMSG_ERROR:
+                        code = -struct.unpack_from("=i", buf, start)[0]
+                        if code == errno.ENOENT:
+                            return None
+                        if code:
+                            raise NftError(f"{what}: {os.strerror(code)}")
+                    else:
+                        answers.append(nft_attrs(buf, start, end))
+            except ValueError:
+                raise NftError(f"unreadable netlink answer while {what}") from None
 
 
 def chain_names(table: str) -> set[str]:

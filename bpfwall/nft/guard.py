@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import select
 import socket
-import struct
 import threading
 import time
 
+from .dump import (NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFT_MSG_DELRULE, NFTA_RULE_CHAIN, NFTA_RULE_TABLE,
+                   messages, nft_attrs, string)
 from .errors import NftError
-from .dump import NFNL_SUBSYS_NFTABLES, NFTA_RULE_CHAIN, NFTA_RULE_TABLE, parse_attrs, string
 
-NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
@@ -37,7 +36,6 @@ def ruleset_events() -> socket.socket:
     return s
 
 
-NFT_MSG_DELRULE = 8
 # nf_tables_msg_types that only add things or touch set elements: never a removal of our table's
 # rules or chains (element deletions are every detach's own doing).
 HARMLESS = {0,   # NEWTABLE
@@ -49,8 +47,6 @@ HARMLESS = {0,   # NEWTABLE
             15,  # NEWGEN (ends every transaction)
             18,  # NEWOBJ
             22}  # NEWFLOWTABLE
-_NLMSGHDR = struct.Struct("=IHHII")
-_NFGENMSG = 4
 
 
 class Removals:
@@ -69,34 +65,23 @@ class Removals:
         self.any = self.everything = True
 
     def read(self, buf: bytes) -> None:
-        off = 0
-        while off + _NLMSGHDR.size <= len(buf):
-            length, kind, _, _, _ = _NLMSGHDR.unpack_from(buf, off)
-            if length < _NLMSGHDR.size or off + length > len(buf):
-                self.lost()  # malformed: look at the table rather than trust it
-                return
-            if kind >> 8 != NFNL_SUBSYS_NFTABLES:
-                self.any = True
-            elif kind & 0xff == NFT_MSG_DELRULE:
-                attrs = parse_attrs(buf, off + _NLMSGHDR.size + _NFGENMSG, off + length)
-                if string(attrs.get(NFTA_RULE_TABLE)) == self.table:
+        try:
+            for kind, start, end in messages(buf):
+                if kind >> 8 != NFNL_SUBSYS_NFTABLES:
                     self.any = True
-                    self.chains.add(string(attrs.get(NFTA_RULE_CHAIN)) or "")
-            elif kind & 0xff not in HARMLESS:
-                self.any = True
-            off += (length + 3) & ~3
+                elif kind & 0xff == NFT_MSG_DELRULE:
+                    attrs = nft_attrs(buf, start, end)
+                    if string(attrs.get(NFTA_RULE_TABLE)) == self.table:
+                        self.any = True
+                        self.chains.add(string(attrs.get(NFTA_RULE_CHAIN)) or "")
+                elif kind & 0xff not in HARMLESS:
+                    self.any = True
+        except ValueError:
+            self.lost()  # malformed: look at the table rather than trust it
 
     def depth(self):
         """The check's `deep` argument: False, True (count every chain) or the chains to count."""
         return True if self.everything else (self.chains or False)
-
-
-def removes_something(buf: bytes, table: str = "") -> bool:
-    """Whether a datagram of ruleset events holds anything but additions and element changes
-    (rule removals count only in `table`)."""
-    r = Removals(table)
-    r.read(buf)
-    return r.any
 
 
 def drain(s: socket.socket, removals: Removals) -> bool:
