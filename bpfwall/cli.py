@@ -341,12 +341,22 @@ def cmd_list(args) -> None:
         if "error" in r:
             lines.append(f"{r['unit']}: {r['error']}")
             continue
-        where = ", ".join(f"{a['cgroup']} ({a['direction']})" for a in r["attached"]) or "not attached"
-        lines.append(f"{r['unit']} [{r['mode']}] {where}")
+        lines.append(f"{r['unit']} [{r['mode']}] {describe_attachments(r['attached'])}")
         for d in ("ingress", "egress"):
             if r[d] is not None:
                 lines.append(f"  {d}: {r[d]}")
     _emit(args, rows, "\n".join(lines) or "no units loaded")
+
+
+def describe_attachments(attached: list[dict]) -> str:
+    """Where a unit runs, as the kernel says: a program of the unit that is not the one its pins
+    name now (a load cut short, a crash) is shown as such, never hidden."""
+    def one(a: dict) -> str:
+        text = f"{a['cgroup']} ({a['direction']})"
+        if a.get("current") is False:
+            text += f" [stale program id {a['program']}, not the pinned one: run bpfwall load again]"
+        return text
+    return ", ".join(one(a) for a in attached) or "not attached"
 
 
 def cmd_stats(args) -> None:
@@ -367,8 +377,7 @@ def cmd_stats(args) -> None:
         lines.append(f"  ${name} = {value}")
     for name, elements in s["sets"].items():
         lines.append(f"  @{name} = {{{', '.join(elements)}}}")
-    where = ", ".join(f"{a['cgroup']} ({a['direction']})" for a in s["attached"]) or "not attached"
-    lines.append(f"  attached: {where}")
+    lines.append(f"  attached: {describe_attachments(s['attached'])}")
     _emit(args, s, "\n".join(lines))
 
 

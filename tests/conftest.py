@@ -43,7 +43,7 @@ def cache_dir(tmp_path_factory):
 
 def _bpffs() -> None:
     if not os.path.ismount("/sys/fs/bpf"):
-        os.system("mount -t bpf bpf /sys/fs/bpf")
+        os.system("mount -t bpf -o mode=0700 bpf /sys/fs/bpf")
 
 
 @pytest.fixture

@@ -8,21 +8,35 @@ A unit's pins live in `<pin root>/<unit key>/`:
     params               struct bpfwall_params: one u64 per $param, by name order
     set_<name>           @name: hash of u32 (numbers) or LPM trie (addresses)
     meta                 JSON: expressions, param order, set kinds, capacity
+    link_<dir>_<cgid>    a bpf_link running the unit's program on cgroup id <cgid>
+    next_<dir>           a reload's new program, between its swap and its rename
 
-`meta` makes the pins self-describing, so stats/set/tune need nothing else.
+`meta` makes the pins self-describing, so stats/set/tune need nothing else;
+`meta` is pinned last, so a directory without it is a load cut short.
+
+What runs on a cgroup is always named by a pin. Attachments bpfwall makes are
+pinned bpf_links (a link whose pin was never made dies with the process that
+made it); systemd's (IP*FilterPath=) run the program pinned at ingress/egress,
+or, during a reload, at next_<dir>. Every program is loaded under a name that
+carries a hash of (pin root, unit) and its direction, so a program left
+anywhere by a crash is recognised as the unit's, swapped or removed.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import json
 import os
 import struct
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .. import unitkey
 from ..build import UnitProgram, build
-from ..kernel import cgroup, loader, maps, pins, progs
+from ..crashpoint import reached
+from ..kernel import cgroup, links, loader, maps, pins, progs
 from ..kernel.errors import KernelError
 from ..lower.c import set_map
 
@@ -79,16 +93,103 @@ def prog_path(pin_root: str, unit: str, direction: str) -> str:
     return os.path.join(unit_dir(pin_root, unit), direction)
 
 
+LINK_PREFIX = "link_"
+NEXT_PREFIX = "next_"
+
+
+def link_name(direction: str, cgroup_id: int) -> str:
+    return f"{LINK_PREFIX}{direction}_{cgroup_id}"
+
+
+def parse_link_name(name: str) -> tuple[str, int] | None:
+    """(direction, cgroup id) of a link pin's name, None for other names."""
+    if not name.startswith(LINK_PREFIX):
+        return None
+    direction, _, cgid = name[len(LINK_PREFIX):].partition("_")
+    if direction not in DIRECTIONS or not cgid.isdigit():
+        return None
+    return direction, int(cgid)
+
+
+def program_name(pin_root: str, unit: str, direction: str) -> str:
+    """The kernel name of the unit's program (15 characters): 'bpfw_i_' or 'bpfw_e_' and a hash of
+    (pin root, unit). Found attached anywhere, a program is known as this unit's by its name alone."""
+    digest = hashlib.sha256(f"{os.path.abspath(pin_root)}\0{unit}".encode()).hexdigest()[:8]
+    return f"bpfw_{direction[0]}_{digest}"
+
+
+_name_of_id: dict[int, str] = {}  # program ids are not reused while the kernel runs
+
+
+def name_of(prog_id: int) -> str | None:
+    """The kernel name of program `prog_id` (None if it is gone)."""
+    name = _name_of_id.get(prog_id)
+    if name is None:
+        try:
+            fd = progs.prog_get_fd_by_id(prog_id)
+        except KernelError:
+            return None
+        try:
+            name = _name_of_id[prog_id] = progs.prog_info(fd).name
+        finally:
+            os.close(fd)
+    return name
+
+
+class _Lock(threading.local):
+    depth: dict
+
+    def __init__(self):
+        self.depth = {}
+
+
+_held = _Lock()
+
+
+CAP_SYS_ADMIN, CAP_BPF = 21, 39
+
+
+def _require_privilege() -> None:
+    """Refuse before creating anything: an unprivileged `load` must not leave a pin root
+    behind (on a 1777 bpffs it could; root would then rightly refuse that directory)."""
+    if os.geteuid() == 0:
+        return
+    try:
+        with open("/proc/self/status") as f:
+            caps = int(next(line.split()[1] for line in f if line.startswith("CapEff:")), 16)
+    except (OSError, StopIteration, ValueError):
+        caps = 0
+    if not caps & (1 << CAP_SYS_ADMIN | 1 << CAP_BPF):
+        raise BackendError("loading filters needs root (or CAP_BPF with CAP_NET_ADMIN and CAP_PERFMON)")
+
+
 @contextmanager
 def _locked(pin_root: str):
-    """Serialize changes to one pin root (two `load`s of one unit must not interleave)."""
-    pins.ensure_bpffs(pin_root)
-    fd = os.open(pin_root, os.O_RDONLY | os.O_DIRECTORY)
+    """Serialize changes to one pin root (two `load`s of one unit must not interleave); yields
+    the checked pin root. Re-entrant within a thread (flock is per open file, not per process)."""
+    key = os.path.abspath(pin_root)
+    _require_privilege()
+    root = pins.PinDir.open(key, create=True)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        if _held.depth.get(key, 0) == 0:
+            fcntl.flock(root.fd, fcntl.LOCK_EX)
+        _held.depth[key] = _held.depth.get(key, 0) + 1
+        try:
+            yield root
+        finally:
+            _held.depth[key] -= 1
     finally:
-        os.close(fd)
+        root.close()  # closing the last fd of the flock releases it
+
+
+def open_root(pin_root: str) -> pins.PinDir:
+    """The pin root, opened through checked fds (BackendError when it does not exist)."""
+    try:
+        return pins.PinDir.open(pin_root)
+    except KernelError as e:
+        if e.errno == errno.ENOENT:
+            raise BackendError(f"nothing is loaded under {pin_root} (it does not exist)") from None
+        raise
 
 
 # -- a loaded unit, opened from its pins --------------------------------------
@@ -100,29 +201,54 @@ class PinnedUnit:
     meta: dict
     maps: dict[str, int] = field(default_factory=dict)
     progs: dict[str, int] = field(default_factory=dict)
+    links: dict[tuple[str, int], str] = field(default_factory=dict)  # (direction, cgroup id) → pin name
+    staged: list[str] = field(default_factory=list)  # next_<dir> pins a reload left behind
 
     @classmethod
-    def open(cls, pin_root: str, unit: str) -> "PinnedUnit":
+    def open(cls, pin_root: str, unit: str, root: pins.PinDir | None = None) -> "PinnedUnit":
         path = unit_dir(pin_root, unit)
-        if not os.path.isdir(path):
-            raise BackendError(f"unit {unit} is not loaded (no pins at {path}); load it with: bpfwall load {unit} --ingress EXPR")
         self = cls(unit, path, {})
         try:
-            for name in sorted(os.listdir(path)):
-                full = os.path.join(path, name)
-                if name in DIRECTIONS:
-                    self.progs[name] = pins.get(full)
-                elif not name.startswith("tmp"):
-                    self.maps[name] = pins.get(full)
-            if "meta" not in self.maps:
-                raise BackendError(f"{path} has no meta map: not a bpfwall unit, or one half-written; "
-                                   f"remove it with: rm -r {path}")
-            raw = maps.map_lookup(self.maps["meta"], struct.pack("=I", 0), maps.map_info(self.maps["meta"]).value_size)
-            self.meta = json.loads(raw.split(b"\0", 1)[0])
+            own_root = root is None
+            if own_root:
+                try:
+                    root = pins.PinDir.open(pin_root)
+                except KernelError as e:
+                    if e.errno != errno.ENOENT:
+                        raise
+                    root = None
+            try:
+                if root is None or not root.is_dir(unitkey.encode(unit)):
+                    raise BackendError(f"unit {unit} is not loaded (no pins at {path}); load it with: "
+                                       f"bpfwall load {unit} --ingress EXPR")
+                with root.sub(unitkey.encode(unit)) as d:
+                    self._read(d)
+            finally:
+                if own_root and root is not None:
+                    root.close()
         except BaseException:
             self.close()
             raise
         return self
+
+    def _read(self, d: pins.PinDir) -> None:
+        for name in d.names():
+            if name in DIRECTIONS:
+                self.progs[name] = d.get(name)
+            elif (key := parse_link_name(name)) is not None:
+                self.links[key] = name
+            elif name.startswith(NEXT_PREFIX):
+                self.staged.append(name)
+            elif not name.startswith("tmp"):
+                self.maps[name] = d.get(name)
+        if "meta" not in self.maps:
+            raise BackendError(f"{self.path} has no meta pin: a load was cut short; load {self.unit} again "
+                               "to complete it, or unload it")
+        raw = maps.map_lookup(self.maps["meta"], struct.pack("=I", 0), maps.map_info(self.maps["meta"]).value_size)
+        try:
+            self.meta = json.loads(raw.split(b"\0", 1)[0])
+        except ValueError:
+            raise BackendError(f"{self.path}/meta does not hold bpfwall's description of a unit") from None
 
     def close(self) -> None:
         for fd in [*self.maps.values(), *self.progs.values()]:
@@ -137,6 +263,7 @@ class PinnedUnit:
         self.close()
 
     def prog_ids(self) -> dict[str, int]:
+        """{direction: id} of the programs the pins name now."""
         return {d: progs.prog_info(fd).id for d, fd in self.progs.items()}
 
     # params
@@ -275,18 +402,31 @@ def load(pin_root: str, unit: str, program: UnitProgram, params: dict[str, int] 
          sets: dict[str, list] | None = None, mode: str | None = None, cache=None) -> LoadResult:
     """Build and pin `unit`'s programs; if it is loaded already, swap them in place everywhere."""
     params, sets = params or {}, sets or {}
-    path = unit_dir(pin_root, unit)
+    unit_dir(pin_root, unit)  # a unit name that cannot be a key fails here, before anything
     check_values(program, params, sets)
     obj = build(program, cache)
-    with _locked(pin_root):
-        # An empty directory (a load interrupted before its first pin) counts as not loaded.
-        old = PinnedUnit.open(pin_root, unit) if os.path.isdir(path) and os.listdir(path) else None
-        created_dir = old is None
+    names = {PROG_SECTIONS[d]: program_name(pin_root, unit, d) for d in DIRECTIONS}
+    with _locked(pin_root) as root, root.sub(unitkey.encode(unit), create=True) as d:
+        old, cut_short = _open_for_load(pin_root, unit, root, d)
         try:
-            return _load_locked(path, unit, program, obj, params, sets, mode, old, created_dir)
+            return _load_locked(pin_root, d, unit, program, obj, names, params, sets, mode, old, cut_short)
         finally:
             if old is not None:
                 old.close()
+
+
+def _open_for_load(pin_root: str, unit: str, root, d) -> tuple[PinnedUnit | None, bool]:
+    """The unit as pinned now, or None. A directory without `meta` is a load (or unload) cut
+    short: what it holds is ours and is removed, but its links are kept for the new programs to
+    take over; (None, True) says so, and the new load then also looks for the unit's programs
+    left attached anywhere."""
+    entries = d.names()
+    if "meta" in entries:
+        return PinnedUnit.open(pin_root, unit, root), False
+    for name in entries:
+        if parse_link_name(name) is None:
+            d.unpin(name)
+    return None, bool(entries)
 
 
 def _reusable(old: PinnedUnit | None, obj, program: UnitProgram) -> dict[str, int]:
@@ -304,16 +444,18 @@ def _reusable(old: PinnedUnit | None, obj, program: UnitProgram) -> dict[str, in
     return reuse
 
 
-def _load_locked(path, unit, program, obj, params, sets, mode, old, created_dir) -> LoadResult:
-    result = LoadResult(unit, path)
+def _load_locked(pin_root, d, unit, program, obj, names, params, sets, mode, old, cut_short) -> LoadResult:
+    """The load's steps, each a consistent state to crash in (see crashpoint.reached):
+    maps pinned → new programs pinned as next_<dir> → every attachment swapped (links updated,
+    systemd's replaced in place) → next_<dir> renamed over <dir> → meta pinned last."""
+    result = LoadResult(unit, d.path)
     reuse = _reusable(old, obj, program)
-    loaded = loader.load(obj, reuse)
+    loaded = loader.load(obj, reuse, names)
+    undo: list = []
+    new = None
     try:
-        if created_dir:
-            os.makedirs(path, exist_ok=True)
-        new = PinnedUnit(unit, path, program.meta(), dict(loaded.maps), {})
-        new.progs = {d: loaded.progs[PROG_SECTIONS[d]] for d in DIRECTIONS
-                     if getattr(program, d) is not None}
+        new = PinnedUnit(unit, d.path, program.meta(), dict(loaded.maps), {})
+        new.progs = {dr: loaded.progs[PROG_SECTIONS[dr]] for dr in DIRECTIONS if getattr(program, dr) is not None}
         # Contents: meta always; params carried over by name; sets as given or kept.
         meta_size = maps.map_info(new.maps["meta"]).value_size
         maps.map_update(new.maps["meta"], struct.pack("=I", 0), program.meta_bytes().ljust(meta_size, b"\0"))
@@ -325,141 +467,352 @@ def _load_locked(path, unit, program, obj, params, sets, mode, old, created_dir)
         for name, elements in sets.items():
             new.replace_set(name, elements)
         result.reused_maps = sorted(reuse)
+        reached("load:built")
 
-        # Swap the programs on every cgroup that runs the old ones (BPF_F_REPLACE: no gap).
-        if old is not None:
-            _swap_attachments(old, new, result)
-        # Pins: maps first, then programs, each replaced atomically by rename.
         for name, fd in new.maps.items():
-            if name not in reuse:
-                pins.replace_pin(fd, os.path.join(path, name))
+            if name not in reuse and name != "meta":
+                d.replace(fd, name)
+        reached("load:maps-pinned")
+        for direction, fd in new.progs.items():
+            d.replace(fd, NEXT_PREFIX + direction)
+        reached("load:staged")
+        if old is not None or cut_short or any(parse_link_name(n) for n in d.names()):
+            _swap_attachments(pin_root, unit, d, new, result, undo)
+        reached("load:swapped")
         for direction in DIRECTIONS:
-            target = os.path.join(path, direction)
             if direction in new.progs:
-                pins.replace_pin(new.progs[direction], target)
-            elif pins.is_pinned(target):
-                pins.unpin(target)
+                d.rename(NEXT_PREFIX + direction, direction)
+            else:
+                d.unpin(direction)
+        reached("load:programs-pinned")
         if old is not None:
-            for name in old.maps:
-                if name not in new.maps:
-                    pins.unpin(os.path.join(path, name))
+            for name in [*old.maps, *old.staged]:
+                if name not in new.maps and name != "meta":
+                    d.unpin(name)
+        d.replace(new.maps["meta"], "meta")
+        reached("load:done")
         return result
     except BaseException:
-        if created_dir:
-            _remove_dir(path)
+        for action in reversed(undo):
+            try:
+                action()
+            except (KernelError, OSError):
+                pass  # best effort: the next load completes what is left
+        for direction in new.progs if new is not None else ():
+            try:
+                d.unpin(NEXT_PREFIX + direction)
+            except KernelError:
+                pass
+        if old is None:
+            _clear_dir(d, keep_links=True)
         raise
     finally:
         loaded.close()
 
 
-def _swap_attachments(old: PinnedUnit, new: PinnedUnit, result: LoadResult) -> None:
-    old_ids = old.prog_ids()
-    by_id = {pid: d for d, pid in old_ids.items()}
-    found = cgroup.find_attachments(set(by_id))
-    cgroups = sorted({cg for cg, _, _ in found})
-    done = []
-    try:
-        for cg, direction, pid in found:
-            if direction in new.progs:
-                cgroup.attach(cg, new.progs[direction], direction, replace_fd=old.progs[direction])
-                done.append((cg, direction))
-                result.replaced.append((cg, direction))
-        # A direction the unit did not filter before now reaches its cgroups too.
-        for direction, fd in new.progs.items():
-            if direction not in old.progs:
-                for cg in cgroups:
-                    if cgroup.attach(cg, fd, direction):
-                        result.attached.append((cg, direction))
-    except BaseException:
-        for cg, direction in done:  # put the old programs back where we swapped
-            try:
-                cgroup.attach(cg, old.progs[direction], direction, replace_fd=new.progs[direction])
-            except KernelError:
-                pass
-        raise
-    # A direction the new load no longer filters is detached.
-    for cg, direction, pid in found:
-        if direction not in new.progs:
-            if cgroup.detach(cg, old.progs[direction], direction):
-                result.detached.append((cg, direction))
+def _unit_programs(pin_root: str, unit: str) -> dict[str, str]:
+    """{program name: direction} of the unit's programs, whatever load made them."""
+    return {program_name(pin_root, unit, dr): dr for dr in DIRECTIONS}
 
 
-def _remove_dir(path: str) -> None:
+def _attached_anywhere(pin_root: str, unit: str) -> list[tuple[str, str, int]]:
+    """(cgroup, direction, program id) of every program of the unit attached anywhere, found by
+    the programs' own names (so also ones no pin names any more)."""
+    ours = _unit_programs(pin_root, unit)
+    return [(cg, dr, pid) for cg, dr, pid in cgroup.find_attachments(lambda pid: name_of(pid) in ours)
+            if ours[name_of(pid)] == dr]
+
+
+def _cgroup_ids(paths) -> dict[int, str]:
+    out = {}
+    for path in paths:
+        try:
+            out[cgroup.cgroup_id(path)] = path
+        except KernelError:
+            pass  # removed meanwhile
+    return out
+
+
+def _swap_attachments(pin_root, unit, d, new: PinnedUnit, result: LoadResult, undo: list) -> None:
+    """Make every attachment of the unit run the new programs: its pinned links are updated
+    (BPF_LINK_UPDATE), programs attached with BPF_PROG_ATTACH (systemd's IP*FilterPath=, or an
+    older bpfwall's) are replaced in place (BPF_F_REPLACE), duplicates detached; a direction the
+    unit no longer filters is detached, and one it newly filters reaches its cgroups too."""
+    new_ids = {dr: progs.prog_info(fd).id for dr, fd in new.progs.items()}
+    linked_cgroups: dict[int, set[str]] = {}
+    for name in d.names():
+        if (key := parse_link_name(name)) is None:
+            continue
+        direction, cgid = key
+        lfd = d.get(name)
+        try:
+            info = links.info(lfd)
+            if info.defunct:
+                d.unpin(name)  # its cgroup is gone
+            elif direction in new.progs:
+                if info.prog_id != new_ids[direction]:
+                    links.update(lfd, new.progs[direction], None, f"the link {d.path}/{name}")
+                    undo.append(lambda name=name, old_id=info.prog_id: _link_back(d, name, old_id))
+                    result.replaced.append((cgid, direction))
+                    reached("load:link-updated")
+                linked_cgroups.setdefault(cgid, set()).add(direction)
+            else:
+                links.detach(lfd)
+                d.unpin(name)
+                result.detached.append((cgid, direction))
+        finally:
+            os.close(lfd)
+    found = _attached_anywhere(pin_root, unit)
+    by_id = _cgroup_ids({cg for cg, _, _ in found})
+    result.replaced = [(by_id.get(c, f"cgroup id {c}"), dr) for c, dr in result.replaced]
+    result.detached = [(by_id.get(c, f"cgroup id {c}"), dr) for c, dr in result.detached]
+    on = {}
+    for cg, dr, pid in found:
+        on.setdefault((cg, dr), []).append(pid)
+    for (cg, dr), ids in sorted(on.items()):
+        if dr not in new.progs:
+            for pid in ids:
+                if cgroup.detach_id(cg, pid, dr):
+                    result.detached.append((cg, dr))
+            continue
+        stale = [pid for pid in ids if pid != new_ids[dr]]
+        if stale and new_ids[dr] not in ids:
+            if cgroup.replace_id(cg, new.progs[dr], stale[0], dr):
+                old_id = stale.pop(0)
+                undo.append(lambda cg=cg, dr=dr, old_id=old_id, nfd=new.progs[dr]: _put_back(cg, dr, old_id, nfd))
+                result.replaced.append((cg, dr))
+                reached("load:replaced")
+        for pid in stale:  # a second program of the unit on one cgroup: a crash's leftover
+            if cgroup.detach_id(cg, pid, dr):
+                result.detached.append((cg, dr))
+    # A direction the unit did not filter before now reaches its cgroups too.
+    where = sorted({cg for cg, _, _ in found} | {by_id[c] for c in linked_cgroups if c in by_id})
+    for cg in where:
+        for dr, fd in new.progs.items():
+            if (cg, dr) not in on:
+                if attach_programs(d, cg, {dr: fd}, {dr: program_name(pin_root, unit, dr)})[dr]:
+                    result.attached.append((cg, dr))
+
+
+def _link_back(d, name: str, old_id: int) -> None:
+    old_fd = progs.prog_get_fd_by_id(old_id)
     try:
-        for name in os.listdir(path):
-            pins.unpin(os.path.join(path, name))
-        os.rmdir(path)
-    except (OSError, KernelError):
-        pass
+        _update_link(d, name, old_fd)
+    finally:
+        os.close(old_fd)
+
+
+def _put_back(cg: str, direction: str, old_id: int, new_fd: int) -> None:
+    old_fd = progs.prog_get_fd_by_id(old_id)
+    try:
+        cgroup.attach(cg, old_fd, direction, replace_fd=new_fd)
+    finally:
+        os.close(old_fd)
+
+
+def _clear_dir(d, keep_links: bool = False) -> None:
+    """Remove the unit directory's pins, `meta` first (so a crash meanwhile leaves a directory
+    the next load or unload recognises as cut short), then the directory if it is empty."""
+    names = d.names()
+    for name in sorted(names, key=lambda n: n != "meta"):
+        if keep_links and parse_link_name(name) is not None:
+            continue
+        d.unpin(name)
+        reached("unload:unpinned")
 
 
 def unload(pin_root: str, unit: str) -> list:
-    """Detach the unit's programs everywhere, then remove its pins."""
-    with _locked(pin_root):
-        with PinnedUnit.open(pin_root, unit) as u:
-            detached = []
-            ids = u.prog_ids()
-            for cg, direction, pid in cgroup.find_attachments(set(ids.values())):
-                if cgroup.detach(cg, u.progs[direction], direction):
-                    detached.append((cg, direction))
-            path = u.path
-        _remove_dir(path)
-        if os.path.isdir(path):
-            raise BackendError(f"could not remove {path}: something else is pinned there")
+    """Detach the unit's programs everywhere (pinned links, systemd's attachments, and any
+    program of the unit a crash left behind, found by name), then remove its pins."""
+    unit_dir(pin_root, unit)  # refuses a name that cannot be a unit key
+    key = unitkey.encode(unit)
+    with _locked(pin_root) as root:
+        present = root.is_dir(key)
+        found = _attached_anywhere(pin_root, unit)
+        by_id = _cgroup_ids({cg for cg, _, _ in found})
+        detached = []
+        if present:
+            with root.sub(key) as d:
+                for name in d.names():
+                    if (link_key := parse_link_name(name)) is None:
+                        continue
+                    lfd = d.get(name)
+                    try:
+                        if not links.info(lfd).defunct:
+                            links.detach(lfd)
+                            detached.append((by_id.get(link_key[1], f"cgroup id {link_key[1]}"), link_key[0]))
+                    finally:
+                        os.close(lfd)
+                    d.unpin(name)
+                    reached("unload:link-detached")
+        for cg, dr, pid in found:
+            if cgroup.detach_id(cg, pid, dr):
+                detached.append((cg, dr))
+                reached("unload:detached")
+        if not present:
+            if not detached:
+                raise BackendError(f"unit {unit} is not loaded (no pins at {unit_dir(pin_root, unit)})")
+            return detached
+        with root.sub(key) as d:
+            _clear_dir(d)
+        try:
+            root.rmdir(key)
+        except KernelError as e:
+            raise BackendError(f"could not remove {unit_dir(pin_root, unit)}: {e}") from None
     return detached
 
 
 # -- attach / detach ----------------------------------------------------------
 
+@contextmanager
+def locked_unit_dir(pin_root: str, unit: str):
+    """The unit's pin directory, checked, with the pin root locked (the watcher attaches here)."""
+    with _locked(pin_root) as root:
+        key = unitkey.encode(unit)
+        if not root.is_dir(key):
+            raise BackendError(f"unit {unit} is not loaded (no pins at {unit_dir(pin_root, unit)})")
+        with root.sub(key) as d:
+            yield d
+
+
 def attach(pin_root: str, unit: str, cgroup_path: str) -> dict[str, bool]:
     """Attach the unit's programs to a cgroup; {direction: newly attached}."""
     target = cgroup.resolve(cgroup_path)
-    with PinnedUnit.open(pin_root, unit) as u:
+    with _locked(pin_root) as root, PinnedUnit.open(pin_root, unit, root) as u:
         if not u.progs:
             raise BackendError(f"unit {unit} has no programs pinned")
-        return attach_programs(target, u.progs)
+        with root.sub(unitkey.encode(unit)) as d:
+            return attach_programs(d, target, u.progs, {dr: program_name(pin_root, unit, dr) for dr in u.progs})
 
 
-def attach_programs(target: str, prog_fds: dict[str, int]) -> dict[str, bool]:
-    """Attach {direction: program fd} to the cgroup at `target`, all or nothing;
-    {direction: newly attached}. (The watcher calls this with fds it keeps open.)"""
+def attach_programs(d: pins.PinDir, target: str, prog_fds: dict[str, int], names: dict[str, str]) -> dict[str, bool]:
+    """Make the cgroup at `target` run exactly these programs of the unit whose pin directory is
+    `d`, all or nothing: {direction: newly attached}. A stale program of the unit there is
+    swapped in place, a duplicate removed; a new attachment is a link pinned in `d`.
+    (The watcher calls this with fds it keeps open.)"""
+    cgid = cgroup.cgroup_id(target)
+    made: list[str] = []
     done: dict[str, bool] = {}
     try:
         for direction, fd in prog_fds.items():
-            done[direction] = cgroup.attach(target, fd, direction)
+            done[direction] = _ensure_attached(d, target, cgid, direction, fd, names[direction], made)
     except BaseException:
-        for direction, new in done.items():
-            if new:
-                try:
-                    cgroup.detach(target, prog_fds[direction], direction)
-                except KernelError:
-                    pass  # the cgroup vanished meanwhile: nothing left to undo
+        for name in made:
+            _drop_link(d, name)
         raise
     return done
 
 
+def _ensure_attached(d, target: str, cgid: int, direction: str, fd: int, name: str, made: list) -> bool:
+    prog_id = progs.prog_info(fd).id
+    ids = cgroup.query(target, direction)[1]
+    stale = [pid for pid in ids if pid != prog_id and name_of(pid) == name]
+    lname = link_name(direction, cgid)
+    newly = False
+    if prog_id not in ids:
+        if d.exists(lname) and _update_link(d, lname, fd):
+            pass  # our link ran a stale program (a reload cut short): it runs this one now
+        elif stale:
+            if cgroup.replace_id(target, fd, stale[0], direction):  # systemd's, or an older bpfwall's
+                stale.pop(0)
+            else:
+                newly = _new_link(d, target, direction, fd, lname, made)
+        else:
+            newly = _new_link(d, target, direction, fd, lname, made)
+    for pid in stale:  # never two programs of one unit and direction on a cgroup
+        cgroup.detach_id(target, pid, direction)
+    return newly
+
+
+def _new_link(d, target: str, direction: str, fd: int, lname: str, made: list) -> bool:
+    d.unpin(lname)  # a detached link of ours (bpftool link detach): replaced by a live one
+    lfd = cgroup.link(target, fd, direction)
+    try:
+        reached("attach:linked")
+        d.pin(lfd, lname)
+        made.append(lname)
+        reached("attach:pinned")
+    finally:
+        os.close(lfd)  # pinned, it lives on; not pinned (a failure), it detaches now
+    return True
+
+
+def _update_link(d, lname: str, fd: int) -> bool:
+    """Point our pinned link at `fd`; False if the link was detached (then it is unpinned)."""
+    lfd = d.get(lname)
+    try:
+        links.update(lfd, fd, None, f"the link {d.path}/{lname}")
+        return True
+    except KernelError as e:
+        if e.errno != errno.ENOLINK:
+            raise
+        d.unpin(lname)
+        return False
+    finally:
+        os.close(lfd)
+
+
+def _drop_link(d, lname: str) -> bool:
+    """Detach and unpin one of our links; False if there was none."""
+    try:
+        lfd = d.get(lname)
+    except KernelError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    try:
+        live = not links.info(lfd).defunct
+        links.detach(lfd)
+    finally:
+        os.close(lfd)
+    d.unpin(lname)
+    return live
+
+
+def detach_programs(d, target: str, names: dict[str, str], directions=None) -> list[str]:
+    """Remove the unit (programs named `names`: direction → name) from the cgroup at `target`:
+    its link and any program of it attached otherwise. The directions that were attached."""
+    cgid = cgroup.cgroup_id(target)
+    out = []
+    for direction, name in names.items():
+        if directions is not None and direction not in directions:
+            continue
+        gone = _drop_link(d, link_name(direction, cgid))
+        for pid in cgroup.query(target, direction)[1]:
+            if name_of(pid) == name:
+                gone = cgroup.detach_id(target, pid, direction) or gone
+        if gone:
+            out.append(direction)
+    return out
+
+
 def detach(pin_root: str, unit: str, cgroup_path: str) -> dict[str, bool]:
     target = cgroup.resolve(cgroup_path)
-    with PinnedUnit.open(pin_root, unit) as u:
-        return {d: cgroup.detach(target, fd, d) for d, fd in u.progs.items()}
+    with _locked(pin_root) as root, PinnedUnit.open(pin_root, unit, root) as u:
+        names = {dr: program_name(pin_root, unit, dr) for dr in DIRECTIONS}
+        with root.sub(unitkey.encode(unit)) as d:
+            gone = detach_programs(d, target, names)
+        return {dr: dr in gone for dr in u.progs}
 
 
 # -- reading ------------------------------------------------------------------
 
 def units(pin_root: str) -> list[str]:
     try:
-        names = os.listdir(pin_root)
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise BackendError(f"cannot read pin root {pin_root}: {e.strerror}"
-                           + (" (bpfwall needs root)" if os.geteuid() != 0 else "")) from None
-    return sorted(unitkey.decode(k) for k in names if os.path.isdir(os.path.join(pin_root, k)))
+        with pins.PinDir.open(pin_root) as root:
+            names = [k for k in root.names() if root.is_dir(k)]
+    except KernelError as e:
+        if e.errno == errno.ENOENT:
+            return []
+        if e.errno == errno.EACCES:
+            raise BackendError(f"cannot read pin root {pin_root}: {e}"
+                               + (" (bpfwall needs root)" if os.geteuid() != 0 else "")) from None
+        raise
+    return sorted(unitkey.decode(k) for k in names)
 
 
-def attachments_of(prog_ids: dict[str, int]) -> list[dict]:
-    found = cgroup.find_attachments(set(prog_ids.values()))
-    return [{"cgroup": cg, "direction": d} for cg, d, _ in sorted(found)]
+def _attachment(cg: str, direction: str, pid: int, current: dict[str, int]) -> dict:
+    return {"cgroup": cg, "direction": direction, "program": pid, "current": pid == current.get(direction)}
 
 
 def stats(pin_root: str, unit: str) -> dict:
@@ -475,7 +828,7 @@ def stats(pin_root: str, unit: str) -> dict:
             "counters": u.counters(),
             "params": u.params(),
             "sets": {name: u.set_elements(name) for name in sorted(u.meta["sets"])},
-            "attached": attachments_of(ids),
+            "attached": [_attachment(cg, dr, pid, ids) for cg, dr, pid in sorted(_attached_anywhere(pin_root, unit))],
         }
 
 
@@ -488,12 +841,16 @@ def summary(pin_root: str) -> list[dict]:
                 out.append({"unit": unit, "mode": u.mode(), "ingress": u.meta["ingress"],
                             "egress": u.meta["egress"], "programs": ids})
         except (BackendError, KernelError) as e:
-            out.append({"unit": unit, "error": str(e)})
-    wanted = {pid: entry for entry in out for pid in entry.get("programs", {}).values()}
+            out.append({"unit": unit, "error": str(e), "programs": {}})
+    owner = {}
     for entry in out:
         entry["attached"] = []
-    for cg, direction, pid in sorted(cgroup.find_attachments(set(wanted))):
-        wanted[pid]["attached"].append({"cgroup": cg, "direction": direction})
+        for name, direction in _unit_programs(pin_root, entry["unit"]).items():
+            owner[name] = (entry, direction)
+    for cg, direction, pid in sorted(cgroup.find_attachments(lambda pid: name_of(pid) in owner)):
+        entry, dr = owner[name_of(pid)]
+        if dr == direction:
+            entry["attached"].append(_attachment(cg, direction, pid, entry["programs"]))
     return out
 
 

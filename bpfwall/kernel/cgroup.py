@@ -13,9 +13,10 @@ import os
 import re
 from typing import Iterator
 
+from . import links
 from . import syscall as sc
 from .errors import KernelError
-from .progs import prog_info
+from .progs import prog_get_fd_by_id, prog_info
 
 DIRECTIONS = ("ingress", "egress")
 _ATTACH_TYPES = {"ingress": sc.BPF_CGROUP_INET_INGRESS, "egress": sc.BPF_CGROUP_INET_EGRESS}
@@ -157,6 +158,60 @@ def attach(cgroup_path: str, prog_fd: int, direction: str, replace_fd: int | Non
         os.close(fd)
 
 
+def link(cgroup_path: str, prog_fd: int, direction: str) -> int:
+    """A new bpf_link running the program on the cgroup (multi); its fd. Unpinned and closed, it
+    detaches: pin it to keep it."""
+    fd = _open(cgroup_path)
+    try:
+        try:
+            return links.create(fd, prog_fd, direction, f"program id {prog_info(prog_fd).id} to cgroup "
+                                                        f"{cgroup_path} ({direction})")
+        except KernelError as e:
+            if e.errno == errno.EPERM:
+                flags, ids = _query(fd, cgroup_path, direction)
+                if ids and not flags & sc.BPF_F_ALLOW_MULTI:
+                    raise _held(cgroup_path, direction, cgroup_path, ids[0], flags) from None
+                if holder := _exclusive_ancestor(cgroup_path, direction):
+                    raise _held(cgroup_path, direction, *holder) from None
+            raise
+    finally:
+        os.close(fd)
+
+
+def replace_id(cgroup_path: str, prog_fd: int, old_id: int, direction: str) -> bool:
+    """Swap program `old_id` (attached with BPF_PROG_ATTACH, e.g. by systemd) for `prog_fd`'s in
+    place; False if `old_id` is no longer attached there."""
+    try:
+        old_fd = prog_get_fd_by_id(old_id)
+    except KernelError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    try:
+        attach(cgroup_path, prog_fd, direction, replace_fd=old_fd)
+        return True
+    except KernelError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    finally:
+        os.close(old_fd)
+
+
+def detach_id(cgroup_path: str, prog_id: int, direction: str) -> bool:
+    """Detach program `prog_id` (attached with BPF_PROG_ATTACH) from the cgroup; False if it was not."""
+    try:
+        prog_fd = prog_get_fd_by_id(prog_id)
+    except KernelError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    try:
+        return detach(cgroup_path, prog_fd, direction)
+    finally:
+        os.close(prog_fd)
+
+
 def detach(cgroup_path: str, prog_fd: int, direction: str) -> bool:
     """Detach the program from the cgroup; False if it was not attached there."""
     fd = _open(cgroup_path)
@@ -191,11 +246,13 @@ def walk(root: str | None = None) -> Iterator[str]:
         stack.extend(sorted(children, reverse=True))
 
 
-def find_attachments(prog_ids: set[int]) -> list[tuple[str, str, int]]:
-    """(cgroup path, direction, program id) for every attachment of these programs."""
+def find_attachments(wanted) -> list[tuple[str, str, int]]:
+    """(cgroup path, direction, program id) for every attachment of these programs: `wanted` is a
+    set of program ids, or a function of a program id."""
     found: list[tuple[str, str, int]] = []
-    if not prog_ids:
+    if not wanted:
         return found
+    keep = wanted.__contains__ if isinstance(wanted, (set, frozenset)) else wanted
     for path in walk():
         try:
             fd = _open(path)
@@ -206,7 +263,7 @@ def find_attachments(prog_ids: set[int]) -> list[tuple[str, str, int]]:
         try:
             for direction in DIRECTIONS:
                 _, ids = _query(fd, path, direction)
-                found.extend((path, direction, pid) for pid in ids if pid in prog_ids)
+                found.extend((path, direction, pid) for pid in ids if keep(pid))
         except KernelError:
             if os.path.isdir(path):
                 raise

@@ -47,10 +47,11 @@ def map_compatible(fd: int, mapdef: MapDef) -> bool:
         mapdef.type, mapdef.key_size, mapdef.value_size, mapdef.max_entries, mapdef.flags)
 
 
-def load(obj: BpfObject, reuse: dict[str, int] | None = None) -> Loaded:
+def load(obj: BpfObject, reuse: dict[str, int] | None = None, names: dict[str, str] | None = None) -> Loaded:
     """Create the object's maps (except those in `reuse`: name → fd, used as-is) and load its
-    programs. On failure every fd created so far is closed and the error re-raised."""
-    reuse = reuse or {}
+    programs (named `names[section]` where given: the kernel's name, as bpftool shows it).
+    On failure every fd created so far is closed and the error re-raised."""
+    reuse, names = reuse or {}, names or {}
     for name in obj.programs:
         if name not in SECTIONS:
             raise KernelError(errno.EINVAL, f"program section {name}: not supported "
@@ -70,7 +71,7 @@ def load(obj: BpfObject, reuse: dict[str, int] | None = None) -> Loaded:
                 loaded.maps[name] = _create(mapdef, btf_fd)
                 loaded._owned.append(loaded.maps[name])
         for section, prog in obj.programs.items():
-            loaded.progs[section] = _load_prog(obj, prog, loaded.maps, btf_fd)
+            loaded.progs[section] = _load_prog(obj, prog, loaded.maps, btf_fd, names.get(section))
             loaded._owned.append(loaded.progs[section])
     except BaseException:
         loaded.close()
@@ -88,7 +89,7 @@ def _create(mapdef: MapDef, btf_fd: int) -> int:
                       mapdef.btf_value_type_id)
 
 
-def _load_prog(obj: BpfObject, prog: ProgDef, map_fds: dict[str, int], btf_fd: int) -> int:
+def _load_prog(obj: BpfObject, prog: ProgDef, map_fds: dict[str, int], btf_fd: int, kernel_name: str | None) -> int:
     insns = bytearray(prog.insns)
     for index, name in prog.map_relocs:
         if name not in map_fds:
@@ -98,7 +99,7 @@ def _load_prog(obj: BpfObject, prog: ProgDef, map_fds: dict[str, int], btf_fd: i
         struct.pack_into("=i", insns, off + 4, map_fds[name])
     prog_type, attach_type = SECTIONS[prog.section]
     try:
-        return prog_load(prog_type, bytes(insns), obj.license, attach_type, prog.name,
+        return prog_load(prog_type, bytes(insns), obj.license, attach_type, kernel_name or prog.name,
                          btf_fd, prog.func_info, prog.line_info)
     except KernelError as e:
         raise e.within(f"section {prog.section}") from None

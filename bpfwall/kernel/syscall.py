@@ -36,6 +36,19 @@ BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
 BPF_BTF_LOAD = 18
+BPF_LINK_CREATE = 28
+BPF_LINK_UPDATE = 29
+BPF_LINK_GET_FD_BY_ID = 30
+BPF_LINK_GET_NEXT_ID = 31
+BPF_LINK_DETACH = 34
+
+# OBJ_PIN/OBJ_GET: `pathname` is relative to the directory fd in `path_fd` (Linux 6.5+), so a
+# pin is made or opened inside a directory we opened and checked, never through a path an
+# attacker could swap between our check and the kernel's lookup.
+BPF_F_PATH_FD = 1 << 14
+
+# Link types (enum bpf_link_type) we read back.
+BPF_LINK_TYPE_CGROUP = 3
 
 # Map types (enum bpf_map_type) bpfwall uses.
 BPF_MAP_TYPE_HASH = 1
@@ -104,8 +117,28 @@ class ProgLoadAttr(ctypes.Structure):
 
 
 class ObjAttr(ctypes.Structure):
-    """OBJ_PIN and OBJ_GET."""
-    _fields_ = [("pathname", u64), ("bpf_fd", u32), ("file_flags", u32)]
+    """OBJ_PIN and OBJ_GET (`path_fd` with BPF_F_PATH_FD in `file_flags`)."""
+    _fields_ = [("pathname", u64), ("bpf_fd", u32), ("file_flags", u32), ("path_fd", ctypes.c_int32)]
+
+
+class LinkCreateAttr(ctypes.Structure):
+    """LINK_CREATE for a cgroup hook: `target_fd` is the cgroup directory."""
+    _fields_ = [("prog_fd", u32), ("target_fd", u32), ("attach_type", u32), ("flags", u32)]
+
+
+class LinkUpdateAttr(ctypes.Structure):
+    """LINK_UPDATE: with BPF_F_REPLACE, only if the link still runs `old_prog_fd`'s program."""
+    _fields_ = [("link_fd", u32), ("new_prog_fd", u32), ("flags", u32), ("old_prog_fd", u32)]
+
+
+class LinkDetachAttr(ctypes.Structure):
+    _fields_ = [("link_fd", u32)]
+
+
+class LinkInfoStruct(ctypes.Structure):
+    """struct bpf_link_info with its cgroup member (the union starts 8-aligned, at 16)."""
+    _fields_ = [("type", u32), ("id", u32), ("prog_id", u32), ("_pad", u32),
+                ("cgroup_id", u64), ("attach_type", u32), ("_rest", u32 * 8)]
 
 
 class AttachAttr(ctypes.Structure):
@@ -165,6 +198,7 @@ class ProgInfoStruct(ctypes.Structure):
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
 
 
 def _sys_bpf() -> int:
@@ -203,6 +237,15 @@ def fs_magic(path: str) -> int:
     if _libc.statfs(os.fsencode(path), buf) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def fs_magic_fd(fd: int) -> int:
+    """fstatfs(fd).f_type."""
+    buf = ctypes.create_string_buffer(256)
+    if _libc.fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 

@@ -37,6 +37,8 @@ from .units import BpfUnits, is_gone
 # child's watch is dropped by hand. No IN_MOVED_*: cgroup2 refuses rename(2) (EPERM).
 WATCH_MASK = ino.IN_CREATE | ino.IN_DELETE | ino.IN_ONLYDIR | ino.IN_DELETE_SELF
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# How often the bpf units' pins are checked for removal or replacement behind our back.
+PIN_CHECK_INTERVAL = 2.0
 # A removed cgroup's nft element is dropped once no cgroup event came for CLEANUP_IDLE seconds
 # (at the latest CLEANUP_MAX after the removal): a restart removes a unit's cgroup and makes
 # the new one at once, and the new one's attach must not wait behind the old one's cleanup.
@@ -70,6 +72,7 @@ class Watcher:
         self.attached: dict[str, str] = {}  # cgroup path → entry name whose filters it carries
         self.removed: dict[str, tuple[str, float]] = {}  # removed cgroup → (entry name, when): cleanup due
         self._last_event = 0.0
+        self._next_pin_check = time.monotonic() + PIN_CHECK_INTERVAL
         self.inotify: ino.Inotify | None = None
         self.guard: TableGuard | None = None
         self._table_locked = False
@@ -392,6 +395,32 @@ class Watcher:
         self.update_status()
         self.log.info("start", f"{self.status} under {self.root}")
 
+    def check_pins(self) -> None:
+        """A bpf unit whose pins were removed or replaced behind the watcher (rm -r, a load by
+        hand, a crash of someone else's load) is loaded again from the policy, and every cgroup
+        synced: nothing stays attached that no pin names, and nothing is stacked."""
+        self._next_pin_check = time.monotonic() + PIN_CHECK_INTERVAL
+        changed = [name for name, h in self.units.items() if h.backend == "bpf" and not h.pins_intact()]
+        if not changed or self.policy is None:
+            return
+        entries = {e.name: e for e in self.policy.entries}
+        for name in changed:
+            entry = entries.get(name)
+            if entry is None:
+                continue
+            self.log.warning("pins", f"{name}: its pins were removed or replaced behind the watcher; "
+                                     "loading it again from the policy", unit=name)
+            try:
+                handle, how = self.backends["bpf"].ensure(entry, None)
+            except Exception as e:  # noqa: BLE001 — logged; the next check tries again
+                self.log.error("load", f"{name}: {e}", unit=name)
+                continue
+            self.units.pop(name).close()
+            self.units[name] = handle
+            self.state.units[name] = self.backends["bpf"].owned(handle)
+            self.state.write()
+        self.reconcile()
+
     def _catch_signals(self) -> None:
         """Signals become bytes on a pipe (signal.set_wakeup_fd), read by the poll loop."""
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -438,6 +467,8 @@ class Watcher:
                     self.handle(self.inotify.read())
             if self.guard is not None:
                 self.guard.tick()
+            if time.monotonic() >= self._next_pin_check:
+                self.check_pins()
             due = self.cleanup_due()
             if due is not None and time.monotonic() >= due:
                 self.cleanup()
@@ -445,6 +476,7 @@ class Watcher:
     def _timeout_ms(self) -> int | None:
         """How long poll(2) may wait: until the guard's next check or the cleanup, else forever."""
         waits = [] if self.guard is None else [self.guard.timeout_ms()]
+        waits.append(max(0, int((self._next_pin_check - time.monotonic()) * 1000) + 1))
         due = self.cleanup_due()
         if due is not None:
             waits.append(max(0, int((due - time.monotonic()) * 1000) + 1))

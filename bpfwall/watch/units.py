@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from ..backends import bpf
 from ..build import build
-from ..kernel import cgroup, maps, pins, progs
+from ..kernel import cgroup, maps, progs
 from ..kernel.errors import KernelError
 from ..lower.c import set_map
 from .state import Owned
@@ -25,24 +25,31 @@ class UnitHandle:
     """One bpf unit: its pinned programs, open."""
     name: str
     fingerprint: str
+    pin_root: str = ""
     progs: dict[str, int] = field(default_factory=dict)  # direction → fd
     ids: dict[str, int] = field(default_factory=dict)    # direction → program id
+    inodes: dict[str, int] = field(default_factory=dict)  # direction → the pin's inode
     backend = "bpf"
 
     @property
     def directions(self) -> list[str]:
         return list(self.progs)
 
+    @property
+    def names(self) -> dict[str, str]:
+        return {d: bpf.program_name(self.pin_root, self.name, d) for d in bpf.DIRECTIONS}
+
     @classmethod
     def open(cls, pin_root: str, name: str, fingerprint: str) -> "UnitHandle":
-        self = cls(name, fingerprint)
+        self = cls(name, fingerprint, pin_root)
         try:
-            for direction in bpf.DIRECTIONS:
-                path = bpf.prog_path(pin_root, name, direction)
-                if pins.is_pinned(path):
-                    fd = pins.get(path)
-                    self.progs[direction] = fd
-                    self.ids[direction] = progs.prog_info(fd).id
+            with bpf.locked_unit_dir(pin_root, name) as d:
+                for direction in bpf.DIRECTIONS:
+                    if (st := d.lstat(direction)) is not None:
+                        fd = d.get(direction)
+                        self.progs[direction] = fd
+                        self.ids[direction] = progs.prog_info(fd).id
+                        self.inodes[direction] = st.st_ino
         except BaseException:
             self.close()
             raise
@@ -54,12 +61,27 @@ class UnitHandle:
         self.progs.clear()
 
     def attach(self, path: str) -> list[str]:
-        """Attach every program to the cgroup (all or nothing); the directions newly attached."""
-        return [d for d, new in bpf.attach_programs(path, self.progs).items() if new]
+        """Attach every program to the cgroup (all or nothing); the directions newly attached.
+        Fails (BackendError) when the unit's pins are gone: nothing runs that no pin names."""
+        with bpf.locked_unit_dir(self.pin_root, self.name) as d:
+            return [dr for dr, new in bpf.attach_programs(d, path, self.progs, self.names).items() if new]
 
     def detach(self, path: str, directions=None) -> list[str]:
-        return [d for d, fd in self.progs.items()
-                if (directions is None or d in directions) and cgroup.detach(path, fd, d)]
+        with bpf.locked_unit_dir(self.pin_root, self.name) as d:
+            return bpf.detach_programs(d, path, self.names, directions)
+
+    def pins_intact(self) -> bool:
+        """Whether the pins are still the ones this handle opened (a cheap stat per pin: a new
+        pin is a new inode), so pins removed or replaced behind the watcher are noticed."""
+        base = bpf.unit_dir(self.pin_root, self.name)
+        for direction in bpf.DIRECTIONS:
+            try:
+                ino = os.lstat(os.path.join(base, direction)).st_ino
+            except FileNotFoundError:
+                ino = None
+            if ino != self.inodes.get(direction):
+                return False
+        return os.path.lexists(os.path.join(base, "meta"))
 
     def gone(self, path: str) -> bool:
         """A removed cgroup: the kernel released its programs with it; nothing to do."""
@@ -68,14 +90,17 @@ class UnitHandle:
 
 def _program_ids(pin_root: str, name: str) -> dict[str, int]:
     out = {}
-    for direction in bpf.DIRECTIONS:
-        path = bpf.prog_path(pin_root, name, direction)
-        if pins.is_pinned(path):
-            fd = pins.get(path)
-            try:
-                out[direction] = progs.prog_info(fd).id
-            finally:
-                os.close(fd)
+    try:
+        with bpf.locked_unit_dir(pin_root, name) as d:
+            for direction in bpf.DIRECTIONS:
+                if d.exists(direction):
+                    fd = d.get(direction)
+                    try:
+                        out[direction] = progs.prog_info(fd).id
+                    finally:
+                        os.close(fd)
+    except bpf.BackendError:
+        return {}
     return out
 
 
@@ -110,7 +135,7 @@ class BpfUnits:
     def __init__(self, pin_root: str, cache=None):
         self.pin_root = pin_root
         self.cache = cache
-        self._owner: dict[int, tuple[str, str]] = {}  # program id → (unit, direction)
+        self._owner: dict[str, tuple[str, str]] = {}  # program name → (unit, direction)
 
     def prepare(self, entry) -> None:
         """Compile now (cached), so a bad build stops a reload before anything changes."""
@@ -137,31 +162,36 @@ class BpfUnits:
         return Owned(handle.fingerprint, self.backend, dict(handle.ids))
 
     def _loaded(self, name: str) -> bool:
-        path = bpf.unit_dir(self.pin_root, name)
-        return os.path.isdir(path) and bool(os.listdir(path))
+        """Pinned completely (a directory without meta is a load cut short: load again)."""
+        return os.path.lexists(os.path.join(bpf.unit_dir(self.pin_root, name), "meta"))
 
     def unload(self, name: str, owned: Owned | None = None) -> list:
         """Detach the unit everywhere and remove its pins; [] if it was gone already."""
-        if not self._loaded(name):
-            return []
-        return bpf.unload(self.pin_root, name)
+        try:
+            return bpf.unload(self.pin_root, name)
+        except bpf.BackendError:
+            if os.path.isdir(bpf.unit_dir(self.pin_root, name)):
+                raise
+            return []  # gone already, and nothing of it attached anywhere
 
     # -- what a reconcile needs -------------------------------------------------
 
     def refresh(self, handles: dict) -> list:
-        """Index our units' program ids (`handles`: name → UnitHandle). A removed cgroup
-        takes its programs with it, so nothing is ever left to drop: []."""
-        self._owner = {pid: (name, d) for name, h in handles.items() if h.backend == self.backend
-                       for d, pid in h.ids.items()}
+        """Index our units' program names (`handles`: name → UnitHandle): every program a
+        unit ever loaded carries its name, so stale ones a crash left are found too. A removed
+        cgroup takes its programs with it, so nothing is ever left to drop: []."""
+        self._owner = {h.names[d]: (name, d) for name, h in handles.items() if h.backend == self.backend
+                       for d in bpf.DIRECTIONS}
         return []
 
     def ours_on(self, path: str) -> list[tuple[str, str]]:
-        """(unit, direction) of our programs attached to this cgroup itself (BPF_PROG_QUERY)."""
+        """(unit, direction) of our units' programs attached to this cgroup itself (BPF_PROG_QUERY)."""
         out = []
         for direction in bpf.DIRECTIONS:
             _, ids = cgroup.query(path, direction)
-            out += [self._owner[pid] for pid in ids if pid in self._owner]
-        return out
+            out += [self._owner[n] for pid in ids if (n := bpf.name_of(pid)) in self._owner
+                    and self._owner[n][1] == direction]
+        return sorted(set(out))
 
 
 def is_gone(error: KernelError) -> bool:

@@ -168,7 +168,7 @@ def test_not_bpffs_says_how_to_mount(tmp_path):
     with pytest.raises(NotBpffs) as e:
         pins.ensure_bpffs(str(tmp_path / "pins"))
     assert isinstance(e.value, KernelError)
-    assert "mount -t bpf bpf /sys/fs/bpf" in str(e.value) and str(tmp_path) in str(e.value)
+    assert "mount -t bpf -o mode=0700 bpf /sys/fs/bpf" in str(e.value) and str(tmp_path) in str(e.value)
     assert not (tmp_path / "pins").exists()
 
 
