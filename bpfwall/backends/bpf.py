@@ -477,7 +477,7 @@ def _load_locked(pin_root, d, unit, program, obj, names, params, sets, mode, old
             d.replace(fd, NEXT_PREFIX + direction)
         reached("load:staged")
         if old is not None or cut_short or any(parse_link_name(n) for n in d.names()):
-            _swap_attachments(pin_root, unit, d, new, result, undo)
+            _swap_attachments(pin_root, unit, d, new, result, undo, set(old.progs) if old else set(DIRECTIONS))
         reached("load:swapped")
         for direction in DIRECTIONS:
             if direction in new.progs:
@@ -533,7 +533,7 @@ def _cgroup_ids(paths) -> dict[int, str]:
     return out
 
 
-def _swap_attachments(pin_root, unit, d, new: PinnedUnit, result: LoadResult, undo: list) -> None:
+def _swap_attachments(pin_root, unit, d, new: PinnedUnit, result: LoadResult, undo: list, old_dirs: set) -> None:
     """Make every attachment of the unit run the new programs: its pinned links are updated
     (BPF_LINK_UPDATE), programs attached with BPF_PROG_ATTACH (systemd's IP*FilterPath=, or an
     older bpfwall's) are replaced in place (BPF_F_REPLACE), duplicates detached; a direction the
@@ -589,7 +589,7 @@ def _swap_attachments(pin_root, unit, d, new: PinnedUnit, result: LoadResult, un
     where = sorted({cg for cg, _, _ in found} | {by_id[c] for c in linked_cgroups if c in by_id})
     for cg in where:
         for dr, fd in new.progs.items():
-            if (cg, dr) not in on:
+            if dr not in old_dirs and (cg, dr) not in on:
                 if attach_programs(d, cg, {dr: fd}, {dr: program_name(pin_root, unit, dr)})[dr]:
                     result.attached.append((cg, dr))
 
