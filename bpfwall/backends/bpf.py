@@ -218,7 +218,7 @@ class PinnedUnit:
                         raise
                     root = None
             try:
-                if root is None or not root.is_dir(unitkey.encode(unit)):
+                if root is None or not root.exists(unitkey.encode(unit)):
                     raise BackendError(f"unit {unit} is not loaded (no pins at {path}); load it with: "
                                        f"bpfwall load {unit} --ingress EXPR")
                 with root.sub(unitkey.encode(unit)) as d:
@@ -627,7 +627,7 @@ def unload(pin_root: str, unit: str) -> list:
     unit_dir(pin_root, unit)  # refuses a name that cannot be a unit key
     key = unitkey.encode(unit)
     with _locked(pin_root) as root:
-        present = root.is_dir(key)
+        present = root.exists(key)
         found = _attached_anywhere(pin_root, unit)
         by_id = _cgroup_ids({cg for cg, _, _ in found})
         detached = []
@@ -669,7 +669,7 @@ def locked_unit_dir(pin_root: str, unit: str):
     """The unit's pin directory, checked, with the pin root locked (the watcher attaches here)."""
     with _locked(pin_root) as root:
         key = unitkey.encode(unit)
-        if not root.is_dir(key):
+        if not root.exists(key):
             raise BackendError(f"unit {unit} is not loaded (no pins at {unit_dir(pin_root, unit)})")
         with root.sub(key) as d:
             yield d
@@ -800,7 +800,7 @@ def detach(pin_root: str, unit: str, cgroup_path: str) -> dict[str, bool]:
 def units(pin_root: str) -> list[str]:
     try:
         with pins.PinDir.open(pin_root) as root:
-            names = [k for k in root.names() if root.is_dir(k)]
+            names = [k for k in root.names() if root.is_dir(k) or os.path.islink(os.path.join(root.path, k))]
     except KernelError as e:
         if e.errno == errno.ENOENT:
             return []
