@@ -1,17 +1,16 @@
 """Checked expressions → ELF object, compiled by clang and cached by content.
 
-The cache key is a hash of everything that decides the object's bytes: the
-program source, the generated header, the compiler flags and the compiler's
-identity (its resolved path, size and mtime, so a warm start runs no
-subprocess). Next to each object lies its parsed form (kernel.elf.BpfObject),
-so a warm load does not import pyelftools either.
+The cache key is a hash of everything that decides the object: the program
+source, the generated header, the compiler flags, the compiler's identity
+(its resolved path, device, inode, size, mtime and ctime, so a warm start runs
+no subprocess), bpfwall's ELF/BTF reader version and the cache format. The
+entries are plain data checked on every read (objcache).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import pickle
 import platform
 import shutil
 import subprocess
@@ -19,6 +18,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import objcache
+from .kernel.elf import READER_VERSION
 from .lower import c as lower_c
 
 PROGRAM_VERSION = 1  # bump when the meaning of pins changes
@@ -119,21 +120,13 @@ def _flags(program: UnitProgram | None = None) -> list[str]:
 
 def _key(clang: str, flags: list[str], source: bytes, header: str) -> str:
     st = os.stat(clang)
+    compiler = f"{clang}\0{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
     h = hashlib.sha256()
-    for part in (clang.encode(), str(st.st_size).encode(), str(st.st_mtime_ns).encode(),
-                 " ".join(flags).encode(), source, header.encode()):
+    for part in (f"format {objcache.FORMAT} reader {READER_VERSION}".encode(), compiler.encode(),
+                 "\0".join(flags).encode(), source, header.encode()):
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
-    return h.hexdigest()[:32]
-
-
-def _trusted(path: Path) -> bool:
-    """A cached pickle is only read from a directory nobody else can write to."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+    return h.hexdigest()
 
 
 def build(program: UnitProgram, cache: Path | None = None):
@@ -145,13 +138,9 @@ def build(program: UnitProgram, cache: Path | None = None):
     clang = _clang()
     flags = _flags(program)
     key = _key(clang, flags, source, header)
-    parsed = cache / f"{key}.pickle"
-    try:
-        if parsed.exists() and _trusted(cache):
-            with open(parsed, "rb") as f:
-                return pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
-        pass  # unreadable or damaged: rebuild below
+    obj = objcache.load(cache, key)
+    if obj is not None:
+        return obj
     from .kernel.elf import read_object
 
     with tempfile.TemporaryDirectory(prefix="bpfwall-build-") as tmp:
@@ -162,28 +151,7 @@ def build(program: UnitProgram, cache: Path | None = None):
         if proc.returncode != 0:
             lines = [l for l in proc.stderr.splitlines() if "error" in l] or proc.stderr.splitlines() or ["?"]
             raise BuildError(f"clang failed to compile the filter: {lines[0].strip()}")
+        elf = obj_path.read_bytes()
         obj = read_object(str(obj_path))
-        _store(cache, key, obj_path.read_bytes(), pickle.dumps(obj), header.encode())
+    objcache.store(cache, key, elf, obj)
     return obj
-
-
-def _store(cache: Path, key: str, obj: bytes, parsed: bytes, header: bytes) -> None:
-    """Keep the object for next time; a cache we cannot write only costs speed."""
-    try:
-        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _atomic_write(cache / f"{key}.o", obj)
-        _atomic_write(cache / f"{key}.h", header)
-        _atomic_write(cache / f"{key}.pickle", parsed)
-    except OSError:
-        pass
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

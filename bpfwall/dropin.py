@@ -16,11 +16,20 @@ template passes `%i` (the instance as written, never unescaped) to
 
 The section holding IP*FilterPath= is the unit type's own ([Service],
 [Socket], …); only the types with resource control have one.
+
+Every value goes through systemd's own reading rules (systemd.syntax(5),
+conf-parser.c): a line ends at \n, \r or NUL, a line ending in a backslash
+is joined with the next, whitespace around a value is stripped, and '%'
+starts a specifier. IP*FilterPath= then takes the rest verbatim (no quotes,
+no escapes) and ignores a relative path or one with a '..' component, which
+would leave the unit unfiltered; Environment= unquotes and C-unescapes.
+Values those rules cannot carry are refused, never written.
 """
 from __future__ import annotations
 
 import os
 import tempfile
+import unicodedata
 
 from . import unitkey
 from .errors import UserError
@@ -93,15 +102,63 @@ def parse_directions(text: str) -> tuple[str, ...]:
     return tuple(d for d in DIRECTIONS if d in words)
 
 
+# Characters no unit file value may hold, by Unicode category: systemd breaks lines at
+# \r and NUL as well as \n; the others (C1 controls such as NEL, U+2028/U+2029, bidi
+# overrides) are line breaks or invisible to whoever reads the file.
+UNWRITABLE = {"Cc": "a control character", "Cf": "an invisible formatting character",
+              "Zl": "a line separator", "Zp": "a paragraph separator",
+              "Cs": "a byte that is not UTF-8"}
+
+
+def _refuse_unwritable(what: str, value: str) -> None:
+    for ch in value:
+        kind = UNWRITABLE.get(unicodedata.category(ch))
+        if kind:
+            code = f"0x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF else f"U+{ord(ch):04X}"
+            raise DropinError(f"{what} {value!r} contains {kind} ({code}); it cannot be written into a unit file")
+
+
+def check_filter_path(path: str, transient: bool = False) -> None:
+    """Refuse a pin path that systemd would not read back from a unit file as exactly `path`.
+
+    `transient`: the path goes to systemd over D-Bus (systemd-run -p), and systemd writes
+    it unescaped into the transient unit file it reads again on daemon-reload.
+    """
+    _refuse_unwritable("pin path", path)
+    if transient and "%" in path:
+        problem = "contains '%', which systemd writes unescaped into the transient unit (a specifier)"
+    elif path != path.strip(" "):
+        problem = "begins or ends with a space, which systemd strips"
+    elif not path.startswith("/"):
+        problem = "is not absolute (systemd ignores it: the unit would run unfiltered)"
+    elif ".." in path.split("/"):
+        problem = "has a '..' component (systemd ignores it: the unit would run unfiltered)"
+    elif path.endswith("\\"):
+        problem = "ends with a backslash, which joins the next line of a unit file"
+    else:
+        return
+    raise DropinError(f"pin path {path!r} {problem}; choose another --pin-root")
+
+
+def filter_path_value(path: str) -> str:
+    """`path` written as an IP*FilterPath= value: taken verbatim after '%' specifiers."""
+    check_filter_path(path)
+    return path.replace("%", "%%")
+
+
+def environment_setting(key: str, value: str) -> str:
+    """An Environment= line that systemd reads back as exactly key=value."""
+    _refuse_unwritable(key, value)
+    quoted = f"{key}={value}".replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    return f'Environment="{quoted}"'
+
+
 def render(unit: str, paths: dict[str, str], loader_env: dict[str, str] | None = None) -> str:
     """The drop-in text: order and require the loader, hand systemd each direction's pin."""
     sect = section(unit)
     if not paths:
         raise DropinError(f"{unit}: no direction to filter")
-    for path in paths.values():
-        # A unit file value is one line and '%' starts a specifier.
-        if "\n" in path or "%" in path:
-            raise DropinError(f"pin path {path!r} cannot be written into a unit file")
+    values = {d: filter_path_value(path) for d, path in paths.items()}
     loader = loader_unit(unit)
     lines = [
         f"# Written by `bpfwall dropin {unit}`; undo with `bpfwall dropin --remove {unit}`.",
@@ -113,17 +170,14 @@ def render(unit: str, paths: dict[str, str], loader_env: dict[str, str] | None =
         "",
         f"[{sect}]",
     ]
-    lines += [f"{SETTINGS[d]}={paths[d]}" for d in DIRECTIONS if d in paths]
+    lines += [f"{SETTINGS[d]}={values[d]}" for d in DIRECTIONS if d in values]
     return "\n".join(lines) + "\n"
 
 
 def render_loader_env(env: dict[str, str]) -> str:
     """A drop-in for the loader instance: where it finds the policy and pins (non-default only)."""
-    for key, value in env.items():
-        if any(ch in value for ch in '\n"\\%$'):
-            raise DropinError(f"{key}={value!r} cannot be written into a unit file")
     lines = ["# Written by `bpfwall dropin`: the loader uses the same pin root and policy.", "[Service]"]
-    lines += [f'Environment="{k}={v}"' for k, v in sorted(env.items())]
+    lines += [environment_setting(k, v) for k, v in sorted(env.items())]
     return "\n".join(lines) + "\n"
 
 

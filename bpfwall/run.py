@@ -86,6 +86,9 @@ def run(command: list[str], program, params: dict | None = None, sets: dict | No
     if os.path.isdir(bpf.unit_dir(pin_root, unit)):
         raise RunError(f"{unit} is loaded already (pins at {bpf.unit_dir(pin_root, unit)}); choose another --name")
     systemd = use_systemd() if systemd is None else systemd
+    if systemd:  # the pin paths go into the scope's transient unit file
+        for d in bpf.DIRECTIONS:
+            dropin.check_filter_path(bpf.prog_path(pin_root, unit, d), transient=True)
     # Signals wait until the child can take them, and cleanup is never cut short.
     with _signals_held():
         bpf.load(pin_root, unit, program, params, sets, mode, cache)

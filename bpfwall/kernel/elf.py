@@ -4,8 +4,9 @@ What we accept: one function per program section (everything else
 __always_inline: no bpf-to-bpf calls), libbpf-style BTF-defined maps in
 `.maps`, and no global data: the only relocations are ld_imm64 of a map.
 
-BpfObject and its parts are plain picklable data, so a caller may cache one
-and skip pyelftools (imported only by read_object) on a warm start.
+BpfObject and its parts are plain data, so a caller may cache one (objcache
+keeps it as JSON) and skip pyelftools (imported only by read_object) on a warm
+start.
 """
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from dataclasses import dataclass, field
 
 from . import btf as btf_mod
 from .errors import KernelError
+
+# Bump whenever read_object (here or in btf.py) could make a different BpfObject from the
+# same bytes: cached objects are keyed by it, so objects read by an older reader are not used.
+READER_VERSION = 1
 
 LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW: the 16-byte instruction that loads a map
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import json
 import os
-import pickle
 import socket
 import struct
 
@@ -16,6 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.kernel
 
+from bpfwall import objcache
 from tests.kernel.kernel_objects import compile_test_objects, our_objects, wait_for_no_new_objects
 ETH_IP = b"\0" * 12 + b"\x08\x00"
 ETH_IP6 = b"\0" * 12 + b"\x86\xdd"
@@ -91,7 +92,7 @@ def test_read_object(obj):
         for index, _ in prog.map_relocs:
             assert prog.insns[index * 8] == 0x18  # ld_imm64
         assert len(prog.func_info) == 8 and prog.line_info
-    assert pickle.loads(pickle.dumps(obj)) == obj
+    assert objcache.from_plain(json.loads(json.dumps(objcache.to_plain(obj)))) == obj  # cacheable
 
 
 def test_object_btf_is_fixed_up(objects, obj):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import configparser
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -126,13 +128,46 @@ def test_render_requires_orders_and_names_the_pins():
     assert "%" not in text
 
 
-def test_render_refuses_what_a_unit_file_cannot_hold():
-    with pytest.raises(dropin.DropinError, match="cannot be written"):
-        dropin.render("a.service", {"ingress": "/sys/fs/bpf/50%/a+service/ingress"})
-    with pytest.raises(dropin.DropinError, match="cannot be written"):
-        dropin.render_loader_env({"BPFWALL_PIN_ROOT": '/sys/fs/bpf/a"b'})
+def test_render_needs_a_direction():
     with pytest.raises(dropin.DropinError, match="no direction"):
         dropin.render("a.service", {})
+
+
+# Each is a line break to systemd (\r, NUL), a control character, a C1 control (NEL), a
+# Unicode line/paragraph separator, a bidi override, or an undecodable argv byte.
+UNWRITABLE = [("\r", "U+000D"), ("\n", "U+000A"), ("\0", "U+0000"), ("\t", "U+0009"), ("\x0b", "U+000B"),
+              ("\x7f", "U+007F"), ("\x85", "U+0085"), ("\u2028", "U+2028"), ("\u2029", "U+2029"),
+              ("\u202e", "U+202E"), ("\udcff", "0xff")]
+
+
+@pytest.mark.parametrize("ch, code", UNWRITABLE)
+def test_render_refuses_every_character_a_unit_file_cannot_hold(ch, code):
+    path = f"/sys/fs/bpf/x{ch}ExecStartPre=/bin/touch /tmp/bpfwall-test-pwned/a+service/ingress"
+    with pytest.raises(dropin.DropinError) as info:
+        dropin.render("a.service", {"ingress": path})
+    message = str(info.value)
+    assert "\n" not in message and repr(path) in message and f"({code})" in message
+    with pytest.raises(dropin.DropinError) as info:
+        dropin.render_loader_env({"BPFWALL_POLICY_DIR": f"/etc/x{ch}y"})
+    assert str(info.value).startswith("BPFWALL_POLICY_DIR ") and f"({code})" in str(info.value)
+
+
+@pytest.mark.parametrize("path, words", [
+    ("/sys/fs/bpf/x /a+service/ingress ", "begins or ends with a space"),
+    (" /sys/fs/bpf/a+service/ingress", "begins or ends with a space"),
+    ("sys/fs/bpf/a+service/ingress", "is not absolute"),
+    ("/sys/fs/bpf/../a+service/ingress", "'..' component"),
+    ("/sys/fs/bpf/a+service/ingress\\", "ends with a backslash"),
+])
+def test_render_refuses_paths_systemd_would_read_differently(path, words):
+    with pytest.raises(dropin.DropinError, match=words):
+        dropin.render("a.service", {"ingress": path})
+
+
+def test_transient_paths_refuse_percent_which_systemd_writes_unescaped():
+    dropin.check_filter_path("/sys/fs/bpf/50%/a")  # a drop-in escapes it
+    with pytest.raises(dropin.DropinError, match="contains '%'"):
+        dropin.check_filter_path("/sys/fs/bpf/50%/a", transient=True)
 
 
 def test_example_dropin_is_what_bpfwall_writes(capsys):
@@ -220,6 +255,74 @@ def test_dropin_directions_option_needs_no_policy(capsys, tmp_path, unit_dir):
     assert rc == 0, err
     cp = _parse(out.split("\n", 1)[1])
     assert dict(cp["Scope"]) == {"IPIngressFilterPath": "/sys/fs/bpf/bpfwall/x+scope/ingress"}
+
+
+def test_dropin_refuses_a_carriage_return_in_the_pin_root(capsys, tmp_path, unit_dir):
+    """systemd ends a line at \\r: this pin root put an ExecStartPre= into the drop-in."""
+    marker = tmp_path / "pwned"
+    pin_root = f"/sys/fs/bpf/x\rExecStartPre=/bin/touch {marker}"
+    rc, out, err = _cli(capsys, "dropin", "x.service", "--directions", "ingress", "--pin-root", pin_root,
+                        "--unit-dir", str(unit_dir), "--no-reload")
+    assert rc == 2 and err.startswith("bpfwall: error: pin path ") and err.count("\n") == 1, err
+    assert "control character (U+000D)" in err and repr(bpf.prog_path(pin_root, "x.service", "ingress")) in err
+    assert not unit_dir.exists() and out == ""
+
+
+@pytest.mark.parametrize("ch, code", UNWRITABLE)
+def test_dropin_refuses_unwritable_policy_dirs_and_writes_nothing(capsys, tmp_path, unit_dir, ch, code):
+    rc, _, err = _cli(capsys, "dropin", "x.service", "--directions", "egress", "--unit-dir", str(unit_dir),
+                      "--policy-dir", f"{tmp_path}/p{ch}q", "--no-reload")
+    assert rc == 2 and f"BPFWALL_POLICY_DIR" in err and f"({code})" in err and err.count("\n") == 1, err
+    assert not unit_dir.exists()  # not even the unit's own drop-in, rendered first
+
+
+def test_run_refuses_a_pin_root_a_transient_unit_cannot_hold(tmp_path):
+    from bpfwall.lang.checker import analyze
+    from bpfwall.build import UnitProgram
+
+    program = UnitProgram(None, analyze("udp"))
+    for pin_root in (f"{tmp_path}/a\rIPEgressFilterPath=", f"{tmp_path}/50%n"):
+        with pytest.raises(dropin.DropinError, match="pin path"):
+            run.run(["true"], program, pin_root=pin_root, systemd=True)
+        assert not os.path.exists(pin_root)
+
+
+# -- what systemd itself reads -------------------------------------------------------
+
+def _systemd_reads(unit_file: Path) -> dict[str, list[str]]:
+    """The unit as systemd 'systemd-analyze verify' parsed it (its debug dump): setting → values."""
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit_file)], capture_output=True, text=True,
+                          env=dict(os.environ, SYSTEMD_LOG_LEVEL="debug", SYSTEMD_LOG_COLOR="0"))
+    # Split on \n only: the values may hold what str.splitlines() would break at.
+    lines = (proc.stdout + proc.stderr).split("\n")
+    start = lines.index(f"\t-> Unit {unit_file.name}:")
+    settings: dict[str, list[str]] = {}
+    for line in lines[start + 1:]:
+        if not line.startswith("\t\t"):
+            break
+        key, _, value = line.strip("\t").partition(": ")
+        settings.setdefault(key, []).append(value)
+    return settings
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_systemd_reads_back_exactly_what_was_asked(capsys, tmp_path, unit_dir):
+    """'%', spaces, quotes, backslashes and '$' in the pin root and policy dir reach systemd intact."""
+    pin_root = "/sys/fs/bpf/50% of it/a b\\c\"d'$HOME"
+    policy = tmp_path / "policy %n \"q\" \\x $USER"
+    rc, _, err = _cli(capsys, "dropin", "a-b.service", "--directions", "ingress,egress", "--pin-root", pin_root,
+                      "--policy-dir", str(policy), "--unit-dir", str(unit_dir), "--no-reload")
+    assert rc == 0, err
+    (unit_dir / "a-b.service").write_text("[Service]\nExecStart=/bin/true\n")
+    (unit_dir / "bpfwall@.service").write_text("[Service]\nType=oneshot\nExecStart=/bin/true %i\n")
+
+    unit = _systemd_reads(unit_dir / "a-b.service")
+    assert unit["IPIngressFilterPath"] == [bpf.prog_path(pin_root, "a-b.service", "ingress")]
+    assert unit["IPEgressFilterPath"] == [bpf.prog_path(pin_root, "a-b.service", "egress")]
+    assert unit["Command Line"] == ["/bin/true"]
+    loader = _systemd_reads(unit_dir / "bpfwall@a-b.service.service")
+    assert sorted(loader["Environment"]) == [f"BPFWALL_PIN_ROOT={pin_root}", f"BPFWALL_POLICY_DIR={policy}"]
+    assert loader["Command Line"] == ["/bin/true a-b.service"]
 
 
 @pytest.mark.parametrize("args, words", [

@@ -1,0 +1,187 @@
+"""The compiled-object cache: plain data, checked against its key on every read.
+
+An entry is two files in the cache directory, named by the key (build._key):
+
+    <key>.o     the ELF object clang wrote
+    <key>.json  {"format", "key", "reader", "elf_sha256", "object", "object_sha256"}, where
+                "object" is what kernel.elf.read_object made of the .o (plain JSON, so a
+                warm start imports no pyelftools)
+
+The directory and every one above it must be root's (or the euid's) and not
+writable by others, the files ours and not writable by others, none of them a
+symlink (checked_dir). Anything wrong with an entry (missing, unreadable, of
+another owner or mode, truncated, not JSON, recorded for another key, format or
+reader version, a hash that does not match) is a miss: the caller compiles
+again and the entry is rewritten. Nothing read here is ever executed.
+
+A cache directory that cannot be trusted is not used at all, neither read nor
+written: the first time, one warning on stderr names it, says why and how to
+fix it; every build then runs clang. The cache only saves time, so a bad one
+must not stop a firewall from loading.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+
+from . import checked_dir
+from .kernel.elf import READER_VERSION, BpfObject, MapDef, ProgDef
+
+FORMAT = 1            # bump when the layout of an entry changes
+MAX_ELF = 16 << 20    # far above any object bpfwall builds; a larger file is not ours
+MAX_META = 4 * MAX_ELF
+
+_warned: set[str] = set()
+
+
+def load(directory: str | os.PathLike, key: str) -> BpfObject | None:
+    """The object cached under `key`, or None (a miss) if there is no sound entry for it."""
+    dir_fd = _open(directory, create=False)
+    if dir_fd is None:
+        return None
+    try:
+        meta = checked_dir.read_file(dir_fd, f"{key}.json", MAX_META)
+        elf = checked_dir.read_file(dir_fd, f"{key}.o", MAX_ELF)
+        return _decode(meta, elf, key)
+    except (OSError, ValueError, TypeError, KeyError, RecursionError, checked_dir.UntrustedPath):
+        return None  # a miss: rebuilt and rewritten by the caller
+    finally:
+        os.close(dir_fd)
+
+
+def store(directory: str | os.PathLike, key: str, elf: bytes, obj: BpfObject) -> None:
+    """Keep `obj` (read from `elf`) for next time; a cache we cannot write only costs speed."""
+    plain = to_plain(obj)
+    meta = {"format": FORMAT, "key": key, "reader": READER_VERSION,
+            "elf_sha256": hashlib.sha256(elf).hexdigest(),
+            "object": plain, "object_sha256": _digest(plain)}
+    dir_fd = _open(directory, create=True)
+    if dir_fd is None:
+        return
+    try:
+        checked_dir.write_file(dir_fd, f"{key}.o", elf)
+        # Last: the metadata vouches for the object, so a reader never sees it without one.
+        checked_dir.write_file(dir_fd, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _open(directory: str | os.PathLike, create: bool) -> int | None:
+    try:
+        return checked_dir.open_dir(os.fspath(directory), create=create)
+    except checked_dir.UntrustedPath as e:
+        _warn_once(os.fspath(directory), str(e))
+    except OSError:
+        pass
+    return None
+
+
+def _warn_once(directory: str, problem: str) -> None:
+    if directory in _warned:
+        return
+    _warned.add(directory)
+    owner = f"root or uid {os.geteuid()}" if os.geteuid() else "root"
+    print(f"bpfwall: warning: not using the compiled-object cache {directory}: {problem}; compiling "
+          f"every time. Fix: make it and every directory above it owned by {owner} and not writable "
+          "by group or others, or choose another with --cache-dir or BPFWALL_CACHE_DIR "
+          "(e.g. /var/cache/bpfwall)", file=sys.stderr)
+
+
+def _decode(meta_bytes: bytes, elf: bytes, key: str) -> BpfObject | None:
+    meta = json.loads(meta_bytes)
+    if not isinstance(meta, dict):
+        return None
+    if (meta.get("format"), meta.get("key"), meta.get("reader")) != (FORMAT, key, READER_VERSION):
+        return None
+    if meta.get("elf_sha256") != hashlib.sha256(elf).hexdigest():
+        return None
+    if meta.get("object_sha256") != _digest(meta.get("object")):
+        return None
+    return from_plain(meta["object"])
+
+
+def _digest(plain) -> str:
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
+
+
+# -- BpfObject as plain JSON data -------------------------------------------------
+
+def to_plain(obj: BpfObject) -> dict:
+    return {
+        "license": obj.license,
+        "btf": _b64(obj.btf) if obj.btf is not None else None,
+        "maps": [dataclasses.asdict(m) for m in obj.maps.values()],
+        "programs": [{"section": p.section, "name": p.name, "insns": _b64(p.insns),
+                      "map_relocs": [[index, name] for index, name in p.map_relocs],
+                      "func_info": _b64(p.func_info), "line_info": _b64(p.line_info)}
+                     for p in obj.programs.values()],
+    }
+
+
+def from_plain(data) -> BpfObject:
+    """The BpfObject `data` describes; ValueError unless every field has its exact type."""
+    _fields(data, ("license", "btf", "maps", "programs"))
+    obj = BpfObject(license=_str(data["license"]),
+                    btf=None if data["btf"] is None else _unb64(data["btf"]))
+    for m in _list(data["maps"]):
+        _fields(m, [f.name for f in dataclasses.fields(MapDef)])
+        mapdef = MapDef(**{k: _str(v) if k == "name" else _u32(v) for k, v in m.items()})
+        if mapdef.name in obj.maps:
+            raise ValueError(f"map {mapdef.name!r} twice")
+        obj.maps[mapdef.name] = mapdef
+    for p in _list(data["programs"]):
+        _fields(p, [f.name for f in dataclasses.fields(ProgDef)])
+        prog = ProgDef(section=_str(p["section"]), name=_str(p["name"]), insns=_unb64(p["insns"]),
+                       map_relocs=[_reloc(r, obj.maps) for r in _list(p["map_relocs"])],
+                       func_info=_unb64(p["func_info"]), line_info=_unb64(p["line_info"]))
+        if prog.section in obj.programs:
+            raise ValueError(f"section {prog.section!r} twice")
+        obj.programs[prog.section] = prog
+    return obj
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(value) -> bytes:
+    return base64.b64decode(_str(value), validate=True)
+
+
+def _fields(value, names) -> None:
+    if type(value) is not dict or set(value) != set(names):
+        raise ValueError(f"expected an object with exactly {sorted(names)}")
+
+
+def _list(value) -> list:
+    if type(value) is not list:
+        raise ValueError("expected a list")
+    return value
+
+
+def _str(value) -> str:
+    if type(value) is not str:
+        raise ValueError("expected a string")
+    return value
+
+
+def _u32(value) -> int:
+    if type(value) is not int or not 0 <= value < 1 << 32:
+        raise ValueError("expected an unsigned 32-bit integer")
+    return value
+
+
+def _reloc(value, maps: dict) -> tuple[int, str]:
+    if type(value) is not list or len(value) != 2:
+        raise ValueError("expected [instruction, map]")
+    index, name = _u32(value[0]), _str(value[1])
+    if name not in maps:
+        raise ValueError(f"relocation to unknown map {name!r}")
+    return index, name
