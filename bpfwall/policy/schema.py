@@ -66,6 +66,16 @@ class FileResult:
 
 def check_document(file: str, text: str) -> FileResult:
     try:
+        return _check_document(file, text)
+    except RecursionError:  # tomllib and the key scanner recurse once per nesting level
+        return FileResult([], [f"{file}: arrays or inline tables nested too deeply to read "
+                                  "(a policy needs two levels at most)"], [])
+    except MemoryError:
+        return FileResult([], [f"{file}: too large to check (out of memory)"], [])
+
+
+def _check_document(file: str, text: str) -> FileResult:
+    try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         line, message = syntax_error_line(str(e), text)

@@ -387,14 +387,14 @@ def run(capsys, *argv):
     return code, out, err
 
 
-def test_cli_exit_status_and_partial(tmp_path, capsys):
+def test_cli_exit_status_and_partial(tmp_path, trusted_tmp_path, capsys):
     conf = tmp_path / "nftables.conf"
     conf.write_text(README + "# postfix.service :: add rule inet filter vpn.whitelist ct state new accept\n")
     code, out, err = run(capsys, "import-scnpm", str(conf), "--default", "drop")
     assert code == 2
     assert err == f"{conf}:20: cannot translate: ct (connection tracking) is not in bpfwall's language: " \
                   "it judges each packet on its own\n"
-    policy_file = tmp_path / "imported.toml"
+    policy_file = trusted_tmp_path / "imported.toml"
     policy_file.write_text(out)
     assert [e.name for e in load_policy(files=[str(policy_file)]).entries] == ["postfix.service", "app-mail.scope"]
     code, out2, _ = run(capsys, "import-scnpm", str(conf), "--default", "drop", "--partial")
@@ -408,3 +408,4 @@ def test_cli_exit_status_and_partial(tmp_path, capsys):
 def test_cli_errors(tmp_path, capsys):
     code, _, err = run(capsys, "import-scnpm", str(tmp_path / "missing.conf"))
     assert code == 2 and err == f"bpfwall: error: {tmp_path}/missing.conf: cannot read: No such file or directory\n"
+
