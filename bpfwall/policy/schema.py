@@ -300,7 +300,7 @@ class _File:
                     ok = False
             if not ok:
                 continue
-            count = _key_count(kinds[name], elements)
+            count = key_count(kinds[name], elements)
             if count > capacity:
                 self.error(where, f"@{name} holds {count} elements; set_capacity is {capacity}")
                 continue
@@ -329,7 +329,7 @@ def _unknown(what: str, sigil: str, name: str, used: dict) -> str:
     return f"unknown {what} {sigil}{name}: the expressions do not use it (they use: {have}){hint}"
 
 
-def _key_count(kind: str, elements: list) -> int:
+def key_count(kind: str, elements: list) -> int:
     """Map entries the elements take: distinct addresses, or distinct numbers of merged ranges."""
     if kind != "number":
         return len(set(elements))
