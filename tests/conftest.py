@@ -68,7 +68,41 @@ def pin_root(cache_dir):
                     bpf.unload(path, unit)
                 except Exception:
                     pass
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path)
+
+
+def _trusted_base() -> str | None:
+    """A directory bpfwall trusts for policy files (owned by root or us, and every directory above
+    it too, none writable by others); pytest's tmp_path is under the world-writable /tmp."""
+    from bpfwall.errors import UserError
+    from bpfwall.policy.trust import open_trusted_dir
+
+    for base in (["/run"] if ROOT else []) + [os.environ.get("XDG_RUNTIME_DIR"), os.path.expanduser("~")]:
+        if not base:
+            continue
+        try:
+            os.close(open_trusted_dir(base, listing=False))
+            return base
+        except (UserError, OSError):
+            continue
+    return None
+
+
+@pytest.fixture
+def trusted_tmp_path():
+    """A fresh directory (0700) where bpfwall accepts policy files; removed after the test."""
+    import tempfile
+    from pathlib import Path
+
+    base = _trusted_base()
+    if base is None:
+        assert not ROOT, "/run is not a directory bpfwall trusts for policy files"
+        pytest.skip("no directory bpfwall trusts for policy files: $XDG_RUNTIME_DIR and $HOME are writable by others")
+    path = tempfile.mkdtemp(prefix="bpfwall-test-policy-", dir=base)
+    try:
+        yield Path(path)
+    finally:
+        shutil.rmtree(path)
 
 
 @pytest.fixture

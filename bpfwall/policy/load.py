@@ -1,4 +1,5 @@
-"""Finding and reading the policy files: a directory of *.toml, or files named explicitly."""
+"""Finding and reading the policy files: a directory of *.toml, or files named explicitly;
+only from places nobody but root (or the euid) can write (trust.py)."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,7 @@ import os
 from .entry import PolicyError
 from .match import Policy
 from .schema import check_document, show_path
+from .trust import open_trusted_dir, read_trusted_file, trusted_names
 
 DEFAULT_POLICY_DIR = "/etc/bpfwall"
 
@@ -16,22 +18,22 @@ def policy_dir(directory: str | None = None) -> str:
 
 
 def policy_files(directory: str | None = None) -> list[str]:
-    """Every *.toml in the directory, sorted by name; dotfiles (editor locks and temporaries) are skipped."""
+    """Every *.toml in the directory, sorted by name; dotfiles (editor locks and temporaries) are
+    skipped. PolicyError if the directory is not one bpfwall trusts (see trust.py)."""
     directory = policy_dir(directory)
+    fd = open_trusted_dir(directory)
     try:
-        names = os.listdir(directory)
-    except OSError as e:
-        raise PolicyError(f"{directory}: cannot read the policy directory: {e.strerror}") from None
-    return [os.path.join(directory, n) for n in sorted(names)
-            if n.endswith(".toml") and not n.startswith(".") and os.path.isfile(os.path.join(directory, n))]
+        return [os.path.join(directory, n) for n in _policy_names(fd)]
+    finally:
+        os.close(fd)
 
 
-def _read(file: str) -> tuple[str | None, str | None]:
-    try:
-        with open(file, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        return None, f"{file}: cannot read: {e.strerror}"
+def _policy_names(dir_fd: int) -> list[str]:
+    # Anything else named *.toml is read, and refused unless it is a regular file (a symlink too).
+    return [n for n in trusted_names(dir_fd) if n.endswith(".toml") and not n.startswith(".")]
+
+
+def _decode(file: str, data: bytes) -> tuple[str | None, str | None]:
     try:
         return data.decode("utf-8"), None
     except UnicodeDecodeError as e:
@@ -39,19 +41,53 @@ def _read(file: str) -> tuple[str | None, str | None]:
         return None, f"{file}:{line}: not UTF-8 text (byte {data[e.start]:#04x})"
 
 
-def check_policy(directory: str | None = None, files: list[str] | None = None) -> tuple[Policy | None, list[str]]:
-    """The policy and every error found (`FILE:LINE: message`); the policy is None when there are errors."""
-    if files is None:
+def _read_all(directory: str | None, files: list[str] | None) -> tuple[list[tuple[str, str]], list[str]]:
+    """(file, text) of every policy file, and the errors of those that cannot be read or are not trusted."""
+    texts, errors = [], []
+
+    def read(dir_fd: int, name: str, file: str) -> None:
         try:
-            files = policy_files(directory)
+            text, error = _decode(file, read_trusted_file(dir_fd, name, file))
         except PolicyError as e:
-            return None, e.errors
-    entries, errors, seen = [], [], {}
-    for file in files:
-        text, error = _read(file)
+            text, error = None, str(e)
+        except MemoryError:
+            text, error = None, f"{file}: too large to read (out of memory)"
         if error is not None:
             errors.append(error)
+        else:
+            texts.append((file, text))
+
+    if files is None:
+        directory = policy_dir(directory)
+        fd = open_trusted_dir(directory)
+        try:
+            for name in _policy_names(fd):
+                read(fd, name, os.path.join(directory, name))
+        finally:
+            os.close(fd)
+        return texts, errors
+    for file in files:
+        parent, name = os.path.split(file)
+        try:  # the file's directory may be reached through a link; the file itself may not be one
+            fd = open_trusted_dir(os.path.realpath(parent or "."), listing=False, file=file)
+        except PolicyError as e:
+            errors.append(str(e))
             continue
+        try:
+            read(fd, name, file)
+        finally:
+            os.close(fd)
+    return texts, errors
+
+
+def check_policy(directory: str | None = None, files: list[str] | None = None) -> tuple[Policy | None, list[str]]:
+    """The policy and every error found (`FILE:LINE: message`); the policy is None when there are errors."""
+    try:
+        texts, errors = _read_all(directory, files)
+    except PolicyError as e:
+        return None, e.errors
+    entries, seen = [], {}
+    for file, text in texts:
         result = check_document(file, text)
         entries += result.entries
         errors += result.errors

@@ -46,18 +46,43 @@ def cgroup_glob_matches(glob: str, cgroup_rel: str) -> bool:
     parts = [p for p in cgroup_rel.split("/") if p]
     if glob.startswith("/"):
         return _match_parts(glob[1:].split("/"), parts)
-    globs = glob.split("/")
-    return any(_match_parts(globs, parts[k:]) for k in range(len(parts)))
+    # Unanchored: the glob matches a non-empty tail of the path, which is what a leading ** does.
+    return bool(parts) and _match_parts(["**"] + glob.split("/"), parts)
 
 
 def _match_parts(globs: list[str], parts: list[str]) -> bool:
-    """Do the component globs match exactly these components?"""
-    if not globs:
-        return not parts
-    head, rest = globs[0], globs[1:]
-    if head == "**":
-        return any(_match_parts(rest, parts[k:]) for k in range(len(parts) + 1))
-    return bool(parts) and fnmatchcase(parts[0], head) and _match_parts(rest, parts[1:])
+    """Do the component globs match exactly these components?
+
+    Runs the globs as an NFA over the components: the state set holds every number of globs
+    that can have matched the components read so far. A path of n components against m globs
+    costs at most n * m fnmatch calls, however many `**` there are (trying each way to split
+    the path among the `**`s instead took exponential time: a delegated subtree's owner picks
+    the depth)."""
+    states = _closure(globs, {0})
+    for part in parts:
+        following = set()
+        for i in states:
+            if i == len(globs):
+                continue
+            if globs[i] == "**":
+                following.add(i)  # ** takes this component too
+            elif fnmatchcase(part, globs[i]):
+                following.add(i + 1)
+        states = _closure(globs, following)
+        if not states:
+            return False
+    return len(globs) in states
+
+
+def _closure(globs: list[str], states: set[int]) -> set[int]:
+    """The states plus those reached by letting each ** match no component."""
+    out = set()
+    for i in states:
+        out.add(i)
+        while i < len(globs) and globs[i] == "**":
+            i += 1
+            out.add(i)
+    return out
 
 
 @dataclass

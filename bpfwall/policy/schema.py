@@ -66,6 +66,16 @@ class FileResult:
 
 def check_document(file: str, text: str) -> FileResult:
     try:
+        return _check_document(file, text)
+    except RecursionError:  # tomllib and the key scanner recurse once per nesting level
+        return FileResult([], [f"{file}: arrays or inline tables nested too deeply to read "
+                                  "(a policy needs two levels at most)"], [])
+    except MemoryError:
+        return FileResult([], [f"{file}: too large to check (out of memory)"], [])
+
+
+def _check_document(file: str, text: str) -> FileResult:
+    try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         line, message = syntax_error_line(str(e), text)
@@ -290,7 +300,7 @@ class _File:
                     ok = False
             if not ok:
                 continue
-            count = _key_count(kinds[name], elements)
+            count = key_count(kinds[name], elements)
             if count > capacity:
                 self.error(where, f"@{name} holds {count} elements; set_capacity is {capacity}")
                 continue
@@ -319,7 +329,7 @@ def _unknown(what: str, sigil: str, name: str, used: dict) -> str:
     return f"unknown {what} {sigil}{name}: the expressions do not use it (they use: {have}){hint}"
 
 
-def _key_count(kind: str, elements: list) -> int:
+def key_count(kind: str, elements: list) -> int:
     """Map entries the elements take: distinct addresses, or distinct numbers of merged ranges."""
     if kind != "number":
         return len(set(elements))

@@ -22,8 +22,10 @@ rules into one `[units."postfix.service"]` entry:
   component must be the unit); every other match is translated as described in
   translate.py, or the rule is reported with the reason it cannot be.
 
-The output is checked with the policy checker before it is printed, so what
-the importer prints passes `bpfwall policy check`.
+Every unit's entry is checked with the policy checker before it is printed and
+left out (reported, exit 2) if it does not pass, so what the importer prints
+always passes `bpfwall policy check`. A set larger than the default
+set_capacity raises the entry's set_capacity to what the set holds.
 """
 from __future__ import annotations
 
@@ -34,9 +36,10 @@ from .. import unitkey
 from ..errors import UserError
 from ..lang.checker import analyze_pair
 from ..lang.errors import LangError
-from ..lang.values import SET_NUMBER_MAX
+from ..build import DEFAULT_SET_CAPACITY
+from ..lang.values import SET_NUMBER_MAX, parse_set_elements
 from ..policy.match import UNIT_SUFFIXES
-from ..policy.schema import check_document
+from ..policy.schema import SET_CAPACITY_MAX, check_document, key_count
 from .ruleset import FAMILIES, Ruleset, ScnpmRule, scnpm_rules, tokenize
 from .translate import Translation, Untranslatable, address_element, any_service, number_item, translate
 
@@ -139,6 +142,10 @@ def import_text(text: str, file: str = "<stdin>", default: str | None = None,
     rendered, summaries = [], []
     for unit in units.values():
         block, summary, why = _render_unit(unit, ruleset, file)
+        if block is not None:
+            errors = check_document(f"{file} (imported)", block).errors
+            if errors:  # a bug in the importer: leave the unit out rather than print a policy that does not check
+                block, why = None, f"internal error, the translation of {unit.name} does not check: {errors[0]}"
         if why is not None:
             problems.append(Problem(file, unit.lines[0][0], unit.lines[0][1], why))
         if block is not None:
@@ -146,9 +153,6 @@ def import_text(text: str, file: str = "<stdin>", default: str | None = None,
             summaries.append(summary)
     problems.sort(key=lambda p: p.line)
     toml = _header(file, problems) + "\n".join(rendered)
-    errors = check_document(f"{file} (imported)", toml).errors
-    if errors:  # a bug in the importer: say so rather than print a policy that does not check
-        problems += [Problem(file, 0, "", f"internal error, the imported policy does not check: {e}") for e in errors]
     return ImportResult(toml, problems, summaries)
 
 
@@ -311,6 +315,15 @@ def _render_unit(unit: _Unit, ruleset: Ruleset, file: str) -> tuple[str | None, 
         checked = analyze_pair(expressions.get("ingress"), expressions.get("egress"))
     except LangError as e:
         return None, None, f"the translated rules of {unit.name} do not check: {e}"
+    # A set only a rule that decides nothing used is not in the expressions: a policy lists no such set.
+    used = {name for c in checked if c is not None for name in c.sets}
+    sets = {name: elements for name, elements in sets.items() if name in used}
+    capacity, why = _set_capacity(sets, unit.set_kinds)
+    if why is not None:
+        return None, None, why
+    if capacity is not None:
+        comments.append(f"# note: set_capacity raised from {DEFAULT_SET_CAPACITY} to {capacity}, what the largest "
+                        "set holds (each element takes kernel memory)")
     lines = comments + [f"[units.{_toml_str(unit.name)}]"]
     if unit.cgroup and "/" in unit.cgroup:
         lines.append(f"cgroup = {_toml_str(unit.cgroup)}")
@@ -323,8 +336,24 @@ def _render_unit(unit: _Unit, ruleset: Ruleset, file: str) -> tuple[str | None, 
     if sets:
         lines.append("sets = { " + ", ".join(f"{name} = [{', '.join(_toml_str(e) for e in elements)}]"
                                             for name, elements in sets.items()) + " }")
+    if capacity is not None:
+        lines.append(f"set_capacity = {capacity}")
     summary["left_out"] = unit.left_out
     return "\n".join(lines) + "\n", summary, None
+
+
+def _set_capacity(sets: dict, kinds: dict) -> tuple[int | None, str | None]:
+    """The set_capacity the unit needs (None: the default holds every set), or why no capacity can."""
+    need, largest = 0, None
+    for name, elements in sets.items():
+        kind = kinds[name][0]
+        count = key_count(kind, [e for text in elements for e in parse_set_elements(name, kind, text)])
+        if count > need:
+            need, largest = count, name
+    if need > SET_CAPACITY_MAX:
+        return None, (f"set @{largest} (nft set {kinds[largest][1]}) holds {need} elements, more than a bpfwall "
+                      f"set can ({SET_CAPACITY_MAX})")
+    return (need if need > DEFAULT_SET_CAPACITY else None), None
 
 
 def _header(file: str, problems: list[Problem]) -> str:

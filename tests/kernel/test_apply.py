@@ -32,8 +32,8 @@ ingress = "tcp"
 
 
 @pytest.fixture
-def policy_dir(tmp_path):
-    d = tmp_path / "policy"
+def policy_dir(trusted_tmp_path):
+    d = trusted_tmp_path / "policy"
     d.mkdir()
     (d / "10-test.toml").write_text(POLICY)
     return d

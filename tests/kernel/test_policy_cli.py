@@ -61,8 +61,8 @@ def bpfwall(*args, env=None, stdin=None, prefix=()):
 
 
 @pytest.fixture
-def policy_dir(tmp_path):
-    d = tmp_path / "policy"
+def policy_dir(trusted_tmp_path):
+    d = trusted_tmp_path / "policy"
     d.mkdir()
     (d / "10-good.toml").write_text(GOOD.lstrip("\n"))
     return d
@@ -159,10 +159,18 @@ def test_match_explains(policy_dir):
     assert r.returncode == 1 and data["entry"] is None and data["passed_over"][0]["name"] == "app-*.scope"
 
 
-def test_missing_policy_dir(tmp_path):
-    r = bpfwall("policy", "check", "--policy-dir", str(tmp_path / "nope"))
-    assert (r.returncode, r.stderr) == (2, f"{tmp_path}/nope: cannot read the policy directory: "
+def test_missing_policy_dir(trusted_tmp_path):
+    r = bpfwall("policy", "check", "--policy-dir", str(trusted_tmp_path / "nope"))
+    assert (r.returncode, r.stderr) == (2, f"{trusted_tmp_path}/nope: cannot read the policy directory: "
                                            "No such file or directory\n")
+
+
+def test_toml_nested_10000_deep_is_one_line_exit_2(policy_dir):
+    deep = policy_dir / "20-deep.toml"
+    deep.write_text("a = " + "[" * 10000 + "]" * 10000 + "\n")
+    r = bpfwall("policy", "check", "--policy-dir", str(policy_dir))
+    assert (r.returncode, r.stdout, r.stderr) == (
+        2, "", f"{deep}: arrays or inline tables nested too deeply to read (a policy needs two levels at most)\n")
 
 
 SCNPM = """
@@ -178,7 +186,7 @@ table inet filter {
 """
 
 
-def test_import_scnpm_round_trip(tmp_path):
+def test_import_scnpm_round_trip(tmp_path, trusted_tmp_path):
     conf = tmp_path / "nftables.conf"
     conf.write_text(SCNPM)
     r = bpfwall("import-scnpm", str(conf))
@@ -187,7 +195,7 @@ def test_import_scnpm_round_trip(tmp_path):
                         "it judges each packet on its own\n")
     r = bpfwall("import-scnpm", str(conf), "--partial")
     assert r.returncode == 0
-    out = tmp_path / "policy"
+    out = trusted_tmp_path / "policy"
     out.mkdir()
     (out / "scnpm.toml").write_text(r.stdout)
     check = bpfwall("policy", "check", "--policy-dir", str(out))

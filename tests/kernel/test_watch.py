@@ -126,8 +126,8 @@ def subtree():
 
 
 @pytest.fixture
-def policy_dir(tmp_path):
-    d = tmp_path / "policy"
+def policy_dir(trusted_tmp_path):
+    d = trusted_tmp_path / "policy"
     d.mkdir()
     return d
 

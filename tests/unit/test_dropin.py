@@ -48,8 +48,8 @@ def _parse(text: str) -> configparser.ConfigParser:
 
 
 @pytest.fixture
-def policy_dir(tmp_path):
-    d = tmp_path / "policy"
+def policy_dir(trusted_tmp_path):
+    d = trusted_tmp_path / "policy"
     d.mkdir()
     (d / "10-test.toml").write_text(POLICY)
     return d

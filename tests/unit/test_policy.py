@@ -25,24 +25,24 @@ def write(directory: Path, name: str, text: str) -> str:
     return str(path)
 
 
-def errors_of(tmp_path, text: str, name: str = "p.toml") -> list[str]:
+def errors_of(trusted_tmp_path, text: str, name: str = "p.toml") -> list[str]:
     """The errors of one file, with the file's path shortened to its name."""
-    file = write(tmp_path, name, text)
+    file = write(trusted_tmp_path, name, text)
     policy, errors = check_policy(files=[file])
     assert (policy is None) == bool(errors)
-    return [e.replace(str(tmp_path) + "/", "") for e in errors]
+    return [e.replace(str(trusted_tmp_path) + "/", "") for e in errors]
 
 
-def one_error(tmp_path, text: str) -> str:
-    errors = errors_of(tmp_path, text)
+def one_error(trusted_tmp_path, text: str) -> str:
+    errors = errors_of(trusted_tmp_path, text)
     assert len(errors) == 1, errors
     return errors[0]
 
 
 # -- a valid policy -----------------------------------------------------------
 
-def test_full_entry_with_defaults_and_overrides(tmp_path):
-    file = write(tmp_path, "a.toml", """
+def test_full_entry_with_defaults_and_overrides(trusted_tmp_path):
+    file = write(trusted_tmp_path, "a.toml", """
         [defaults]
         backend = "nft"
         mode = "audit"
@@ -76,14 +76,14 @@ def test_full_entry_with_defaults_and_overrides(tmp_path):
     assert policy.entry("app-*.scope") is app and policy.entry("app-x.scope") is None
 
 
-def test_builtin_defaults_apply_per_file(tmp_path):
-    a = write(tmp_path, "a.toml", """
+def test_builtin_defaults_apply_per_file(trusted_tmp_path):
+    a = write(trusted_tmp_path, "a.toml", """
         [defaults]
         mode = "audit"
         [units."a.service"]
         ingress = "true"
     """)
-    b = write(tmp_path, "b.toml", """
+    b = write(trusted_tmp_path, "b.toml", """
         [units."b.service"]
         ingress = "true"
     """)
@@ -92,8 +92,8 @@ def test_builtin_defaults_apply_per_file(tmp_path):
     assert (second.mode, second.backend, second.set_capacity) == ("enforce", "bpf", DEFAULT_SET_CAPACITY)
 
 
-def test_program_is_checked_and_built(tmp_path):
-    file = write(tmp_path, "a.toml", """
+def test_program_is_checked_and_built(trusted_tmp_path):
+    file = write(trusted_tmp_path, "a.toml", """
         [units."a.service"]
         ingress = "tcp && dst_port == $zed || saddr in @nets"
         egress = "udp && dst_port == $alpha"
@@ -118,13 +118,13 @@ def test_example_policy_passes():
         entry.program()
 
 
-def test_empty_file_and_empty_units_are_valid(tmp_path):
-    assert load_policy(files=[write(tmp_path, "a.toml", "")]).entries == []
-    assert load_policy(files=[write(tmp_path, "b.toml", "[units]\n")]).entries == []
+def test_empty_file_and_empty_units_are_valid(trusted_tmp_path):
+    assert load_policy(files=[write(trusted_tmp_path, "a.toml", "")]).entries == []
+    assert load_policy(files=[write(trusted_tmp_path, "b.toml", "[units]\n")]).entries == []
 
 
-def test_multiline_expression(tmp_path):
-    file = write(tmp_path, "a.toml", '''
+def test_multiline_expression(trusted_tmp_path):
+    file = write(trusted_tmp_path, "a.toml", '''
         [units."a.service"]
         ingress = """
             icmp
@@ -136,16 +136,16 @@ def test_multiline_expression(tmp_path):
 
 # -- errors: every message names the file, the line and the key ---------------
 
-def test_syntax_error_has_the_line(tmp_path):
-    assert one_error(tmp_path, """
+def test_syntax_error_has_the_line(trusted_tmp_path):
+    assert one_error(trusted_tmp_path, """
         [units."a.service"]
         ingress = "tcp"
         egress = "udp
     """) == "p.toml:3: Illegal character '\\n'"
 
 
-def test_syntax_error_at_end_of_document(tmp_path):
-    assert one_error(tmp_path, "a = 1\n\nb =") == "p.toml:3: Invalid value (at the end of the file)"
+def test_syntax_error_at_end_of_document(trusted_tmp_path):
+    assert one_error(trusted_tmp_path, "a = 1\n\nb =") == "p.toml:3: Invalid value (at the end of the file)"
 
 
 def test_syntax_error_line_parsing():
@@ -164,8 +164,8 @@ def test_syntax_error_line_parsing():
     ('[units."a.service"]\negress = "tcp"\nparam = { x = 1 }\n',
      "p.toml:3: units.\"a.service\".param: unknown key 'param'; did you mean 'params'?"),
 ])
-def test_unknown_keys_suggest(tmp_path, text, expected):
-    assert one_error(tmp_path, text) == expected
+def test_unknown_keys_suggest(trusted_tmp_path, text, expected):
+    assert one_error(trusted_tmp_path, text) == expected
 
 
 @pytest.mark.parametrize("body, expected", [
@@ -194,14 +194,14 @@ def test_unknown_keys_suggest(tmp_path, text, expected):
                                              "which ends in a.service; did you mean 'app.slice/*'?"),
     ('mode = "audit"', 'p.toml:1: units."a.service": give ingress, egress or both (each a filter expression)'),
 ])
-def test_wrong_types_and_values(tmp_path, body, expected):
-    assert one_error(tmp_path, '[units."a.service"]\n' + body + "\n") == expected
+def test_wrong_types_and_values(trusted_tmp_path, body, expected):
+    assert one_error(trusted_tmp_path, '[units."a.service"]\n' + body + "\n") == expected
 
 
-def test_units_must_be_tables(tmp_path):
-    assert one_error(tmp_path, 'units = 3\n') == \
+def test_units_must_be_tables(trusted_tmp_path):
+    assert one_error(trusted_tmp_path, 'units = 3\n') == \
         "p.toml:1: units: expected a table (one [units.\"NAME\"] table per unit), got an integer"
-    assert one_error(tmp_path, '[units]\n"a.service" = "tcp"\n') == \
+    assert one_error(trusted_tmp_path, '[units]\n"a.service" = "tcp"\n') == \
         'p.toml:2: units."a.service": expected a table (ingress, egress, params, sets, mode, backend, ' \
         'set_capacity, cgroup), got a string'
 
@@ -212,22 +212,22 @@ def test_units_must_be_tables(tmp_path):
     ("nginx", "'nginx' is not a unit name: it must end in .service, .scope, .slice, .socket, .mount or .swap"),
     (".service", "invalid unit name '.service': it must not start with '.'"),
 ])
-def test_bad_unit_names(tmp_path, name, expected):
+def test_bad_unit_names(trusted_tmp_path, name, expected):
     quoted = '"' + name.replace("\\", "\\\\") + '"'
-    error = one_error(tmp_path, f'[units.{quoted}]\negress = "tcp"\n')
+    error = one_error(trusted_tmp_path, f'[units.{quoted}]\negress = "tcp"\n')
     assert error.startswith("p.toml:1: units.")
     assert error.endswith(": " + expected)
 
 
 @pytest.mark.parametrize("name", ["getty@tty1.service", "app-*.scope", "user-[0-9]*.slice", "x?.socket",
                                   "system-foo\\x2dbar.slice", "-.mount", "*"])
-def test_good_unit_names(tmp_path, name):
+def test_good_unit_names(trusted_tmp_path, name):
     quoted = '"' + name.replace("\\", "\\\\") + '"'
-    assert errors_of(tmp_path, f'[units.{quoted}]\negress = "tcp"\n') == []
+    assert errors_of(trusted_tmp_path, f'[units.{quoted}]\negress = "tcp"\n') == []
 
 
-def test_expression_errors_name_direction_and_column(tmp_path):
-    assert errors_of(tmp_path, """
+def test_expression_errors_name_direction_and_column(trusted_tmp_path):
+    assert errors_of(trusted_tmp_path, """
         [units."nginx.service"]
         ingress = "tcp && dst_port && udp"
         egress = "dst_port == 70000"
@@ -237,23 +237,23 @@ def test_expression_errors_name_direction_and_column(tmp_path):
     ]
 
 
-def test_expression_error_in_a_multiline_string_points_at_its_line(tmp_path):
-    assert one_error(tmp_path, '''
+def test_expression_error_in_a_multiline_string_points_at_its_line(trusted_tmp_path):
+    assert one_error(trusted_tmp_path, '''
         [units."a.service"]
         ingress = """
           tcp
           || udp && dst_port == 70000
         """
     ''') == 'p.toml:4: units."a.service".ingress: column 25: 70000 is out of range for dst_port (0..65535)'
-    assert one_error(tmp_path, """
+    assert one_error(trusted_tmp_path, """
         [units."a.service"]
         egress = '''tcp &&
         udp && foo'''
     """) == "p.toml:3: units.\"a.service\".egress: column 8: unknown name 'foo'"
 
 
-def test_set_used_with_two_kinds_across_directions(tmp_path):
-    assert one_error(tmp_path, """
+def test_set_used_with_two_kinds_across_directions(trusted_tmp_path):
+    assert one_error(trusted_tmp_path, """
         [units."a.service"]
         ingress = "dst_port in @s"
         egress = "daddr in @s"
@@ -262,8 +262,8 @@ def test_set_used_with_two_kinds_across_directions(tmp_path):
              'address set on egress; one set cannot be both')
 
 
-def test_params_must_have_values_and_be_used(tmp_path):
-    assert errors_of(tmp_path, """
+def test_params_must_have_values_and_be_used(trusted_tmp_path):
+    assert errors_of(trusted_tmp_path, """
         [units."a.service"]
         ingress = "tcp && dst_port == $admin_port"
         egress = "udp && dst_port in {$dns, 5353}"
@@ -273,7 +273,7 @@ def test_params_must_have_values_and_be_used(tmp_path):
         "use it (they use: $admin_port, $dns); did you mean 'admin_port'?",
         'p.toml:4: units."a.service".params: $admin_port (used by ingress) has no value; add admin_port = NUMBER',
     ]
-    assert one_error(tmp_path, '[units."a.service"]\ningress = "dst_port == $p"\n') == \
+    assert one_error(trusted_tmp_path, '[units."a.service"]\ningress = "dst_port == $p"\n') == \
         'p.toml:1: units."a.service".params: $p (used by ingress) has no value; add params = { p = NUMBER }'
 
 
@@ -282,18 +282,18 @@ def test_params_must_have_values_and_be_used(tmp_path):
     ('"80"', "expected an integer (the value of $p), got a string"),
     ("true", "expected an integer (the value of $p), got a boolean"),
 ])
-def test_param_values(tmp_path, value, expected):
-    assert one_error(tmp_path, f'[units."a.service"]\ningress = "dst_port == $p"\nparams = {{ p = {value} }}\n') \
+def test_param_values(trusted_tmp_path, value, expected):
+    assert one_error(trusted_tmp_path, f'[units."a.service"]\ningress = "dst_port == $p"\nparams = {{ p = {value} }}\n') \
         == f'p.toml:3: units."a.service".params.p: {expected}'
 
 
-def test_param_values_up_to_u64(tmp_path):
-    file = write(tmp_path, "a.toml", '[units."a.service"]\ningress = "len <= $p"\nparams.p = 0x7fffffffffffffff\n')
+def test_param_values_up_to_u64(trusted_tmp_path):
+    file = write(trusted_tmp_path, "a.toml", '[units."a.service"]\ningress = "len <= $p"\nparams.p = 0x7fffffffffffffff\n')
     assert load_policy(files=[file]).entries[0].params == {"p": 2**63 - 1}
 
 
-def test_sets_must_be_given_and_used(tmp_path):
-    assert errors_of(tmp_path, """
+def test_sets_must_be_given_and_used(trusted_tmp_path):
+    assert errors_of(trusted_tmp_path, """
         [units."a.service"]
         ingress = "saddr in @admins || dst_port in @ports"
         sets = { admin = ["10.0.0.1"] }
@@ -307,8 +307,8 @@ def test_sets_must_be_given_and_used(tmp_path):
     ]
 
 
-def test_set_elements_are_checked_one_by_one_with_their_line(tmp_path):
-    assert errors_of(tmp_path, """
+def test_set_elements_are_checked_one_by_one_with_their_line(trusted_tmp_path):
+    assert errors_of(trusted_tmp_path, """
         [units."a.service"]
         ingress = "saddr in @admins || dst_port in @ports"
 
@@ -328,55 +328,55 @@ def test_set_elements_are_checked_one_by_one_with_their_line(tmp_path):
     ]
 
 
-def test_set_not_an_array(tmp_path):
-    assert one_error(tmp_path, '[units."a.service"]\ningress = "saddr in @s"\nsets.s = "10.0.0.1"\n') == \
+def test_set_not_an_array(trusted_tmp_path):
+    assert one_error(trusted_tmp_path, '[units."a.service"]\ningress = "saddr in @s"\nsets.s = "10.0.0.1"\n') == \
         'p.toml:3: units."a.service".sets.s: expected an array (the elements of @s), got a string'
 
 
-def test_set_capacity_counts_distinct_keys(tmp_path):
+def test_set_capacity_counts_distinct_keys(trusted_tmp_path):
     base = '[units."a.service"]\ningress = "dst_port in @p"\nset_capacity = 10\n'
     # 1..5 and 4..8 overlap: 8 keys, plus 8 again: still 8 → fits.
-    assert errors_of(tmp_path, base + 'sets.p = ["1..5", "4..8", 8]\n') == []
-    assert one_error(tmp_path, base + 'sets.p = ["1..5", "4..8", 9, 10, 11]\n') == \
+    assert errors_of(trusted_tmp_path, base + 'sets.p = ["1..5", "4..8", 8]\n') == []
+    assert one_error(trusted_tmp_path, base + 'sets.p = ["1..5", "4..8", 9, 10, 11]\n') == \
         'p.toml:4: units."a.service".sets.p: @p holds 11 elements; set_capacity is 10'
     huge = '[units."a.service"]\ningress = "dst_port in @p"\nsets.p = ["0..4294967295"]\n'
-    assert "holds 4294967296 elements" in one_error(tmp_path, huge)
+    assert "holds 4294967296 elements" in one_error(trusted_tmp_path, huge)
 
 
-def test_every_error_of_every_file_is_reported_in_line_order(tmp_path):
-    a = write(tmp_path, "a.toml", """
+def test_every_error_of_every_file_is_reported_in_line_order(trusted_tmp_path):
+    a = write(trusted_tmp_path, "a.toml", """
         [units."a.service"]
         cgroup = "x.slice"
         ingress = "tcp &&"
         mode = "x"
     """)
-    b = write(tmp_path, "b.toml", "[units\n")
+    b = write(trusted_tmp_path, "b.toml", "[units\n")
     policy, errors = check_policy(files=[a, b])
     assert policy is None
     assert [e.split(": ")[0] for e in errors] == [f"{a}:2", f"{a}:3", f"{a}:4", f"{b}:1"]
 
 
-def test_same_unit_twice_names_both_places(tmp_path):
-    a = write(tmp_path, "a.toml", '# web\n[units."nginx.service"]\ningress = "tcp"\n')
-    b = write(tmp_path, "b.toml", '[units."x.service"]\ningress = "tcp"\n[units."nginx.service"]\negress = "udp"\n')
+def test_same_unit_twice_names_both_places(trusted_tmp_path):
+    a = write(trusted_tmp_path, "a.toml", '# web\n[units."nginx.service"]\ningress = "tcp"\n')
+    b = write(trusted_tmp_path, "b.toml", '[units."x.service"]\ningress = "tcp"\n[units."nginx.service"]\negress = "udp"\n')
     assert check_policy(files=[a, b])[1] == [
         f'{b}:3: units."nginx.service": nginx.service is already defined at {a}:2']
     # Also when the second definition has errors of its own.
-    c = write(tmp_path, "c.toml", '[units."nginx.service"]\nmode = 1\n')
+    c = write(trusted_tmp_path, "c.toml", '[units."nginx.service"]\nmode = 1\n')
     errors = check_policy(files=[a, c])[1]
     assert f'{c}:1: units."nginx.service": nginx.service is already defined at {a}:2' in errors
 
 
-def test_not_utf8_and_unreadable(tmp_path):
-    bad = tmp_path / "bad.toml"
+def test_not_utf8_and_unreadable(trusted_tmp_path):
+    bad = trusted_tmp_path / "bad.toml"
     bad.write_bytes(b'[units."a.service"]\ningress = "\xff"\n')
-    missing = str(tmp_path / "missing.toml")
+    missing = str(trusted_tmp_path / "missing.toml")
     assert check_policy(files=[str(bad), missing])[1] == [
         f"{bad}:2: not UTF-8 text (byte 0xff)", f"{missing}: cannot read: No such file or directory"]
 
 
-def test_load_policy_raises_the_first_error_with_all_of_them(tmp_path):
-    file = write(tmp_path, "a.toml", '[units."a.service"]\ningress = 1\negress = 2\n')
+def test_load_policy_raises_the_first_error_with_all_of_them(trusted_tmp_path):
+    file = write(trusted_tmp_path, "a.toml", '[units."a.service"]\ningress = 1\negress = 2\n')
     with pytest.raises(PolicyError) as info:
         load_policy(files=[file])
     assert isinstance(info.value, UserError)
@@ -387,27 +387,131 @@ def test_load_policy_raises_the_first_error_with_all_of_them(tmp_path):
 
 # -- the directory ------------------------------------------------------------
 
-def test_directory_reads_toml_files_in_name_order(tmp_path):
-    write(tmp_path, "20-b.toml", '[units."b.service"]\ningress = "tcp"\n')
-    write(tmp_path, "10-a.toml", '[units."a.service"]\ningress = "tcp"\n')
-    write(tmp_path, "30-c.toml.bak", "not toml at all [")
-    write(tmp_path, ".#10-a.toml", "an editor's lock file [")
-    (tmp_path / "sub.toml").mkdir()
-    assert [os.path.basename(f) for f in policy_files(str(tmp_path))] == ["10-a.toml", "20-b.toml"]
-    assert [e.name for e in load_policy(str(tmp_path)).entries] == ["a.service", "b.service"]
+def test_directory_reads_toml_files_in_name_order(trusted_tmp_path):
+    write(trusted_tmp_path, "20-b.toml", '[units."b.service"]\ningress = "tcp"\n')
+    write(trusted_tmp_path, "10-a.toml", '[units."a.service"]\ningress = "tcp"\n')
+    write(trusted_tmp_path, "30-c.toml.bak", "not toml at all [")
+    write(trusted_tmp_path, ".#10-a.toml", "an editor's lock file [")
+    (trusted_tmp_path / "sub.toml").mkdir()
+    assert [os.path.basename(f) for f in policy_files(str(trusted_tmp_path))] == ["10-a.toml", "20-b.toml"]
+    assert [e.name for e in load_policy(str(trusted_tmp_path)).entries] == ["a.service", "b.service"]
 
 
-def test_directory_from_the_environment(tmp_path, monkeypatch):
-    write(tmp_path, "a.toml", '[units."a.service"]\ningress = "tcp"\n')
-    monkeypatch.setenv("BPFWALL_POLICY_DIR", str(tmp_path))
+def test_directory_from_the_environment(trusted_tmp_path, monkeypatch):
+    write(trusted_tmp_path, "a.toml", '[units."a.service"]\ningress = "tcp"\n')
+    monkeypatch.setenv("BPFWALL_POLICY_DIR", str(trusted_tmp_path))
     assert [e.name for e in load_policy().entries] == ["a.service"]
 
 
-def test_missing_directory(tmp_path):
-    missing = str(tmp_path / "nope")
+def test_missing_directory(trusted_tmp_path):
+    missing = str(trusted_tmp_path / "nope")
     assert check_policy(missing) == (None, [f"{missing}: cannot read the policy directory: No such file or directory"])
     with pytest.raises(PolicyError):
         load_policy(missing)
+
+
+# -- only files nobody else can write -----------------------------------------
+# (the same attacks run by an unprivileged user, and through the watcher: tests/kernel/test_policy_trust.py)
+
+GOOD_UNIT = '[units."a.service"]\ningress = "tcp"\n'
+
+
+def test_world_writable_file_is_refused_with_the_fix(trusted_tmp_path):
+    file = write(trusted_tmp_path, "a.toml", GOOD_UNIT)
+    os.chmod(file, 0o666)
+    expected = (f"{file}: refused: the policy file is writable by group and others (mode 0666); "
+                f"fix: chmod go-w {file}")
+    assert check_policy(str(trusted_tmp_path)) == (None, [expected])
+    assert check_policy(files=[file]) == (None, [expected])
+    os.chmod(file, 0o620)
+    assert "writable by group (mode 0620)" in check_policy(files=[file])[1][0]
+    os.chmod(file, 0o644)
+    assert check_policy(files=[file])[1] == []
+
+
+def test_symlinked_file_is_refused_even_to_a_good_file(trusted_tmp_path):
+    good = write(trusted_tmp_path, "real.toml.txt", GOOD_UNIT)
+    os.symlink(good, trusted_tmp_path / "a.toml")
+    link = str(trusted_tmp_path / "a.toml")
+    [error] = check_policy(str(trusted_tmp_path))[1]
+    assert error == (f"{link}: refused: the policy file is a symbolic link (to {good}), which lets whoever "
+                     "owns the target write the policy; fix: replace it with a root-owned copy you have "
+                     f"checked: cp --remove-destination {good} {link}")
+    assert check_policy(files=[link])[1] == [error]
+
+
+def test_policy_under_a_shared_directory_is_refused(tmp_path):
+    # pytest's tmp_path is under /tmp (1777): anyone may create names there, so no policy is read from it.
+    write(tmp_path, "a.toml", GOOD_UNIT)
+    [error] = check_policy(str(tmp_path))[1]
+    assert error == (f"{tmp_path}: refused: /tmp, a directory above it, is writable by group and others "
+                     "(mode 1777, shared like /tmp); fix: keep policy files where only root can write, "
+                     "e.g. in /etc/bpfwall")
+    assert check_policy(files=[str(tmp_path / "a.toml")])[1] == [error.replace(str(tmp_path), f"{tmp_path}/a.toml", 1)]
+    with pytest.raises(PolicyError, match="refused"):
+        load_policy(str(tmp_path))
+
+
+def test_writable_policy_directory_and_directories_above_it(trusted_tmp_path):
+    policy = trusted_tmp_path / "policy"
+    policy.mkdir()
+    write(policy, "a.toml", GOOD_UNIT)
+    os.chmod(policy, 0o775)
+    assert check_policy(str(policy))[1] == [
+        f"{policy}: refused: the policy directory {policy} is writable by group (mode 0775); "
+        f"fix: chmod go-w {policy}"]
+    os.chmod(policy, 0o755)
+    os.chmod(trusted_tmp_path, 0o757)
+    assert check_policy(str(policy))[1] == [
+        f"{policy}: refused: {trusted_tmp_path}, a directory above it, is writable by others (mode 0757); "
+        f"fix: chmod go-w {trusted_tmp_path}, or keep policy files where only root can write, e.g. in /etc/bpfwall"]
+    os.chmod(trusted_tmp_path, 0o700)
+    assert [e.name for e in load_policy(str(policy)).entries] == ["a.service"]
+
+
+def test_symlinked_policy_directory_is_refused_a_link_above_it_is_followed(trusted_tmp_path):
+    real = trusted_tmp_path / "real"
+    (real / "policy").mkdir(parents=True)
+    write(real / "policy", "a.toml", GOOD_UNIT)
+    os.symlink(real / "policy", trusted_tmp_path / "policy")
+    os.symlink(real, trusted_tmp_path / "above")
+    link = trusted_tmp_path / "policy"
+    assert check_policy(str(link))[1] == [
+        f"{link}: refused: the policy directory {link} is a symbolic link (to {real}/policy); "
+        f"fix: name the directory itself (--policy-dir {real}/policy or BPFWALL_POLICY_DIR={real}/policy)"]
+    # A link above the policy directory (like /var/run -> /run) leads to directories that are checked.
+    via = trusted_tmp_path / "above" / "policy"
+    assert [e.file for e in load_policy(str(via)).entries] == [f"{via}/a.toml"]
+    assert load_policy(files=[f"{link}/a.toml"]).entries[0].file == f"{link}/a.toml"  # a file's directory may be a link
+
+
+def test_relative_policy_directory(trusted_tmp_path, monkeypatch):
+    write(trusted_tmp_path, "a.toml", GOOD_UNIT)
+    monkeypatch.chdir(trusted_tmp_path)
+    assert [e.file for e in load_policy(".").entries] == ["./a.toml"]
+    assert [e.file for e in load_policy(files=["a.toml"]).entries] == ["a.toml"]
+
+
+def test_a_fifo_named_toml_is_refused_without_blocking(trusted_tmp_path):
+    os.mkfifo(trusted_tmp_path / "a.toml")
+    assert check_policy(str(trusted_tmp_path))[1] == [f"{trusted_tmp_path}/a.toml: refused: not a regular file"]
+
+
+def test_a_file_name_with_a_newline_stays_on_one_line(trusted_tmp_path):
+    file = write(trusted_tmp_path, "a\nb.toml", GOOD_UNIT)
+    os.chmod(file, 0o666)
+    [error] = check_policy(str(trusted_tmp_path))[1]
+    assert "\n" not in error and error.startswith(f"{trusted_tmp_path}/a\\nb.toml: refused: ")
+
+
+def test_toml_nested_10000_deep_is_one_error(trusted_tmp_path):
+    for text in ("a = " + "[" * 10000 + "]" * 10000,
+                 "a = " + "{b = " * 10000 + "1" + "}" * 10000,
+                 # deep enough for the key scanner that runs after tomllib accepted the document
+                 '[units."a.service"]\ningress = "tcp"\nsets = { x = ' + "[" * 400 + "]" * 400 + " }\n"):
+        file = write(trusted_tmp_path, "deep.toml", text)
+        assert check_policy(files=[file]) == (None, [
+            f"{file}: arrays or inline tables nested too deeply to read (a policy needs two levels at most)"])
 
 
 # -- fingerprints -------------------------------------------------------------
@@ -420,17 +524,17 @@ sets = { s = ["10.0.0.0/8", "fd00::/8"] }
 """
 
 
-def fingerprint(tmp_path, text: str) -> str:
-    return load_policy(files=[write(tmp_path, "f.toml", text)]).entries[0].fingerprint()
+def fingerprint(trusted_tmp_path, text: str) -> str:
+    return load_policy(files=[write(trusted_tmp_path, "f.toml", text)]).entries[0].fingerprint()
 
 
-def test_fingerprint_ignores_spelling(tmp_path):
-    base = fingerprint(tmp_path, FINGERPRINTED)
-    assert base == fingerprint(tmp_path, FINGERPRINTED.replace("tcp && dst_port", "tcp and  dst_port"))
-    assert base == fingerprint(tmp_path, FINGERPRINTED.replace('"10.0.0.0/8", "fd00::/8"', '"fd00::/8", "10.0.0.0/8"'))
-    assert base == fingerprint(tmp_path, FINGERPRINTED + 'cgroup = "system.slice/*"\n')
-    assert base == fingerprint(tmp_path, "\n\n# moved down\n" + FINGERPRINTED)
-    assert len(base) == 64 and base == fingerprint(tmp_path, FINGERPRINTED)
+def test_fingerprint_ignores_spelling(trusted_tmp_path):
+    base = fingerprint(trusted_tmp_path, FINGERPRINTED)
+    assert base == fingerprint(trusted_tmp_path, FINGERPRINTED.replace("tcp && dst_port", "tcp and  dst_port"))
+    assert base == fingerprint(trusted_tmp_path, FINGERPRINTED.replace('"10.0.0.0/8", "fd00::/8"', '"fd00::/8", "10.0.0.0/8"'))
+    assert base == fingerprint(trusted_tmp_path, FINGERPRINTED + 'cgroup = "system.slice/*"\n')
+    assert base == fingerprint(trusted_tmp_path, "\n\n# moved down\n" + FINGERPRINTED)
+    assert len(base) == 64 and base == fingerprint(trusted_tmp_path, FINGERPRINTED)
 
 
 @pytest.mark.parametrize("change", [
@@ -442,8 +546,8 @@ def test_fingerprint_ignores_spelling(tmp_path):
     lambda t: t + 'backend = "nft"\n',
     lambda t: t + "set_capacity = 10\n",
 ])
-def test_fingerprint_changes_with_the_filter(tmp_path, change):
-    assert fingerprint(tmp_path, FINGERPRINTED) != fingerprint(tmp_path, change(FINGERPRINTED))
+def test_fingerprint_changes_with_the_filter(trusted_tmp_path, change):
+    assert fingerprint(trusted_tmp_path, FINGERPRINTED) != fingerprint(trusted_tmp_path, change(FINGERPRINTED))
 
 
 # -- the locator --------------------------------------------------------------
@@ -556,8 +660,8 @@ def test_locator_on_generated_documents(doc):
         assert lines.get(path) == line, (path, text)
 
 
-def test_entries_are_hashable_and_compare_by_value(tmp_path):
-    file = write(tmp_path, "a.toml", FINGERPRINTED)
+def test_entries_are_hashable_and_compare_by_value(trusted_tmp_path):
+    file = write(trusted_tmp_path, "a.toml", FINGERPRINTED)
     first, second = load_policy(files=[file]).entries[0], load_policy(files=[file]).entries[0]
     assert first == second and hash(first) == hash(second) and len({first, second}) == 1
 
@@ -574,5 +678,5 @@ def test_entries_are_hashable_and_compare_by_value(tmp_path):
     ('[units."a.service"]\ningress = "tcp"\n[units]\n"a.service".egress = "udp"\n',
      'p.toml:4: units."a.service": defined twice (first at line 1)'),
 ])
-def test_same_unit_twice_in_one_file(tmp_path, text, expected):
-    assert one_error(tmp_path, text) == expected
+def test_same_unit_twice_in_one_file(trusted_tmp_path, text, expected):
+    assert one_error(trusted_tmp_path, text) == expected

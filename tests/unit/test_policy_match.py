@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import re
+import signal
+import time
+from contextlib import contextmanager
 
 import pytest
 from hypothesis import assume, given, settings
@@ -163,3 +166,57 @@ def test_precedence(path, exact_names, globs):
         assert got is (matching[0] if matching else None)
     # A sub-cgroup below the unit never matches anything.
     assert policy.match(path + "/sub") is None
+
+
+def _old_matcher(glob: str, path: str) -> bool:
+    """The matcher bpfwall had before the NFA: plain recursion, trying every split of the path among
+    the `**`s (exponential in their number, but obviously what the rules say)."""
+    from fnmatch import fnmatchcase
+
+    def match(globs, parts):
+        if not globs:
+            return not parts
+        if globs[0] == "**":
+            return any(match(globs[1:], parts[k:]) for k in range(len(parts) + 1))
+        return bool(parts) and fnmatchcase(parts[0], globs[0]) and match(globs[1:], parts[1:])
+
+    parts = [p for p in path.split("/") if p]
+    if glob.startswith("/"):
+        return match(glob[1:].split("/"), parts)
+    return any(match(glob.split("/"), parts[k:]) for k in range(len(parts)))
+
+
+@settings(max_examples=1000)
+@given(st.lists(st.one_of(_GLOB_PART, st.sampled_from(["[ab]*", "*@*", "**", "**"])), min_size=1, max_size=6),
+       st.booleans(), st.one_of(_PATHS, st.lists(_PART, max_size=6).map("/".join)))
+def test_cgroup_glob_agrees_with_the_old_matcher(parts, anchored, path):
+    glob = ("/" if anchored else "") + "/".join(parts)
+    assert cgroup_glob_matches(glob, path) is _old_matcher(glob, path)
+
+
+@contextmanager
+def wall_limit(seconds: float):
+    """Fail (instead of hanging) when the block runs longer than `seconds`."""
+    def expired(signum, frame):
+        raise AssertionError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("last", ["nomatch/*", "a/x.service"])
+def test_cgroup_glob_is_linear_in_depth(last):
+    # 200 `**`s against a path 400 components deep: the old matcher took 36 s at depth 40 and
+    # doubled with every level; the NFA does 400 * 402 component matches at most (~50 ms).
+    glob = "/".join(["**", "*"] * 200) + "/" + last
+    path = "/".join(["a"] * 400) + "/x.service"
+    started = time.monotonic()
+    with wall_limit(5.0):  # a generous bound so a busy machine cannot fail it; it only stops a hang
+        assert cgroup_glob_matches(glob, path) is (last != "nomatch/*")
+        assert cgroup_glob_matches("/" + glob, path) is (last != "nomatch/*")
+    assert time.monotonic() - started < 1.0
