@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--egress", metavar="EXPR")
     _values(p)
     p.add_argument("--mode", choices=("enforce", "audit"))
-    p.add_argument("--set-capacity", type=int, metavar="N", help="elements each @set can hold (default 4096)")
+    capacity_options(p)
 
     for name, help in (("attach", "attach a unit's programs to a cgroup (ALLOW_MULTI)"),
                        ("detach", "detach a unit's programs from a cgroup")):
@@ -106,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def capacity_options(p: argparse.ArgumentParser) -> None:
+    from .capacity import UNFORCED_LIMIT, show_bytes
+
+    p.add_argument("--set-capacity", type=int, metavar="N", help="elements each @set can hold (default 4096)")
+    p.add_argument("--force-capacity", action="store_true",
+                   help=f"allow a --set-capacity whose sets take more than {show_bytes(UNFORCED_LIMIT)} "
+                        "of kernel memory")
+
+
 def _values(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--set", action="append", default=[], metavar="NAME=E1,E2")
@@ -136,12 +145,15 @@ def _program(args, ingress: str | None, egress: str | None):
     from .build import DEFAULT_SET_CAPACITY, UnitProgram
     from .lang.checker import analyze_pair
 
+    from .capacity import check
+
     capacity = getattr(args, "set_capacity", None)
     capacity = DEFAULT_SET_CAPACITY if capacity is None else capacity
-    if capacity < 1 or capacity > 1 << 24:
-        raise UsageError(f"--set-capacity {capacity}: must be between 1 and {1 << 24}")
     ingress_checked, egress_checked = analyze_pair(ingress, egress)
-    return UnitProgram(ingress_checked, egress_checked, capacity)
+    program = UnitProgram(ingress_checked, egress_checked, capacity)
+    check(program.sets, capacity, getattr(args, "force_capacity", False), f"--set-capacity {capacity}",
+          "--force-capacity")
+    return program
 
 
 def _param_values(args) -> dict[str, int]:
@@ -402,47 +414,10 @@ def _parse_change(text: str):
 
 def cmd_set(args) -> None:
     from .backends import bpf
-    from .lang.values import parse_set_elements
 
     changes = [_parse_change(c) for c in args.changes]
     nft = _nft(args)
-    if nft:
-        done = nft.set_values(args, changes)
-        _emit(args, {"unit": args.unit, "done": done}, "\n".join(done))
-        return
-    done = []
-    with bpf.PinnedUnit.open(_pin_root(args), args.unit) as u:
-        # Validate every change against the unit before applying any.
-        planned = []
-        for c in changes:
-            if c[0] == "set":
-                _, name, op, raw = c
-                planned.append(("set", name, op, parse_set_elements(name, u.set_kind(name), raw)))
-            elif c[0] == "param":
-                if c[1] not in u.meta["params"]:
-                    have = ", ".join("$" + p for p in u.meta["params"]) or "none"
-                    raise bpf.BackendError(f"unit {args.unit} has no parameter ${c[1]} (its params: {have})")
-                planned.append(c)
-            else:
-                planned.append(c)
-        for c in planned:
-            if c[0] == "param":
-                u.write_params({**u.params(), c[1]: c[2]})
-                done.append(f"${c[1]} = {c[2]}")
-            elif c[0] == "mode":
-                u.write_mode(c[1])
-                done.append(f"mode = {c[1]}")
-            else:
-                _, name, op, elements = c
-                if op == "+":
-                    n = u.add_to_set(name, elements)
-                    done.append(f"@{name}: added {n}")
-                elif op == "-":
-                    n = u.remove_from_set(name, elements)
-                    done.append(f"@{name}: removed {n}")
-                else:
-                    u.replace_set(name, elements)
-                    done.append(f"@{name}: replaced, {u.set_size(name)} element(s)")
+    done = nft.set_values(args, changes) if nft else bpf.set_values(_pin_root(args), args.unit, changes)
     _emit(args, {"unit": args.unit, "done": done}, "\n".join(done))
 
 
@@ -494,6 +469,11 @@ def main(argv=None) -> int:
         print(f"bpfwall: error: {lines[0]}", file=sys.stderr)
         for line in lines[1:]:
             print(line, file=sys.stderr)
+        return EXIT_ERROR
+    except MemoryError:
+        # Inputs are counted before anything is enumerated; this is the last line of defence.
+        print("bpfwall: error: out of memory: the request needs more memory than bpfwall may use here",
+              file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:
         return 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import ipaddress
 import json
 import os
 import struct
@@ -38,6 +39,8 @@ from ..build import UnitProgram, build
 from ..crashpoint import reached
 from ..kernel import cgroup, links, loader, maps, pins, progs
 from ..kernel.errors import KernelError
+from ..lang.setcontents import Contents, count
+from ..lang.values import PARAM_MAX, parse_set_elements
 from ..lower.c import set_map
 
 DIRECTIONS = ("ingress", "egress")
@@ -64,20 +67,22 @@ def address_key(net) -> bytes:
     return struct.pack("=IB16s", 8 + net.prefixlen, net.version, net.network_address.packed)
 
 
-def expand_numbers(elements) -> list[int]:
-    out: list[int] = []
-    for e in elements:
-        if isinstance(e, tuple):
-            out.extend(range(e[0], e[1] + 1))
-        else:
-            out.append(e)
-    return out
+def key_of(kind: str, value) -> bytes:
+    return number_key(value) if kind == "number" else address_key(value)
+
+
+def value_of(kind: str, key: bytes):
+    """A set map's key back as the number or network it holds."""
+    if kind == "number":
+        return struct.unpack("=I", key)[0]
+    plen, family, addr = struct.unpack("=IB16s", key)
+    return ipaddress.ip_network((addr[:4] if family == 4 else addr, plen - 8))
 
 
 def set_keys(kind: str, elements) -> list[bytes]:
-    if kind == "number":
-        return [number_key(v) for v in dict.fromkeys(expand_numbers(elements))]
-    return [address_key(n) for n in dict.fromkeys(elements)]
+    """The map keys of `elements`, one per number or network. This enumerates every number of
+    every range: count first (setcontents.count) and call it only for contents that fit."""
+    return [key_of(kind, v) for v in Contents(kind, elements).values()]
 
 
 # -- paths --------------------------------------------------------------------
@@ -314,60 +319,166 @@ class PinnedUnit:
             raise BackendError(f"unit {self.unit} has no set @{name} (its sets: {have})")
         return kinds[name]
 
-    def set_size(self, name: str) -> int:
+    def _set_keys(self, name: str) -> list[bytes]:
         fd = self.maps[set_map(name)]
-        return sum(1 for _ in maps.map_keys(fd, maps.map_info(fd).key_size))
+        return list(maps.map_keys(fd, maps.map_info(fd).key_size))
+
+    def set_contents(self, name: str) -> Contents:
+        kind = self.set_kind(name)
+        return Contents(kind, (value_of(kind, k) for k in self._set_keys(name)))
 
     def set_elements(self, name: str) -> list[str]:
-        import ipaddress
-
-        fd = self.maps[set_map(name)]
-        key_size = maps.map_info(fd).key_size
-        if self.set_kind(name) == "number":
-            return [str(v) for v in sorted(struct.unpack("=I", k)[0] for k in maps.map_keys(fd, key_size))]
-        nets = []
-        for k in maps.map_keys(fd, key_size):
-            plen, family, addr = struct.unpack("=IB16s", k)
-            if family == 4:
-                nets.append(ipaddress.ip_network((addr[:4], plen - 8)))
-            else:
-                nets.append(ipaddress.ip_network((addr, plen - 8)))
-        return [str(n) for n in sorted(nets, key=lambda n: (n.version, n))]
-
-    def add_to_set(self, name: str, elements) -> int:
         kind = self.set_kind(name)
-        keys = set_keys(kind, elements)
-        fd = self.maps[set_map(name)]
-        info = maps.map_info(fd)
-        total = len(set(maps.map_keys(fd, info.key_size)) | set(keys))
-        if total > info.max_entries:
-            raise BackendError(f"set @{name} would hold {total} elements; its map holds {info.max_entries} "
-                               "(reload with a larger --set-capacity)")
-        for k in keys:
-            maps.map_update(fd, k, b"\1")
-        return len(keys)
-
-    def remove_from_set(self, name: str, elements) -> int:
-        kind = self.set_kind(name)
-        fd = self.maps[set_map(name)]
-        return sum(maps.map_delete(fd, k) for k in set_keys(kind, elements))
+        values = sorted((value_of(kind, k) for k in self._set_keys(name)),
+                        key=(lambda v: v) if kind == "number" else (lambda n: (n.version, n)))
+        return [str(v) for v in values]
 
     def replace_set(self, name: str, elements) -> None:
+        self.write_set(name, Contents(self.set_kind(name), elements))
+
+    def write_set(self, name: str, new: Contents) -> None:
+        """Make @name hold exactly `new`, refused before the first write if it does not fit;
+        if a write fails, the previous contents are put back before the error is raised."""
         kind = self.set_kind(name)
         fd = self.maps[set_map(name)]
-        keys = set_keys(kind, elements)
-        capacity = maps.map_info(fd).max_entries
-        if len(keys) > capacity:
-            raise BackendError(f"set @{name} would hold {len(keys)} elements; its map holds {capacity} "
-                               "(reload with a larger --set-capacity)")
-        wanted = set(keys)
-        # Add first, then remove what is no longer wanted: elements kept across
-        # the change are never missing for a moment.
-        for k in keys:
+        info = maps.map_info(fd)
+        _check_fits(name, len(new), info.max_entries)
+        old = list(maps.map_keys(fd, info.key_size))
+        unwanted = [k for k in old if value_of(kind, k) not in new]
+        have = set(old)
+        wanted = (k for k in (key_of(kind, v) for v in new.values()) if k not in have)
+        added: list[bytes] = []
+        removed: list[bytes] = []
+        try:
+            if len(new) + len(unwanted) <= info.max_entries:  # old ∪ new fits
+                # Room for the old and the new contents at once: add, then remove, so that
+                # no element either of them allows is missing for a moment.
+                _add_keys(fd, wanted, added)
+                _delete_keys(fd, unwanted, removed)
+            else:
+                # No room for both: the elements that go are removed first, then the new ones
+                # added. Elements kept across the change are never touched, so nothing the old
+                # and the new contents both allow is missing for a moment.
+                _delete_keys(fd, unwanted, removed)
+                _add_keys(fd, wanted, added)
+        except BaseException:
+            _restore_keys(fd, added, removed)
+            raise
+
+    # all-or-nothing live changes (`bpfwall set`)
+    def change(self, changes: list) -> list[str]:
+        """Apply ("param", name, value), ("mode", m), ("set", name, "+"|"-"|"=", "E1,E2,…")
+        all or nothing: every change is checked (params exist and are in range, sets exist,
+        elements parse, each set fits its capacity after all its changes) before the first
+        write; if a kernel write fails, what was written is put back. Messages of what was done."""
+        old = _Values(self.params(), self.mode(), {})
+        new, done = self._planned(changes, old)
+        for name, contents in new.sets.items():
+            _check_fits(name, len(contents), maps.map_info(self.maps[set_map(name)]).max_entries,
+                        "; nothing was changed")
+        self._write(old, new)
+        return done
+
+    def _planned(self, changes: list, old: "_Values") -> tuple["_Values", list[str]]:
+        """The values after `changes` (sets as counted contents; `old.sets` gets the previous
+        contents of each set changed); refuses the first change that is wrong."""
+        new, done = _Values(dict(old.params), old.mode, {}), []
+        for change in changes:
+            if change[0] == "param":
+                _, name, value = change
+                if name not in self.meta["params"]:
+                    have = ", ".join("$" + p for p in self.meta["params"]) or "none"
+                    raise BackendError(f"unit {self.unit} has no parameter ${name} (its params: {have})")
+                if not 0 <= value <= PARAM_MAX:
+                    raise BackendError(f"param ${name}: {value} is out of range (0..{PARAM_MAX})")
+                new.params[name] = value
+                done.append(f"${name} = {value}")
+            elif change[0] == "mode":
+                if change[1] not in MODES:
+                    raise BackendError(f"mode={change[1]}: mode is enforce or audit")
+                new.mode = change[1]
+                done.append(f"mode = {new.mode}")
+            elif change[0] == "set":
+                _, name, op, raw = change
+                kind = self.set_kind(name)
+                elements = parse_set_elements(name, kind, raw) if isinstance(raw, str) else list(raw)
+                if name not in old.sets:
+                    old.sets[name] = self.set_contents(name)
+                    new.sets[name] = old.sets[name].copy()
+                if op == "+":
+                    new.sets[name].add(elements)
+                    done.append(f"@{name}: added {count(kind, elements)}")
+                elif op == "-":
+                    done.append(f"@{name}: removed {new.sets[name].remove(elements)}")
+                elif op == "=":
+                    new.sets[name] = Contents(kind, elements)
+                    done.append(f"@{name}: replaced, {len(new.sets[name])} element(s)")
+                else:
+                    raise BackendError(f"@{name}{op}: write @set+ELEMENTS, @set-ELEMENTS or @set=ELEMENTS")
+            else:
+                raise BackendError(f"unknown change {change!r}")
+        return new, done
+
+    def _write(self, old: "_Values", new: "_Values") -> None:
+        """Write `new` where it differs from `old`; on failure put `old` back where written."""
+        undo = []
+        try:
+            if new.params != old.params:
+                self.write_params(new.params)
+                undo.append(lambda: self.write_params(old.params))
+            if new.mode != old.mode:
+                self.write_mode(new.mode)
+                undo.append(lambda: self.write_mode(old.mode))
+            for name, contents in new.sets.items():
+                self.write_set(name, contents)  # puts its own contents back if it fails
+                undo.append(lambda name=name: self.write_set(name, old.sets[name]))
+        except BaseException:
+            for step in reversed(undo):
+                try:
+                    step()
+                except (KernelError, BackendError):
+                    pass  # put back what can be; the first error is the one to report
+            raise
+
+
+@dataclass
+class _Values:
+    """What `bpfwall set` changes: params, mode and (changed) sets' contents."""
+    params: dict[str, int]
+    mode: str
+    sets: dict[str, Contents]
+
+
+def _check_fits(name: str, n: int, capacity: int, note: str = "") -> None:
+    if n > capacity:
+        raise BackendError(f"set @{name} would hold {n} elements; its map holds {capacity} "
+                           f"(reload with a larger --set-capacity){note}")
+
+
+def _add_keys(fd: int, keys, added: list) -> None:
+    for k in keys:
+        maps.map_update(fd, k, b"\1")
+        added.append(k)
+
+
+def _delete_keys(fd: int, keys, removed: list) -> None:
+    for k in keys:
+        if maps.map_delete(fd, k):
+            removed.append(k)
+
+
+def _restore_keys(fd: int, added: list, removed: list) -> None:
+    """Undo a partial write_set: drop what was added (making room), put back what was removed."""
+    for k in added:
+        try:
+            maps.map_delete(fd, k)
+        except KernelError:
+            pass
+    for k in removed:
+        try:
             maps.map_update(fd, k, b"\1")
-        for k in list(maps.map_keys(fd, maps.map_info(fd).key_size)):
-            if k not in wanted:
-                maps.map_delete(fd, k)
+        except KernelError:
+            pass
 
 
 # -- load / unload ------------------------------------------------------------
@@ -383,7 +494,8 @@ class LoadResult:
 
 
 def check_values(program: UnitProgram, params: dict[str, int], sets: dict[str, list]) -> None:
-    """Refuse values for params/sets the expressions do not use, before touching the kernel."""
+    """Refuse values for params/sets the expressions do not use, and sets over the capacity
+    (counted, not enumerated), before touching the kernel."""
     for name in params:
         if name not in program.params:
             have = ", ".join("$" + p for p in program.params) or "none"
@@ -392,10 +504,17 @@ def check_values(program: UnitProgram, params: dict[str, int], sets: dict[str, l
         if name not in program.sets:
             have = ", ".join("@" + s for s in sorted(program.sets)) or "none"
             raise BackendError(f"--set {name}: the filter has no set @{name} (its sets: {have})")
-        count = len(set_keys(program.sets[name], elements))
-        if count > program.set_capacity:
-            raise BackendError(f"--set {name}: {count} elements do not fit the set's capacity "
+        n = count(program.sets[name], elements)
+        if n > program.set_capacity:
+            raise BackendError(f"--set {name}: {n} elements do not fit the set's capacity "
                                f"{program.set_capacity} (use --set-capacity)")
+
+
+def set_values(pin_root: str, unit: str, changes: list) -> list[str]:
+    """`bpfwall set`: PinnedUnit.change on the unit's pins, under the pin root's lock (a set
+    never interleaves with a load that is swapping the unit's maps)."""
+    with _locked(pin_root) as root, PinnedUnit.open(pin_root, unit, root) as u:
+        return u.change(changes)
 
 
 def load(pin_root: str, unit: str, program: UnitProgram, params: dict[str, int] | None = None,

@@ -24,6 +24,7 @@ from ..kernel import cgroup as cg
 from ..kernel.errors import KernelError
 from ..lang.checker import analyze_pair
 from ..lang.errors import LangError
+from ..lang.setcontents import contains, elements_intervals, subtract
 from ..lang.values import parse_set_elements
 from ..lower import nft as lower
 from ..nft import layout
@@ -55,7 +56,7 @@ class LoadResult:
 # -- set contents as stored: strings -----------------------------------------------------
 
 def _store_numbers(elements) -> list[str]:
-    return [str(lo) if lo == hi else f"{lo}..{hi}" for lo, hi in lower.elements_intervals(elements)]
+    return [str(lo) if lo == hi else f"{lo}..{hi}" for lo, hi in elements_intervals(elements)]
 
 
 def _store(kind: str, elements) -> list[str]:
@@ -74,22 +75,9 @@ def _subtract(kind: str, stored: list[str], name: str, removed) -> tuple[list[st
         gone = {str(n) for n in removed}
         kept = [s for s in stored if s not in gone]
         return kept, len(stored) - len(kept)
-    have = lower.elements_intervals(_parse(name, kind, stored))
-    cut = lower.elements_intervals(removed)
-    out = []
-    for lo, hi in have:
-        for clo, chi in cut:
-            if chi < lo or clo > hi:
-                continue
-            if clo > lo:
-                out.append((lo, clo - 1))
-            lo = chi + 1
-            if lo > hi:
-                break
-        if lo <= hi:
-            out.append((lo, hi))
-    hits = sum(1 for e in removed if lower.contains(have, e if isinstance(e, int) else e[0]))
-    return _store_numbers(out), hits
+    have = elements_intervals(_parse(name, kind, stored))
+    hits = sum(1 for e in removed if contains(have, e if isinstance(e, int) else e[0]))
+    return _store_numbers(subtract(have, elements_intervals(removed))), hits
 
 
 # -- cgroups -----------------------------------------------------------------------------

@@ -18,6 +18,8 @@ class ApplyError(UserError):
 
 
 def register(add) -> None:
+    from ..cli import capacity_options
+
     p = add("apply", "load and pin UNIT's filters from the policy (the ExecStart of bpfwall@UNIT.service)", True)
     p.add_argument("unit")
     _policy_dir_option(p)
@@ -42,7 +44,7 @@ def register(add) -> None:
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--set", action="append", default=[], metavar="NAME=E1,E2")
     p.add_argument("--mode", choices=("enforce", "audit"))
-    p.add_argument("--set-capacity", type=int, metavar="N", help="elements each @set can hold (default 4096)")
+    capacity_options(p)
     p.add_argument("--name", metavar="NAME", help="the scope (and pin) name; default run-bpfwall-<random>.scope")
     p.add_argument("command", nargs="+", metavar="CMD")
     p.set_defaults(handler=cmd_run)

@@ -23,21 +23,12 @@ from ..lang import ast
 from ..lang.evaluator import evaluate
 from ..lang.fields import FIELDS, resolve
 from ..lang.packet import PacketFields
+from ..lang.setcontents import contains, elements_intervals, merge
 from ..nft import expr as X
 from ..nft.chains import Chains, compile_chains
 from ..nft.formula import FALSE, TRUE, Atom, Formula, and_, atom, not_, or_
 
 # -- value sets: sorted disjoint inclusive intervals ---------------------------------
-
-def merge(intervals) -> list[tuple[int, int]]:
-    out: list[list[int]] = []
-    for lo, hi in sorted(intervals):
-        if out and lo <= out[-1][1] + 1:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return [(lo, hi) for lo, hi in out]
-
 
 def clip(intervals, top: int) -> list[tuple[int, int]]:
     return merge((lo, min(hi, top)) for lo, hi in intervals if lo <= top and lo <= hi)
@@ -54,10 +45,6 @@ def complement(intervals, top: int) -> list[tuple[int, int]]:
     return out
 
 
-def contains(intervals, value: int) -> bool:
-    return any(lo <= value <= hi for lo, hi in intervals)
-
-
 def compare_values(op: str, c: int, top: int) -> list[tuple[int, int]]:
     """{v in 0..top : v op c}."""
     ranges = {
@@ -65,11 +52,6 @@ def compare_values(op: str, c: int, top: int) -> list[tuple[int, int]]:
         ">": [(c + 1, top)], ">=": [(c, top)],
     }[op]
     return clip([(lo, hi) for lo, hi in ranges if lo <= hi], top)
-
-
-def elements_intervals(elements) -> list[tuple[int, int]]:
-    """Number-set elements as values.parse_set_elements gives them: ints and (lo, hi)."""
-    return merge((e, e) if isinstance(e, int) else (e[0], e[1]) for e in elements)
 
 
 _FLIP = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}

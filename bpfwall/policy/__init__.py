@@ -6,7 +6,8 @@ name order:
     [defaults]                      # optional; applies to this file's units
     backend = "bpf"                 # "bpf" | "nft"
     mode = "enforce"                # "enforce" | "audit"
-    set_capacity = 4096
+    set_capacity = 4096             # elements each @set can hold (see README: what it costs)
+    force_capacity = false          # true: allow sets estimated at more than 256 MiB per unit
 
     [units."nginx.service"]         # a unit name, or a glob: [units."app-firefox-*.scope"]
     ingress = "tcp && local_port in {80, 443, $admin_port}"

@@ -14,20 +14,22 @@ import tomllib
 
 from .. import unitkey
 from ..build import DEFAULT_SET_CAPACITY
+from ..capacity import CAPACITY_MAX as SET_CAPACITY_MAX, CapacityError, check as check_capacity
 from ..lang.checker import analyze_pair
 from ..lang.errors import LangError
 from ..lang.names import did_you_mean, suggestions
+from ..lang.setcontents import count as set_count
 from ..lang.values import PARAM_MAX, parse_set_elements
 from .entry import Entry
 from .locate import defined_twice, line_of, scan, syntax_error_line
 from .match import UNIT_SUFFIXES
 
 TOP_KEYS = ("defaults", "units")
-DEFAULT_KEYS = ("backend", "mode", "set_capacity")
-UNIT_KEYS = ("ingress", "egress", "params", "sets", "mode", "backend", "set_capacity", "cgroup")
+DEFAULT_KEYS = ("backend", "mode", "set_capacity", "force_capacity")
+UNIT_KEYS = ("ingress", "egress", "params", "sets", "mode", "backend", "set_capacity", "force_capacity", "cgroup")
 CHOICES = {"backend": ("bpf", "nft"), "mode": ("enforce", "audit")}
-BUILTIN_DEFAULTS = {"backend": "bpf", "mode": "enforce", "set_capacity": DEFAULT_SET_CAPACITY}
-SET_CAPACITY_MAX = 1 << 24
+BUILTIN_DEFAULTS = {"backend": "bpf", "mode": "enforce", "set_capacity": DEFAULT_SET_CAPACITY,
+                    "force_capacity": False}
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -138,12 +140,30 @@ class _File:
             return value
         return None
 
+    def flag(self, value, path: tuple) -> bool | None:
+        if isinstance(value, bool):
+            return value
+        self.error(path, f"expected true or false, got {type_name(value)}")
+        return None
+
+    def capacity_cost(self, body: dict, path: tuple, checked, settings: dict) -> None:
+        """The set_capacity's kernel memory, bounded unless force_capacity = true (see capacity.py)."""
+        kinds = _set_kinds(checked)
+        capacity = settings["set_capacity"]
+        here = "set_capacity" in body
+        try:
+            check_capacity(kinds, capacity, settings["force_capacity"],
+                           "" if here else f"set_capacity {capacity} (from [defaults])", "force_capacity = true")
+        except CapacityError as e:
+            self.error(path + ("set_capacity",) if here else path, str(e))
+
     def settings(self, table: dict, path: tuple, base: dict) -> dict:
         """backend, mode and set_capacity of `table` over `base`; bad values keep the base."""
         out = dict(base)
         for key in DEFAULT_KEYS:
             if key in table:
                 value = (self.capacity(table[key], path + (key,)) if key == "set_capacity"
+                         else self.flag(table[key], path + (key,)) if key == "force_capacity"
                          else self.choice(table[key], path + (key,), key))
                 if value is not None:
                     out[key] = value
@@ -154,7 +174,7 @@ class _File:
         self.known_keys(self.data, (), TOP_KEYS)
         defaults = dict(BUILTIN_DEFAULTS)
         if "defaults" in self.data:
-            table = self.table(self.data["defaults"], ("defaults",), "backend, mode, set_capacity")
+            table = self.table(self.data["defaults"], ("defaults",), "backend, mode, set_capacity, force_capacity")
             if table is not None:
                 self.known_keys(table, ("defaults",), DEFAULT_KEYS)
                 defaults = self.settings(table, ("defaults",), defaults)
@@ -179,7 +199,7 @@ class _File:
             if not unitkey.is_pattern(name) and not name.endswith(UNIT_SUFFIXES):
                 self.error(path, f"'{name}' is not a unit name: it must end in "
                            + ", ".join(UNIT_SUFFIXES[:-1]) + f" or {UNIT_SUFFIXES[-1]}")
-        body = self.table(body, path, "ingress, egress, params, sets, mode, backend, set_capacity, cgroup")
+        body = self.table(body, path, "ingress, egress, params, sets, mode, backend, set_capacity, force_capacity, cgroup")
         if body is None:
             return None
         self.known_keys(body, path, UNIT_KEYS)
@@ -197,6 +217,8 @@ class _File:
         checked = self.expressions(path, texts)
         params = self.params(body, path, checked)
         sets = self.sets(body, path, checked, settings["set_capacity"])
+        if checked is not None:
+            self.capacity_cost(body, path, checked, settings)
         if len(self.errors) > errors_before:
             return None
         return Entry(name=name, ingress=texts.get("ingress"), egress=texts.get("egress"),
@@ -274,10 +296,7 @@ class _File:
         if table is None or checked is None:
             return {}
         used = _used(checked, "sets")
-        kinds = {}
-        for c in checked:
-            if c is not None:
-                kinds.update(c.sets)
+        kinds = _set_kinds(checked)
         out = {}
         for name, value in table.items():
             where = path + (name,)
@@ -300,7 +319,7 @@ class _File:
                     ok = False
             if not ok:
                 continue
-            count = key_count(kinds[name], elements)
+            count = set_count(kinds[name], elements)
             if count > capacity:
                 self.error(where, f"@{name} holds {count} elements; set_capacity is {capacity}")
                 continue
@@ -323,23 +342,18 @@ def _used(checked: tuple, what: str) -> dict[str, str]:
     return out
 
 
+def _set_kinds(checked: tuple) -> dict[str, str]:
+    kinds: dict[str, str] = {}
+    for c in checked:
+        if c is not None:
+            kinds.update(c.sets)
+    return kinds
+
+
 def _unknown(what: str, sigil: str, name: str, used: dict) -> str:
     hint = did_you_mean(suggestions(name, list(used)))
     have = ", ".join(sigil + n for n in used) or "none"
     return f"unknown {what} {sigil}{name}: the expressions do not use it (they use: {have}){hint}"
-
-
-def key_count(kind: str, elements: list) -> int:
-    """Map entries the elements take: distinct addresses, or distinct numbers of merged ranges."""
-    if kind != "number":
-        return len(set(elements))
-    spans = sorted((e, e) if isinstance(e, int) else e for e in elements)
-    count, end = 0, -1
-    for lo, hi in spans:
-        if hi > end:
-            count += hi - max(lo, end + 1) + 1
-            end = hi
-    return count
 
 
 def _may_meet(glob: str, name: str) -> bool:

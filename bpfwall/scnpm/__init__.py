@@ -39,7 +39,8 @@ from ..lang.errors import LangError
 from ..build import DEFAULT_SET_CAPACITY
 from ..lang.values import SET_NUMBER_MAX, parse_set_elements
 from ..policy.match import UNIT_SUFFIXES
-from ..policy.schema import SET_CAPACITY_MAX, check_document, key_count
+from ..lang.setcontents import count as key_count
+from ..policy.schema import SET_CAPACITY_MAX, check_document
 from .ruleset import FAMILIES, Ruleset, ScnpmRule, scnpm_rules, tokenize
 from .translate import Translation, Untranslatable, address_element, any_service, number_item, translate
 

@@ -599,6 +599,21 @@ def test_bad_input_changes_nothing(table, temp_cgroup):
         assert snapshot(table) == before, f"bad input #{i} changed something: {e.value}"
 
 
+def test_huge_ranges_stay_intervals(table):
+    """nft sets hold intervals: a range of the whole u32 space is one element, never expanded
+    (issue 8, item 7), and changes to it stay exact."""
+    start = time.monotonic()
+    nft.load(table, "t.service", program(ingress="udp && local_port in @p && len in @l"),
+             sets={"p": [(0, 2**32 - 1)], "l": [(0, 2**32 - 1)]})
+    assert nft.set_values(table, "t.service", [("set", "p", "-", "0..4294967295"), ("set", "p", "+", "53,1000..4294967295"),
+                                                ("set", "l", "-", "100..4294967295")]) == \
+        ["@p: removed 1", "@p: added 2", "@l: removed 1"]
+    assert time.monotonic() - start < 5
+    assert nft.stats(table, "t.service")["sets"] == {"p": ["53", "1000..4294967295"], "l": ["0..99"]}
+    listing = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True, text=True).stdout
+    assert "53, 1000-65535" in listing  # a port set holds what a port can be
+
+
 def test_one_unit_per_cgroup(table, temp_cgroup):
     load_attached(table, temp_cgroup, ingress="udp")
     nft.load(table, "b.service", program(ingress="tcp", egress="tcp"))

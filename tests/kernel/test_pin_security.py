@@ -129,6 +129,19 @@ def test_nobody_cannot_touch_a_pin_root_bpfwall_made(open_bpffs):
     assert bpf.stats(root, "a.service")["ingress"] == "tcp"
 
 
+def test_set_waits_for_the_pin_root_lock(pin_root):
+    assert bpfwall(pin_root, "load", "a.service", "--ingress", "tcp && dst_port == $p").returncode == 0
+    with pins.PinDir.open(pin_root) as root:
+        fcntl.flock(root.fd, fcntl.LOCK_EX)
+        proc = subprocess.Popen([EXE, "--pin-root", pin_root, "set", "a.service", "p=7"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        assert proc.poll() is None and bpf.stats(pin_root, "a.service")["params"] == {"p": 0}
+        fcntl.flock(root.fd, fcntl.LOCK_UN)
+        assert proc.wait(60) == 0
+    assert bpf.stats(pin_root, "a.service")["params"] == {"p": 7}
+
+
 def test_attach_and_detach_wait_for_the_pin_root_lock(pin_root, temp_cgroup):
     """attach and detach take the pin root's lock as load does: they never interleave with a
     load or unload in another process."""
