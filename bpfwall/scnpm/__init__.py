@@ -39,6 +39,7 @@ from ..lang.errors import LangError
 from ..build import DEFAULT_SET_CAPACITY
 from ..lang.values import SET_NUMBER_MAX, parse_set_elements
 from ..policy.match import UNIT_SUFFIXES
+from ..capacity import UNFORCED_LIMIT, estimate as capacity_cost, show_bytes
 from ..lang.setcontents import count as key_count
 from ..policy.schema import SET_CAPACITY_MAX, check_document
 from .ruleset import FAMILIES, Ruleset, ScnpmRule, scnpm_rules, tokenize
@@ -322,9 +323,16 @@ def _render_unit(unit: _Unit, ruleset: Ruleset, file: str) -> tuple[str | None, 
     capacity, why = _set_capacity(sets, unit.set_kinds)
     if why is not None:
         return None, None, why
+    forced = False
     if capacity is not None:
         comments.append(f"# note: set_capacity raised from {DEFAULT_SET_CAPACITY} to {capacity}, what the largest "
                         "set holds (each element takes kernel memory)")
+        kinds = {name: unit.set_kinds[name][0] for name in sets}
+        cost = capacity_cost(kinds, capacity)
+        if cost > UNFORCED_LIMIT:
+            forced = True
+            comments.append(f"# note: these sets take about {show_bytes(cost)} of kernel memory, more than bpfwall "
+                            "loads unless forced: force_capacity = true says so (shrink the sets to drop it)")
     lines = comments + [f"[units.{_toml_str(unit.name)}]"]
     if unit.cgroup and "/" in unit.cgroup:
         lines.append(f"cgroup = {_toml_str(unit.cgroup)}")
@@ -339,6 +347,8 @@ def _render_unit(unit: _Unit, ruleset: Ruleset, file: str) -> tuple[str | None, 
                                             for name, elements in sets.items()) + " }")
     if capacity is not None:
         lines.append(f"set_capacity = {capacity}")
+    if forced:
+        lines.append("force_capacity = true")
     summary["left_out"] = unit.left_out
     return "\n".join(lines) + "\n", summary, None
 

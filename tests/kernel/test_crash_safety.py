@@ -256,12 +256,12 @@ def watcher_steps(daemon, tmp_path, env_extra, then=None) -> list[str]:
 
 
 @pytest.fixture
-def watched(tmp_path, pin_root):
+def watched(tmp_path, trusted_tmp_path, pin_root):
     from tests.kernel.test_watch import Daemon, remove_tree
 
     root = TempCgroup("bpfwall-test-watchcrash")
     root.__enter__()
-    policy_dir = tmp_path / "policy"
+    policy_dir = trusted_tmp_path / "policy"  # policy files must live where only root writes
     policy_dir.mkdir()
     d = Daemon(tmp_path, root.path, pin_root, policy_dir)
     try:

@@ -46,7 +46,8 @@ def errors(tmp_path, text: str) -> list[str]:
     return [e.replace(str(tmp_path) + "/", "") for e in found]
 
 
-def test_policy_capacity_bound(tmp_path):
+def test_policy_capacity_bound(trusted_tmp_path):
+    tmp_path = trusted_tmp_path
     unit = '[units."a.service"]\ningress = "dst_port in @s"\nsets.s = []\n'
     assert errors(tmp_path, unit + "set_capacity = 16777216\n") == [
         'p.toml:4: units."a.service".set_capacity: the unit\'s sets would take about 1.3 GiB of kernel memory '
