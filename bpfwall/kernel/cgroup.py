@@ -178,38 +178,33 @@ def link(cgroup_path: str, prog_fd: int, direction: str) -> int:
         os.close(fd)
 
 
-def replace_id(cgroup_path: str, prog_fd: int, old_id: int, direction: str) -> bool:
-    """Swap program `old_id` (attached with BPF_PROG_ATTACH, e.g. by systemd) for `prog_fd`'s in
-    place; False if `old_id` is no longer attached there."""
+def _with_prog(prog_id: int, action) -> bool:
+    """action(fd of program `prog_id`); False when the program (or its attachment) is gone."""
     try:
-        old_fd = prog_get_fd_by_id(old_id)
+        fd = prog_get_fd_by_id(prog_id)
     except KernelError as e:
         if e.errno == errno.ENOENT:
             return False
         raise
     try:
-        attach(cgroup_path, prog_fd, direction, replace_fd=old_fd)
-        return True
+        return action(fd)
     except KernelError as e:
         if e.errno == errno.ENOENT:
             return False
         raise
     finally:
-        os.close(old_fd)
+        os.close(fd)
+
+
+def replace_id(cgroup_path: str, prog_fd: int, old_id: int, direction: str) -> bool:
+    """Swap program `old_id` (attached with BPF_PROG_ATTACH, e.g. by systemd) for `prog_fd`'s in
+    place; False if `old_id` is no longer attached there."""
+    return _with_prog(old_id, lambda old_fd: attach(cgroup_path, prog_fd, direction, replace_fd=old_fd) or True)
 
 
 def detach_id(cgroup_path: str, prog_id: int, direction: str) -> bool:
     """Detach program `prog_id` (attached with BPF_PROG_ATTACH) from the cgroup; False if it was not."""
-    try:
-        prog_fd = prog_get_fd_by_id(prog_id)
-    except KernelError as e:
-        if e.errno == errno.ENOENT:
-            return False
-        raise
-    try:
-        return detach(cgroup_path, prog_fd, direction)
-    finally:
-        os.close(prog_fd)
+    return _with_prog(prog_id, lambda fd: detach(cgroup_path, fd, direction))
 
 
 def detach(cgroup_path: str, prog_fd: int, direction: str) -> bool:
