@@ -93,7 +93,8 @@ def remove_pins(pin_root: str, unit: str, detach: bool) -> int:
 
 
 def _pins_of(pin_root: str, unit: str, token: str) -> tuple[str, dict[str, int]]:
-    """("absent" | "ours" | "half-made" | why they are not ours, program ids) for the unit's pins."""
+    """("absent" | "ours" | "half-made" | why they are not ours, program ids) for the unit's
+    pins. Pins that cannot be read raise: undecided, they and the record stay."""
     path = bpf.unit_dir(pin_root, unit)
     if not os.path.isdir(path):
         return "absent", {}
@@ -102,14 +103,12 @@ def _pins_of(pin_root: str, unit: str, token: str) -> tuple[str, dict[str, int]]
             if u.meta.get("run") != token:
                 return "not loaded by this run", {}
             return "ours", u.prog_ids()
-    except bpf.BackendError as e:
+    except bpf.BackendError:
         if "meta" in os.listdir(path):
-            return f"unreadable: {e}", {}
+            raise
         if _only_maps(path):
             return "half-made", {}
         return "half-made, with programs but no meta to tell whose they are", {}
-    except KernelError as e:
-        return f"unreadable: {e}", {}
 
 
 def _only_maps(path: str) -> bool:
