@@ -12,7 +12,8 @@ looked at, and only what the record names. For each, in this order:
 3. The unit's pins are removed if their `meta` carries the run's token (a unit of the same name
    loaded by hand is not the run's): detached everywhere and unpinned, except on the systemd path,
    where the programs stay on the scope systemd attached them to (as after a normal run). A unit
-   directory whose load the crash cut short (no meta yet) is removed when it holds maps only.
+   directory without `meta` is the run's own load cut short (bpf.load pins `meta` last, and the
+   record reserved the name before the directory was made): bpf.unload removes it.
 4. The record goes last, so a gc killed half-way is finished by the next one.
 """
 from __future__ import annotations
@@ -21,11 +22,12 @@ import os
 import stat
 from dataclasses import asdict, dataclass
 
-from . import runrecord
+from . import runrecord, unitkey
 from .backends import bpf
-from .kernel import cgroup, pins
 from .kernel import syscall as sc
 from .kernel.errors import KernelError
+
+CUT_SHORT = "its load was cut short"
 
 
 @dataclass
@@ -77,51 +79,50 @@ def _not_ours(path: str) -> str | None:
 
 # -- pins -----------------------------------------------------------------------------
 
-def remove_pins(pin_root: str, unit: str, detach: bool) -> int:
-    """Remove the unit's pins; with `detach`, first detach its programs everywhere. The number
-    of attachments removed. A unit that cannot be opened (half-made) loses its pins all the same."""
-    if detach:
-        try:
-            return len(bpf.unload(pin_root, unit))
-        except (bpf.BackendError, KernelError):
-            pass
-    path = bpf.unit_dir(pin_root, unit)
-    for entry in os.listdir(path):
-        pins.unpin(os.path.join(path, entry))
-    os.rmdir(path)
-    return 0
-
-
-def _pins_of(pin_root: str, unit: str, token: str) -> tuple[str, dict[str, int]]:
-    """("absent" | "ours" | "half-made" | why they are not ours, program ids) for the unit's
-    pins. Pins that cannot be read raise: undecided, they and the record stay."""
-    path = bpf.unit_dir(pin_root, unit)
-    if not os.path.isdir(path):
-        return "absent", {}
+def _entries(pin_root: str, unit: str) -> list[str] | None:
+    """The names in the unit's pin directory (checked fds), None when there is none."""
     try:
-        with bpf.PinnedUnit.open(pin_root, unit) as u:
-            if u.meta.get("run") != token:
-                return "not loaded by this run", {}
-            return "ours", u.prog_ids()
+        root = bpf.open_root(pin_root)
     except bpf.BackendError:
-        if "meta" in os.listdir(path):
-            raise
-        if _only_maps(path):
-            return "half-made", {}
-        return "half-made, with programs but no meta to tell whose they are", {}
+        return None  # no pin root
+    with root:
+        key = unitkey.encode(unit)
+        if not root.exists(key):
+            return None
+        with root.sub(key) as d:
+            return d.names()
 
 
-def _only_maps(path: str) -> bool:
-    """Every pin in the directory is a map: nothing there can filter a packet."""
-    for entry in os.listdir(path):
-        fd = pins.get(os.path.join(path, entry))
-        try:
-            with open(f"/proc/self/fdinfo/{fd}") as f:
-                if "map_type:" not in f.read():
-                    return False
-        finally:
-            os.close(fd)
-    return True
+def remove_pins(pin_root: str, unit: str, detach: bool) -> None:
+    """Remove the unit's pins; with `detach`, first detach its programs everywhere (bpf.unload)."""
+    if detach:
+        bpf.unload(pin_root, unit)
+        return
+    key = unitkey.encode(unit)
+    with bpf.open_root(pin_root) as root:
+        with root.sub(key) as d:
+            for name in d.names():
+                d.unpin(name)
+        root.rmdir(key)
+
+
+def _pins_of(pin_root: str, unit: str, token: str) -> str:
+    """"absent", "ours", CUT_SHORT, or why the unit's pins are not the run's. Pins that cannot
+    be read raise: undecided, they and the record stay."""
+    entries = _entries(pin_root, unit)
+    if entries is None:
+        return "absent"
+    if "meta" not in entries:
+        # bpf.load pins `meta` last: this is the run's own load, cut short (the record
+        # reserved the name before the directory was made).
+        return CUT_SHORT
+    with bpf.PinnedUnit.open(pin_root, unit) as u:
+        return "ours" if u.meta.get("run") == token else "not loaded by this run"
+
+
+def _attached_cgroups(pin_root: str, unit: str) -> set[str]:
+    """Where the unit's programs run (found by their names, so also ones no pin names)."""
+    return {a["cgroup"] for entry in bpf.summary(pin_root) if entry["unit"] == unit for a in entry["attached"]}
 
 
 def left_behind(pin_root: str, rec: runrecord.Record) -> bool:
@@ -129,7 +130,7 @@ def left_behind(pin_root: str, rec: runrecord.Record) -> bool:
     if rec.cgroup is not None and os.path.lexists(rec.cgroup):
         return True
     try:
-        return _pins_of(pin_root, rec.unit, rec.token)[0] in ("ours", "half-made")
+        return _pins_of(pin_root, rec.unit, rec.token) in ("ours", CUT_SHORT)
     except (bpf.BackendError, KernelError, OSError):
         return True
 
@@ -142,8 +143,8 @@ def _collect_one(pin_root: str, dead: runrecord.DeadRun, dry_run: bool) -> tuple
     gone = f"its bpfwall, pid {rec.pid}, is gone"
     remove = "would remove" if dry_run else "removed"
     out: list[Outcome] = []
-    pin_state, prog_ids = _pins_of(pin_root, rec.unit, rec.token)
-    cgroups = {a["cgroup"] for a in bpf.attachments_of(prog_ids)}
+    pin_state = _pins_of(pin_root, rec.unit, rec.token)
+    cgroups = _attached_cgroups(pin_root, rec.unit) if pin_state in ("ours", CUT_SHORT) else set()
     own = rec.cgroup if rec.cgroup is not None and os.path.lexists(rec.cgroup) else None
     if own is not None:
         why = _not_ours(own)
@@ -169,12 +170,10 @@ def _collect_one(pin_root: str, dead: runrecord.DeadRun, dry_run: bool) -> tuple
                 return out, False
         out.append(Outcome(remove, "cgroup", own, rec.unit, gone))
     path = bpf.unit_dir(pin_root, rec.unit)
-    if pin_state in ("ours", "half-made"):
-        detached = 0
+    if pin_state in ("ours", CUT_SHORT):
         if not dry_run:
-            detached = remove_pins(pin_root, rec.unit, detach=rec.cgroup is not None)
+            remove_pins(pin_root, rec.unit, detach=rec.cgroup is not None)
         notes = [pin_state] if pin_state != "ours" else []
-        notes += [f"detached from {detached} attachment(s)"] if detached else []
         out.append(Outcome(remove, "pins", path, rec.unit, "; ".join(notes + [gone])))
     elif pin_state != "absent":
         out.append(Outcome("left alone", "pins", path, rec.unit, pin_state))

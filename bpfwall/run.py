@@ -42,6 +42,7 @@ from contextlib import contextmanager
 from . import dropin, leftovers, runrecord, unitkey
 from .backends import bpf
 from .build import UnitProgram
+from .crashpoint import reached
 from .errors import UserError
 from .kernel import cgroup
 from .kernel.errors import KernelError
@@ -51,7 +52,6 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 WATCHED = {*FORWARDED, signal.SIGCHLD}
 SI_KERNEL = 0x80  # si_code of a signal the kernel sent, e.g. ^C from the terminal
 EXIT_NOT_FOUND, EXIT_CANNOT_RUN = 127, 126  # as env(1), timeout(1), shells
-CRASH_ENV = "BPFWALL_TEST_CRASH_AT"
 
 
 class RunError(UserError):
@@ -106,16 +106,16 @@ def run(command: list[str], program, params: dict | None = None, sets: dict | No
             if os.path.isdir(bpf.unit_dir(pin_root, unit)):
                 raise RunError(f"{unit} is loaded already (pins at {bpf.unit_dir(pin_root, unit)}); "
                                "choose another --name")
-            _crash_point("recorded")
+            reached("run:recorded")
             bpf.load(pin_root, unit, _marked(program, record.token), params, sets, mode, cache)
-            _crash_point("loaded")
+            reached("run:loaded")
             try:
                 if systemd:
                     return _run_scope(command, pin_root, unit)
                 return _run_in_cgroup(command, pin_root, unit, own)
             finally:
                 _cleanup(pin_root, unit, own)
-                _crash_point("cleaned")
+                reached("run:cleaned")
         finally:
             held.release(remove=not leftovers.left_behind(pin_root, record))
 
@@ -132,14 +132,6 @@ class _RunProgram(UnitProgram):
 def _marked(program: UnitProgram, token: str) -> UnitProgram:
     fields = {f.name: getattr(program, f.name) for f in dataclasses.fields(UnitProgram)}
     return _RunProgram(**fields, run_token=token)
-
-
-def _crash_point(step: str) -> None:
-    """Tests only: with BPFWALL_TEST_CRASH_AT=STEP, bpfwall SIGKILLs itself right after STEP
-    (recorded, loaded, cgroup, attached, started, exited, cgroup-removed, cleaned), so the
-    crash tests hit every step boundary exactly instead of racing a kill against the run."""
-    if os.environ.get(CRASH_ENV) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # -- the systemd way ------------------------------------------------------------
@@ -204,16 +196,16 @@ def _run_in_cgroup(command: list[str], pin_root: str, unit: str, path: str) -> i
     except OSError as e:
         raise RunError(f"cannot create cgroup {path}: {e.strerror}") from None
     try:
-        _crash_point("cgroup")
+        reached("run:cgroup")
         bpf.attach(pin_root, unit, path)
-        _crash_point("attached")
+        reached("run:attached")
         status = _supervise(command, path)
         _wait_empty(path)
-        _crash_point("exited")
+        reached("run:exited")
         return status
     finally:
         _remove_cgroup(path)
-        _crash_point("cgroup-removed")
+        reached("run:cgroup-removed")
 
 
 def _join(path: str) -> None:
@@ -285,7 +277,7 @@ def _supervise(argv: list[str], cgroup_path: str | None) -> int:
         child = subprocess.Popen(argv, preexec_fn=in_child)
     except OSError as e:
         raise RunError(f"{argv[0]}: {e.strerror}") from None
-    _crash_point("started")
+    reached("run:started")
     try:
         while child.poll() is None:
             info = signal.sigwaitinfo(WATCHED)

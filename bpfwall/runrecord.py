@@ -16,9 +16,10 @@ lock when the process dies, however it dies, so "the lock can be taken" means "t
 with no pid reuse to fool us. A record appears complete and locked at once: it is written into
 an unnamed file (O_TMPFILE), locked, and only then linked under its name.
 
-Records are believed only in a directory owned by us that no one else can write to, and only
-when they are regular files of ours, opened without following symlinks: the leftovers are found
-by what bpfwall wrote, never by a name a user could create.
+Records are believed only in a directory whose whole path no one but root (or the euid) can
+write (bpfwall/checked_dir.py), and only when they are regular files of ours, opened without
+following symlinks: the leftovers are found by what bpfwall wrote, never by a name a user could
+create.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
-from . import unitkey
+from . import checked_dir, unitkey
 from .errors import UserError
 
 DEFAULT_STATE_DIR = "/run/bpfwall"
@@ -83,7 +84,9 @@ def record_name(pin_root: str, unit_key: str) -> str:
 
 
 def _untrusted(st: os.stat_result) -> str | None:
-    """Why a file or directory with this stat cannot be believed, or None."""
+    """Why a record file with this stat cannot be believed, or None."""
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
     if st.st_uid != os.geteuid():
         return f"owned by uid {st.st_uid}, not {os.geteuid()}"
     if st.st_mode & 0o022:
@@ -92,28 +95,18 @@ def _untrusted(st: os.stat_result) -> str | None:
 
 
 def open_state_dir(path: str, create: bool) -> int | None:
-    """An O_DIRECTORY fd of the state directory after checking it, or None if it does not exist
-    and create is False."""
-    if create:
-        try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-        except OSError as e:
-            raise RecordError(f"cannot create the state directory {path}: {e.strerror}"
-                              + (" (bpfwall needs root)" if os.geteuid() != 0 else "")) from None
+    """An O_DIRECTORY fd of the state directory, every component of its path checked
+    (checked_dir), or None if it does not exist and create is False."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return checked_dir.open_dir(path, create=create)
     except FileNotFoundError:
         return None
+    except checked_dir.UntrustedPath as e:
+        raise RecordError(f"refusing the state directory {path}: {e} (bpfwall keeps its run records "
+                          "only where no one but root can write; fix that or set BPFWALL_STATE_DIR)") from None
     except OSError as e:
-        what = "is a symlink" if os.path.islink(path) else e.strerror
-        raise RecordError(f"cannot use the state directory {path}: {what}"
+        raise RecordError(f"cannot use the state directory {path}: {e.strerror}"
                           + (" (bpfwall needs root)" if os.geteuid() != 0 else "")) from None
-    why = _untrusted(os.fstat(fd))
-    if why:
-        os.close(fd)
-        raise RecordError(f"the state directory {path} is {why}: bpfwall trusts only its own "
-                          f"(chown root {path} && chmod 700 {path})")
-    return fd
 
 
 class HeldRecord:
@@ -197,8 +190,7 @@ def _take_if_dead(dir_fd: int, path: str, name: str, pin_root: str) -> DeadRun |
         return None  # its run finished meanwhile
     except OSError as e:
         return DeadRun(None, full, f"cannot open it: {'a symlink' if e.errno == errno.ELOOP else e.strerror}")
-    st = os.fstat(fd)
-    why = "not a regular file" if not stat.S_ISREG(st.st_mode) else _untrusted(st)
+    why = _untrusted(os.fstat(fd))
     if why:
         os.close(fd)
         return DeadRun(None, full, f"it is {why}")

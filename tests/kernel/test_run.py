@@ -44,9 +44,10 @@ def _finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]
 
 
 @pytest.fixture(autouse=True)
-def state_dir(tmp_path, monkeypatch):
-    """Run records of this test only; the bpfwall processes inherit the variable."""
-    path = tmp_path / "state"
+def state_dir(trusted_tmp_path, monkeypatch):
+    """Run records of this test only, where bpfwall trusts them (under /run, not /tmp); the
+    bpfwall processes inherit the variable."""
+    path = trusted_tmp_path / "state"
     path.mkdir(mode=0o700)
     monkeypatch.setenv("BPFWALL_STATE_DIR", str(path))
     return path
@@ -260,20 +261,35 @@ def test_sigint_reaches_the_command_once_from_the_terminal_or_from_kill(no_leaks
 # -- a killed run: what it leaves, and what removes it -------------------------------------
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-# What a run SIGKILLed right after each step leaves: (its pins, its cgroup, programs on it).
+# What a run SIGKILLed at each crash point (bpfwall/crashpoint.py) it reaches leaves:
+# (its pins, its cgroup, programs on it). bpf.load pins `meta` last, so in the load:* steps
+# the unit's directory is a load cut short.
 CRASH_POINTS = {
-    "recorded": (False, False, False),
-    "loaded": (True, False, False),
-    "cgroup": (True, True, False),
-    "attached": (True, True, True),
-    "exited": (True, True, True),
-    "cgroup-removed": (True, False, False),
-    "cleaned": (False, False, False),
+    "run:recorded": (False, False, False),
+    "load:built": (True, False, False),
+    "load:maps-pinned": (True, False, False),
+    "load:staged": (True, False, False),
+    "load:swapped": (True, False, False),
+    "load:programs-pinned": (True, False, False),
+    "load:done": (True, False, False),
+    "run:loaded": (True, False, False),
+    "run:cgroup": (True, True, False),
+    "attach:linked": (True, True, False),  # the link dies with bpfwall: it was never pinned
+    "attach:pinned": (True, True, True),
+    "run:attached": (True, True, True),
+    "run:started": (True, True, True),  # the command outlives bpfwall: its own test below
+    "run:exited": (True, True, True),
+    "run:cgroup-removed": (True, False, False),
+    "unload:link-detached": (True, False, False),
+    "unload:unpinned": (True, False, False),
+    "run:cleaned": (False, False, False),
 }
+CUT_SHORT = {"load:built", "load:maps-pinned", "load:staged", "load:swapped", "load:programs-pinned",
+             "unload:unpinned"}  # no meta pinned (yet, or any more)
 
 
 class Killed:
-    """A `bpfwall run --name …` that SIGKILLed itself at a crash point (run.CRASH_ENV)."""
+    """A `bpfwall run --name …` that SIGKILLed itself at a crash point ($BPFWALL_CRASH_AT)."""
 
     def __init__(self, step: str, command=("true",), egress: str = "udp", parent: str | None = None):
         self.unit = f"{_name()}.scope"
@@ -286,7 +302,7 @@ class Killed:
         with open(os.devnull, "w") as devnull:
             proc = subprocess.Popen([sys.executable, "-m", "bpfwall", "run", "--name", self.unit, "--egress",
                                      egress, "--", *command], cwd=REPO, stdout=devnull, stderr=devnull,
-                                    env={**os.environ, run.CRASH_ENV: step}, preexec_fn=join)
+                                    env={**os.environ, "BPFWALL_CRASH_AT": step}, preexec_fn=join)
         assert proc.wait(timeout=60) == -signal.SIGKILL, f"bpfwall run did not stop at {step}"
         self.pid = proc.pid
         self.cgroup = os.path.join(parent or own_cgroup_path(), self.unit)
@@ -338,11 +354,25 @@ def _attached(pin_root: str, unit: str) -> list[tuple[str, str]]:
     return sorted((a["cgroup"], a["direction"]) for a in bpf.stats(pin_root, unit)["attached"])
 
 
+def _attached_by_name(pin_root: str, unit: str) -> list[dict]:
+    """Where the unit's programs run, found by their names (also for a load cut short)."""
+    return [a for entry in bpf.summary(pin_root) if entry["unit"] == unit for a in entry["attached"]]
+
+
 def _wait_for(predicate, what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, what
         time.sleep(0.02)
+
+
+def test_the_crash_points_cover_every_step_a_run_takes(no_leaks, pin_root, tmp_path):
+    """CRASH_POINTS lists exactly the steps a run reaches (a new step must be classified there)."""
+    log = tmp_path / "steps"
+    proc = _bpfwall("run", "--egress", "udp", "--", "true", env={**os.environ, "BPFWALL_CRASH_LOG": str(log)})
+    rc, _, err = _finish(proc)
+    assert rc == 0, err
+    assert list(dict.fromkeys(log.read_text().split())) == list(CRASH_POINTS)
 
 
 def test_a_run_sigkilled_by_pid_leaves_nothing_for_good(no_leaks, pin_root, state_dir):
@@ -392,16 +422,18 @@ def test_gc_removes_what_a_run_killed_at_each_step_left_and_nothing_else(
         bpf.attach(pin_root, foreign, temp_cgroup.path)
 
         for step, (pinned, made, attached) in CRASH_POINTS.items():
+            if step == "run:started":
+                continue
             dead = killed(step)
             pins = dead.pins(pin_root)
             assert (os.path.isdir(pins), os.path.isdir(dead.cgroup)) == (pinned, made), step
-            if pinned:
-                assert bool(_attached(pin_root, dead.unit)) == attached, step
+            assert bool(_attached_by_name(pin_root, dead.unit)) == attached, step
             expected = []
             if made:
                 expected.append(f"removed cgroup {dead.cgroup} ({dead.unit}: {dead.gone()})")
             if pinned:
-                expected.append(f"removed pins {pins} ({dead.unit}: {dead.gone()})")
+                cut = "its load was cut short; " if step in CUT_SHORT else ""
+                expected.append(f"removed pins {pins} ({dead.unit}: {cut}{dead.gone()})")
             nothing = ["no leftovers of killed bpfwall runs"]
             assert _gc("--dry-run") == ([e.replace("removed", "would remove", 1) for e in expected] or nothing), step
             assert (os.path.isdir(pins), os.path.isdir(dead.cgroup)) == (pinned, made), step
@@ -431,7 +463,7 @@ def test_a_killed_runs_command_stays_filtered_and_is_kept_until_it_exits(
     a running process) and says so; once the command exits, gc removes it all."""
     allowed, blocked = (s.getsockname()[1] for s in receivers)
     marker = tmp_path / "send"
-    dead = killed("started", (sys.executable, "-c", _waiting_sender((allowed, blocked), marker)),
+    dead = killed("run:started", (sys.executable, "-c", _waiting_sender((allowed, blocked), marker)),
                   egress=f"udp && remote_port == {allowed}")
     pins = dead.pins(pin_root)
     _wait_for(lambda: _cgroup_has_procs(dead.cgroup), "the command is not in its cgroup")
@@ -456,7 +488,7 @@ def test_a_killed_runs_command_stays_filtered_and_is_kept_until_it_exits(
 
 
 def test_the_next_run_removes_what_a_killed_run_left(no_leaks, pin_root, state_dir, killed):
-    dead = killed("attached")
+    dead = killed("run:attached")
     rc, _, err = _finish(_bpfwall("run", "--egress", "udp", "--", "true"))
     assert rc == 0, err
     assert err.splitlines() == [f"bpfwall: removed cgroup {dead.cgroup} ({dead.unit}: {dead.gone()})",
@@ -468,7 +500,7 @@ def test_the_next_run_removes_what_a_killed_run_left(no_leaks, pin_root, state_d
 def test_gc_leaves_a_unit_loaded_by_hand_under_a_killed_runs_name(no_leaks, pin_root, state_dir,
                                                                     temp_cgroup, killed):
     """The record names the unit, but only pins whose meta carries the run's token are the run's."""
-    dead = killed("recorded")
+    dead = killed("run:recorded")
     assert _finish(_bpfwall("load", dead.unit, "--egress", "tcp"))[0] == 0
     bpf.attach(pin_root, dead.unit, temp_cgroup.path)
     assert _gc() == [f"left alone pins {dead.pins(pin_root)} ({dead.unit}: not loaded by this run)"]
@@ -477,36 +509,12 @@ def test_gc_leaves_a_unit_loaded_by_hand_under_a_killed_runs_name(no_leaks, pin_
     bpf.unload(pin_root, dead.unit)
 
 
-def test_gc_removes_a_half_made_unit_directory_only_when_it_holds_maps(no_leaks, pin_root, state_dir,
-                                                                       killed):
-    """A load cut short leaves pins without `meta`, so no token says whose they are: maps alone
-    cannot filter anything and go; a program pin stays."""
-    from bpfwall.kernel import pins
-
-    for keep in (["egress"], []):
-        dead = killed("recorded")
-        path = dead.pins(pin_root)
-        assert _finish(_bpfwall("load", dead.unit, "--egress", "udp"))[0] == 0  # as the crashed load did
-        for name in set(os.listdir(path)) - {"counters", *keep}:  # as far as it got
-            pins.unpin(os.path.join(path, name))
-        if keep:
-            assert _gc() == [f"left alone pins {path} ({dead.unit}: half-made, with programs but no meta "
-                             "to tell whose they are)"]
-            assert os.path.isdir(path)
-            for name in os.listdir(path):
-                pins.unpin(os.path.join(path, name))
-            os.rmdir(path)
-        else:
-            assert _gc() == [f"removed pins {path} ({dead.unit}: half-made; {dead.gone()})"]
-        assert bpf.units(pin_root) == [] and _records(state_dir) == []
-
-
 def test_gc_leaves_a_cgroup_a_user_put_in_a_killed_runs_place(no_leaks, pin_root, state_dir, temp_cgroup,
                                                                 killed):
     """bpfwall ran in a cgroup delegated to a user, who may remove the dead run's empty cgroup
     and make one of their own under its name: gc must not take theirs for the run's."""
     os.chown(temp_cgroup.path, 65534, 65534)
-    dead = killed("attached", parent=temp_cgroup.path)
+    dead = killed("run:attached", parent=temp_cgroup.path)
     try:
         assert _attached(pin_root, dead.unit) == [(dead.cgroup, "egress")]
         for argv in (["rmdir", dead.cgroup], ["mkdir", dead.cgroup]):
@@ -523,27 +531,41 @@ def test_gc_leaves_a_cgroup_a_user_put_in_a_killed_runs_place(no_leaks, pin_root
 
 
 def test_records_are_believed_only_from_a_directory_and_files_of_ours(pin_root, state_dir, killed):
-    """A state directory others can write to is refused by gc and run (exit 2, the path and the
-    fix named, nothing removed or started); a record file not ours is skipped, with the reason."""
-    dead = killed("loaded")
+    """A state directory (or one above it) that others can write to is refused by gc and run:
+    exit 2, the path named, nothing removed or started, whatever a user put there; a record
+    file not ours is skipped, with the reason."""
+    dead = killed("run:loaded")
     (record,) = _records(state_dir)
-    os.chmod(state_dir, 0o1777)
-    for argv in (["gc"], ["run", "--egress", "udp", "--", "true"]):
-        rc, out, err = _finish(_bpfwall(*argv))
-        assert rc == 2 and not out, argv
-        assert err == (f"bpfwall: error: the state directory {state_dir} is writable by group or others "
-                       f"(mode 1777): bpfwall trusts only its own (chown root {state_dir} && chmod 700 "
-                       f"{state_dir})\n"), err
-    assert os.path.isdir(dead.pins(pin_root))
-    assert bpf.units(pin_root) == [dead.unit]
+    victim = f"{_name()}.scope"
+    assert _finish(_bpfwall("load", victim, "--egress", "udp"))[0] == 0
+    forged = runrecord.Record(victim, os.path.realpath(pin_root), None, 1, "x").to_bytes()
+    for where, mode in ((state_dir, 0o1777), (state_dir.parent, 0o777)):
+        old_modes = [p.stat().st_mode & 0o7777 for p in (where, state_dir.parent)]
+        where.chmod(mode)
+        try:
+            if where == state_dir:  # a user plants a record naming a unit of root's
+                state_dir.parent.chmod(0o711)
+                name = runrecord.record_name(pin_root, unitkey.encode(victim))
+                subprocess.run(NOBODY + ["sh", "-c", f"cat > {state_dir / name}"], input=forged, check=True)
+            for argv in (["gc"], ["run", "--egress", "udp", "--", "true"]):
+                rc, out, err = _finish(_bpfwall(*argv))
+                assert rc == 2 and not out, argv
+                assert err == (f"bpfwall: error: refusing the state directory {state_dir}: {where} is writable "
+                               f"by group or others (mode {mode:04o}) (bpfwall keeps its run records only where "
+                               "no one but root can write; fix that or set BPFWALL_STATE_DIR)\n"), err
+        finally:
+            where.chmod(old_modes[0])
+            state_dir.parent.chmod(old_modes[1])
+    assert bpf.units(pin_root) == sorted([dead.unit, victim])
 
-    os.chmod(state_dir, 0o700)
+    os.unlink(state_dir / runrecord.record_name(pin_root, unitkey.encode(victim)))
     os.chown(state_dir / record, 65534, 65534)
     assert _gc() == [f"skipped record {state_dir / record} (it is owned by uid 65534, not 0)"]
     assert os.path.isdir(dead.pins(pin_root)) and _records(state_dir) == [record]
 
     os.chown(state_dir / record, 0, 0)
     assert _gc() == [f"removed pins {dead.pins(pin_root)} ({dead.unit}: {dead.gone()})"]
+    assert bpf.units(pin_root) == [victim]
 
 
 def test_gc_on_the_systemd_path_removes_only_the_pins(no_leaks, pin_root, state_dir, temp_cgroup):
@@ -555,8 +577,9 @@ def test_gc_on_the_systemd_path_removes_only_the_pins(no_leaks, pin_root, state_
     record = runrecord.Record(unit, os.path.realpath(pin_root), None, os.getpid(), token)
     held = runrecord.create(pin_root, unitkey.encode(unit), record)
     bpf.load(pin_root, unit, run._marked(UnitProgram(*analyze_pair(None, "udp")), token))
-    bpf.attach(pin_root, unit, temp_cgroup.path)  # systemd's part
-    (prog_id,) = bpf.stats(pin_root, unit)["programs"].values()
+    with bpf.PinnedUnit.open(pin_root, unit) as u:  # systemd's part: BPF_PROG_ATTACH of the pin
+        cgroup.attach(temp_cgroup.path, u.progs["egress"], "egress")
+        (prog_id,) = u.prog_ids().values()
     sleeper = subprocess.Popen(["sleep", "60"], preexec_fn=temp_cgroup.join_in_child)
     held.release(remove=False)  # the run dies: its lock goes with its file
     try:

@@ -89,17 +89,19 @@ def test_a_file_under_a_records_name_that_is_not_one_is_skipped_with_the_reason(
     assert dead.held is None and dead.problem == "cannot open it: a symlink"
 
 
-def test_the_state_directory_is_made_private_and_refused_when_others_can_write_it(state_dir, tmp_path):
+def test_the_state_directory_is_made_private_and_refused_when_others_can_write_on_its_path(state_dir, tmp_path):
     assert runrecord.open_state_dir(str(state_dir), create=False) is None
     os.close(runrecord.open_state_dir(str(state_dir), create=True))
     assert state_dir.stat().st_mode & 0o777 == 0o700
 
-    state_dir.chmod(0o770)
-    with pytest.raises(runrecord.RecordError, match=r"writable by group or others \(mode 0770\)"):
-        _create(_record())
-    state_dir.chmod(0o700)
+    for where in (state_dir, state_dir.parent):  # the whole path is checked
+        mode = where.stat().st_mode & 0o7777
+        where.chmod(0o770)
+        with pytest.raises(runrecord.RecordError, match=f"{where} is writable by group or others \\(mode 0770\\)"):
+            _create(_record())
+        where.chmod(mode)
 
     link = tmp_path / "link"
     link.symlink_to(state_dir)
-    with pytest.raises(runrecord.RecordError, match=f"cannot use the state directory {link}: is a symlink"):
+    with pytest.raises(runrecord.RecordError, match=f"refusing the state directory {link}: {link} is a symbolic link"):
         runrecord.open_state_dir(str(link), create=False)
