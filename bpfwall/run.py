@@ -102,10 +102,11 @@ def run(command: list[str], program, params: dict | None = None, sets: dict | No
         own = None if systemd else os.path.join(own_cgroup_path(), unit)
         record = runrecord.Record(unit, os.path.realpath(pin_root), own, os.getpid(), runrecord.new_token())
         held = runrecord.create(pin_root, unitkey.encode(unit), record)
+        if os.path.isdir(bpf.unit_dir(pin_root, unit)):  # checked with the name reserved
+            held.release(remove=True)
+            raise RunError(f"{unit} is loaded already (pins at {bpf.unit_dir(pin_root, unit)}); "
+                           "choose another --name")
         try:
-            if os.path.isdir(bpf.unit_dir(pin_root, unit)):
-                raise RunError(f"{unit} is loaded already (pins at {bpf.unit_dir(pin_root, unit)}); "
-                               "choose another --name")
             reached("run:recorded")
             bpf.load(pin_root, unit, _marked(program, record.token), params, sets, mode, cache)
             reached("run:loaded")

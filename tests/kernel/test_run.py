@@ -509,6 +509,19 @@ def test_gc_leaves_a_unit_loaded_by_hand_under_a_killed_runs_name(no_leaks, pin_
     bpf.unload(pin_root, dead.unit)
 
 
+def test_a_run_refused_for_a_taken_name_claims_nothing_there(no_leaks, pin_root, state_dir):
+    """A name taken by a `bpfwall load` cut short (a directory without meta) refuses the run, and
+    leaves no record by which gc could take that directory for the run's."""
+    unit = f"{_name()}.scope"
+    cut = _bpfwall("load", unit, "--egress", "udp", env={**os.environ, "BPFWALL_CRASH_AT": "load:staged"})
+    assert _finish(cut)[0] == -signal.SIGKILL
+    rc, _, err = _finish(_bpfwall("run", "--name", unit, "--egress", "udp", "--", "true"))
+    assert rc == 2 and "is loaded already" in err, err
+    assert _records(state_dir) == []
+    assert _gc() == ["no leftovers of killed bpfwall runs"]
+    assert bpf.units(pin_root) == [unit]
+
+
 def test_gc_leaves_a_cgroup_a_user_put_in_a_killed_runs_place(no_leaks, pin_root, state_dir, temp_cgroup,
                                                                 killed):
     """bpfwall ran in a cgroup delegated to a user, who may remove the dead run's empty cgroup
