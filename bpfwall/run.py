@@ -20,9 +20,15 @@ On the cgroup path it waits until everything the command started has exited:
 the cgroup can only go when it is empty, and processes left in it must not
 lose their filter. On the systemd path the pins go when the command exits;
 processes still in the scope keep the attached programs until the scope ends.
+
+A bpfwall killed on the way (SIGKILL, OOM) cannot clean up. So before it
+creates anything it writes a record of what it will create (runrecord.py) and
+marks its pins with the record's token; the next run, or `bpfwall gc`, removes
+what a dead run left once its command has exited (leftovers.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -33,10 +39,12 @@ import time
 import uuid
 from contextlib import contextmanager
 
-from . import dropin
+from . import dropin, leftovers, runrecord, unitkey
 from .backends import bpf
+from .build import UnitProgram
+from .crashpoint import reached
 from .errors import UserError
-from .kernel import cgroup, pins
+from .kernel import cgroup
 from .kernel.errors import KernelError
 from .sandbox import own_cgroup_path
 
@@ -83,21 +91,48 @@ def run(command: list[str], program, params: dict | None = None, sets: dict | No
     """Run `command` with `program` on its cgroup; its exit status."""
     unit = scope_name(name)
     resolve_command(command)
-    if os.path.isdir(bpf.unit_dir(pin_root, unit)):
-        raise RunError(f"{unit} is loaded already (pins at {bpf.unit_dir(pin_root, unit)}); choose another --name")
     systemd = use_systemd() if systemd is None else systemd
     if systemd:  # the pin paths go into the scope's transient unit file
         for d in bpf.DIRECTIONS:
             dropin.check_filter_path(bpf.prog_path(pin_root, unit, d), transient=True)
     # Signals wait until the child can take them, and cleanup is never cut short.
     with _signals_held():
-        bpf.load(pin_root, unit, program, params, sets, mode, cache)
+        for outcome in leftovers.collect(pin_root):
+            print(f"bpfwall: {outcome.line()}", file=sys.stderr)
+        own = None if systemd else os.path.join(own_cgroup_path(), unit)
+        record = runrecord.Record(unit, os.path.realpath(pin_root), own, os.getpid(), runrecord.new_token())
+        held = runrecord.create(pin_root, unitkey.encode(unit), record)
+        if os.path.isdir(bpf.unit_dir(pin_root, unit)):  # checked with the name reserved
+            held.release(remove=True)
+            raise RunError(f"{unit} is loaded already (pins at {bpf.unit_dir(pin_root, unit)}); "
+                           "choose another --name")
         try:
-            if systemd:
-                return _run_scope(command, pin_root, unit)
-            return _run_in_cgroup(command, pin_root, unit)
+            reached("run:recorded")
+            bpf.load(pin_root, unit, _marked(program, record.token), params, sets, mode, cache)
+            reached("run:loaded")
+            try:
+                if systemd:
+                    return _run_scope(command, pin_root, unit)
+                return _run_in_cgroup(command, pin_root, unit, own)
+            finally:
+                _cleanup(pin_root, unit, own)
+                reached("run:cleaned")
         finally:
-            _cleanup(pin_root, unit, detach=not systemd)
+            held.release(remove=not leftovers.left_behind(pin_root, record))
+
+
+@dataclasses.dataclass(frozen=True)
+class _RunProgram(UnitProgram):
+    """The program with the run's token in its meta: the pins tell they are this run's."""
+    run_token: str = ""
+
+    def meta(self) -> dict:
+        return {**super().meta(), "run": self.run_token}
+
+
+def _marked(program: UnitProgram, token: str) -> UnitProgram:
+    fields = {f.name: getattr(program, f.name) for f in dataclasses.fields(UnitProgram)}
+    return _RunProgram(**fields, run_token=token)
 
 
 # -- the systemd way ------------------------------------------------------------
@@ -136,40 +171,42 @@ def verify_and_exec(args: list[str]) -> None:
         sys.exit(EXIT_NOT_FOUND if isinstance(e, FileNotFoundError) else EXIT_CANNOT_RUN)
 
 
-def _cleanup(pin_root: str, unit: str, detach: bool) -> None:
+def _cleanup(pin_root: str, unit: str, own: str | None) -> None:
     """Remove the unit's pins. On the systemd path the programs stay where systemd attached
     them: processes the command left in the scope keep their filter until the scope ends
-    and the kernel frees the programs. Our own cgroup is gone by now: detach and unload."""
-    if detach:
-        try:
-            bpf.unload(pin_root, unit)
-            return
-        except (bpf.BackendError, KernelError) as e:
-            print(f"bpfwall: warning: unloading {unit}: {e}; removing its pins", file=sys.stderr)
+    and the kernel frees the programs. Our own cgroup is gone by now: detach and unload.
+    If it is not (something keeps it busy), its filters stay and `bpfwall gc` removes them
+    once it is empty."""
     path = bpf.unit_dir(pin_root, unit)
+    if own is not None and os.path.lexists(own):
+        print(f"bpfwall: warning: {own} is still there; the filters of {unit} stay on it "
+              "(`bpfwall gc` removes them once it is empty)", file=sys.stderr)
+        return
     try:
-        for entry in os.listdir(path):
-            pins.unpin(os.path.join(path, entry))
-        os.rmdir(path)
-    except (OSError, KernelError) as e:
-        print(f"bpfwall: warning: cannot remove the pins of {unit} at {path}: {e}", file=sys.stderr)
+        leftovers.remove_pins(pin_root, unit, detach=own is not None)
+    except (OSError, KernelError, bpf.BackendError) as e:
+        print(f"bpfwall: warning: cannot remove the pins of {unit} at {path}: {e} "
+              "(`bpfwall gc` tries again)", file=sys.stderr)
 
 
 # -- a cgroup of our own ----------------------------------------------------------
 
-def _run_in_cgroup(command: list[str], pin_root: str, unit: str) -> int:
-    path = os.path.join(own_cgroup_path(), unit)
+def _run_in_cgroup(command: list[str], pin_root: str, unit: str, path: str) -> int:
     try:
         os.mkdir(path)
     except OSError as e:
         raise RunError(f"cannot create cgroup {path}: {e.strerror}") from None
     try:
+        reached("run:cgroup")
         bpf.attach(pin_root, unit, path)
+        reached("run:attached")
         status = _supervise(command, path)
         _wait_empty(path)
+        reached("run:exited")
         return status
     finally:
         _remove_cgroup(path)
+        reached("run:cgroup-removed")
 
 
 def _join(path: str) -> None:
@@ -177,25 +214,12 @@ def _join(path: str) -> None:
         f.write("0")
 
 
-def _procs(path: str) -> list[int]:
-    try:
-        with open(os.path.join(path, "cgroup.procs")) as f:
-            return [int(x) for x in f.read().split()]
-    except FileNotFoundError:
-        return []
-
-
-def _populated(path: str) -> bool:
-    with open(os.path.join(path, "cgroup.events")) as f:
-        return any(line.split() == ["populated", "1"] for line in f)
-
-
 def _wait_empty(path: str) -> None:
     """Wait for what the command left running; forward signals to all of it."""
-    while _populated(path):
+    while leftovers.populated(path):
         info = signal.sigtimedwait(WATCHED, 0.2)
         if info is not None and info.si_signo != signal.SIGCHLD:
-            for pid in _procs(path):
+            for pid in leftovers.procs(path):
                 _kill(pid, info.si_signo)
 
 
@@ -254,6 +278,7 @@ def _supervise(argv: list[str], cgroup_path: str | None) -> int:
         child = subprocess.Popen(argv, preexec_fn=in_child)
     except OSError as e:
         raise RunError(f"{argv[0]}: {e.strerror}") from None
+    reached("run:started")
     try:
         while child.poll() is None:
             info = signal.sigwaitinfo(WATCHED)

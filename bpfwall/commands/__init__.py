@@ -7,7 +7,7 @@ runs the command. Errors derive from bpfwall.errors.UserError.
 """
 import importlib
 
-MODULES = ("watch", "policy", "unit", "nft")  # e.g. ("policy", "watch"): filled in as command groups land
+MODULES = ("watch", "policy", "unit", "nft", "gc")  # e.g. ("policy", "watch"): filled in as command groups land
 
 
 def register_all(add) -> None:
