@@ -23,6 +23,7 @@ anywhere by a crash is recognised as the unit's, swapped or removed.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -127,7 +128,9 @@ _name_of_id: dict[int, str] = {}  # program ids are not reused while the kernel 
 
 
 def name_of(prog_id: int) -> str | None:
-    """The kernel name of program `prog_id` (None if it is gone)."""
+    """The kernel name of program `prog_id`; None if it is gone, or if we may not open programs
+    by id (that needs CAP_SYS_ADMIN: the hardened units run without it, and then only the
+    programs the pins name are recognised)."""
     name = _name_of_id.get(prog_id)
     if name is None:
         try:
@@ -139,6 +142,65 @@ def name_of(prog_id: int) -> str | None:
         finally:
             os.close(fd)
     return name
+
+
+class UnitPrograms:
+    """What belongs to one unit: the programs its pins name (id → direction, with an fd to act
+    on each without CAP_SYS_ADMIN) and, where the kernel lets us look, any program loaded
+    under the unit's name (a crash's leftover that no pin names any more)."""
+
+    def __init__(self, pin_root: str, unit: str):
+        self.names = {program_name(pin_root, unit, dr): dr for dr in DIRECTIONS}
+        self.fds: dict[int, tuple[str, int]] = {}
+        self.ids: dict[int, str] = {}  # programs known by id alone (what our links run)
+        self._owned: list[int] = []
+
+    def add(self, direction: str, fd: int, owned: bool = False) -> None:
+        self.fds[progs.prog_info(fd).id] = (direction, fd)
+        if owned:
+            self._owned.append(fd)
+
+    @classmethod
+    def of(cls, pin_root: str, unit: str, d: pins.PinDir | None) -> "UnitPrograms":
+        """Indexed from the unit's pin directory `d` (None: by name alone)."""
+        self = cls(pin_root, unit)
+        try:
+            for name in d.names() if d is not None else ():
+                direction = name[len(NEXT_PREFIX):] if name.startswith(NEXT_PREFIX) else name
+                if direction in DIRECTIONS:
+                    self.add(direction, d.get(name), owned=True)
+                elif (key := parse_link_name(name)) is not None:
+                    lfd = d.get(name)
+                    try:
+                        self.ids[links.info(lfd).prog_id] = key[0]
+                    finally:
+                        os.close(lfd)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def direction_of(self, prog_id: int) -> str | None:
+        if prog_id in self.fds:
+            return self.fds[prog_id][0]
+        if prog_id in self.ids:
+            return self.ids[prog_id]
+        return self.names.get(name_of(prog_id))
+
+    def fd(self, prog_id: int) -> int | None:
+        known = self.fds.get(prog_id)
+        return known[1] if known else None
+
+    def close(self) -> None:
+        for fd in self._owned:
+            os.close(fd)
+        self._owned.clear()
+
+    def __enter__(self) -> "UnitPrograms":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class _Lock(threading.local):
@@ -572,6 +634,9 @@ def _load_locked(pin_root, d, unit, program, obj, names, params, sets, mode, old
     loaded = loader.load(obj, reuse, names)
     undo: list = []
     new = None
+    # The programs the pins name now (also a crashed reload's next_<dir>), held open before the
+    # new ones take their pins: each can then be found and swapped on any cgroup.
+    known = UnitPrograms.of(pin_root, unit, d)
     try:
         new = PinnedUnit(unit, d.path, program.meta(), dict(loaded.maps), {})
         new.progs = {dr: loaded.progs[PROG_SECTIONS[dr]] for dr in DIRECTIONS if getattr(program, dr) is not None}
@@ -596,7 +661,7 @@ def _load_locked(pin_root, d, unit, program, obj, names, params, sets, mode, old
             d.replace(fd, NEXT_PREFIX + direction)
         reached("load:staged")
         if old is not None or cut_short or any(parse_link_name(n) for n in d.names()):
-            _swap_attachments(pin_root, unit, d, new, result, undo, set(old.progs) if old else set(DIRECTIONS))
+            _swap_attachments(d, new, known, result, undo, set(old.progs) if old else set(DIRECTIONS))
         reached("load:swapped")
         for direction in DIRECTIONS:
             if direction in new.progs:
@@ -626,20 +691,14 @@ def _load_locked(pin_root, d, unit, program, obj, names, params, sets, mode, old
             _clear_dir(d, keep_links=True)
         raise
     finally:
+        known.close()
         loaded.close()
 
 
-def _unit_programs(pin_root: str, unit: str) -> dict[str, str]:
-    """{program name: direction} of the unit's programs, whatever load made them."""
-    return {program_name(pin_root, unit, dr): dr for dr in DIRECTIONS}
-
-
-def _attached_anywhere(pin_root: str, unit: str) -> list[tuple[str, str, int]]:
-    """(cgroup, direction, program id) of every program of the unit attached anywhere, found by
-    the programs' own names (so also ones no pin names any more)."""
-    ours = _unit_programs(pin_root, unit)
-    return [(cg, dr, pid) for cg, dr, pid in cgroup.find_attachments(lambda pid: name_of(pid) in ours)
-            if ours[name_of(pid)] == dr]
+def _attached_anywhere(known: UnitPrograms) -> list[tuple[str, str, int]]:
+    """(cgroup, direction, program id) of every program of the unit attached anywhere."""
+    return [(cg, dr, pid) for cg, dr, pid in cgroup.find_attachments(known.direction_of)
+            if known.direction_of(pid) == dr]
 
 
 def _cgroup_ids(paths) -> dict[int, str]:
@@ -652,7 +711,8 @@ def _cgroup_ids(paths) -> dict[int, str]:
     return out
 
 
-def _swap_attachments(pin_root, unit, d, new: PinnedUnit, result: LoadResult, undo: list, old_dirs: set) -> None:
+def _swap_attachments(d, new: PinnedUnit, known: UnitPrograms, result: LoadResult, undo: list,
+                      old_dirs: set) -> None:
     """Make every attachment of the unit run the new programs: its pinned links are updated
     (BPF_LINK_UPDATE), programs attached with BPF_PROG_ATTACH (systemd's IP*FilterPath=, or an
     older bpfwall's) are replaced in place (BPF_F_REPLACE), duplicates detached; a direction the
@@ -671,7 +731,7 @@ def _swap_attachments(pin_root, unit, d, new: PinnedUnit, result: LoadResult, un
             elif direction in new.progs:
                 if info.prog_id != new_ids[direction]:
                     links.update(lfd, new.progs[direction], None, f"the link {d.path}/{name}")
-                    undo.append(lambda name=name, old_id=info.prog_id: _link_back(d, name, old_id))
+                    undo.append(lambda name=name, old_id=info.prog_id: _link_back(d, name, old_id, known))
                     result.replaced.append((cgid, direction))
                     reached("load:link-updated")
                 linked_cgroups.setdefault(cgid, set()).add(direction)
@@ -681,7 +741,9 @@ def _swap_attachments(pin_root, unit, d, new: PinnedUnit, result: LoadResult, un
                 result.detached.append((cgid, direction))
         finally:
             os.close(lfd)
-    found = _attached_anywhere(pin_root, unit)
+    for direction, fd in new.progs.items():
+        known.add(direction, fd)
+    found = _attached_anywhere(known)
     by_id = _cgroup_ids({cg for cg, _, _ in found})
     result.replaced = [(by_id.get(c, f"cgroup id {c}"), dr) for c, dr in result.replaced]
     result.detached = [(by_id.get(c, f"cgroup id {c}"), dr) for c, dr in result.detached]
@@ -691,42 +753,43 @@ def _swap_attachments(pin_root, unit, d, new: PinnedUnit, result: LoadResult, un
     for (cg, dr), ids in sorted(on.items()):
         if dr not in new.progs:
             for pid in ids:
-                if cgroup.detach_id(cg, pid, dr):
+                if cgroup.detach_id(cg, pid, dr, known.fd(pid)):
                     result.detached.append((cg, dr))
             continue
         stale = [pid for pid in ids if pid != new_ids[dr]]
         if stale and new_ids[dr] not in ids:
-            if cgroup.replace_id(cg, new.progs[dr], stale[0], dr):
+            if cgroup.replace_id(cg, new.progs[dr], stale[0], dr, known.fd(stale[0])):
                 old_id = stale.pop(0)
-                undo.append(lambda cg=cg, dr=dr, old_id=old_id, nfd=new.progs[dr]: _put_back(cg, dr, old_id, nfd))
+                undo.append(lambda cg=cg, dr=dr, old_id=old_id: _put_back(cg, dr, old_id, new, known))
                 result.replaced.append((cg, dr))
                 reached("load:replaced")
         for pid in stale:  # a second program of the unit on one cgroup: a crash's leftover
-            if cgroup.detach_id(cg, pid, dr):
+            if cgroup.detach_id(cg, pid, dr, known.fd(pid)):
                 result.detached.append((cg, dr))
     # A direction the unit did not filter before now reaches its cgroups too.
     where = sorted({cg for cg, _, _ in found} | {by_id[c] for c in linked_cgroups if c in by_id})
     for cg in where:
         for dr, fd in new.progs.items():
             if dr not in old_dirs and (cg, dr) not in on:
-                if attach_programs(d, cg, {dr: fd}, {dr: program_name(pin_root, unit, dr)})[dr]:
+                if attach_programs(d, cg, {dr: fd}, {dr: n for n, x in known.names.items() if x == dr})[dr]:
                     result.attached.append((cg, dr))
 
 
-def _link_back(d, name: str, old_id: int) -> None:
-    old_fd = progs.prog_get_fd_by_id(old_id)
-    try:
-        _update_link(d, name, old_fd)
-    finally:
-        os.close(old_fd)
+def _fd_by_id(prog_id: int, known: UnitPrograms) -> int:
+    fd = known.fd(prog_id)
+    if fd is None:
+        raise KernelError(errno.ENOENT, f"program id {prog_id} is no longer held")
+    return fd
 
 
-def _put_back(cg: str, direction: str, old_id: int, new_fd: int) -> None:
-    old_fd = progs.prog_get_fd_by_id(old_id)
-    try:
-        cgroup.attach(cg, old_fd, direction, replace_fd=new_fd)
-    finally:
-        os.close(old_fd)
+def _put_back(cg: str, direction: str, old_id: int, new: PinnedUnit, known: UnitPrograms) -> None:
+    """Undo one in-place replacement: the old program takes the new one's place again."""
+    new_fd = new.progs[direction]
+    cgroup.replace_id(cg, _fd_by_id(old_id, known), progs.prog_info(new_fd).id, direction, new_fd)
+
+
+def _link_back(d, name: str, old_id: int, known: UnitPrograms) -> None:
+    _update_link(d, name, _fd_by_id(old_id, known))
 
 
 def _clear_dir(d, keep_links: bool = False) -> None:
@@ -747,37 +810,47 @@ def unload(pin_root: str, unit: str) -> list:
     key = unitkey.encode(unit)
     with _locked(pin_root) as root:
         present = root.exists(key)
-        found = _attached_anywhere(pin_root, unit)
-        by_id = _cgroup_ids({cg for cg, _, _ in found})
-        detached = []
-        if present:
-            with root.sub(key) as d:
-                for name in d.names():
-                    if (link_key := parse_link_name(name)) is None:
-                        continue
-                    lfd = d.get(name)
-                    try:
-                        if not links.info(lfd).defunct:
-                            links.detach(lfd)
-                            detached.append((by_id.get(link_key[1], f"cgroup id {link_key[1]}"), link_key[0]))
-                    finally:
-                        os.close(lfd)
-                    d.unpin(name)
-                    reached("unload:link-detached")
-        for cg, dr, pid in found:
-            if cgroup.detach_id(cg, pid, dr):
-                detached.append((cg, dr))
-                reached("unload:detached")
-        if not present:
-            if not detached:
-                raise BackendError(f"unit {unit} is not loaded (no pins at {unit_dir(pin_root, unit)})")
-            return detached
+        with root.sub(key) if present else _nothing() as d, UnitPrograms.of(pin_root, unit, d) as known:
+            return _unload_locked(pin_root, unit, root, key, present, known)
+
+
+@contextmanager
+def _nothing():
+    yield None
+
+
+def _unload_locked(pin_root, unit, root, key, present, known) -> list:
+    found = _attached_anywhere(known)
+    by_id = _cgroup_ids({cg for cg, _, _ in found})
+    detached = []
+    if present:
         with root.sub(key) as d:
-            _clear_dir(d)
-        try:
-            root.rmdir(key)
-        except KernelError as e:
-            raise BackendError(f"could not remove {unit_dir(pin_root, unit)}: {e}") from None
+            for name in d.names():
+                if (link_key := parse_link_name(name)) is None:
+                    continue
+                lfd = d.get(name)
+                try:
+                    if not links.info(lfd).defunct:
+                        links.detach(lfd)
+                        detached.append((by_id.get(link_key[1], f"cgroup id {link_key[1]}"), link_key[0]))
+                finally:
+                    os.close(lfd)
+                d.unpin(name)
+                reached("unload:link-detached")
+    for cg, dr, pid in found:
+        if cgroup.detach_id(cg, pid, dr, known.fd(pid)):
+            detached.append((cg, dr))
+            reached("unload:detached")
+    if not present:
+        if not detached:
+            raise BackendError(f"unit {unit} is not loaded (no pins at {unit_dir(pin_root, unit)})")
+        return detached
+    with root.sub(key) as d:
+        _clear_dir(d)
+    try:
+        root.rmdir(key)
+    except KernelError as e:
+        raise BackendError(f"could not remove {unit_dir(pin_root, unit)}: {e}") from None
     return detached
 
 
@@ -800,11 +873,13 @@ def attach(pin_root: str, unit: str, cgroup_path: str) -> dict[str, bool]:
     with _locked(pin_root) as root, PinnedUnit.open(pin_root, unit, root) as u:
         if not u.progs:
             raise BackendError(f"unit {unit} has no programs pinned")
-        with root.sub(unitkey.encode(unit)) as d:
-            return attach_programs(d, target, u.progs, {dr: program_name(pin_root, unit, dr) for dr in u.progs})
+        with root.sub(unitkey.encode(unit)) as d, UnitPrograms.of(pin_root, unit, d) as known:
+            return attach_programs(d, target, u.progs, {dr: program_name(pin_root, unit, dr) for dr in u.progs},
+                                   known)
 
 
-def attach_programs(d: pins.PinDir, target: str, prog_fds: dict[str, int], names: dict[str, str]) -> dict[str, bool]:
+def attach_programs(d: pins.PinDir, target: str, prog_fds: dict[str, int], names: dict[str, str],
+                    known: UnitPrograms | None = None) -> dict[str, bool]:
     """Make the cgroup at `target` run exactly these programs of the unit whose pin directory is
     `d`, all or nothing: {direction: newly attached}. A stale program of the unit there is
     swapped in place, a duplicate removed; a new attachment is a link pinned in `d`.
@@ -814,7 +889,7 @@ def attach_programs(d: pins.PinDir, target: str, prog_fds: dict[str, int], names
     done: dict[str, bool] = {}
     try:
         for direction, fd in prog_fds.items():
-            done[direction] = _ensure_attached(d, target, cgid, direction, fd, names[direction], made)
+            done[direction] = _ensure_attached(d, target, cgid, direction, fd, names[direction], made, known)
     except BaseException:
         for name in made:
             _drop_link(d, name)
@@ -822,24 +897,29 @@ def attach_programs(d: pins.PinDir, target: str, prog_fds: dict[str, int], names
     return done
 
 
-def _ensure_attached(d, target: str, cgid: int, direction: str, fd: int, name: str, made: list) -> bool:
+def _ensure_attached(d, target: str, cgid: int, direction: str, fd: int, name: str, made: list,
+                     known: UnitPrograms | None) -> bool:
     prog_id = progs.prog_info(fd).id
     ids = cgroup.query(target, direction)[1]
-    stale = [pid for pid in ids if pid != prog_id and name_of(pid) == name]
+    if known is not None:
+        stale = [pid for pid in ids if pid != prog_id and known.direction_of(pid) == direction]
+    else:
+        stale = [pid for pid in ids if pid != prog_id and name_of(pid) == name]
+    fd_of = known.fd if known is not None else (lambda pid: None)
     lname = link_name(direction, cgid)
     newly = False
     if prog_id not in ids:
         if d.exists(lname) and _update_link(d, lname, fd):
             pass  # our link ran a stale program (a reload cut short): it runs this one now
         elif stale:
-            if cgroup.replace_id(target, fd, stale[0], direction):  # systemd's, or an older bpfwall's
+            if cgroup.replace_id(target, fd, stale[0], direction, fd_of(stale[0])):  # systemd's, an older bpfwall's
                 stale.pop(0)
             else:
                 newly = _new_link(d, target, direction, fd, lname, made)
         else:
             newly = _new_link(d, target, direction, fd, lname, made)
     for pid in stale:  # never two programs of one unit and direction on a cgroup
-        cgroup.detach_id(target, pid, direction)
+        cgroup.detach_id(target, pid, direction, fd_of(pid))
     return newly
 
 
@@ -888,7 +968,8 @@ def _drop_link(d, lname: str) -> bool:
     return live
 
 
-def detach_programs(d, target: str, names: dict[str, str], directions=None) -> list[str]:
+def detach_programs(d, target: str, names: dict[str, str], directions=None,
+                    known: UnitPrograms | None = None) -> list[str]:
     """Remove the unit (programs named `names`: direction → name) from the cgroup at `target`:
     its link and any program of it attached otherwise. The directions that were attached."""
     cgid = cgroup.cgroup_id(target)
@@ -898,8 +979,9 @@ def detach_programs(d, target: str, names: dict[str, str], directions=None) -> l
             continue
         gone = _drop_link(d, link_name(direction, cgid))
         for pid in cgroup.query(target, direction)[1]:
-            if name_of(pid) == name:
-                gone = cgroup.detach_id(target, pid, direction) or gone
+            ours = known.direction_of(pid) == direction if known is not None else name_of(pid) == name
+            if ours:
+                gone = cgroup.detach_id(target, pid, direction, known.fd(pid) if known else None) or gone
         if gone:
             out.append(direction)
     return out
@@ -909,8 +991,8 @@ def detach(pin_root: str, unit: str, cgroup_path: str) -> dict[str, bool]:
     target = cgroup.resolve(cgroup_path)
     with _locked(pin_root) as root, PinnedUnit.open(pin_root, unit, root) as u:
         names = {dr: program_name(pin_root, unit, dr) for dr in DIRECTIONS}
-        with root.sub(unitkey.encode(unit)) as d:
-            gone = detach_programs(d, target, names)
+        with root.sub(unitkey.encode(unit)) as d, UnitPrograms.of(pin_root, unit, d) as known:
+            gone = detach_programs(d, target, names, known=known)
         return {dr: dr in gone for dr in u.progs}
 
 
@@ -934,8 +1016,17 @@ def _attachment(cg: str, direction: str, pid: int, current: dict[str, int]) -> d
     return {"cgroup": cg, "direction": direction, "program": pid, "current": pid == current.get(direction)}
 
 
+@contextmanager
+def unit_programs(pin_root: str, unit: str):
+    """The unit's UnitPrograms, read from its (checked) pins."""
+    with open_root(pin_root) as root:
+        key = unitkey.encode(unit)
+        with root.sub(key) if root.exists(key) else _nothing() as d, UnitPrograms.of(pin_root, unit, d) as known:
+            yield known
+
+
 def stats(pin_root: str, unit: str) -> dict:
-    with PinnedUnit.open(pin_root, unit) as u:
+    with PinnedUnit.open(pin_root, unit) as u, unit_programs(pin_root, unit) as known:
         ids = u.prog_ids()
         return {
             "unit": unit,
@@ -947,7 +1038,7 @@ def stats(pin_root: str, unit: str) -> dict:
             "counters": u.counters(),
             "params": u.params(),
             "sets": {name: u.set_elements(name) for name in sorted(u.meta["sets"])},
-            "attached": [_attachment(cg, dr, pid, ids) for cg, dr, pid in sorted(_attached_anywhere(pin_root, unit))],
+            "attached": [_attachment(cg, dr, pid, ids) for cg, dr, pid in sorted(_attached_anywhere(known))],
         }
 
 
@@ -961,15 +1052,20 @@ def summary(pin_root: str) -> list[dict]:
                             "egress": u.meta["egress"], "programs": ids})
         except (BackendError, KernelError) as e:
             out.append({"unit": unit, "error": str(e), "programs": {}})
-    owner = {}
-    for entry in out:
-        entry["attached"] = []
-        for name, direction in _unit_programs(pin_root, entry["unit"]).items():
-            owner[name] = (entry, direction)
-    for cg, direction, pid in sorted(cgroup.find_attachments(lambda pid: name_of(pid) in owner)):
-        entry, dr = owner[name_of(pid)]
-        if dr == direction:
-            entry["attached"].append(_attachment(cg, direction, pid, entry["programs"]))
+    with contextlib.ExitStack() as stack:
+        index = [(entry, stack.enter_context(unit_programs(pin_root, entry["unit"]))) for entry in out]
+        for entry in out:
+            entry["attached"] = []
+
+        def owner(pid: int):
+            for entry, known in index:
+                if (dr := known.direction_of(pid)) is not None:
+                    return entry, dr
+            return None
+        for cg, direction, pid in sorted(cgroup.find_attachments(lambda pid: owner(pid) is not None)):
+            entry, dr = owner(pid)
+            if dr == direction:
+                entry["attached"].append(_attachment(cg, direction, pid, entry["programs"]))
     return out
 
 

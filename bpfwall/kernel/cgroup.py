@@ -178,14 +178,17 @@ def link(cgroup_path: str, prog_fd: int, direction: str) -> int:
         os.close(fd)
 
 
-def _with_prog(prog_id: int, action) -> bool:
-    """action(fd of program `prog_id`); False when the program (or its attachment) is gone."""
-    try:
-        fd = prog_get_fd_by_id(prog_id)
-    except KernelError as e:
-        if e.errno == errno.ENOENT:
-            return False
-        raise
+def _with_prog(prog_id: int, fd: int | None, action) -> bool:
+    """action(fd of program `prog_id`); False when the program (or its attachment) is gone.
+    Without `fd`, the program is opened by id, which needs CAP_SYS_ADMIN."""
+    own = fd is None
+    if own:
+        try:
+            fd = prog_get_fd_by_id(prog_id)
+        except KernelError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            raise
     try:
         return action(fd)
     except KernelError as e:
@@ -193,18 +196,20 @@ def _with_prog(prog_id: int, action) -> bool:
             return False
         raise
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
 
 
-def replace_id(cgroup_path: str, prog_fd: int, old_id: int, direction: str) -> bool:
-    """Swap program `old_id` (attached with BPF_PROG_ATTACH, e.g. by systemd) for `prog_fd`'s in
-    place; False if `old_id` is no longer attached there."""
-    return _with_prog(old_id, lambda old_fd: attach(cgroup_path, prog_fd, direction, replace_fd=old_fd) or True)
+def replace_id(cgroup_path: str, prog_fd: int, old_id: int, direction: str, old_fd: int | None = None) -> bool:
+    """Swap program `old_id` (attached with BPF_PROG_ATTACH, e.g. by systemd; `old_fd` if we hold
+    it) for `prog_fd`'s in place; False if `old_id` is no longer attached there."""
+    return _with_prog(old_id, old_fd, lambda fd: attach(cgroup_path, prog_fd, direction, replace_fd=fd) or True)
 
 
-def detach_id(cgroup_path: str, prog_id: int, direction: str) -> bool:
-    """Detach program `prog_id` (attached with BPF_PROG_ATTACH) from the cgroup; False if it was not."""
-    return _with_prog(prog_id, lambda fd: detach(cgroup_path, fd, direction))
+def detach_id(cgroup_path: str, prog_id: int, direction: str, fd: int | None = None) -> bool:
+    """Detach program `prog_id` (attached with BPF_PROG_ATTACH; `fd` if we hold it) from the
+    cgroup; False if it was not."""
+    return _with_prog(prog_id, fd, lambda f: detach(cgroup_path, f, direction))
 
 
 def detach(cgroup_path: str, prog_fd: int, direction: str) -> bool:

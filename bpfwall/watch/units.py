@@ -136,6 +136,7 @@ class BpfUnits:
         self.pin_root = pin_root
         self.cache = cache
         self._owner: dict[str, tuple[str, str]] = {}  # program name → (unit, direction)
+        self._owner_ids: dict[int, tuple[str, str]] = {}  # program id → (unit, direction)
 
     def prepare(self, entry) -> None:
         """Compile now (cached), so a bad build stops a reload before anything changes."""
@@ -182,6 +183,9 @@ class BpfUnits:
         cgroup takes its programs with it, so nothing is ever left to drop: []."""
         self._owner = {h.names[d]: (name, d) for name, h in handles.items() if h.backend == self.backend
                        for d in bpf.DIRECTIONS}
+        # By id too: names are read by id, which needs CAP_SYS_ADMIN (bpfwall.service has not).
+        self._owner_ids = {pid: (name, d) for name, h in handles.items() if h.backend == self.backend
+                           for d, pid in h.ids.items()}
         return []
 
     def ours_on(self, path: str) -> list[tuple[str, str]]:
@@ -189,8 +193,10 @@ class BpfUnits:
         out = []
         for direction in bpf.DIRECTIONS:
             _, ids = cgroup.query(path, direction)
-            out += [self._owner[n] for pid in ids if (n := bpf.name_of(pid)) in self._owner
-                    and self._owner[n][1] == direction]
+            for pid in ids:
+                owner = self._owner_ids.get(pid) or self._owner.get(bpf.name_of(pid))
+                if owner is not None and owner[1] == direction:
+                    out.append(owner)
         return sorted(set(out))
 
 

@@ -57,7 +57,8 @@ def test_service_receives_exactly_what_its_ingress_filter_allows(c):
         assert packets(stats, "ingress", "pass") == N
         assert packets(stats, "ingress", "drop") == N
         state = receiver_state(c, svc)
-        assert stats["attached"] == [{"cgroup": "/sys/fs/cgroup" + state["cgroup"], "direction": "ingress"}]
+        assert [(a["cgroup"], a["direction"], a["current"]) for a in stats["attached"]] == \
+            [("/sys/fs/cgroup" + state["cgroup"], "ingress", True)]
 
         # systemd attached the pinned program itself, before the service's first process ran.
         prog_id = pinned_prog_id(c, pin)

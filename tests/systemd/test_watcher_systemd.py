@@ -119,7 +119,8 @@ def test_watcher_attaches_to_a_service_after_each_restart(c):
         send_udp(c, {6002: N, 6001: N})
         assert wait_counts(c, "wsvc.service", {6001: N}) == {6001: N, 6002: 0}
         stats = bpfwall_stats(c, "wsvc.service")
-        assert stats["attached"] == [{"cgroup": "/sys/fs/cgroup/system.slice/wsvc.service", "direction": "ingress"}]
+        assert [(a["cgroup"], a["direction"], a["current"]) for a in stats["attached"]] == \
+            [("/sys/fs/cgroup/system.slice/wsvc.service", "ingress", True)]
     finally:
         c.systemctl("stop", "wsvc.service")
 
