@@ -24,6 +24,7 @@ import time
 from ..backends.bpf import BackendError
 from ..kernel.errors import KernelError
 from ..nft.errors import NftError
+from ..nft.state import StateFile
 from . import inotify as ino
 from .log import DEBUG, INFO, Log
 from .nftguard import TableGuard
@@ -43,6 +44,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # The element of a removed cgroup matches nothing meanwhile (cgroup ids are never reused).
 CLEANUP_IDLE, CLEANUP_MAX = 0.02, 1.0
 BACKEND_ERRORS = (KernelError, BackendError, NftError)
+# A state file the disk refused (full) is written again this often; the filters never wait for it.
+RETRY_RECORDS = 1.0
 
 
 def load_policy_checked(policy_dir: str | None):
@@ -74,6 +77,8 @@ class Watcher:
         self.guard: TableGuard | None = None
         self._table_locked = False
         self._sent_status = None
+        self._unrecorded: dict[str, str] = {}  # state file → why it could not be written (logged)
+        self._retry_at: float | None = None    # when to write them again (monotonic)
         self._signals: tuple[int, int, dict, int] | None = None  # pipe fds, previous handlers, wakeup fd
 
     # -- helpers --------------------------------------------------------------
@@ -136,7 +141,7 @@ class Watcher:
                 self.state.retired[entry.name] = owned
             self.units[entry.name] = handle
             self.state.units[entry.name] = adapter.owned(handle)
-            self.state.write()
+            self.record()
             self.log.event("load", f"{entry.name}: {how} ({', '.join(handle.directions) or 'no filters'}, "
                                    f"{entry.backend})",
                            DEBUG if how == "reused" else INFO, unit=entry.name,
@@ -166,7 +171,7 @@ class Watcher:
                 f"to nft table {now.table}" if now.backend == "nft" else "to the bpf backend"
             if self._unload(name, owned, f"moved {where}"):
                 del self.state.retired[name]
-                self.state.write()
+                self.record()
         wanted = {e.name for e in self.policy.entries}
         for name in [n for n in self.state.units if n not in wanted]:
             handle = self.units.pop(name, None)
@@ -177,7 +182,54 @@ class Watcher:
             if handle is not None:
                 handle.close()
             del self.state.units[name]
+            self.record()
+
+    # -- records --------------------------------------------------------------
+
+    def record(self) -> None:
+        """Write the watcher state after a change the kernel has made already. A failure (a full
+        disk) is logged and retried: it must never stop the watcher, whose filters are in place."""
+        try:
             self.state.write()
+        except WatchError:
+            pass  # state.unsaved says why; check_records logs it
+        self.check_records()
+
+    def check_records(self) -> None:
+        """Log each state file that cannot be written (once per reason) and each written again;
+        schedule the retry; reconcile when a waiting nft state was replaced by another writer."""
+        failing = StateFile.unrecorded()
+        if self.state.unsaved is not None:
+            failing[self.state.path] = self.state.unsaved
+        for path, why in failing.items():
+            if self._unrecorded.get(path) != why:
+                self.log.error("record", f"{why}; the filters are in place and stay so, writing it is "
+                                         f"retried every {RETRY_RECORDS:g} s", file=path)
+        for path in set(self._unrecorded) - set(failing):
+            self.log.info("record", f"{path} is written again", file=path)
+        self._unrecorded = failing
+        if not failing:
+            self._retry_at = None
+        elif self._retry_at is None:
+            self._retry_at = time.monotonic() + RETRY_RECORDS
+        lost = StateFile.take_lost()
+        if lost and self.policy is not None:
+            self.log.warning("record", f"{', '.join(lost)} was written by another process before the changes "
+                                       "waiting for it: reconciling", file=lost[0])
+            self.reconcile()
+
+    def retry_records(self) -> None:
+        self._retry_at = None
+        if self.state.unsaved is not None:
+            try:
+                self.state.write()
+            except WatchError:
+                pass
+        try:
+            StateFile.retry_unrecorded()
+        except NftError as e:
+            self.log.error("record", str(e))
+        self.check_records()
 
     # -- cgroups --------------------------------------------------------------
 
@@ -378,7 +430,10 @@ class Watcher:
     def start(self, once: bool = False) -> None:
         policy = load_policy_checked(self.policy_dir)  # invalid: nothing has changed yet
         self.state.lock()
-        self.state.read()
+        unusable = self.state.read()
+        if unusable:
+            self.log.warning("state", unusable, file=self.state.path)
+        StateFile.record_later = True  # filter first, record after: see nft/state.py
         if not once:
             try:
                 self.inotify = ino.Inotify()
@@ -389,8 +444,15 @@ class Watcher:
         self.apply_policy(policy)
         self.reconcile()
         self.unload_removed()
+        if unusable:
+            self.record()
         self.update_status()
         self.log.info("start", f"{self.status} under {self.root}")
+        if once and self._unrecorded:
+            self.retry_records()
+            if self._unrecorded:
+                raise WatchError(f"the filters are attached, but {', '.join(self._unrecorded)} could not be "
+                                 f"written: {next(iter(self._unrecorded.values()))}")
 
     def _catch_signals(self) -> None:
         """Signals become bytes on a pipe (signal.set_wakeup_fd), read by the poll loop."""
@@ -441,16 +503,22 @@ class Watcher:
             due = self.cleanup_due()
             if due is not None and time.monotonic() >= due:
                 self.cleanup()
+            self.check_records()
+            if self._retry_at is not None and time.monotonic() >= self._retry_at:
+                self.retry_records()
 
     def _timeout_ms(self) -> int | None:
         """How long poll(2) may wait: until the guard's next check or the cleanup, else forever."""
         waits = [] if self.guard is None else [self.guard.timeout_ms()]
-        due = self.cleanup_due()
-        if due is not None:
-            waits.append(max(0, int((due - time.monotonic()) * 1000) + 1))
+        for due in (self.cleanup_due(), self._retry_at):
+            if due is not None:
+                waits.append(max(0, int((due - time.monotonic()) * 1000) + 1))
         return min(waits) if waits else None
 
     def close(self) -> None:
+        if self._unrecorded:
+            self.retry_records()  # a last try; what is still unwritten was logged
+        StateFile.record_later = False
         self._release_signals()
         if self.guard is not None:
             self.guard.close()
