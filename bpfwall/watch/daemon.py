@@ -26,7 +26,7 @@ from ..kernel.errors import KernelError
 from ..nft.errors import NftError
 from ..nft.state import StateFile
 from . import inotify as ino
-from .log import DEBUG, INFO, Log
+from .log import DEBUG, ERROR, INFO, Log
 from .nftguard import TableGuard
 from .nftunits import NftUnits
 from .notify import Notifier
@@ -44,8 +44,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # The element of a removed cgroup matches nothing meanwhile (cgroup ids are never reused).
 CLEANUP_IDLE, CLEANUP_MAX = 0.02, 1.0
 BACKEND_ERRORS = (KernelError, BackendError, NftError)
-# A state file the disk refused (full) is written again this often; the filters never wait for it.
-RETRY_RECORDS = 1.0
+# A state file the disk refused (full), and a cgroup whose sync failed (e.g. the nft worker timed
+# out and was restarted), are tried again this often; the filters never wait for a record.
+RETRY = 1.0
 
 
 def load_policy_checked(policy_dir: str | None):
@@ -78,7 +79,8 @@ class Watcher:
         self._table_locked = False
         self._sent_status = None
         self._unrecorded: dict[str, str] = {}  # state file → why it could not be written (logged)
-        self._retry_at: float | None = None    # when to write them again (monotonic)
+        self._resync: dict[str, str] = {}      # cgroup whose sync failed → the error (logged once)
+        self._retry_at: float | None = None    # when to retry those (monotonic)
         self._signals: tuple[int, int, dict, int] | None = None  # pipe fds, previous handlers, wakeup fd
 
     # -- helpers --------------------------------------------------------------
@@ -204,22 +206,34 @@ class Watcher:
         for path, why in failing.items():
             if self._unrecorded.get(path) != why:
                 self.log.error("record", f"{why}; the filters are in place and stay so, writing it is "
-                                         f"retried every {RETRY_RECORDS:g} s", file=path)
+                                         f"retried every {RETRY:g} s", file=path)
         for path in set(self._unrecorded) - set(failing):
             self.log.info("record", f"{path} is written again", file=path)
         self._unrecorded = failing
-        if not failing:
-            self._retry_at = None
-        elif self._retry_at is None:
-            self._retry_at = time.monotonic() + RETRY_RECORDS
+        self._schedule_retry()
         lost = StateFile.take_lost()
         if lost and self.policy is not None:
             self.log.warning("record", f"{', '.join(lost)} was written by another process before the changes "
                                        "waiting for it: reconciling", file=lost[0])
             self.reconcile()
 
-    def retry_records(self) -> None:
+    def _schedule_retry(self) -> None:
+        if not self._unrecorded and not self._resync:
+            self._retry_at = None
+        elif self._retry_at is None:
+            self._retry_at = time.monotonic() + RETRY
+
+    def retry(self) -> None:
+        """Sync the cgroups whose sync failed again, and write the state files the disk refused."""
         self._retry_at = None
+        for path in sorted(self._resync):
+            if os.path.isdir(path):
+                self.sync_cgroup(path, fresh=False)
+            else:
+                self._resync.pop(path)
+        self.retry_records()
+
+    def retry_records(self) -> None:
         if self.state.unsaved is not None:
             try:
                 self.state.write()
@@ -300,13 +314,18 @@ class Watcher:
             self._detach(path, stale)
             if handle is None:
                 self.attached.pop(path, None)
+            self._resync.pop(path, None)
         except BACKEND_ERRORS as e:
             if (isinstance(e, KernelError) and is_gone(e)) or not os.path.isdir(path):
                 self.log.debug("vanished", f"{path} went away before it was handled", cgroup=path)
+                self._resync.pop(path, None)
                 self._gone(path)
                 return
-            self.log.error("attach", str(e), unit=os.path.basename(path), cgroup=path,
-                           entry=entry.name if entry is not None else None)
+            repeated = self._resync.get(path) == str(e)
+            self.log.event("attach", f"{e}; trying again every {RETRY:g} s", DEBUG if repeated else ERROR,
+                           unit=os.path.basename(path), cgroup=path, entry=entry.name if entry is not None else None)
+            self._resync[path] = str(e)
+            self._schedule_retry()
 
     def _stale(self, path: str, keep) -> list[tuple[str, str]]:
         """(unit, direction) of our filters on this cgroup that are not `keep`'s."""
@@ -505,7 +524,7 @@ class Watcher:
                 self.cleanup()
             self.check_records()
             if self._retry_at is not None and time.monotonic() >= self._retry_at:
-                self.retry_records()
+                self.retry()
 
     def _timeout_ms(self) -> int | None:
         """How long poll(2) may wait: until the guard's next check or the cleanup, else forever."""
