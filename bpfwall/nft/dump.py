@@ -11,7 +11,7 @@ namespace (a few ms for a table of 1,000 units, checked once a second).
 A dump spans several datagrams, and the kernel marks them NLM_F_DUMP_INTR when
 the ruleset changed between two of them (any change: another program's table
 too): such a dump may have skipped or repeated entries, so it is read to its
-end and made again (DUMP_TRIES times at most), never taken for damage (which
+end and made again (DUMP_TRIES times at most, pausing 1, 2, 4… ms), never taken for damage (which
 would make the guard rebuild the table and zero its counters). The kernel
 answers a dump at once; one that has not answered within DUMP_TIMEOUT seconds
 is an error, not a frozen watcher.
@@ -23,6 +23,7 @@ import os
 import socket
 import struct
 import sys
+import time
 from typing import Iterator
 
 from .errors import NftError
@@ -164,11 +165,13 @@ def _dump(msg_type: int, attrs: bytes, what: str) -> list[dict[int, bytes]] | No
     payload = _GEN.pack(NFPROTO_INET, 0, 0) + attrs
     kind = (NFNL_SUBSYS_NFTABLES << 8) | msg_type
     request = _HDR.pack(_HDR.size + len(payload), kind, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + payload
-    for _ in range(DUMP_TRIES):
+    for attempt in range(DUMP_TRIES):
         try:
             return exchange(request, what)
         except Interrupted:
             interrupted += 1
+            if attempt + 1 < DUMP_TRIES:
+                time.sleep(0.001 * 2 ** attempt)  # let a burst of changes pass: 127 ms in all
     raise NftError(f"{what}: the ruleset changed during each of {DUMP_TRIES} dumps in a row")
 
 
