@@ -470,8 +470,7 @@ class Watcher:
         if once and self._unrecorded:
             self.retry_records()
             if self._unrecorded:
-                raise WatchError(f"the filters are attached, but {', '.join(self._unrecorded)} could not be "
-                                 f"written: {next(iter(self._unrecorded.values()))}")
+                raise WatchError(f"the filters are attached, but not recorded: {next(iter(self._unrecorded.values()))}")
 
     def _catch_signals(self) -> None:
         """Signals become bytes on a pipe (signal.set_wakeup_fd), read by the poll loop."""
