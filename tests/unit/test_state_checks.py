@@ -41,6 +41,26 @@ def test_a_state_bpfwall_writes_passes():
     check_state(good_state(), TABLE)
 
 
+@pytest.mark.parametrize("ingress,egress", [
+    ("dst_port in @ports || icmp_type in @ports || saddr in @nets || len in @ports", None),
+    (None, "(tcp && remote_port in @ports) || (icmp && icmp_code in @ports) || daddr in @nets"),
+    ("udp && local_port == $p", "!(icmp_type in @ports) || " + " || ".join(f"dst_port == {i}" for i in range(40))),
+])
+def test_every_rendering_passes_the_check(ingress, egress):
+    """What load() records for real expressions (every set key type, many chains) is valid."""
+    from bpfwall.backends import nft
+    from bpfwall.nft import layout
+
+    u = {"ingress": ingress, "egress": egress, "params": {"p": 7} if "$p" in (ingress or "") else {},
+         "mode": "audit", "sets": {"ports": {"kind": "number", "elements": ["0", "53", "8000..8100"]},
+                                   "nets": {"kind": "address", "elements": ["10.0.0.0/8", "fd00::/8"]}},
+         "attached": [{"cgroup": "a.slice/b.service", "level": 2, "id": 77, "directions": ["egress", "ingress"]}]}
+    u["sets"] = {n: s for n, s in u["sets"].items() if f"@{n}" in (ingress or "") + (egress or "")}
+    u["attached"][0]["directions"] = [d for d in ("ingress", "egress") if u[d] is not None]
+    u["objects"] = layout.objects_of(nft._render("b.service", u))
+    check_state({"version": 2, "table": TABLE, "units": {"b.service": u}}, TABLE)
+
+
 def _set(path: str, value):
     def change(state):
         *head, last = path.split("/")
