@@ -377,9 +377,9 @@ def load(table: str, unit: str, program, params: dict | None = None, sets: dict 
                 cmds.append(layout.add_elements(table, d, a["level"], [(a["cgroup"], names.chain(d))]))
             a["directions"] = sorted(after)
         result.detached = [(os.path.join(cg.cgroup2_mount(), c), d) for c, d in result.detached]
-        _apply(table, state, live, cmds, new_levels - _levels_without(state, unit), f"loading {unit}")
         new["objects"] = layout.objects_of(rendered)
-        sf.save(state)
+        with sf.recording(state):
+            _apply(table, state, live, cmds, new_levels - _levels_without(state, unit), f"loading {unit}")
     return result
 
 
@@ -423,14 +423,14 @@ def unload(table: str, unit: str) -> list:
         live = _ensure(table, state)
         detached = [(os.path.join(cg.cgroup2_mount(), a["cgroup"]), d) for a in u["attached"] for d in a["directions"]]
         del state["units"][unit]
-        if not state["units"]:
-            if _live_chains(table) is not None:
-                runner().json([layout.delete_table(table)], f"unloading {unit}")
-        else:
-            cmds = _element_removals(table, state, unit, u["attached"])
-            cmds += layout.remove_unit_objects(table, u["objects"])
-            _apply(table, state, live, cmds, set(), f"unloading {unit}")
-        sf.save(state)
+        with sf.recording(state):
+            if not state["units"]:
+                if _live_chains(table) is not None:
+                    runner().json([layout.delete_table(table)], f"unloading {unit}")
+            else:
+                cmds = _element_removals(table, state, unit, u["attached"])
+                cmds += layout.remove_unit_objects(table, u["objects"])
+                _apply(table, state, live, cmds, set(), f"unloading {unit}")
     return detached
 
 
@@ -479,17 +479,19 @@ def attach(table: str, unit: str, cgroup_path: str) -> dict[str, bool]:
         what = f"attaching {unit} to {absolute}"
         # The watcher's hot path: no health check first (an attach only adds, so no level can
         # empty). If the table was damaged the transaction fails: restore, then run it again.
-        try:
-            _apply(table, state, set(), list(cmds), new_levels, what)
-        except NftError:
-            if not _alive(record):
-                raise NftError(f"no such cgroup: {absolute} (it vanished while being attached)") from None
-            if healthy(table, state):
-                raise
-            _rebuild(table, state)
-            _apply(table, state, set(), cmds, new_levels, what)
         u["attached"].append(record)
-        sf.save(state)
+        with sf.recording(state):
+            try:
+                _apply(table, state, set(), list(cmds), new_levels, what)
+            except NftError:
+                if not _alive(record):
+                    raise NftError(f"no such cgroup: {absolute} (it vanished while being attached)") from None
+                u["attached"].remove(record)
+                if healthy(table, state):
+                    raise
+                _rebuild(table, state)
+                u["attached"].append(record)
+                _apply(table, state, set(), cmds, new_levels, what)
     return {d: True for d in directions}
 
 
@@ -503,8 +505,8 @@ def detach(table: str, unit: str, cgroup_path: str) -> dict[str, bool]:
             return {d: False for d in _directions(u)}
         live = _ensure(table, state)
         u["attached"] = [a for a in u["attached"] if a["cgroup"] != rel]
-        _apply(table, state, live, _element_removals(table, state, unit, records), set(), f"detaching {unit}")
-        sf.save(state)
+        with sf.recording(state):
+            _apply(table, state, live, _element_removals(table, state, unit, records), set(), f"detaching {unit}")
     return {d: any(d in a["directions"] for a in records) for d in _directions(u)}
 
 
@@ -555,10 +557,10 @@ def set_values(table: str, unit: str, changes: list) -> list[str]:
                 raise NftError(f"unknown change {change!r}")
         rendered = _render(unit, new)
         _ensure(table, state)
-        runner().json(layout.render_unit(table, rendered, u["objects"]), f"changing {unit}")
         new["objects"] = layout.objects_of(rendered)
         state["units"][unit] = new
-        sf.save(state)
+        with sf.recording(state):
+            runner().json(layout.render_unit(table, rendered, u["objects"]), f"changing {unit}")
     return done
 
 

@@ -7,6 +7,14 @@ tree for its path: about 0.2 s per listing with 1,000 attached cgroups. The
 guard only needs which chains exist, how many rules each has and which cgroup
 ids each map holds, which the kernel's dumps give directly, in this network
 namespace (a few ms for a table of 1,000 units, checked once a second).
+
+A dump spans several datagrams, and the kernel marks them NLM_F_DUMP_INTR when
+the ruleset changed between two of them (any change: another program's table
+too): such a dump may have skipped or repeated entries, so it is read to its
+end and made again (DUMP_TRIES times at most, pausing 1, 2, 4… ms), never taken for damage (which
+would make the guard rebuild the table and zero its counters). The kernel
+answers a dump at once; one that has not answered within DUMP_TIMEOUT seconds
+is an error, not a frozen watcher.
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ import os
 import socket
 import struct
 import sys
+import time
 from typing import Iterator
 
 from .errors import NftError
@@ -30,12 +39,20 @@ NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 
 NFTA_LIST_ELEM = 1
 NFTA_SET_ELEM_KEY = 1
 NFTA_DATA_VALUE = 1
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLM_F_REQUEST, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 
 _HDR = struct.Struct("=IHHII")      # nlmsghdr
 _GEN = struct.Struct("=BBH")        # nfgenmsg: family, version, res_id (big endian, 0 here)
 _ATTR = struct.Struct("=HH")
+
+DUMP_TRIES = 8
+DUMP_TIMEOUT = 5.0  # seconds
+interrupted = 0  # dumps made again because the ruleset changed during them (for tests and curious readers)
+
+
+class Interrupted(Exception):
+    """The ruleset changed while a dump was read (NLM_F_DUMP_INTR): its answers are not consistent."""
 
 
 def _attr(kind: int, text: str) -> bytes:
@@ -64,16 +81,22 @@ def string(payload: bytes | None) -> str | None:
     return None if payload is None else payload.split(b"\0", 1)[0].decode(errors="replace")
 
 
-def messages(buf: bytes) -> Iterator[tuple[int, int, int]]:
-    """(type, payload start, end) of each netlink message in a datagram; ValueError when one is
-    malformed (a length shorter than its header, or past the datagram)."""
+def messages_flags(buf: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """(type, flags, payload start, end) of each netlink message in a datagram; ValueError when
+    one is malformed (a length shorter than its header, or past the datagram)."""
     off = 0
     while off + _HDR.size <= len(buf):
-        length, kind, _, _, _ = _HDR.unpack_from(buf, off)
+        length, kind, flags, _, _ = _HDR.unpack_from(buf, off)
         if length < _HDR.size or off + length > len(buf):
             raise ValueError("malformed netlink message")
-        yield kind, off + _HDR.size, off + length
+        yield kind, flags, off + _HDR.size, off + length
         off += (length + 3) & ~3
+
+
+def messages(buf: bytes) -> Iterator[tuple[int, int, int]]:
+    """(type, payload start, end) of each netlink message in a datagram (see messages_flags)."""
+    for kind, _, start, end in messages_flags(buf):
+        yield kind, start, end
 
 
 def nft_attrs(buf: bytes, start: int, end: int) -> dict[int, bytes]:
@@ -81,31 +104,75 @@ def nft_attrs(buf: bytes, start: int, end: int) -> dict[int, bytes]:
     return parse_attrs(buf, start + _GEN.size, end)
 
 
+def collect(datagrams: list[bytes], what: str) -> list[dict[int, bytes]] | None:
+    """The answers (their attributes) in a dump's datagrams, up to NLMSG_DONE; None when the
+    kernel says ENOENT; Interrupted when any message carries NLM_F_DUMP_INTR."""
+    answers, torn = [], False
+    try:
+        for buf in datagrams:
+            for mtype, flags, start, end in messages_flags(buf):
+                torn |= bool(flags & NLM_F_DUMP_INTR)
+                if mtype == NLMSG_DONE:
+                    if torn:
+                        raise Interrupted()
+                    return answers
+                if mtype == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", buf, start)[0]
+                    if code == errno.ENOENT:
+                        return None
+                    if code:
+                        raise NftError(f"{what}: {os.strerror(code)}")
+                else:
+                    answers.append(nft_attrs(buf, start, end))
+    except (ValueError, struct.error):
+        raise NftError(f"unreadable netlink answer while {what}") from None
+    raise NftError(f"the netlink answer ended early while {what}")
+
+
+def _last(buf: bytes) -> bool:
+    """Whether a datagram ends the answer (holds NLMSG_DONE or an error): a walk of headers only."""
+    try:
+        return any(kind in (NLMSG_DONE, NLMSG_ERROR) for kind, _, _, _ in messages_flags(buf))
+    except ValueError:
+        return True  # collect() says it is unreadable
+
+
+def exchange(request: bytes, what: str, timeout: float = DUMP_TIMEOUT) -> list[dict[int, bytes]] | None:
+    """Send one dump request on a socket of its own and collect the answers (see collect);
+    NftError when the kernel has not answered within `timeout` seconds of the last datagram.
+
+    Every datagram is read before any is parsed: the kernel makes the next part of a dump
+    while we read, so the quicker the reads, the less often a change falls in between."""
+    datagrams = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER) as s:
+        s.settimeout(timeout)
+        try:
+            s.bind((0, 0))
+            s.send(request)
+            while not datagrams or not _last(datagrams[-1]):
+                datagrams.append(s.recv(1 << 20))
+        except TimeoutError:
+            raise NftError(f"{what}: the kernel did not answer within {timeout:g} s") from None
+        except OSError as e:
+            raise NftError(f"{what}: {e.strerror or e}") from None
+    return collect(datagrams, what)
+
+
 def _dump(msg_type: int, attrs: bytes, what: str) -> list[dict[int, bytes]] | None:
-    """The answers (their attributes) to a dump request; None when the kernel says ENOENT."""
+    """The answers (their attributes) to a dump request, from a dump the ruleset did not change
+    under; None when the kernel says ENOENT."""
+    global interrupted
     payload = _GEN.pack(NFPROTO_INET, 0, 0) + attrs
     kind = (NFNL_SUBSYS_NFTABLES << 8) | msg_type
     request = _HDR.pack(_HDR.size + len(payload), kind, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + payload
-    answers = []
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER) as s:
-        s.bind((0, 0))
-        s.send(request)
-        while True:
-            buf = s.recv(1 << 20)
-            try:
-                for mtype, start, end in messages(buf):
-                    if mtype == NLMSG_DONE:
-                        return answers
-                    if mtype == NLMSG_ERROR:
-                        code = -struct.unpack_from("=i", buf, start)[0]
-                        if code == errno.ENOENT:
-                            return None
-                        if code:
-                            raise NftError(f"{what}: {os.strerror(code)}")
-                    else:
-                        answers.append(nft_attrs(buf, start, end))
-            except ValueError:
-                raise NftError(f"unreadable netlink answer while {what}") from None
+    for attempt in range(DUMP_TRIES):
+        try:
+            return exchange(request, what)
+        except Interrupted:
+            interrupted += 1
+            if attempt + 1 < DUMP_TRIES:
+                time.sleep(0.001 * 2 ** attempt)  # let a burst of changes pass: 127 ms in all
+    raise NftError(f"{what}: the ruleset changed during each of {DUMP_TRIES} dumps in a row")
 
 
 def chain_names(table: str) -> set[str]:

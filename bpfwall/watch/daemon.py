@@ -24,8 +24,9 @@ import time
 from ..backends.bpf import BackendError
 from ..kernel.errors import KernelError
 from ..nft.errors import NftError
+from ..nft.state import StateFile
 from . import inotify as ino
-from .log import DEBUG, INFO, Log
+from .log import DEBUG, ERROR, INFO, Log
 from .nftguard import TableGuard
 from .nftunits import NftUnits
 from .notify import Notifier
@@ -45,6 +46,9 @@ PIN_CHECK_INTERVAL = 2.0
 # The element of a removed cgroup matches nothing meanwhile (cgroup ids are never reused).
 CLEANUP_IDLE, CLEANUP_MAX = 0.02, 1.0
 BACKEND_ERRORS = (KernelError, BackendError, NftError)
+# A state file the disk refused (full), and a cgroup whose sync failed (e.g. the nft worker timed
+# out and was restarted), are tried again this often; the filters never wait for a record.
+RETRY = 1.0
 
 
 def load_policy_checked(policy_dir: str | None):
@@ -77,6 +81,9 @@ class Watcher:
         self.guard: TableGuard | None = None
         self._table_locked = False
         self._sent_status = None
+        self._unrecorded: dict[str, str] = {}  # state file → why it could not be written (logged)
+        self._resync: dict[str, str] = {}      # cgroup whose sync failed → the error (logged once)
+        self._retry_at: float | None = None    # when to retry those (monotonic)
         self._signals: tuple[int, int, dict, int] | None = None  # pipe fds, previous handlers, wakeup fd
 
     # -- helpers --------------------------------------------------------------
@@ -139,7 +146,7 @@ class Watcher:
                 self.state.retired[entry.name] = owned
             self.units[entry.name] = handle
             self.state.units[entry.name] = adapter.owned(handle)
-            self.state.write()
+            self.record()
             self.log.event("load", f"{entry.name}: {how} ({', '.join(handle.directions) or 'no filters'}, "
                                    f"{entry.backend})",
                            DEBUG if how == "reused" else INFO, unit=entry.name,
@@ -169,7 +176,7 @@ class Watcher:
                 f"to nft table {now.table}" if now.backend == "nft" else "to the bpf backend"
             if self._unload(name, owned, f"moved {where}"):
                 del self.state.retired[name]
-                self.state.write()
+                self.record()
         wanted = {e.name for e in self.policy.entries}
         for name in [n for n in self.state.units if n not in wanted]:
             handle = self.units.pop(name, None)
@@ -180,7 +187,66 @@ class Watcher:
             if handle is not None:
                 handle.close()
             del self.state.units[name]
+            self.record()
+
+    # -- records --------------------------------------------------------------
+
+    def record(self) -> None:
+        """Write the watcher state after a change the kernel has made already. A failure (a full
+        disk) is logged and retried: it must never stop the watcher, whose filters are in place."""
+        try:
             self.state.write()
+        except WatchError:
+            pass  # state.unsaved says why; check_records logs it
+        self.check_records()
+
+    def check_records(self) -> None:
+        """Log each state file that cannot be written (once per reason) and each written again;
+        schedule the retry; reconcile when a waiting nft state was replaced by another writer."""
+        failing = StateFile.unrecorded()
+        if self.state.unsaved is not None:
+            failing[self.state.path] = self.state.unsaved
+        for path, why in failing.items():
+            if self._unrecorded.get(path) != why:
+                self.log.error("record", f"{why}; the filters are in place and stay so, writing it is "
+                                         f"retried every {RETRY:g} s", file=path)
+        for path in set(self._unrecorded) - set(failing):
+            self.log.info("record", f"{path} is written again", file=path)
+        self._unrecorded = failing
+        self._schedule_retry()
+        lost = StateFile.take_lost()
+        if lost and self.policy is not None:
+            self.log.warning("record", f"{', '.join(lost)} was written by another process before the changes "
+                                       "waiting for it: reconciling", file=lost[0])
+            self.reconcile()
+
+    def _schedule_retry(self) -> None:
+        if not self._unrecorded and not self._resync:
+            self._retry_at = None
+        elif self._retry_at is None:
+            self._retry_at = time.monotonic() + RETRY
+
+    def retry(self) -> None:
+        """Sync the cgroups whose sync failed again, and write the state files the disk refused."""
+        self._retry_at = None
+        for path in sorted(self._resync):
+            if os.path.isdir(path):
+                self.sync_cgroup(path, fresh=False)
+            else:
+                self._resync.pop(path)
+        self.retry_records()
+
+    def retry_records(self) -> None:
+        if self.state.unsaved is not None:
+            try:
+                self.state.write()
+            except WatchError:
+                pass
+        try:
+            StateFile.retry_unrecorded()
+        except NftError as e:
+            self.log.error("record", str(e))
+        self.check_records()
 
     # -- cgroups --------------------------------------------------------------
 
@@ -251,13 +317,18 @@ class Watcher:
             self._detach(path, stale)
             if handle is None:
                 self.attached.pop(path, None)
+            self._resync.pop(path, None)
         except BACKEND_ERRORS as e:
             if (isinstance(e, KernelError) and is_gone(e)) or not os.path.isdir(path):
                 self.log.debug("vanished", f"{path} went away before it was handled", cgroup=path)
+                self._resync.pop(path, None)
                 self._gone(path)
                 return
-            self.log.error("attach", str(e), unit=os.path.basename(path), cgroup=path,
-                           entry=entry.name if entry is not None else None)
+            repeated = self._resync.get(path) == str(e)
+            self.log.event("attach", f"{e}; trying again every {RETRY:g} s", DEBUG if repeated else ERROR,
+                           unit=os.path.basename(path), cgroup=path, entry=entry.name if entry is not None else None)
+            self._resync[path] = str(e)
+            self._schedule_retry()
 
     def _stale(self, path: str, keep) -> list[tuple[str, str]]:
         """(unit, direction) of our filters on this cgroup that are not `keep`'s."""
@@ -381,7 +452,10 @@ class Watcher:
     def start(self, once: bool = False) -> None:
         policy = load_policy_checked(self.policy_dir)  # invalid: nothing has changed yet
         self.state.lock()
-        self.state.read()
+        unusable = self.state.read()
+        if unusable:
+            self.log.warning("state", unusable, file=self.state.path)
+        StateFile.record_later = True  # filter first, record after: see nft/state.py
         if not once:
             try:
                 self.inotify = ino.Inotify()
@@ -392,8 +466,14 @@ class Watcher:
         self.apply_policy(policy)
         self.reconcile()
         self.unload_removed()
+        if unusable:
+            self.record()
         self.update_status()
         self.log.info("start", f"{self.status} under {self.root}")
+        if once and self._unrecorded:
+            self.retry_records()
+            if self._unrecorded:
+                raise WatchError(f"the filters are attached, but not recorded: {next(iter(self._unrecorded.values()))}")
 
     def check_pins(self) -> None:
         """A bpf unit whose pins were removed or replaced behind the watcher (rm -r, a load by
@@ -418,7 +498,7 @@ class Watcher:
             self.units.pop(name).close()
             self.units[name] = handle
             self.state.units[name] = self.backends["bpf"].owned(handle)
-            self.state.write()
+            self.record()
         self.reconcile()
 
     def _catch_signals(self) -> None:
@@ -472,17 +552,22 @@ class Watcher:
             due = self.cleanup_due()
             if due is not None and time.monotonic() >= due:
                 self.cleanup()
+            self.check_records()
+            if self._retry_at is not None and time.monotonic() >= self._retry_at:
+                self.retry()
 
     def _timeout_ms(self) -> int | None:
         """How long poll(2) may wait: until the guard's next check or the cleanup, else forever."""
         waits = [] if self.guard is None else [self.guard.timeout_ms()]
-        waits.append(max(0, int((self._next_pin_check - time.monotonic()) * 1000) + 1))
-        due = self.cleanup_due()
-        if due is not None:
-            waits.append(max(0, int((due - time.monotonic()) * 1000) + 1))
+        for due in (self.cleanup_due(), self._retry_at, self._next_pin_check):
+            if due is not None:
+                waits.append(max(0, int((due - time.monotonic()) * 1000) + 1))
         return min(waits) if waits else None
 
     def close(self) -> None:
+        if self._unrecorded:
+            self.retry_records()  # a last try; what is still unwritten was logged
+        StateFile.record_later = False
         self._release_signals()
         if self.guard is not None:
             self.guard.close()
