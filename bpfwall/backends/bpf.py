@@ -306,7 +306,7 @@ class PinnedUnit:
                 self.links[key] = name
             elif name.startswith(NEXT_PREFIX):
                 self.staged.append(name)
-            elif not name.startswith("tmp"):
+            elif not name.startswith(("tmp", "mark_")):
                 self.maps[name] = d.get(name)
         if "meta" not in self.maps:
             raise BackendError(f"{self.path} has no meta pin: a load was cut short; load {self.unit} again "
@@ -661,7 +661,8 @@ def _load_locked(pin_root, d, unit, program, obj, names, params, sets, mode, old
             d.replace(fd, NEXT_PREFIX + direction)
         reached("load:staged")
         if old is not None or cut_short or any(parse_link_name(n) for n in d.names()):
-            _swap_attachments(d, new, known, result, undo, set(old.progs) if old else set(DIRECTIONS))
+            where = where_to_look(unit, d, deep=cut_short)
+            _swap_attachments(d, new, known, where, result, undo, set(old.progs) if old else set(DIRECTIONS))
         reached("load:swapped")
         for direction in DIRECTIONS:
             if direction in new.progs:
@@ -695,9 +696,38 @@ def _load_locked(pin_root, d, unit, program, obj, names, params, sets, mode, old
         loaded.close()
 
 
-def _attached_anywhere(known: UnitPrograms) -> list[tuple[str, str, int]]:
-    """(cgroup, direction, program id) of every program of the unit attached anywhere."""
-    return [(cg, dr, pid) for cg, dr, pid in cgroup.find_attachments(known.direction_of)
+MARK_ELSEWHERE = "mark_pinned_elsewhere"  # `bpfwall pin` handed a program out: its users are unknown
+
+
+def where_to_look(unit: str, d: pins.PinDir | None, deep: bool = False) -> list[str] | None:
+    """The cgroups the unit can run on: those its pinned links name, and the ones systemd made
+    for it (hand-off: named after the unit, in a slice). None means everywhere — when the unit's
+    pins are gone or a load was cut short (a crash's leftovers may be anywhere), or `bpfwall pin`
+    handed its program to users we cannot know — and then the whole tree is queried."""
+    if deep or d is None or d.exists(MARK_ELSEWHERE):
+        return None
+    paths = set(cgroup.unit_cgroups(unit))
+    live = []
+    for name in d.names():
+        if (key := parse_link_name(name)) is None:
+            continue
+        lfd = d.get(name)
+        try:
+            if not links.info(lfd).defunct:
+                live.append(key[1])
+        finally:
+            os.close(lfd)
+    for path in cgroup.paths_of_ids(live).values():
+        if path is None:
+            return None  # not allowed to resolve ids to paths (no CAP_DAC_READ_SEARCH), or racing a removal
+        paths.add(path)
+    return sorted(paths)
+
+
+def _attached_anywhere(known: UnitPrograms, where: list[str] | None) -> list[tuple[str, str, int]]:
+    """(cgroup, direction, program id) of every program of the unit attached on the cgroups
+    `where` (None: anywhere)."""
+    return [(cg, dr, pid) for cg, dr, pid in cgroup.find_attachments(known.direction_of, where)
             if known.direction_of(pid) == dr]
 
 
@@ -711,8 +741,8 @@ def _cgroup_ids(paths) -> dict[int, str]:
     return out
 
 
-def _swap_attachments(d, new: PinnedUnit, known: UnitPrograms, result: LoadResult, undo: list,
-                      old_dirs: set) -> None:
+def _swap_attachments(d, new: PinnedUnit, known: UnitPrograms, where: list[str] | None, result: LoadResult,
+                      undo: list, old_dirs: set) -> None:
     """Make every attachment of the unit run the new programs: its pinned links are updated
     (BPF_LINK_UPDATE), programs attached with BPF_PROG_ATTACH (systemd's IP*FilterPath=, or an
     older bpfwall's) are replaced in place (BPF_F_REPLACE), duplicates detached; a direction the
@@ -743,7 +773,7 @@ def _swap_attachments(d, new: PinnedUnit, known: UnitPrograms, result: LoadResul
             os.close(lfd)
     for direction, fd in new.progs.items():
         known.add(direction, fd)
-    found = _attached_anywhere(known)
+    found = _attached_anywhere(known, where)
     by_id = _cgroup_ids({cg for cg, _, _ in found})
     result.replaced = [(by_id.get(c, f"cgroup id {c}"), dr) for c, dr in result.replaced]
     result.detached = [(by_id.get(c, f"cgroup id {c}"), dr) for c, dr in result.detached]
@@ -820,7 +850,12 @@ def _nothing():
 
 
 def _unload_locked(pin_root, unit, root, key, present, known) -> list:
-    found = _attached_anywhere(known)
+    if present:
+        with root.sub(key) as d:
+            where = where_to_look(unit, d, deep="meta" not in d.names())
+    else:
+        where = None  # pins gone: the unit's programs may be anywhere, found by name
+    found = _attached_anywhere(known, where)
     by_id = _cgroup_ids({cg for cg, _, _ in found})
     detached = []
     if present:
@@ -852,6 +887,27 @@ def _unload_locked(pin_root, unit, root, key, present, known) -> list:
     except KernelError as e:
         raise BackendError(f"could not remove {unit_dir(pin_root, unit)}: {e}") from None
     return detached
+
+
+def pin_elsewhere(pin_root: str, unit: str, direction: str, path: str) -> str:
+    """Pin the unit's program also at `path` (for IP*FilterPath= or systemd-run -p elsewhere);
+    the unit is marked so that reloads, stats and unload look for its programs on every cgroup,
+    since whoever uses that path is unknown to us. The pin the program was taken from."""
+    with _locked(pin_root) as root, root.sub(unitkey.encode(unit)) as d:
+        if not d.exists("counters"):
+            raise BackendError(f"unit {unit} is not loaded completely (no pins at {d.path}); load it first")
+        if not d.exists(MARK_ELSEWHERE):
+            fd = d.get("counters")  # any object of the unit's: the pin is only a mark
+            try:
+                d.pin(fd, MARK_ELSEWHERE)
+            finally:
+                os.close(fd)
+        fd = d.get(direction)
+        try:
+            pins.replace_pin(fd, path)
+        finally:
+            os.close(fd)
+        return os.path.join(d.path, direction)
 
 
 # -- attach / detach ----------------------------------------------------------
@@ -1018,15 +1074,15 @@ def _attachment(cg: str, direction: str, pid: int, current: dict[str, int]) -> d
 
 @contextmanager
 def unit_programs(pin_root: str, unit: str):
-    """The unit's UnitPrograms, read from its (checked) pins."""
+    """(UnitPrograms, where it can run) of the unit, read from its (checked) pins."""
     with open_root(pin_root) as root:
         key = unitkey.encode(unit)
         with root.sub(key) if root.exists(key) else _nothing() as d, UnitPrograms.of(pin_root, unit, d) as known:
-            yield known
+            yield known, where_to_look(unit, d)
 
 
 def stats(pin_root: str, unit: str) -> dict:
-    with PinnedUnit.open(pin_root, unit) as u, unit_programs(pin_root, unit) as known:
+    with PinnedUnit.open(pin_root, unit) as u, unit_programs(pin_root, unit) as (known, where):
         ids = u.prog_ids()
         return {
             "unit": unit,
@@ -1038,7 +1094,7 @@ def stats(pin_root: str, unit: str) -> dict:
             "counters": u.counters(),
             "params": u.params(),
             "sets": {name: u.set_elements(name) for name in sorted(u.meta["sets"])},
-            "attached": [_attachment(cg, dr, pid, ids) for cg, dr, pid in sorted(_attached_anywhere(known))],
+            "attached": [_attachment(cg, dr, pid, ids) for cg, dr, pid in sorted(_attached_anywhere(known, where))],
         }
 
 
@@ -1053,16 +1109,18 @@ def summary(pin_root: str) -> list[dict]:
         except (BackendError, KernelError) as e:
             out.append({"unit": unit, "error": str(e), "programs": {}})
     with contextlib.ExitStack() as stack:
-        index = [(entry, stack.enter_context(unit_programs(pin_root, entry["unit"]))) for entry in out]
+        index = [(entry, *stack.enter_context(unit_programs(pin_root, entry["unit"]))) for entry in out]
+        everywhere = any(where is None for _, _, where in index)
+        paths = None if everywhere else sorted({p for _, _, where in index for p in where})
         for entry in out:
             entry["attached"] = []
 
         def owner(pid: int):
-            for entry, known in index:
+            for entry, known, _ in index:
                 if (dr := known.direction_of(pid)) is not None:
                     return entry, dr
             return None
-        for cg, direction, pid in sorted(cgroup.find_attachments(lambda pid: owner(pid) is not None)):
+        for cg, direction, pid in sorted(cgroup.find_attachments(lambda pid: owner(pid) is not None, paths)):
             entry, dr = owner(pid)
             if dr == direction:
                 entry["attached"].append(_attachment(cg, direction, pid, entry["programs"]))
