@@ -316,6 +316,10 @@ class PinnedUnit:
         """{direction: id} of the programs the pins name now."""
         return {d: progs.prog_info(fd).id for d, fd in self.progs.items()}
 
+    def write_meta(self, description: bytes) -> None:
+        meta = self.map(pc.META)
+        meta.update(pc.ZERO, pc.encode_meta(description, meta.info.value_size))
+
     # params
     def params(self) -> dict[str, int]:
         names = self.meta["params"]
@@ -615,8 +619,7 @@ def _load_locked(pin_root, d, unit, program, obj, names, params, sets, mode, old
         new = PinnedUnit(unit, d.path, program.meta(), dict(loaded.maps), {})
         new.progs = {dr: loaded.progs[PROG_SECTIONS[dr]] for dr in DIRECTIONS if getattr(program, dr) is not None}
         # Contents: meta always; params carried over by name; sets as given or kept.
-        meta_size = maps.map_info(new.maps["meta"]).value_size
-        maps.map_update(new.maps["meta"], struct.pack("=I", 0), program.meta_bytes().ljust(meta_size, b"\0"))
+        new.write_meta(program.meta_bytes())
         kept = old.params() if old is not None else {}
         if params or "params" not in reuse:
             new.write_params({**{n: v for n, v in kept.items() if n in program.params}, **params})
