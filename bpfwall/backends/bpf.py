@@ -108,13 +108,10 @@ def name_of(prog_id: int) -> str | None:
     name = _name_of_id.get(prog_id)
     if name is None:
         try:
-            fd = progs.prog_get_fd_by_id(prog_id)
+            with progs.Program.from_id(prog_id) as prog:
+                name = _name_of_id[prog_id] = prog.info.name
         except KernelError:
             return None
-        try:
-            name = _name_of_id[prog_id] = progs.prog_info(fd).name
-        finally:
-            os.close(fd)
     return name
 
 
