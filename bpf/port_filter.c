@@ -16,7 +16,7 @@
  * Field semantics are the ones of bpfwall/lang/packet.py (the reference
  * evaluator); tests compare the two on generated packets. The maps, keys and
  * values Python reads and writes are stated in bpfwall/program_contract.py;
- * tests/kernel/test_program_contract.py checks the two against each other.
+ * tests/unit/test_program_contract.py checks the two against each other.
  *
  * No global data: everything lives in maps, so the object needs no .data /
  * .rodata relocations and one ELF loads twice into independent units.

@@ -2,7 +2,7 @@
 
 The C side is port_filter.c plus the `bpfwall_filter.h` that lower/c.py
 generates for a unit; this side is every map, key and value bpfwall reads or
-writes. tests/kernel/test_program_contract.py compiles a probe that includes
+writes. tests/unit/test_program_contract.py compiles a probe that includes
 both and checks every layout (sizeof/offsetof, from the object's BTF) and
 every value here against clang's, so a change to one side alone fails there.
 
