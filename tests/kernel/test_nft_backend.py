@@ -666,3 +666,15 @@ def test_cli_round_trip(table, temp_cgroup):
     assert r.returncode == 2 and "only the bpf backend" in r.stderr
     r = run("unload", "cli.service")
     assert r.returncode == 0 and "detached from 1 attachment" in r.stdout
+
+
+def test_cli_without_the_nftables_module_is_one_clear_line(table):
+    """python3-nftables is not on PyPI: a venv without it gets the package's name, not a traceback."""
+    env = dict(os.environ, BPFWALL_BACKEND="nft", BPFWALL_NFT_TABLE=table)
+    code = ("import sys; sys.modules['nftables'] = None; from bpfwall.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "load", "a.service", "--ingress", "udp"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == f"bpfwall: error: {runner.MISSING_NFTABLES}\n"
+    assert snapshot(table) == ("", None)  # no table, no state
