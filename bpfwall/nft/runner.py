@@ -151,7 +151,7 @@ class Worker:
     def _ask(self, request: dict, what: str) -> dict:
         data = (json.dumps(request) + "\n").encode()
         with self.lock:
-            for attempt in (1, 2):  # a worker that died is restarted once
+            for _attempt in (1, 2):  # a worker that died is restarted once
                 if self.proc is None or self.proc.poll() is not None:
                     self._kill()
                     self._start()

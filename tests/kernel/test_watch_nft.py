@@ -26,7 +26,6 @@ import pytest
 from bpfwall.backends import bpf
 from bpfwall.nft.runner import needs_worker
 from bpfwall.nft.state import StateFile
-from bpfwall.nft.guard import Removals
 from tests.kernel.netns import cid, elements, has_element, in_namespace, in_netns, rule_counts
 from tests.kernel.sockets import arrived
 from tests.kernel.watcher import NftDaemon, attached_id, inside, mkcg, nft_unit, pinned_ids, unit, wait_for, write_policy
@@ -202,42 +201,6 @@ def test_removed_table_is_restored_within_a_second(daemon, policy_dir, subtree, 
     new = mkcg(subtree, "y.slice/a.service")  # the watcher keeps attaching after restores
     wait_for("new element after restores", lambda: has_element(netns, table, "ingress_level_3", new))
     assert "error" not in daemon.log()
-
-
-def removes_something(buf: bytes, table: str) -> bool:
-    """Whether the guard reads anything but additions and element changes (of `table`'s rules)."""
-    r = Removals(table)
-    r.read(buf)
-    return r.any
-
-
-def test_guard_ignores_element_changes_and_sees_removals():
-    """What the guard reads from the event stream (nfnetlink messages, type = 10 << 8 | msg)."""
-    def attr(kind, text):
-        data = text.encode() + b"\0"
-        return (4 + len(data)).to_bytes(2, "little") + kind.to_bytes(2, "little") + data + bytes(-len(data) % 4)
-
-    def msg(kind, payload=b""):
-        return (20 + len(payload)).to_bytes(4, "little") + ((10 << 8) | kind).to_bytes(2, "little") + bytes(14) \
-            + payload
-
-    def delrule(table, chain):
-        return msg(8, attr(1, table) + attr(2, chain))
-
-    assert not removes_something(msg(12) + msg(15), "t")   # NEWSETELEM, NEWGEN: an attach
-    assert not removes_something(msg(14) + msg(15), "t")   # DELSETELEM: a detach
-    for kind in (2, 5, 11, 20):                            # DELTABLE, DELCHAIN, DELSET, DELOBJ
-        assert removes_something(msg(12) + msg(kind), "t")
-    assert removes_something(delrule("t", "a.service/in"), "t")
-    assert not removes_something(delrule("other", "a.service/in"), "t")  # another table's rules
-    r = Removals("t")
-    r.read(delrule("t", "a.service/in") + delrule("t", "output_level_2") + delrule("u", "x") + msg(15))
-    assert r.depth() == {"a.service/in", "output_level_2"}
-    r.clear()
-    r.read(msg(12) + msg(15))
-    assert r.depth() is False and not r.any
-    r.read(msg(8, attr(1, "t"))[:-3])  # cut short: trust nothing
-    assert r.depth() is True
 
 
 # -- mixed ---------------------------------------------------------------------------
