@@ -238,7 +238,7 @@ def test_stale_program_is_shown_and_swapped_not_stacked(pin_root, two_cgroups):
 
 # -- the watcher ------------------------------------------------------------------------
 
-def watcher_steps(daemon, tmp_path, env_extra, then=None) -> list[str]:
+def watcher_steps(daemon, tmp_path, then=None) -> list[str]:
     log = tmp_path / "watch-steps.log"
     log.unlink(missing_ok=True)
     os.environ["BPFWALL_CRASH_LOG"] = str(log)
@@ -291,7 +291,7 @@ def test_watcher_sighup_crash_at_every_step(watched, tmp_path, pin_root):
         d.wait_message("READY=1")
 
     policy(d, V1)
-    steps = watcher_steps(d, tmp_path, {}, then=hup_and_wait)
+    steps = watcher_steps(d, tmp_path, then=hup_and_wait)
     steps = [s for s in steps if s.startswith("load:")]
     assert steps, "the reload reached no step"
     for step in steps:
