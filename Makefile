@@ -28,7 +28,7 @@ apt:
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check 'pytest>=7' 'hypothesis>=6' 'pyelftools>=0.29'
+	$(PY) -m pip install -q --disable-pip-version-check 'pytest>=7' 'hypothesis>=6' 'pyelftools>=0.29' ruff
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -38,8 +38,10 @@ bpffs:
 demo: venv bpffs
 	$(PY) scripts/demo.py
 
-# Every tier the machine supports: unit always; kernel and traffic tiers when root.
+# Lint first (pyflakes and bugbear rules, see pyproject.toml), then every tier the machine
+# supports: unit always; kernel, traffic and systemd tiers when root.
 test: venv bpffs rootfs
+	$(VENV)/bin/ruff check
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # The Debian rootfs the systemd tests boot with systemd-nspawn (built once, ~1 min, then reused

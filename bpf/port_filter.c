@@ -10,7 +10,7 @@
  *   struct bpfwall_params       one u64 member per $param
  *   BPFWALL_META_SIZE           bytes of the self-description kept in `meta`
  *   BPFWALL_HAS_PARAMS          1 when a filter reads $params
- *   set_<name> maps             one per @set
+ *   set_<name> maps             one per @set, and the helpers that look them up
  *   bpfwall_filter_ingress/egress(p, prm)  the two verdict functions
  *
  * Field semantics are the ones of bpfwall/lang/packet.py (the reference
@@ -258,22 +258,9 @@ static __always_inline void parse(struct __sk_buff *skb, struct pkt *p)
 	}
 }
 
-/* Helpers the generated filter calls for @sets. */
-static __always_inline int in_number_set(void *set, __u32 value)
-{
-	return bpf_map_lookup_elem(set, &value) != 0;
-}
-
-static __always_inline int in_address_set(void *set, const struct pkt *p, const __u32 *addr)
-{
-	struct bpfwall_addr_key key = {};
-
-	key.family = p->family;
-	key.prefixlen = ADDR_KEY_PREFIXLEN(p->family == 4 ? 32 : 128);
-	__builtin_memcpy(key.addr, addr, 16);
-	return bpf_map_lookup_elem(set, &key) != 0;
-}
-
+/* The unit's filter: its params struct, its @set maps with their lookup helpers
+ * (in_number_set, in_address_set: only those its sets need) and the two verdict
+ * functions. */
 #include "bpfwall_filter.h"
 
 /* Not read by the programs: a JSON description of the unit (expressions,

@@ -109,9 +109,10 @@ def _clang() -> str:
 
 
 def _flags(program: UnitProgram | None = None) -> list[str]:
-    # No -Werror: generated conditions may be tautological (saddr == saddr,
-    # icmp_type <= 255) and are still exactly what the user wrote.
-    flags = ["-O2", "-g", "-target", "bpf", "-w", f"-I/usr/include/{platform.machine()}-linux-gnu"]
+    # -Wall: port_filter.c and the generated C compile without warnings (tests/unit/test_lower_c.py
+    # checks with -Werror). No -Werror here: a newer clang's new warning must not stop a firewall
+    # from loading.
+    flags = ["-O2", "-g", "-target", "bpf", "-Wall", f"-I/usr/include/{platform.machine()}-linux-gnu"]
     if program is not None and program.load_bytes_only:
         flags.append("-DBPFWALL_ONLY_LOAD_BYTES")
     return flags

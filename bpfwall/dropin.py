@@ -36,7 +36,6 @@ from .errors import UserError
 
 DEFAULT_UNIT_DIR = "/etc/systemd/system"
 DROPIN_NAME = "bpfwall.conf"
-LOADER_TEMPLATE = "bpfwall@.service"
 DIRECTIONS = ("ingress", "egress")
 SETTINGS = {"ingress": "IPIngressFilterPath", "egress": "IPEgressFilterPath"}
 # Unit types with resource control (systemd.resource-control(5)) and their section.
@@ -153,7 +152,7 @@ def environment_setting(key: str, value: str) -> str:
     return f'Environment="{quoted}"'
 
 
-def render(unit: str, paths: dict[str, str], loader_env: dict[str, str] | None = None) -> str:
+def render(unit: str, paths: dict[str, str]) -> str:
     """The drop-in text: order and require the loader, hand systemd each direction's pin."""
     sect = section(unit)
     if not paths:

@@ -19,6 +19,12 @@ if os.environ.get("CI"):
 
 
 def pytest_collection_modifyitems(config, items):
+    # `-m systemd` must select every test that boots a container, and `-m "not systemd"` none.
+    unmarked = [item.nodeid for item in items
+                if "systemd_rootfs" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("systemd")]
+    if unmarked:
+        raise pytest.UsageError(f"these tests boot a systemd container but are not marked systemd "
+                                f"(pytestmark = pytest.mark.systemd): {', '.join(unmarked)}")
     if ROOT:
         return
     skip = pytest.mark.skip(reason="needs root (BPF, cgroup2)")

@@ -103,15 +103,20 @@ def cmd_guard(args) -> None:
 
     name = table(args)
 
-    def restored(t):
-        print(f"restored table inet {t}", file=sys.stderr, flush=True)
+    def restored(r):
+        print(f"restored table inet {r.table}", file=sys.stderr, flush=True)
 
-    guard = Guard(name, on_restore=restored)
+    def failed(message):
+        print(f"cannot restore table inet {name}: {message}", file=sys.stderr, flush=True)
+
+    guard = Guard(name, on_restore=restored, on_error=failed)
     print(f"guarding table inet {name}", file=sys.stderr, flush=True)
     try:
-        guard.run_forever()
+        guard.run()
     except KeyboardInterrupt:
         pass
+    finally:
+        guard.close()
 
 
 def cmd_restore(args) -> None:

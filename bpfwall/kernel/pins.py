@@ -318,7 +318,3 @@ def unpin(path: str) -> bool:
         raise
     with d:
         return d.unpin(name)
-
-
-def is_pinned(path: str) -> bool:
-    return os.path.lexists(path)

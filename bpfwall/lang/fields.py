@@ -29,9 +29,6 @@ ALIASES = {
 
 DIRECTIONS = ("ingress", "egress")
 
-# Params are u64 slots.
-PARAM_BITS = 64
-
 
 def resolve(name: str, direction: str) -> str:
     """The concrete field an (alias) name reads in `direction`."""

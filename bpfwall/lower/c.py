@@ -28,6 +28,13 @@ _NUMBER_C = {
 }
 _ADDR_C = {"saddr": "p->saddr", "daddr": "p->daddr"}
 
+# Conditions that test one member of struct pkt for one value: a packet has one family and one
+# L4 protocol, so two of them on one member with different values make a conjunction false.
+_EXCLUSIVE = {_BOOL_C[name]: (member, value) for name, member, value in
+              (("ip", "family", 4), ("ipv6", "family", 6), ("tcp", "proto", 6), ("udp", "proto", 17))}
+# `x op x`, decided without the packet.
+_REFLEXIVE = {"==": "1", "<=": "1", ">=": "1", "!=": "0", "<": "0", ">": "0"}
+
 _C_KEYWORDS = frozenset("""auto break case char const continue default do double else enum extern
 float for goto if inline int long register restrict return short signed sizeof static struct
 switch typedef union unsigned void volatile while _Bool _Complex _Imaginary""".split())
@@ -51,7 +58,8 @@ class _Emitter:
         if isinstance(node, ast.Not):
             return f"!{self.cond(node.operand)}"
         if isinstance(node, ast.And):
-            return "(" + " && ".join(self.cond(o) for o in node.operands) + ")"
+            terms = [self.cond(o) for o in node.operands]
+            return "0" if _contradict(terms) else "(" + " && ".join(terms) + ")"
         if isinstance(node, ast.Or):
             return "(" + " || ".join(self.cond(o) for o in node.operands) + ")"
         if isinstance(node, ast.Compare):
@@ -74,7 +82,7 @@ class _Emitter:
         raise TypeError(f"not a number: {node!r}")
 
     def in_range(self, value: str, rng: ast.Range) -> str:
-        return f"({value} >= {self.number(rng.lo)} && {value} <= {self.number(rng.hi)})"
+        return f"({_relation(value, '>=', self.number(rng.lo))} && {_relation(value, '<=', self.number(rng.hi))})"
 
     # -- addresses -------------------------------------------------------
     def is_address(self, node) -> bool:
@@ -102,7 +110,7 @@ class _Emitter:
                 terms.append(f"{words}[{i}] == bpf_htonl({word:#010x}U)")
             else:
                 terms.append(f"({words}[{i}] & bpf_htonl({mask:#010x}U)) == bpf_htonl({word:#010x}U)")
-        return "(" + " && ".join(terms) + ")"
+        return terms[0] if len(terms) == 1 else "(" + " && ".join(terms) + ")"
 
     def addr_equal(self, left, right) -> str:
         if isinstance(left, ast.AddrLit) and isinstance(right, ast.AddrLit):
@@ -113,6 +121,8 @@ class _Emitter:
             return self.net_match(self.addr_words(left), right.net)
         # Two fields of one packet: same family by construction; IPv4 leaves words 1..3 zero.
         a, b = self.addr_words(left), self.addr_words(right)
+        if a == b:  # saddr == saddr: true, and in C a self-comparison warning
+            return "1"
         return "(" + " && ".join(f"{a}[{i}] == {b}[{i}]" for i in range(4)) + ")"
 
     # -- comparisons -----------------------------------------------------
@@ -120,7 +130,7 @@ class _Emitter:
         if self.is_address(node.left) or self.is_address(node.right):
             eq = self.addr_equal(node.left, node.right)
             return eq if node.op == "==" else f"!{eq}"
-        return f"({self.number(node.left)} {node.op} {self.number(node.right)})"
+        return f"({_relation(self.number(node.left), node.op, self.number(node.right))})"
 
     def membership(self, node: ast.In) -> str:
         subject, box = node.subject, node.container
@@ -140,13 +150,49 @@ class _Emitter:
             if isinstance(item, ast.Range):
                 terms.append(self.in_range(value, item))
             else:
-                terms.append(f"{value} == {self.number(item)}")
+                terms.append(_relation(value, "==", self.number(item)))
         return "(" + " || ".join(terms) + ")"
 
     def addr_in(self, subject, item: ast.AddrLit) -> str:
         if isinstance(subject, ast.AddrLit):
             return "1" if subject.net.version == item.net.version and subject.net.subnet_of(item.net) else "0"
         return self.net_match(self.addr_words(subject), item.net)
+
+
+# Lookups in @set maps, emitted only when the unit has a set of that kind: a helper nobody
+# calls is an unused-function warning, and the C is compiled with -Wall.
+_SET_LOOKUP = {
+    "number": """static __always_inline int in_number_set(void *set, __u32 value)
+{
+	return bpf_map_lookup_elem(set, &value) != 0;
+}""",
+    "address": """static __always_inline int in_address_set(void *set, const struct pkt *p, const __u32 *addr)
+{
+	struct bpfwall_addr_key key = {};
+
+	key.family = p->family;
+	key.prefixlen = ADDR_KEY_PREFIXLEN(p->family == 4 ? 32 : 128);
+	__builtin_memcpy(key.addr, addr, 16);
+	return bpf_map_lookup_elem(set, &key) != 0;
+}""",
+}
+
+
+def _relation(left: str, op: str, right: str) -> str:
+    """`left op right` in C; decided when both sides are the same ($a <= $a, dst_port == dst_port),
+    which is what the user wrote and, left to clang, a self-comparison warning."""
+    return _REFLEXIVE[op] if left == right else f"{left} {op} {right}"
+
+
+def _contradict(terms: list[str]) -> bool:
+    """Whether conjoined terms test one member of the packet for two values (tcp && udp): false,
+    and left to clang an overlapping-comparison warning."""
+    seen: dict[str, int] = {}
+    for term in terms:
+        member, value = _EXCLUSIVE.get(term, (None, None))
+        if member is not None and seen.setdefault(member, value) != value:
+            return True
+    return False
 
 
 def filter_c(expr, direction: str) -> str:
@@ -185,6 +231,7 @@ def header(ingress, egress, params: list[str], sets: dict[str, str], meta_size: 
                     "\t__type(key, struct bpfwall_addr_key);",
                     "\t__type(value, __u8);",
                     f"}} {set_map(name)} SEC(\".maps\");"]
+    out += [_SET_LOOKUP[kind] for kind in sorted(set(sets.values()))]
     for direction, expr in (("ingress", ingress), ("egress", egress)):
         out += [f"static __always_inline int bpfwall_filter_{direction}"
                 "(const struct pkt *p, const struct bpfwall_params *prm)",

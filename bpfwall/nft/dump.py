@@ -83,9 +83,12 @@ def string(payload: bytes | None) -> str | None:
 
 def messages_flags(buf: bytes) -> Iterator[tuple[int, int, int, int]]:
     """(type, flags, payload start, end) of each netlink message in a datagram; ValueError when
-    one is malformed (a length shorter than its header, or past the datagram)."""
+    one is malformed (a length shorter than its header, or past the datagram) or the datagram
+    ends in part of a header (cut short: a message is missing)."""
     off = 0
-    while off + _HDR.size <= len(buf):
+    while off < len(buf):
+        if off + _HDR.size > len(buf):
+            raise ValueError("netlink datagram cut short")
         length, kind, flags, _, _ = _HDR.unpack_from(buf, off)
         if length < _HDR.size or off + length > len(buf):
             raise ValueError("malformed netlink message")
@@ -137,9 +140,31 @@ def _last(buf: bytes) -> bool:
         return True  # collect() says it is unreadable
 
 
-def exchange(request: bytes, what: str, timeout: float = DUMP_TIMEOUT) -> list[dict[int, bytes]] | None:
-    """Send one dump request on a socket of its own and collect the answers (see collect);
-    NftError when the kernel has not answered within `timeout` seconds of the last datagram.
+def request(msg_type: int, attrs: bytes) -> bytes:
+    """A dump request for nf_tables message `msg_type` of the inet family, with `attrs`."""
+    payload = _GEN.pack(NFPROTO_INET, 0, 0) + attrs
+    kind = (NFNL_SUBSYS_NFTABLES << 8) | msg_type
+    return _HDR.pack(_HDR.size + len(payload), kind, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + payload
+
+
+def chains_request(table: str) -> bytes:
+    # The kernel's chain dump ignores a table in the request and answers with every inet chain.
+    return request(NFT_MSG_GETCHAIN, _attr(NFTA_CHAIN_TABLE, table))
+
+
+def rules_request(table: str, chain: str | None = None) -> bytes:
+    return request(NFT_MSG_GETRULE, _attr(NFTA_RULE_TABLE, table)
+                   + (_attr(NFTA_RULE_CHAIN, chain) if chain is not None else b""))
+
+
+def elements_request(table: str, map_name: str) -> bytes:
+    return request(NFT_MSG_GETSETELEM, _attr(NFTA_SET_ELEM_LIST_TABLE, table) + _attr(NFTA_SET_ELEM_LIST_SET, map_name))
+
+
+def receive(request: bytes, what: str, timeout: float = DUMP_TIMEOUT) -> list[bytes]:
+    """Send one dump request on a socket of its own; the datagrams of the answer, up to the one
+    that ends it. NftError when the kernel has not answered within `timeout` seconds of the last
+    datagram.
 
     Every datagram is read before any is parsed: the kernel makes the next part of a dump
     while we read, so the quicker the reads, the less often a change falls in between."""
@@ -155,16 +180,18 @@ def exchange(request: bytes, what: str, timeout: float = DUMP_TIMEOUT) -> list[d
             raise NftError(f"{what}: the kernel did not answer within {timeout:g} s") from None
         except OSError as e:
             raise NftError(f"{what}: {e.strerror or e}") from None
-    return collect(datagrams, what)
+    return datagrams
 
 
-def _dump(msg_type: int, attrs: bytes, what: str) -> list[dict[int, bytes]] | None:
+def exchange(request: bytes, what: str, timeout: float = DUMP_TIMEOUT) -> list[dict[int, bytes]] | None:
+    """The answers to one dump request (see receive and collect)."""
+    return collect(receive(request, what, timeout), what)
+
+
+def _dump(request: bytes, what: str) -> list[dict[int, bytes]] | None:
     """The answers (their attributes) to a dump request, from a dump the ruleset did not change
     under; None when the kernel says ENOENT."""
     global interrupted
-    payload = _GEN.pack(NFPROTO_INET, 0, 0) + attrs
-    kind = (NFNL_SUBSYS_NFTABLES << 8) | msg_type
-    request = _HDR.pack(_HDR.size + len(payload), kind, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + payload
     for attempt in range(DUMP_TRIES):
         try:
             return exchange(request, what)
@@ -175,30 +202,24 @@ def _dump(msg_type: int, attrs: bytes, what: str) -> list[dict[int, bytes]] | No
     raise NftError(f"{what}: the ruleset changed during each of {DUMP_TRIES} dumps in a row")
 
 
-def chain_names(table: str) -> set[str]:
-    """The names of inet `table`'s chains (none when the table does not exist)."""
-    # The kernel's chain dump ignores a table in the request and answers with every inet chain.
-    answers = _dump(NFT_MSG_GETCHAIN, _attr(NFTA_CHAIN_TABLE, table), f"listing the chains of table inet {table}")
+# -- what the answers say (pure: tests/unit/test_nft_netlink.py reads recorded dumps) ------------
+
+def chains_in(answers: list[dict[int, bytes]] | None, table: str) -> set[str]:
+    """The names of `table`'s chains among a chain dump's answers."""
     return {string(a.get(NFTA_CHAIN_NAME)) for a in answers or () if string(a.get(NFTA_CHAIN_TABLE)) == table} - {None}
 
 
-def count_rules(table: str, chain: str | None = None) -> dict[str, int]:
-    """{chain: number of rules (at least one)} of inet `table` (only `chain`, if given); chains
-    without rules, and chains or a table that do not exist, are absent."""
-    request = _attr(NFTA_RULE_TABLE, table) + (_attr(NFTA_RULE_CHAIN, chain) if chain is not None else b"")
+def rules_per_chain(answers: list[dict[int, bytes]] | None) -> dict[str, int]:
+    """{chain: number of rules} in a rule dump's answers."""
     counts: dict[str, int] = {}
-    for answer in _dump(NFT_MSG_GETRULE, request, f"listing the rules of table inet {table}") or ():
+    for answer in answers or ():
         name = string(answer.get(NFTA_RULE_CHAIN)) or ""
         counts[name] = counts.get(name, 0) + 1
     return counts
 
 
-def cgroup_keys(table: str, map_name: str) -> set[int] | None:
-    """The cgroup ids that are keys of the cgroupsv2 map `map_name`; None when it does not exist."""
-    request = _attr(NFTA_SET_ELEM_LIST_TABLE, table) + _attr(NFTA_SET_ELEM_LIST_SET, map_name)
-    answers = _dump(NFT_MSG_GETSETELEM, request, f"listing map {map_name} of table inet {table}")
-    if answers is None:
-        return None
+def cgroup_ids(answers: list[dict[int, bytes]]) -> set[int]:
+    """The keys of a cgroupsv2 map in an element dump's answers: cgroup ids."""
     keys = set()
     for answer in answers:
         elements = answer.get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")
@@ -207,3 +228,22 @@ def cgroup_keys(table: str, map_name: str) -> set[int] | None:
             if kind == NFTA_LIST_ELEM and key is not None and len(key) == 8:
                 keys.add(int.from_bytes(key, sys.byteorder))  # a cgroup id is a host-order u64
     return keys
+
+
+# -- the queries ---------------------------------------------------------------------------------
+
+def chain_names(table: str) -> set[str]:
+    """The names of inet `table`'s chains (none when the table does not exist)."""
+    return chains_in(_dump(chains_request(table), f"listing the chains of table inet {table}"), table)
+
+
+def count_rules(table: str, chain: str | None = None) -> dict[str, int]:
+    """{chain: number of rules (at least one)} of inet `table` (only `chain`, if given); chains
+    without rules, and chains or a table that do not exist, are absent."""
+    return rules_per_chain(_dump(rules_request(table, chain), f"listing the rules of table inet {table}"))
+
+
+def cgroup_keys(table: str, map_name: str) -> set[int] | None:
+    """The cgroup ids that are keys of the cgroupsv2 map `map_name`; None when it does not exist."""
+    answers = _dump(elements_request(table, map_name), f"listing map {map_name} of table inet {table}")
+    return None if answers is None else cgroup_ids(answers)

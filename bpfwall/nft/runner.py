@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import fcntl
+import importlib.util
 import json
 import os
 import select
@@ -44,10 +45,23 @@ def _check(rc: int, error: str, what: str) -> None:
         raise NftError(f"nftables refused {what}: {_first_error(error)}")
 
 
+MISSING_NFTABLES = ("the nft backend needs the nftables Python module, which is not on PyPI: install it from "
+                    "your distribution (Debian: apt-get install python3-nftables); in a virtualenv, create it "
+                    "with --system-site-packages so it sees that module")
+
+
+def require_nftables() -> None:
+    """NftError naming the package when libnftables' Python module is missing (it is not on
+    PyPI, so `pip install bpfwall` cannot bring it: see the `nft` extra in pyproject.toml)."""
+    if importlib.util.find_spec("nftables") is None:
+        raise NftError(MISSING_NFTABLES)
+
+
 class InProcess:
     """libnftables in this process (cgroup2 is at /sys/fs/cgroup already)."""
 
     def __init__(self):
+        require_nftables()
         import nftables
 
         self.nft = nftables.Nftables()
@@ -87,6 +101,7 @@ class Worker:
         self._pending: list[bytes] = []  # what was read past the last answer's end
 
     def _start(self) -> None:
+        require_nftables()  # the worker runs this interpreter: say so here, not as its traceback
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen([sys.executable, "-m", "bpfwall.nft.worker"], stdin=subprocess.PIPE,
@@ -136,7 +151,7 @@ class Worker:
     def _ask(self, request: dict, what: str) -> dict:
         data = (json.dumps(request) + "\n").encode()
         with self.lock:
-            for attempt in (1, 2):  # a worker that died is restarted once
+            for _attempt in (1, 2):  # a worker that died is restarted once
                 if self.proc is None or self.proc.poll() is not None:
                     self._kill()
                     self._start()

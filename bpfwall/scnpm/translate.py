@@ -43,7 +43,6 @@ PROTOCOLS = {"tcp": "tcp", "udp": "udp", "icmp": "ip && icmp", "ipv6-icmp": "ipv
              "icmpv6": "ipv6 && icmp", "6": "tcp", "17": "udp", "1": "ip && icmp", "58": "ipv6 && icmp"}
 OPS = {"==": "==", "eq": "==", "!=": "!=", "ne": "!=", "<": "<", "lt": "<", ">": ">", "gt": ">",
        "<=": "<=", "le": "<=", ">=": ">=", "ge": ">="}
-VERDICTS = ("accept", "drop", "reject")
 # Why common nft matches have no bpfwall counterpart.
 NOT_IN_LANGUAGE = {
     "ct": "ct (connection tracking) is not in bpfwall's language: it judges each packet on its own",

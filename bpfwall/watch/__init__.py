@@ -3,5 +3,5 @@
 inotify.py   inotify(7) via ctypes          notify.py    sd_notify over $NOTIFY_SOCKET
 log.py       journald fields or stderr     state.py     what the watcher loaded (across restarts)
 units.py     bpf units, open for attach    nftunits.py  nft units (one table), attach = map element
-nftguard.py  restore a flushed nft table   daemon.py    reconcile, event loop, SIGHUP
+daemon.py    reconcile, event loop, SIGHUP (with nft entries it drives nft/guard.py's Guard)
 """

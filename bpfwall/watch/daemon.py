@@ -6,7 +6,7 @@ Then reconcile: walk the cgroup tree under the root, watching every directory
 with inotify, attaching where the policy matches and detaching our filters
 where it no longer does. Then wait in poll(2) on the inotify fd, on a pipe the
 signal handlers write to (signal.set_wakeup_fd) and, when any entry uses nft,
-on the ruleset's netlink events (nftguard.py: a flushed or deleted table is
+on the ruleset's netlink events (nft/guard.py: a flushed or deleted table is
 restored): a new cgroup is attached as soon as its IN_CREATE is read; SIGHUP
 re-reads the policy; SIGTERM/SIGINT stop the watcher and leave every filter
 attached, still enforced.
@@ -24,10 +24,10 @@ import time
 from ..backends.bpf import BackendError
 from ..kernel.errors import KernelError
 from ..nft.errors import NftError
+from ..nft.guard import Guard, Restored
 from ..nft.state import StateFile
 from . import inotify as ino
 from .log import DEBUG, ERROR, INFO, Log
-from .nftguard import TableGuard
 from .nftunits import NftUnits
 from .notify import Notifier
 from .state import State, WatchError
@@ -78,7 +78,7 @@ class Watcher:
         self._last_event = 0.0
         self._next_pin_check = time.monotonic() + PIN_CHECK_INTERVAL
         self.inotify: ino.Inotify | None = None
-        self.guard: TableGuard | None = None
+        self.guard: Guard | None = None
         self._table_locked = False
         self._sent_status = None
         self._unrecorded: dict[str, str] = {}  # state file → why it could not be written (logged)
@@ -116,8 +116,15 @@ class Watcher:
             self.state.lock_table(self.table)
             self._table_locked = True
         if watching and self.guard is None:
-            self.guard = TableGuard(self.table, self.log)
+            self.guard = Guard(self.table, on_restore=self._restored, on_error=self._not_restored)
             self.guard.check()  # a table removed while no watcher ran comes back before any change
+
+    def _restored(self, r: Restored) -> None:
+        self.log.warning("restore", r.message(), table=r.table, units=r.units, attachments=r.attachments,
+                         took_ms=f"{r.took_ms:.1f}")
+
+    def _not_restored(self, message: str) -> None:
+        self.log.error("restore", f"table inet {self.table}: {message}", table=self.table)
 
     def apply_policy(self, policy) -> None:
         """Load every entry's filters (compiling/lowering all first); an entry that moved to the
@@ -160,7 +167,7 @@ class Watcher:
         except BACKEND_ERRORS as e:
             self.log.error("unload", f"{name}: {e}", unit=name, backend=owned.backend)
             return False
-        for cg, direction in detached:
+        for cg, _ in detached:
             if self.attached.get(cg) == name and name not in self.units:
                 del self.attached[cg]
         self.log.info("unload", f"{name}: {why}; removed from {len(detached)} attachment(s) ({owned.backend})",

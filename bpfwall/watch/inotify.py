@@ -7,7 +7,6 @@ covers one directory, not its subtree, so the watcher adds one per cgroup.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import struct
@@ -41,7 +40,9 @@ class Event:
 
 
 def _libc():
-    lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # The C library this process already has (as kernel/syscall.py): find_library would run
+    # ldconfig (a subprocess) at import.
+    lib = ctypes.CDLL(None, use_errno=True)
     lib.inotify_init1.argtypes = [ctypes.c_int]
     lib.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
     lib.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]

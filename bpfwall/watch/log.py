@@ -30,8 +30,18 @@ def _stderr_is_journal() -> bool:
     return (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
+MISSING_SYSTEMD = ("journald should get the records, but the systemd Python module is missing (Debian: "
+                   "apt-get install python3-systemd; PyPI: systemd-python, the `systemd` extra): plain lines "
+                   "on stderr instead, without the BPFWALL_* fields")
+
+
+class _Missing(Exception):
+    """journald should get our records but systemd-python is not installed."""
+
+
 def _journal_send():
-    """systemd.journal.send when journald should get our records, else None."""
+    """systemd.journal.send when journald should get our records, else None; _Missing when it
+    should but the module is not there."""
     choice = os.environ.get("BPFWALL_LOG", "")
     if choice == "stderr" or (choice != "journal" and not _stderr_is_journal()):
         return None
@@ -40,15 +50,19 @@ def _journal_send():
     try:
         from systemd import journal
     except ImportError:
-        return None
+        raise _Missing() from None
     return journal.send
 
 
 class Log:
     def __init__(self, verbose: bool = False, send=None, stream=None):
         self.verbose = verbose
-        self._send = send if send is not None else _journal_send()
         self._stream = stream or sys.stderr
+        try:
+            self._send = send if send is not None else _journal_send()
+        except _Missing:
+            self._send = None
+            self.warning("log", MISSING_SYSTEMD)
 
     @property
     def to_journal(self) -> bool:

@@ -10,25 +10,13 @@ import sys
 
 import pytest
 
-from bpfwall import cli
 from bpfwall.backends import bpf
 from bpfwall.kernel import cgroup
+from tests.kernel.invoke import ok, pins_of, run
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("no_leaks")]
 
 DNS_WEB = "icmp || (udp && dst_port == 53) || (tcp && dst_port == 80)"
-
-
-def run(capsys, *argv):
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def ok(capsys, *argv) -> str:
-    code, out, err = run(capsys, *argv)
-    assert code == 0, err
-    return out
 
 
 def udp4(dport, payload=b"", sport=40000, proto=17):
@@ -43,13 +31,6 @@ def udp6(dport, payload=b"", proto=17):
     ip = struct.pack("!IHBB16s16s", 6 << 28, len(udp), proto, 64,
                      socket.inet_pton(socket.AF_INET6, "2001:db8::1"), socket.inet_pton(socket.AF_INET6, "2001:db8::2"))
     return ip + udp
-
-
-def pins_of(pin_root):
-    out = []
-    for top, dirs, files in os.walk(pin_root):
-        out += [os.path.join(top, f) for f in files]
-    return sorted(out)
 
 
 # -- test: the acceptance example ---------------------------------------------

@@ -24,6 +24,7 @@ import pytest
 from bpfwall.backends import bpf
 from bpfwall.kernel import cgroup, links, pins, progs
 from bpfwall.sandbox import TempCgroup
+from tests.kernel.watcher import Daemon, remove_tree, unit, wait_for, write_policy
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("no_leaks")]
 
@@ -246,7 +247,7 @@ def test_stale_program_is_shown_and_swapped_not_stacked(pin_root, two_cgroups):
 
 # -- the watcher ------------------------------------------------------------------------
 
-def watcher_steps(daemon, tmp_path, env_extra, then=None) -> list[str]:
+def watcher_steps(daemon, tmp_path, then=None) -> list[str]:
     log = tmp_path / "watch-steps.log"
     log.unlink(missing_ok=True)
     os.environ["BPFWALL_CRASH_LOG"] = str(log)
@@ -266,8 +267,6 @@ def watcher_steps(daemon, tmp_path, env_extra, then=None) -> list[str]:
 
 @pytest.fixture
 def watched(tmp_path, trusted_tmp_path, pin_root):
-    from tests.kernel.test_watch import Daemon, remove_tree
-
     root = TempCgroup("bpfwall-test-watchcrash")
     root.__enter__()
     policy_dir = trusted_tmp_path / "policy"  # policy files must live where only root writes
@@ -282,8 +281,6 @@ def watched(tmp_path, trusted_tmp_path, pin_root):
 
 
 def policy(d, version) -> None:
-    from tests.kernel.test_watch import unit, write_policy
-
     write_policy(d.policy_dir, unit(UNIT, ingress=version[0], egress=version[1]))
 
 
@@ -303,7 +300,7 @@ def test_watcher_sighup_crash_at_every_step(watched, tmp_path, pin_root):
         d.wait_message("READY=1")
 
     policy(d, V1)
-    steps = watcher_steps(d, tmp_path, {}, then=hup_and_wait)
+    steps = watcher_steps(d, tmp_path, then=hup_and_wait)
     steps = [s for s in steps if s.startswith("load:")]
     assert steps, "the reload reached no step"
     for step in steps:
@@ -336,8 +333,6 @@ def test_watcher_sighup_crash_at_every_step(watched, tmp_path, pin_root):
 def test_pins_removed_behind_a_running_watcher(watched, pin_root):
     """rm -r of a unit's pins while the watcher runs: the cgroups never run a program no pin
     names (the links went with their pins) and the watcher loads and attaches the unit again."""
-    from tests.kernel.test_watch import wait_for
-
     d = watched
     cgs = [os.path.join(d.root, f"{i}", UNIT) for i in range(3)]
     for path in cgs:

@@ -30,7 +30,7 @@ from bpfwall.nft import runner
 from bpfwall.nft.errors import NftError
 from bpfwall.nft.state import StateFile
 from bpfwall.sandbox import TempCgroup
-from tests.kernel.test_traffic import SO_RCVBUFFORCE, V4, V6, _ping, bound, receive_all
+from tests.kernel.sockets import SO_RCVBUFFORCE, V4, V6, bound, ping, receive_all
 
 pytestmark = [pytest.mark.kernel, pytest.mark.traffic]
 
@@ -158,9 +158,9 @@ def test_traffic(table, temp_cgroup, proto, host, family, direction):
 def test_icmp_egress(table, temp_cgroup):
     with temp_cgroup.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
         unit = load_attached(table, temp_cgroup, egress="icmp && icmp_type == 8 && icmp_code == 0")
-        assert _ping(s) == 3
+        assert ping(s) == 3
         nft.load(table, unit, program(egress="!icmp"))
-        assert _ping(s) == 0  # requests dropped on egress
+        assert ping(s) == 0  # requests dropped on egress
         c = counters(table, unit)["egress"]
         assert c["pass"]["packets"] == 3 and c["drop"]["packets"] == 3
 
@@ -170,7 +170,7 @@ def test_icmp_ingress_is_not_policed(table, temp_cgroup):
     cgroup's raw socket although its ingress filter is `false`, and nothing is counted."""
     with temp_cgroup.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
         unit = load_attached(table, temp_cgroup, ingress="false")
-        assert _ping(s) == 3
+        assert ping(s) == 3
         assert counters(table, unit)["ingress"]["drop"]["packets"] == 0
 
 
@@ -178,9 +178,9 @@ def test_absent_ports_read_zero_on_real_icmp(table, temp_cgroup):
     """`dst_port == 0` holds for ICMP (no ports); `dst_port != 0` does not."""
     with temp_cgroup.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
         unit = load_attached(table, temp_cgroup, egress="dst_port == 0 && src_port < 1")
-        assert _ping(s) == 3
+        assert ping(s) == 3
         nft.load(table, unit, program(egress="!(dst_port == 0)"))
-        assert _ping(s) == 0
+        assert ping(s) == 0
 
 
 def test_audit_mode_passes_and_counts(table, temp_cgroup):
@@ -267,11 +267,11 @@ def test_zero_in_a_set_matches_packets_without_ports(table, temp_cgroup):
         unit = "z.service"
         nft.load(table, unit, program(egress="dst_port in @ports"), sets={"ports": [53]})
         nft.attach(table, unit, temp_cgroup.path)
-        assert _ping(s) == 0
+        assert ping(s) == 0
         nft.set_values(table, unit, [("set", "ports", "+", "0")])
-        assert _ping(s) == 3
+        assert ping(s) == 3
         nft.set_values(table, unit, [("set", "ports", "-", "0..10")])
-        assert _ping(s) == 0
+        assert ping(s) == 0
 
 
 def test_every_level_must_pass(table):
@@ -666,3 +666,15 @@ def test_cli_round_trip(table, temp_cgroup):
     assert r.returncode == 2 and "only the bpf backend" in r.stderr
     r = run("unload", "cli.service")
     assert r.returncode == 0 and "detached from 1 attachment" in r.stdout
+
+
+def test_cli_without_the_nftables_module_is_one_clear_line(table):
+    """python3-nftables is not on PyPI: a venv without it gets the package's name, not a traceback."""
+    env = dict(os.environ, BPFWALL_BACKEND="nft", BPFWALL_NFT_TABLE=table)
+    code = ("import sys; sys.modules['nftables'] = None; from bpfwall.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "load", "a.service", "--ingress", "udp"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == f"bpfwall: error: {runner.MISSING_NFTABLES}\n"
+    assert snapshot(table) == ("", None)  # no table, no state

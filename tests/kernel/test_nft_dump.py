@@ -22,10 +22,8 @@ import pytest
 
 from bpfwall.nft import dump, runner
 from bpfwall.nft.errors import NftError
-from tests.kernel.test_nft_flush import _enter, in_netns, netns  # noqa: F401  (netns: a fixture)
-from tests.kernel.test_watch import mkcg, write_policy
-from tests.kernel.test_watch import policy_dir, subtree  # noqa: F401  (fixtures)
-from tests.kernel.test_watch_nft import nft_unit
+from tests.kernel.netns import enter, in_netns
+from tests.kernel.watcher import mkcg, nft_unit, write_policy
 
 pytestmark = pytest.mark.kernel
 
@@ -123,7 +121,7 @@ def test_the_guard_does_not_take_an_interrupted_dump_for_damage(netns, tmp_path)
     code = f"from tests.kernel.test_nft_dump import child_guard; child_guard(*{names!r}, 3)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "BPFWALL_NFT_STATE_DIR": str(tmp_path / "nft")},
-                         preexec_fn=_enter(netns))
+                         preexec_fn=enter(netns))
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     print(f"\n{report}")

@@ -9,9 +9,9 @@ back. The host's tables are never touched.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,24 +20,11 @@ import uuid
 import pytest
 
 from bpfwall.sandbox import TempCgroup
+from tests.kernel.netns import enter, has_element, in_netns, listing, rule_counts
 
 pytestmark = pytest.mark.kernel
 
-CLONE_NEWNET = 0x40000000
 RESTORE_BOUND = 1.0  # seconds, as the issue demands
-
-
-def _enter(netns: str):
-    def enter():
-        fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-        os.close(fd)
-    return enter
-
-
-def in_netns(netns: str, *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(list(argv), capture_output=True, text=True, preexec_fn=_enter(netns), timeout=30)
 
 
 def child_main() -> None:
@@ -59,18 +46,8 @@ def child_main() -> None:
     for line in sys.stdin:
         if line.strip() == "restores":
             print(json.dumps({"restores": guard.restores, "at": restored, "errors": guard.errors}), flush=True)
-    guard.stop()
+    guard.close()
     nft.destroy(table)
-
-
-@pytest.fixture
-def netns():
-    name = f"bpfwall-test-{uuid.uuid4().hex[:10]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=True)
 
 
 @pytest.fixture
@@ -82,7 +59,7 @@ def guarded(netns, tmp_path):
         child = subprocess.Popen(
             [sys.executable, "-c", "from tests.kernel.test_nft_flush import child_main; child_main()",
              table, a.path, b.path, c.path],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=_enter(netns))
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=enter(netns))
         try:
             assert json.loads(child.stdout.readline()) == {"ready": True}
             yield netns, table, child
@@ -99,27 +76,13 @@ def guarded(netns, tmp_path):
 
 def element_counts(netns: str, table: str) -> dict | None:
     """{map name: element count} of our table in the netns, or None while it does not exist."""
-    out = in_netns(netns, "nft", "-j", "list", "table", "inet", table)
-    if out.returncode != 0:
+    out = listing(table, netns)
+    if not out:
         return None
-    return {x["map"]["name"]: len(x["map"].get("elem", [])) for x in json.loads(out.stdout)["nftables"] if "map" in x}
+    return {x["map"]["name"]: len(x["map"].get("elem", [])) for x in json.loads(out)["nftables"] if "map" in x}
 
 
 FULL = {"ingress_level_1": 2, "egress_level_1": 3}
-
-
-def rule_counts(netns: str, table: str) -> dict | None:
-    """{chain: number of rules} of our table in the netns, or None while it does not exist."""
-    out = in_netns(netns, "nft", "-j", "list", "table", "inet", table)
-    if out.returncode != 0:
-        return None
-    counts: dict = {}
-    for x in json.loads(out.stdout)["nftables"]:
-        if "chain" in x:
-            counts.setdefault(x["chain"]["name"], 0)
-        elif "rule" in x:
-            counts[x["rule"]["chain"]] = counts.get(x["rule"]["chain"], 0) + 1
-    return counts
 
 
 def intact(netns: str, table: str) -> bool:
@@ -224,3 +187,31 @@ def test_netlink_dumps_match_nft(guarded):
     assert missing == {} and no_map is None
     a, b, c = (os.stat(path).st_ino for path in child.args[-3:])  # a.service on a, b; b.service on c
     assert ingress == sorted([a, b]) and egress == sorted([a, b, c])
+
+
+def test_the_nft_guard_command_restores_the_table(netns, tmp_path, monkeypatch, temp_cgroup):
+    """`bpfwall nft-guard` runs the guard in the foreground (the loop the watcher drives from its
+    own): the flushed table comes back, it says so, and Ctrl-C stops it with status 0."""
+    table = f"bpfwall-test-{uuid.uuid4().hex[:10]}"
+    monkeypatch.setenv("BPFWALL_NFT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("BPFWALL_BACKEND", "nft")
+    monkeypatch.setenv("BPFWALL_NFT_TABLE", table)
+    bpfwall = [sys.executable, "-m", "bpfwall"]
+    assert in_netns(netns, *bpfwall, "load", "a.service", "--ingress", "udp").returncode == 0
+    assert in_netns(netns, *bpfwall, "attach", "a.service", temp_cgroup.path).returncode == 0
+    before = rule_counts(netns, table)
+    guard = subprocess.Popen([*bpfwall, "nft-guard"], stderr=subprocess.PIPE, text=True, preexec_fn=enter(netns))
+    try:
+        assert guard.stderr.readline() == f"guarding table inet {table}\n"
+        assert in_netns(netns, "nft", "flush", "ruleset").returncode == 0
+        assert guard.stderr.readline() == f"restored table inet {table}\n"
+        assert rule_counts(netns, table) == before
+        assert has_element(netns, table, "ingress_level_1", temp_cgroup.path, "a.service/in")
+        guard.send_signal(signal.SIGINT)
+        assert guard.wait(10) == 0
+        assert guard.stderr.read() == ""
+    finally:
+        if guard.poll() is None:
+            guard.kill()
+            guard.wait()
+        guard.stderr.close()

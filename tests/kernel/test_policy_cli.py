@@ -7,11 +7,8 @@ import os
 import shutil
 import socket
 import struct
-import subprocess
-import sys
 import textwrap
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -20,11 +17,9 @@ from bpfwall.kernel.cgroup import cgroup2_mount
 from bpfwall.lang.evaluator import evaluate
 from bpfwall.lang.packet import parse_packet
 from bpfwall.policy import load_policy
+from tests.kernel.invoke import PYTHON, bpfwall
 
 pytestmark = pytest.mark.kernel
-
-REPO = Path(__file__).resolve().parents[2]
-PYTHON = str(REPO / ".venv" / "bin" / "python")
 
 GOOD = """
 [defaults]
@@ -52,12 +47,6 @@ params = { port = 80 }
 ingress = "tcp && dst_port == $port"
 mode = "enforcing"
 """
-
-
-def bpfwall(*args, env=None, stdin=None, prefix=()):
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([*prefix, PYTHON, "-m", "bpfwall", *args], capture_output=True, text=True,
-                          env=full_env, input=stdin, cwd=REPO, timeout=60)
 
 
 @pytest.fixture
@@ -227,5 +216,5 @@ def test_entry_values_load_into_the_kernel_program(policy_dir, cache_dir):
     packets += [_tcp4("10.1.2.3", "192.168.1.2", 40000, 22)]
     verdicts = bpf.test_run(program, "ingress", packets, nginx.params, nginx.sets)
     assert verdicts == [True, True, True, False, False, True]
-    for data, verdict in zip(packets, verdicts):
+    for data, verdict in zip(packets, verdicts, strict=True):
         assert evaluate(program.ingress.expr, parse_packet(data), "ingress", nginx.params, nginx.sets) == verdict

@@ -12,9 +12,8 @@ import uuid
 import pytest
 
 from bpfwall.backends import bpf
-from tests.kernel.test_policy_cli import PYTHON, bpfwall
-from tests.kernel.test_watch import (Daemon, attached_id, mkcg, pinned_ids, subtree,  # noqa: F401 (fixture)
-                                     unit, wait_for)
+from tests.kernel.invoke import PYTHON, bpfwall
+from tests.kernel.watcher import Daemon, attached_id, mkcg, pinned_ids, unit, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -136,7 +135,7 @@ def bpfwall_argv(*args) -> list[str]:
 # -- the watcher ----------------------------------------------------------------
 
 @pytest.fixture
-def daemon(no_leaks, tmp_path, subtree, pin_root, policy_dir):  # noqa: F811 (subtree is a fixture)
+def daemon(no_leaks, tmp_path, subtree, pin_root, policy_dir):
     d = Daemon(tmp_path, subtree, pin_root, policy_dir)
     try:
         yield d

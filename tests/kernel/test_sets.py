@@ -20,7 +20,7 @@ from bpfwall.kernel import maps, pins
 from bpfwall.kernel import syscall as sc
 from bpfwall.kernel.errors import KernelError
 from bpfwall.program_contract import number_key, set_map
-from tests.kernel.test_cli import ok, pins_of, run
+from tests.kernel.invoke import ok, pins_of, run
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("no_leaks")]
 

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import uuid
 
@@ -21,8 +20,9 @@ import pytest
 
 from bpfwall.backends import bpf
 from bpfwall.watch.state import State
-from tests.kernel.test_watch import PYTHON, REPO, attached_id, mkcg, pinned_ids, unit, write_policy
-from tests.kernel.test_watch import policy_dir, subtree  # noqa: F401  (fixtures)
+from tests.kernel.invoke import bpfwall, one_error_line
+from tests.kernel.netns import listing
+from tests.kernel.watcher import attached_id, mkcg, pinned_ids, unit, write_policy
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("no_leaks")]
 
@@ -42,20 +42,6 @@ def public():
         yield path
     finally:
         shutil.rmtree(path)
-
-
-def bpfwall(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "bpfwall", *argv], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, **(env or {})}, timeout=60)
-
-
-def one_error_line(r: subprocess.CompletedProcess, *words: str) -> str:
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("bpfwall: error: "), r.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 def _made_by_nobody(public):
@@ -162,10 +148,6 @@ def nft_table(tmp_path):
         yield table, env, tmp_path / "nft-state" / f"{table}.json"
     finally:
         subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)
-
-
-def listing(table: str) -> str:
-    return subprocess.run(["nft", "-j", "list", "table", "inet", table], capture_output=True, text=True).stdout
 
 
 def test_a_hand_edited_nft_state_is_not_restored(nft_table, temp_cgroup):

@@ -16,11 +16,9 @@ import pytest
 from bpfwall.backends import bpf
 from bpfwall.build import UnitProgram
 from bpfwall.lang.checker import analyze
+from tests.kernel.sockets import SO_RCVBUFFORCE, V4, V6, bound, ping, receive_all
 
 pytestmark = [pytest.mark.kernel, pytest.mark.traffic, pytest.mark.usefixtures("no_leaks")]
-
-SO_RCVBUFFORCE = 33  # Linux; the socket module does not export it
-V4, V6 = ("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)
 
 
 def program(ingress=None, egress=None) -> UnitProgram:
@@ -35,23 +33,6 @@ def load_attached(pin_root, cg, unit="t.service", **exprs):
 
 def counters(pin_root, unit):
     return bpf.stats(pin_root, unit)["counters"]
-
-
-def receive_all(sock, timeout=0.3) -> int:
-    sock.settimeout(timeout)
-    n = 0
-    try:
-        while True:
-            sock.recv(2048)
-            n += 1
-    except (TimeoutError, socket.timeout):
-        return n
-
-
-def bound(cg, host, family, kind=socket.SOCK_DGRAM):
-    s = cg.socket(family, kind) if cg is not None else socket.socket(family, kind)
-    s.bind((host, 0))
-    return s
 
 
 @pytest.mark.parametrize("host,family", [V4, V6], ids=["ipv4", "ipv6"])
@@ -112,42 +93,15 @@ def test_tcp_ingress(pin_root, temp_cgroup, host, family):
         assert c["pass"]["packets"] >= 3 and c["drop"]["packets"] >= 1
 
 
-def _icmp_echo(ident: int, seq: int) -> bytes:
-    body = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"bpfwall!"
-    s = sum(struct.unpack(f"!{len(body) // 2}H", body))
-    s = (s >> 16) + (s & 0xFFFF)
-    s += s >> 16
-    return body[:2] + struct.pack("!H", ~s & 0xFFFF) + body[4:]
-
-
-def _ping(sock, count=3) -> int:
-    """Echo requests to 127.0.0.1 from a raw socket; how many replies came back."""
-    for seq in range(count):
-        try:
-            sock.sendto(_icmp_echo(0x4242, seq), ("127.0.0.1", 0))
-        except PermissionError:
-            pass
-    sock.settimeout(0.3)
-    replies = 0
-    try:
-        while True:
-            data = sock.recv(2048)
-            ihl = (data[0] & 0xF) * 4
-            if data[ihl] == 0:  # echo reply (the raw socket also sees our own requests)
-                replies += 1
-    except (TimeoutError, socket.timeout):
-        return replies
-
-
 def test_icmp_both_directions(pin_root, temp_cgroup):
     with temp_cgroup.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
         unit = load_attached(pin_root, temp_cgroup, ingress="icmp && icmp_type == 0",
                              egress="icmp && icmp_type == 8 && icmp_code == 0")
-        assert _ping(s) == 3
+        assert ping(s) == 3
         bpf.load(pin_root, unit, program(ingress="icmp && icmp_type == 8", egress="icmp"))
-        assert _ping(s) == 0  # replies dropped on ingress
+        assert ping(s) == 0  # replies dropped on ingress
         bpf.load(pin_root, unit, program(ingress="icmp", egress="!icmp"))
-        assert _ping(s) == 0  # requests dropped on egress
+        assert ping(s) == 0  # requests dropped on egress
         c = counters(pin_root, unit)
         assert c["egress"]["drop"]["packets"] >= 3 and c["ingress"]["drop"]["packets"] >= 3
 

@@ -14,11 +14,9 @@ import pytest
 
 from bpfwall.nft.state import StateFile
 from bpfwall.watch.state import State
-from tests.kernel.test_state_dir import bpfwall, listing, one_error_line
-from tests.kernel.test_watch import Daemon, attached_id, mkcg, pinned_ids, unit, wait_for, write_policy
-from tests.kernel.test_watch import policy_dir, subtree  # noqa: F401  (fixtures)
-from tests.kernel.test_watch_nft import NftDaemon, has_element, nft_unit
-from tests.kernel.test_watch_nft import netns, table  # noqa: F401  (fixtures)
+from tests.kernel.invoke import bpfwall, one_error_line
+from tests.kernel.netns import has_element, listing
+from tests.kernel.watcher import Daemon, NftDaemon, attached_id, mkcg, nft_unit, pinned_ids, unit, wait_for, write_policy
 
 pytestmark = pytest.mark.kernel
 NO_SPACE = os.strerror(errno.ENOSPC)

@@ -13,14 +13,12 @@ worker, so every test here exercises that too.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
 import socket
 import subprocess
 import time
-import uuid
 from contextlib import contextmanager
 
 import pytest
@@ -28,66 +26,13 @@ import pytest
 from bpfwall.backends import bpf
 from bpfwall.nft.runner import needs_worker
 from bpfwall.nft.state import StateFile
-from bpfwall.nft.guard import Removals
-from tests.kernel.test_nft_flush import in_netns, rule_counts
-from tests.kernel.test_traffic import receive_all
-from tests.kernel.test_watch import (Daemon, attached_id, inside, mkcg, pinned_ids, unit, wait_for, write_policy)
-from tests.kernel.test_watch import policy_dir, subtree  # noqa: F401  (fixtures: the same as the bpf watcher tests')
+from tests.kernel.netns import cid, elements, has_element, in_namespace, in_netns, rule_counts
+from tests.kernel.sockets import arrived
+from tests.kernel.watcher import NftDaemon, attached_id, inside, mkcg, nft_unit, pinned_ids, unit, wait_for, write_policy
 
-# no_leaks comes with the daemon fixture: the container test's systemd keeps its own programs
-pytestmark = pytest.mark.kernel
+pytestmark = pytest.mark.kernel  # no_leaks comes with the daemon fixture
 
-CLONE_NEWNET = 0x40000000
 RESTORE_BOUND = 1.0  # seconds, as the issue demands
-
-
-def nft_unit(name, ingress=None, egress=None) -> str:
-    return unit(name, ingress, egress, 'backend = "nft"')
-
-
-class NftDaemon(Daemon):
-    """The daemon in the test's network namespace, on the test's table."""
-
-    def __init__(self, tmp_path, root, pin_root, policy_dir, netns, table, prefix=()):
-        super().__init__(tmp_path, root, pin_root, policy_dir)
-        self.netns, self.table, self.prefix = netns, table, list(prefix)
-        # Abstract sockets belong to a network namespace: the daemon reports to a path instead.
-        self.sock.close()
-        self.notify_name = str(tmp_path / f"notify-{uuid.uuid4().hex[:6]}.sock")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.notify_name)
-
-    def args(self, *extra):
-        return ["nsenter", f"--net=/run/netns/{self.netns}", *self.prefix,
-                *super().args("--table", self.table, *extra)]
-
-    def wait_status(self, status: str) -> None:
-        """The daemon has reported STATUS=<status> (now or in a datagram still to come)."""
-        line = f"STATUS={status}"
-        wait_for(line, lambda: any(line in m.splitlines() for m in self.messages) or self.receive(0.1) and False)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-@pytest.fixture
-def netns():
-    name = f"bpfwall-test-{uuid.uuid4().hex[:10]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=True)
-
-
-@pytest.fixture
-def table(tmp_path, monkeypatch):
-    monkeypatch.setenv("BPFWALL_NFT_STATE_DIR", str(tmp_path / "nft-state"))
-    return f"bpfwall-test-{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture
@@ -99,65 +44,8 @@ def daemon(no_leaks, tmp_path, subtree, pin_root, policy_dir, netns, table):
         d.close()  # the worker exits with the daemon (its stdin closes); the netns takes the table
 
 
-@contextmanager
-def in_namespace(netns: str):
-    """This thread in the test's network namespace (sockets made now live there)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-        try:
-            yield
-        finally:
-            if libc.setns(home, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back")
-    finally:
-        os.close(home)
-        os.close(target)
-
-
-def cgroup_key(key) -> int | str:
-    """A vmap key as `nft -j` prints it: a path under /sys/fs/cgroup while the cgroup exists
-    (found by walking it), else the bare cgroup id. Either way, the id."""
-    if isinstance(key, str) and key.isdigit():
-        return int(key)
-    try:
-        return os.stat(os.path.join("/sys/fs/cgroup", key)).st_ino
-    except OSError:
-        return key
-
-
-def elements(netns: str, table: str) -> dict[str, dict]:
-    """{map name: {cgroup id: goto target}} of our table, {} while it does not exist."""
-    out = in_netns(netns, "nft", "-j", "list", "table", "inet", table)
-    if out.returncode != 0:
-        return {}
-    maps = {}
-    for item in json.loads(out.stdout)["nftables"]:
-        if "map" in item:
-            maps[item["map"]["name"]] = {cgroup_key(k): v["goto"]["target"] for k, v in item["map"].get("elem", [])}
-    return maps
-
-
-def cid(path: str) -> int:
-    return os.stat(path).st_ino
-
-
-def has_element(netns, table, mapname, path, chain=None) -> bool:
-    got = elements(netns, table).get(mapname, {}).get(cid(path))
-    return got is not None and (chain is None or got == chain)
-
-
 def state_units(table) -> dict:
     return StateFile(table).load()["units"]
-
-
-def arrived(rx, tx, port, count=5) -> int:
-    for _ in range(count):
-        tx.sendto(b"ping", ("127.0.0.1", port))
-    return receive_all(rx)
 
 
 @contextmanager
@@ -309,46 +197,10 @@ def test_removed_table_is_restored_within_a_second(daemon, policy_dir, subtree, 
         print(f"\n{' '.join(how[:2])}: restored with all elements {took * 1e3:.0f} ms after the command started")
         # element removals are the watcher's own detaches too: they wait for the 1 s poll
         assert took <= (RESTORE_BOUND if how[1] != "map" else 1.5)
-        wait_for("restore logged", lambda: daemon.log().count("warning: restore:") == round_ + 1)
+        wait_for("restore logged", lambda n=round_ + 1: daemon.log().count("warning: restore:") == n)
     new = mkcg(subtree, "y.slice/a.service")  # the watcher keeps attaching after restores
     wait_for("new element after restores", lambda: has_element(netns, table, "ingress_level_3", new))
     assert "error" not in daemon.log()
-
-
-def removes_something(buf: bytes, table: str) -> bool:
-    """Whether the guard reads anything but additions and element changes (of `table`'s rules)."""
-    r = Removals(table)
-    r.read(buf)
-    return r.any
-
-
-def test_guard_ignores_element_changes_and_sees_removals():
-    """What the guard reads from the event stream (nfnetlink messages, type = 10 << 8 | msg)."""
-    def attr(kind, text):
-        data = text.encode() + b"\0"
-        return (4 + len(data)).to_bytes(2, "little") + kind.to_bytes(2, "little") + data + bytes(-len(data) % 4)
-
-    def msg(kind, payload=b""):
-        return (20 + len(payload)).to_bytes(4, "little") + ((10 << 8) | kind).to_bytes(2, "little") + bytes(14) \
-            + payload
-
-    def delrule(table, chain):
-        return msg(8, attr(1, table) + attr(2, chain))
-
-    assert not removes_something(msg(12) + msg(15), "t")   # NEWSETELEM, NEWGEN: an attach
-    assert not removes_something(msg(14) + msg(15), "t")   # DELSETELEM: a detach
-    for kind in (2, 5, 11, 20):                            # DELTABLE, DELCHAIN, DELSET, DELOBJ
-        assert removes_something(msg(12) + msg(kind), "t")
-    assert removes_something(delrule("t", "a.service/in"), "t")
-    assert not removes_something(delrule("other", "a.service/in"), "t")  # another table's rules
-    r = Removals("t")
-    r.read(delrule("t", "a.service/in") + delrule("t", "output_level_2") + delrule("u", "x") + msg(15))
-    assert r.depth() == {"a.service/in", "output_level_2"}
-    r.clear()
-    r.read(msg(12) + msg(15))
-    assert r.depth() is False and not r.any
-    r.read(msg(8, attr(1, "t"))[:-3])  # cut short: trust nothing
-    assert r.depth() is True
 
 
 # -- mixed ---------------------------------------------------------------------------
@@ -401,61 +253,3 @@ def test_without_the_dropin_privileges_the_error_names_the_dropin(no_leaks, tmp_
         assert has_element(netns, table, "ingress_level_2", a)
     finally:
         granted.close()
-
-
-
-# -- the drop-in under a real systemd ------------------------------------------------
-
-from tests.systemd.conftest import container, systemd_rootfs  # noqa: E402,F401  (fixtures: a booted systemd 252)
-from tests.systemd.container import REPO_MOUNT  # noqa: E402
-
-PROBE = "bpfwall-nftprobe.service"
-# What the nft worker does first (bpfwall/nft/worker.py): unshare a mount namespace, make / private,
-# mount cgroup2 at /sys/fs/cgroup. The container is unified (cgroup2 already at /sys/fs/cgroup, where
-# mounting it again is EBUSY), so the probe first lays a hybrid host's tmpfs over /sys/fs/cgroup in a
-# namespace of its own: the same system calls, each needing what the drop-in grants. The container's
-# python has no nftables module, so the probe stops there; the rest of the worker needs nothing the
-# watcher lacks (netlink, CAP_NET_ADMIN).
-PROBE_SCRIPT = """import ctypes, os
-from bpfwall.nft import worker
-libc = ctypes.CDLL(None, use_errno=True)
-for ok, what in ((lambda: libc.unshare(worker.CLONE_NEWNS), "unshare"),
-                 (lambda: libc.mount(b"none", b"/", None, worker.MS_REC | worker.MS_PRIVATE, None), "private /"),
-                 (lambda: libc.mount(b"tmpfs", b"/sys/fs/cgroup", b"tmpfs", 0, None), "tmpfs")):
-    if ok() != 0:
-        raise OSError(ctypes.get_errno(), what + ": " + os.strerror(ctypes.get_errno()))
-worker.enter_private_cgroup2_view()
-print("cgroup2 mounted:", os.path.exists("/sys/fs/cgroup/cgroup.controllers"))
-"""
-PROBE_DROPIN = f"""[Service]
-Type=oneshot
-Restart=no
-Environment=PYTHONPATH={REPO_MOUNT} PYTHONDONTWRITEBYTECODE=1
-ExecStart=
-ExecStart=/usr/bin/python3 /usr/local/lib/bpfwall-nftprobe.py
-"""
-
-
-def test_the_dropin_gives_the_nft_worker_what_it_needs(container):
-    """The shipped bpfwall.service's sandbox (under another name, running the worker's first steps)
-    refuses the worker's mount namespace; with units/examples/bpfwall.service.d/nft-hybrid.conf it works."""
-    from tests.systemd.conftest import REPO
-
-    c = container
-    c.write(f"/etc/systemd/system/{PROBE}", (REPO / "units" / "bpfwall.service").read_text())
-    c.write(f"/etc/systemd/system/{PROBE}.d/probe.conf", PROBE_DROPIN)
-    c.write("/usr/local/lib/bpfwall-nftprobe.py", PROBE_SCRIPT)
-    c.systemctl("daemon-reload", check=True)
-    refused = c.systemctl("start", PROBE)
-    assert refused.returncode != 0
-    assert "Operation not permitted" in c.journal(PROBE)
-    c.write(f"/etc/systemd/system/{PROBE}.d/nft-hybrid.conf",
-            (REPO / "units" / "examples" / "bpfwall.service.d" / "nft-hybrid.conf").read_text())
-    c.systemctl("daemon-reload", check=True)
-    c.systemctl("reset-failed", PROBE)
-    done = c.systemctl("start", PROBE)
-    assert done.returncode == 0, c.journal(PROBE)
-    assert c.show(PROBE, "Result")["Result"] == "success"
-    assert "cgroup2 mounted: True" in c.journal(PROBE)
-    verify = c.exec(["systemd-analyze", "verify", "--man=no", PROBE])
-    assert verify.returncode == 0, verify.stderr

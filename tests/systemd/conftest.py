@@ -15,8 +15,7 @@ import pytest
 
 from tests.systemd import container as ct
 from tests.systemd import rootfs
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.systemd.container import REPO
 
 
 @pytest.fixture(scope="session")

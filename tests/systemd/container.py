@@ -49,7 +49,8 @@ from pathlib import Path
 
 from bpfwall.kernel.cgroup import cgroup2_mount
 
-REPO_MOUNT = "/opt/bpfwall"
+REPO = Path(__file__).resolve().parents[2]  # the repository under test …
+REPO_MOUNT = "/opt/bpfwall"                  # … and where the container sees it
 WORK_ROOT = Path("/var/tmp/bpfwall-test-containers")
 BPFFS = "/sys/fs/bpf"
 NSPAWN_LOCKS = "/run/systemd/nspawn/locks"

@@ -20,10 +20,10 @@ import pytest
 from bpfwall.kernel import progs
 from bpfwall.kernel.errors import KernelError
 from tests.systemd import container as ct
-from tests.systemd.conftest import REPO
+from tests.systemd.container import REPO
 from tests.systemd.services import pin_path, pinned_prog_id
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.systemd]
 
 
 def prog_exists(prog_id: int) -> bool:

@@ -18,7 +18,7 @@ from tests.systemd.services import (
     pinned_prog_id, receiver_state, receiver_unit, send_udp, unique, wait_counts,
 )
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.systemd]
 
 N = 25  # datagrams per port
 SENDER_SCRIPT = "/usr/local/lib/bpfwall-test/udp_send.py"

@@ -11,20 +11,19 @@ import os
 import subprocess
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
 from bpfwall.kernel import cgroup, pins, progs
 from tests.systemd import container as ct
+from tests.systemd.container import REPO
 from tests.systemd.services import (
     SENDER, bpfwall_stats, install_counter, install_unit, receiver_state, receiver_unit,
     send_udp, sender_result, unique, wait_counts,
 )
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.systemd]
 
-REPO = Path(__file__).resolve().parents[2]
 N = 20
 CAPS = {"cap_bpf", "cap_perfmon", "cap_net_admin"}
 RUN_SENDER = "/usr/local/lib/bpfwall-test/run_send.py"

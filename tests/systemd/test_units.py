@@ -11,9 +11,9 @@ import re
 
 import pytest
 
-from tests.systemd.conftest import REPO
+from tests.systemd.container import REPO, REPO_MOUNT
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.systemd]
 
 UNITS = ("bpfwall.service", "bpfwall@.service")
 WATCHER_CAPS = {"cap_bpf", "cap_perfmon", "cap_net_admin"}
@@ -74,3 +74,55 @@ def test_watcher_exposure_is_recorded_against_a_plain_unit(c, record_property):
     print(f"\nsystemd-analyze security: bpfwall.service {ours} vs a plain unit {plain} "
           f"(0 = fully sandboxed, 10 = not at all)")
     assert ours < plain
+
+
+# -- the drop-in under a real systemd ------------------------------------------------
+
+PROBE = "bpfwall-nftprobe.service"
+# What the nft worker does first (bpfwall/nft/worker.py): unshare a mount namespace, make / private,
+# mount cgroup2 at /sys/fs/cgroup. The container is unified (cgroup2 already at /sys/fs/cgroup, where
+# mounting it again is EBUSY), so the probe first lays a hybrid host's tmpfs over /sys/fs/cgroup in a
+# namespace of its own: the same system calls, each needing what the drop-in grants. The container's
+# python has no nftables module, so the probe stops there; the rest of the worker needs nothing the
+# watcher lacks (netlink, CAP_NET_ADMIN).
+PROBE_SCRIPT = """import ctypes, os
+from bpfwall.nft import worker
+libc = ctypes.CDLL(None, use_errno=True)
+for ok, what in ((lambda: libc.unshare(worker.CLONE_NEWNS), "unshare"),
+                 (lambda: libc.mount(b"none", b"/", None, worker.MS_REC | worker.MS_PRIVATE, None), "private /"),
+                 (lambda: libc.mount(b"tmpfs", b"/sys/fs/cgroup", b"tmpfs", 0, None), "tmpfs")):
+    if ok() != 0:
+        raise OSError(ctypes.get_errno(), what + ": " + os.strerror(ctypes.get_errno()))
+worker.enter_private_cgroup2_view()
+print("cgroup2 mounted:", os.path.exists("/sys/fs/cgroup/cgroup.controllers"))
+"""
+PROBE_DROPIN = f"""[Service]
+Type=oneshot
+Restart=no
+Environment=PYTHONPATH={REPO_MOUNT} PYTHONDONTWRITEBYTECODE=1
+ExecStart=
+ExecStart=/usr/bin/python3 /usr/local/lib/bpfwall-nftprobe.py
+"""
+
+
+def test_the_dropin_gives_the_nft_worker_what_it_needs(container):
+    """The shipped bpfwall.service's sandbox (under another name, running the worker's first steps)
+    refuses the worker's mount namespace; with units/examples/bpfwall.service.d/nft-hybrid.conf it works."""
+    c = container
+    c.write(f"/etc/systemd/system/{PROBE}", (REPO / "units" / "bpfwall.service").read_text())
+    c.write(f"/etc/systemd/system/{PROBE}.d/probe.conf", PROBE_DROPIN)
+    c.write("/usr/local/lib/bpfwall-nftprobe.py", PROBE_SCRIPT)
+    c.systemctl("daemon-reload", check=True)
+    refused = c.systemctl("start", PROBE)
+    assert refused.returncode != 0
+    assert "Operation not permitted" in c.journal(PROBE)
+    c.write(f"/etc/systemd/system/{PROBE}.d/nft-hybrid.conf",
+            (REPO / "units" / "examples" / "bpfwall.service.d" / "nft-hybrid.conf").read_text())
+    c.systemctl("daemon-reload", check=True)
+    c.systemctl("reset-failed", PROBE)
+    done = c.systemctl("start", PROBE)
+    assert done.returncode == 0, c.journal(PROBE)
+    assert c.show(PROBE, "Result")["Result"] == "success"
+    assert "cgroup2 mounted: True" in c.journal(PROBE)
+    verify = c.exec(["systemd-analyze", "verify", "--man=no", PROBE])
+    assert verify.returncode == 0, verify.stderr

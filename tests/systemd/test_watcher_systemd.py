@@ -14,14 +14,14 @@ import time
 import pytest
 
 from bpfwall.kernel import cgroup
-from tests.systemd.conftest import REPO
+from tests.systemd.container import REPO
 from tests.systemd.services import (
     COUNTER, SENDER, STATE_DIR, attached, bpfwall_stats, install_counter, install_unit, packets,
     pin_path, pinned_prog_id, receiver_state, receiver_unit, send_udp, sender_result, wait_attached,
     wait_counts,
 )
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.systemd]
 
 N = 20          # datagrams per port in traffic checks
 RESTARTS = 50

@@ -5,6 +5,8 @@ import io
 import os
 import socket
 import struct
+import subprocess
+import sys
 import time
 import uuid
 
@@ -39,6 +41,19 @@ def test_inotify_reports_a_new_directory(tmp_path):
         assert [(e.wd, e.name, bool(e.mask & ino.IN_ISDIR)) for e in events] == \
             [(wd, "a.service", True), (wd, "file", False)]
         assert watch.add(str(tmp_path / "missing"), ino.IN_CREATE) is None
+
+
+def test_importing_inotify_starts_no_process():
+    """libc is the one this process has: ctypes.util.find_library would run ldconfig (a
+    subprocess, and a PATH lookup) every time the watcher starts."""
+    code = ("import ctypes.util, subprocess\n"
+            "def refuse(*a, **k): raise AssertionError('a process was started at import')\n"
+            "ctypes.util.find_library = subprocess.Popen = refuse\n"
+            "import bpfwall.watch.inotify as ino\n"
+            "with ino.Inotify() as w: print(w.add('/', ino.IN_CREATE) is not None)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "True\n"
 
 
 @pytest.fixture
