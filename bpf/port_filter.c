@@ -14,7 +14,9 @@
  *   bpfwall_filter_ingress/egress(p, prm)  the two verdict functions
  *
  * Field semantics are the ones of bpfwall/lang/packet.py (the reference
- * evaluator); tests compare the two on generated packets.
+ * evaluator); tests compare the two on generated packets. The maps, keys and
+ * values Python reads and writes are stated in bpfwall/program_contract.py;
+ * tests/unit/test_program_contract.py checks the two against each other.
  *
  * No global data: everything lives in maps, so the object needs no .data /
  * .rodata relocations and one ELF loads twice into independent units.
@@ -60,9 +62,11 @@ struct bpfwall_addr_key {
 	__u8 family;
 	__u8 addr[16];
 } __attribute__((packed));
+#define ADDR_KEY_PREFIXLEN(bits) (8 + (bits))
 
 /* Index = direction * 2 + dropped. Per direction so that softirq ingress and
  * process-context egress never increment the same per-CPU slot. */
+#define COUNTER_SLOT(dir, dropped) ((dir) * 2 + (dropped))
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 4);
@@ -265,7 +269,7 @@ static __always_inline int in_address_set(void *set, const struct pkt *p, const 
 	struct bpfwall_addr_key key = {};
 
 	key.family = p->family;
-	key.prefixlen = 8 + (p->family == 4 ? 32 : 128);
+	key.prefixlen = ADDR_KEY_PREFIXLEN(p->family == 4 ? 32 : 128);
 	__builtin_memcpy(key.addr, addr, 16);
 	return bpf_map_lookup_elem(set, &key) != 0;
 }
@@ -294,7 +298,7 @@ struct {
 
 static __always_inline int finish(struct __sk_buff *skb, __u32 dir, int pass)
 {
-	__u32 idx = dir * 2 + !pass;
+	__u32 idx = COUNTER_SLOT(dir, !pass);
 	__u32 zero = 0;
 	struct bpfwall_counter *c;
 	__u32 *m;

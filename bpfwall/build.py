@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import objcache
+from . import objcache, program_contract
 from .kernel.elf import READER_VERSION
 from .lower import c as lower_c
 
@@ -72,8 +72,7 @@ class UnitProgram:
         return json.dumps(self.meta(), sort_keys=True).encode()
 
     def meta_size(self) -> int:
-        """Room for the meta JSON plus a NUL, in steps of 256 so similar units share objects."""
-        return (len(self.meta_bytes()) // 256 + 1) * 256
+        return program_contract.meta_size(len(self.meta_bytes()))
 
     def header(self) -> str:
         return lower_c.header(
@@ -129,6 +128,12 @@ def _key(clang: str, flags: list[str], source: bytes, header: str) -> str:
     return h.hexdigest()
 
 
+def compile_command(program: UnitProgram, source: Path, include_dir: str, output: Path) -> list[str]:
+    """The clang command build() runs: `source` (port_filter.c, or a file that includes it) with
+    the program's generated header in `include_dir`, into the object `output`."""
+    return [_clang(), *_flags(program), f"-I{include_dir}", "-c", str(source), "-o", str(output)]
+
+
 def build(program: UnitProgram, cache: Path | None = None):
     """The kernel.elf.BpfObject for `program`, compiled or from the cache."""
     cache = cache or cache_dir()
@@ -146,7 +151,7 @@ def build(program: UnitProgram, cache: Path | None = None):
     with tempfile.TemporaryDirectory(prefix="bpfwall-build-") as tmp:
         Path(tmp, "bpfwall_filter.h").write_text(header)
         obj_path = Path(tmp, "port_filter.o")
-        cmd = [clang, *flags, f"-I{tmp}", "-c", str(src_dir / "port_filter.c"), "-o", str(obj_path)]
+        cmd = compile_command(program, src_dir / "port_filter.c", tmp, obj_path)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             lines = [l for l in proc.stderr.splitlines() if "error" in l] or proc.stderr.splitlines() or ["?"]

@@ -322,15 +322,9 @@ def cmd_path(args) -> None:
 
 def cmd_pin(args) -> None:
     from .backends import bpf
-    from .kernel import pins
 
     _bpf_only(args, "pin")
-    source = bpf.prog_path(_pin_root(args), args.unit, args.direction)
-    fd = pins.get(source)
-    try:
-        pins.replace_pin(fd, args.path)
-    finally:
-        os.close(fd)
+    source = bpf.pin_elsewhere(_pin_root(args), args.unit, args.direction, args.path)
     print(f"{args.path} → {source}")
 
 

@@ -27,8 +27,11 @@ def own_cgroup_path() -> str:
 class TempCgroup:
     """A uniquely named cgroup under the cgroup2 mount, removed on exit."""
 
-    def __init__(self, prefix: str = "bpfwall-tmp"):
-        self.path = os.path.join(cgroup.cgroup2_mount(), f"{prefix}-{uuid.uuid4().hex[:10]}")
+    def __init__(self, prefix: str = "bpfwall-tmp", suffix: str = "", parent: str | None = None,
+                 name: str | None = None):
+        """`name` (default: prefix-<random>suffix) under `parent` (default: the cgroup2 mount)."""
+        name = name or f"{prefix}-{uuid.uuid4().hex[:10]}{suffix}"
+        self.path = os.path.join(parent or cgroup.cgroup2_mount(), name)
 
     def __enter__(self) -> "TempCgroup":
         os.mkdir(self.path)

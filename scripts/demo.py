@@ -99,7 +99,7 @@ def main() -> None:
             sh("set", UNIT, f"extra={p_udp_closed}")
             send_udp(p_udp_closed)
             print(f"  UDP to {p_udp_closed}: {drain(udp_closed)}/5 datagrams arrived")
-            print("\n# Reload with a new expression: swapped in place (BPF_F_REPLACE), counters kept:")
+            print("\n# Reload with a new expression: swapped in place (the attachment is a pinned bpf_link: BPF_LINK_UPDATE), counters kept:")
             sh("load", UNIT, "--ingress", f"udp && local_port == {p_udp_closed}")
             send_udp(p_udp_open)
             print(f"  UDP to {p_udp_open}: {drain(udp_open)}/5 datagrams arrived")

@@ -3,11 +3,9 @@
 A unit's pins live in `<pin root>/<unit key>/`:
 
     ingress, egress      the programs (either may be absent)
-    counters             per-CPU {packets, bytes}; index direction*2 + dropped
-    mode                 u32: 0 enforce, 1 audit
-    params               struct bpfwall_params: one u64 per $param, by name order
-    set_<name>           @name: hash of u32 (numbers) or LPM trie (addresses)
-    meta                 JSON: expressions, param order, set kinds, capacity
+    counters, mode       the program's maps (program_contract.py states what they hold):
+    params, set_<name>   counts, enforce/audit, $params, @sets and,
+    meta                 in meta, JSON: expressions, param order, set kinds, capacity
     link_<dir>_<cgid>    a bpf_link running the unit's program on cgroup id <cgid>
     next_<dir>           a reload's new program, between its swap and its rename
 
@@ -27,7 +25,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import ipaddress
 import json
 import os
 import struct
@@ -35,6 +32,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from .. import program_contract as pc
 from .. import unitkey
 from ..build import UnitProgram, build
 from ..crashpoint import reached
@@ -42,14 +40,11 @@ from ..kernel import cgroup, links, loader, maps, pins, progs
 from ..kernel.errors import KernelError
 from ..lang.setcontents import Contents, count
 from ..lang.values import PARAM_MAX, parse_set_elements
-from ..lower.c import set_map
+from ..program_contract import DIRECTIONS, MODES, PROG_SECTIONS, key_of, set_map, value_of
 
-DIRECTIONS = ("ingress", "egress")
-MODES = ("enforce", "audit")
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/bpfwall"
-PROG_SECTIONS = {"ingress": "cgroup_skb/ingress", "egress": "cgroup_skb/egress"}
 # Maps whose contents survive a reload when the new object's map is compatible.
-KEPT_MAPS = ("counters", "mode")
+KEPT_MAPS = (pc.COUNTERS, pc.MODE)
 ETH_P = {4: 0x0800, 6: 0x86DD}
 
 
@@ -57,28 +52,7 @@ class BackendError(Exception):
     """A request the backend refuses; the message is one line for the user."""
 
 
-# -- value encodings shared with bpf/port_filter.c ----------------------------
-
-def number_key(value: int) -> bytes:
-    return struct.pack("=I", value)
-
-
-def address_key(net) -> bytes:
-    """struct bpfwall_addr_key: prefixlen counts the family byte (see port_filter.c)."""
-    return struct.pack("=IB16s", 8 + net.prefixlen, net.version, net.network_address.packed)
-
-
-def key_of(kind: str, value) -> bytes:
-    return number_key(value) if kind == "number" else address_key(value)
-
-
-def value_of(kind: str, key: bytes):
-    """A set map's key back as the number or network it holds."""
-    if kind == "number":
-        return struct.unpack("=I", key)[0]
-    plen, family, addr = struct.unpack("=IB16s", key)
-    return ipaddress.ip_network((addr[:4] if family == 4 else addr, plen - 8))
-
+# -- set contents as map keys (the encodings are program_contract's) ----------
 
 def set_keys(kind: str, elements) -> list[bytes]:
     """The map keys of `elements`, one per number or network. This enumerates every number of
@@ -134,13 +108,10 @@ def name_of(prog_id: int) -> str | None:
     name = _name_of_id.get(prog_id)
     if name is None:
         try:
-            fd = progs.prog_get_fd_by_id(prog_id)
+            with progs.Program.from_id(prog_id) as prog:
+                name = _name_of_id[prog_id] = prog.info.name
         except KernelError:
             return None
-        try:
-            name = _name_of_id[prog_id] = progs.prog_info(fd).name
-        finally:
-            os.close(fd)
     return name
 
 
@@ -270,6 +241,7 @@ class PinnedUnit:
     progs: dict[str, int] = field(default_factory=dict)
     links: dict[tuple[str, int], str] = field(default_factory=dict)  # (direction, cgroup id) → pin name
     staged: list[str] = field(default_factory=list)  # next_<dir> pins a reload left behind
+    _views: dict[str, maps.Map] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(cls, pin_root: str, unit: str, root: pins.PinDir | None = None) -> "PinnedUnit":
@@ -306,18 +278,19 @@ class PinnedUnit:
                 self.links[key] = name
             elif name.startswith(NEXT_PREFIX):
                 self.staged.append(name)
-            elif not name.startswith("tmp"):
+            elif not name.startswith(("tmp", "mark_")):
                 self.maps[name] = d.get(name)
         if "meta" not in self.maps:
             raise BackendError(f"{self.path} has no meta pin: a load was cut short; load {self.unit} again "
                                "to complete it, or unload it")
-        raw = maps.map_lookup(self.maps["meta"], struct.pack("=I", 0), maps.map_info(self.maps["meta"]).value_size)
+        raw = self.map(pc.META).lookup(pc.ZERO)
         try:
-            self.meta = json.loads(raw.split(b"\0", 1)[0])
+            self.meta = json.loads(pc.decode_meta(raw))
         except ValueError:
             raise BackendError(f"{self.path}/meta does not hold bpfwall's description of a unit") from None
 
     def close(self) -> None:
+        self._views.clear()
         for fd in [*self.maps.values(), *self.progs.values()]:
             os.close(fd)
         self.maps.clear()
@@ -329,47 +302,51 @@ class PinnedUnit:
     def __exit__(self, *exc):
         self.close()
 
+    def map(self, name: str) -> maps.Map:
+        """The map pinned as `name`, its info read once (the fd stays in `maps`, ours to close)."""
+        view = self._views.get(name)
+        if view is None:
+            view = self._views[name] = maps.Map(self.maps[name])
+        return view
+
     def prog_ids(self) -> dict[str, int]:
         """{direction: id} of the programs the pins name now."""
         return {d: progs.prog_info(fd).id for d, fd in self.progs.items()}
+
+    def write_meta(self, description: bytes) -> None:
+        meta = self.map(pc.META)
+        meta.update(pc.ZERO, pc.encode_meta(description, meta.info.value_size))
 
     # params
     def params(self) -> dict[str, int]:
         names = self.meta["params"]
         if not names:
             return {}
-        raw = maps.map_lookup(self.maps["params"], struct.pack("=I", 0), 8 * len(names))
-        return dict(zip(names, struct.unpack(f"={len(names)}Q", raw)))
+        return pc.decode_params(names, self.map(pc.PARAMS).lookup(pc.ZERO))
 
     def write_params(self, values: dict[str, int]) -> None:
         names = self.meta["params"]
         if names:
-            raw = struct.pack(f"={len(names)}Q", *(values.get(n, 0) for n in names))
-            maps.map_update(self.maps["params"], struct.pack("=I", 0), raw)
+            self.map(pc.PARAMS).update(pc.ZERO, pc.encode_params(names, values))
 
     # mode
     def mode(self) -> str:
-        raw = maps.map_lookup(self.maps["mode"], struct.pack("=I", 0), 4)
-        return MODES[struct.unpack("=I", raw)[0]] if raw else "enforce"
+        raw = self.map(pc.MODE).lookup(pc.ZERO)
+        return pc.mode_name(raw) if raw else "enforce"
 
     def write_mode(self, mode: str) -> None:
-        maps.map_update(self.maps["mode"], struct.pack("=I", 0), struct.pack("=I", MODES.index(mode)))
+        self.map(pc.MODE).update(pc.ZERO, pc.mode_value(mode))
 
     # counters: per direction, summed over CPUs
     def counters(self) -> dict:
-        fd = self.maps["counters"]
-        size = maps.percpu_value_size(16)
+        counters = self.map(pc.COUNTERS)
         out = {}
-        for i, direction in enumerate(DIRECTIONS):
+        for direction in DIRECTIONS:
             entry = {}
-            for dropped, label in ((0, "pass"), (1, "drop")):
-                raw = maps.map_lookup(fd, struct.pack("=I", i * 2 + dropped), size) or b""
-                packets = byte_count = 0
-                for off in range(0, len(raw), 16):
-                    p, b = struct.unpack_from("=QQ", raw, off)
-                    packets += p
-                    byte_count += b
-                entry[label] = {"packets": packets, "bytes": byte_count}
+            for dropped, label in ((False, "pass"), (True, "drop")):
+                slot = pc.number_key(pc.counter_slot(direction, dropped))
+                total = pc.sum_counters(counters.lookup_percpu(slot) or [])
+                entry[label] = {"packets": total.packets, "bytes": total.bytes}
             out[direction] = entry
         return out
 
@@ -382,8 +359,7 @@ class PinnedUnit:
         return kinds[name]
 
     def _set_keys(self, name: str) -> list[bytes]:
-        fd = self.maps[set_map(name)]
-        return list(maps.map_keys(fd, maps.map_info(fd).key_size))
+        return list(self.map(set_map(name)).keys())
 
     def set_contents(self, name: str) -> Contents:
         kind = self.set_kind(name)
@@ -402,29 +378,29 @@ class PinnedUnit:
         """Make @name hold exactly `new`, refused before the first write if it does not fit;
         if a write fails, the previous contents are put back before the error is raised."""
         kind = self.set_kind(name)
-        fd = self.maps[set_map(name)]
-        info = maps.map_info(fd)
-        _check_fits(name, len(new), info.max_entries)
-        old = list(maps.map_keys(fd, info.key_size))
+        m = self.map(set_map(name))
+        capacity = m.info.max_entries
+        _check_fits(name, len(new), capacity)
+        old = list(m.keys())
         unwanted = [k for k in old if value_of(kind, k) not in new]
         have = set(old)
         wanted = (k for k in (key_of(kind, v) for v in new.values()) if k not in have)
         added: list[bytes] = []
         removed: list[bytes] = []
         try:
-            if len(new) + len(unwanted) <= info.max_entries:  # old ∪ new fits
+            if len(new) + len(unwanted) <= capacity:  # old ∪ new fits
                 # Room for the old and the new contents at once: add, then remove, so that
                 # no element either of them allows is missing for a moment.
-                _add_keys(fd, wanted, added)
-                _delete_keys(fd, unwanted, removed)
+                _add_keys(m, wanted, added)
+                _delete_keys(m, unwanted, removed)
             else:
                 # No room for both: the elements that go are removed first, then the new ones
                 # added. Elements kept across the change are never touched, so nothing the old
                 # and the new contents both allow is missing for a moment.
-                _delete_keys(fd, unwanted, removed)
-                _add_keys(fd, wanted, added)
+                _delete_keys(m, unwanted, removed)
+                _add_keys(m, wanted, added)
         except BaseException:
-            _restore_keys(fd, added, removed)
+            _restore_keys(m, added, removed)
             raise
 
     # all-or-nothing live changes (`bpfwall set`)
@@ -436,8 +412,7 @@ class PinnedUnit:
         old = _Values(self.params(), self.mode(), {})
         new, done = self._planned(changes, old)
         for name, contents in new.sets.items():
-            _check_fits(name, len(contents), maps.map_info(self.maps[set_map(name)]).max_entries,
-                        "; nothing was changed")
+            _check_fits(name, len(contents), self.map(set_map(name)).info.max_entries, "; nothing was changed")
         self._write(old, new)
         return done
 
@@ -517,28 +492,28 @@ def _check_fits(name: str, n: int, capacity: int, note: str = "") -> None:
                            f"(reload with a larger --set-capacity){note}")
 
 
-def _add_keys(fd: int, keys, added: list) -> None:
+def _add_keys(m: maps.Map, keys, added: list) -> None:
     for k in keys:
-        maps.map_update(fd, k, b"\1")
+        m.update(k, pc.PRESENT)
         added.append(k)
 
 
-def _delete_keys(fd: int, keys, removed: list) -> None:
+def _delete_keys(m: maps.Map, keys, removed: list) -> None:
     for k in keys:
-        if maps.map_delete(fd, k):
+        if m.delete(k):
             removed.append(k)
 
 
-def _restore_keys(fd: int, added: list, removed: list) -> None:
+def _restore_keys(m: maps.Map, added: list, removed: list) -> None:
     """Undo a partial write_set: drop what was added (making room), put back what was removed."""
     for k in added:
         try:
-            maps.map_delete(fd, k)
+            m.delete(k)
         except KernelError:
             pass
     for k in removed:
         try:
-            maps.map_update(fd, k, b"\1")
+            m.update(k, pc.PRESENT)
         except KernelError:
             pass
 
@@ -641,8 +616,7 @@ def _load_locked(pin_root, d, unit, program, obj, names, params, sets, mode, old
         new = PinnedUnit(unit, d.path, program.meta(), dict(loaded.maps), {})
         new.progs = {dr: loaded.progs[PROG_SECTIONS[dr]] for dr in DIRECTIONS if getattr(program, dr) is not None}
         # Contents: meta always; params carried over by name; sets as given or kept.
-        meta_size = maps.map_info(new.maps["meta"]).value_size
-        maps.map_update(new.maps["meta"], struct.pack("=I", 0), program.meta_bytes().ljust(meta_size, b"\0"))
+        new.write_meta(program.meta_bytes())
         kept = old.params() if old is not None else {}
         if params or "params" not in reuse:
             new.write_params({**{n: v for n, v in kept.items() if n in program.params}, **params})
@@ -661,7 +635,8 @@ def _load_locked(pin_root, d, unit, program, obj, names, params, sets, mode, old
             d.replace(fd, NEXT_PREFIX + direction)
         reached("load:staged")
         if old is not None or cut_short or any(parse_link_name(n) for n in d.names()):
-            _swap_attachments(d, new, known, result, undo, set(old.progs) if old else set(DIRECTIONS))
+            where = where_to_look(unit, d, deep=cut_short)
+            _swap_attachments(d, new, known, where, result, undo, set(old.progs) if old else set(DIRECTIONS))
         reached("load:swapped")
         for direction in DIRECTIONS:
             if direction in new.progs:
@@ -695,9 +670,38 @@ def _load_locked(pin_root, d, unit, program, obj, names, params, sets, mode, old
         loaded.close()
 
 
-def _attached_anywhere(known: UnitPrograms) -> list[tuple[str, str, int]]:
-    """(cgroup, direction, program id) of every program of the unit attached anywhere."""
-    return [(cg, dr, pid) for cg, dr, pid in cgroup.find_attachments(known.direction_of)
+MARK_ELSEWHERE = "mark_pinned_elsewhere"  # `bpfwall pin` handed a program out: its users are unknown
+
+
+def where_to_look(unit: str, d: pins.PinDir | None, deep: bool = False) -> list[str] | None:
+    """The cgroups the unit can run on: those its pinned links name, and the ones systemd made
+    for it (hand-off: named after the unit, in a slice). None means everywhere — when the unit's
+    pins are gone or a load was cut short (a crash's leftovers may be anywhere), or `bpfwall pin`
+    handed its program to users we cannot know — and then the whole tree is queried."""
+    if deep or d is None or d.exists(MARK_ELSEWHERE):
+        return None
+    paths = set(cgroup.unit_cgroups(unit))
+    live = []
+    for name in d.names():
+        if (key := parse_link_name(name)) is None:
+            continue
+        lfd = d.get(name)
+        try:
+            if not links.info(lfd).defunct:
+                live.append(key[1])
+        finally:
+            os.close(lfd)
+    for path in cgroup.paths_of_ids(live).values():
+        if path is None:
+            return None  # not allowed to resolve ids to paths (no CAP_DAC_READ_SEARCH), or racing a removal
+        paths.add(path)
+    return sorted(paths)
+
+
+def _attached_anywhere(known: UnitPrograms, where: list[str] | None) -> list[tuple[str, str, int]]:
+    """(cgroup, direction, program id) of every program of the unit attached on the cgroups
+    `where` (None: anywhere)."""
+    return [(cg, dr, pid) for cg, dr, pid in cgroup.find_attachments(known.direction_of, where)
             if known.direction_of(pid) == dr]
 
 
@@ -711,8 +715,8 @@ def _cgroup_ids(paths) -> dict[int, str]:
     return out
 
 
-def _swap_attachments(d, new: PinnedUnit, known: UnitPrograms, result: LoadResult, undo: list,
-                      old_dirs: set) -> None:
+def _swap_attachments(d, new: PinnedUnit, known: UnitPrograms, where: list[str] | None, result: LoadResult,
+                      undo: list, old_dirs: set) -> None:
     """Make every attachment of the unit run the new programs: its pinned links are updated
     (BPF_LINK_UPDATE), programs attached with BPF_PROG_ATTACH (systemd's IP*FilterPath=, or an
     older bpfwall's) are replaced in place (BPF_F_REPLACE), duplicates detached; a direction the
@@ -743,7 +747,7 @@ def _swap_attachments(d, new: PinnedUnit, known: UnitPrograms, result: LoadResul
             os.close(lfd)
     for direction, fd in new.progs.items():
         known.add(direction, fd)
-    found = _attached_anywhere(known)
+    found = _attached_anywhere(known, where)
     by_id = _cgroup_ids({cg for cg, _, _ in found})
     result.replaced = [(by_id.get(c, f"cgroup id {c}"), dr) for c, dr in result.replaced]
     result.detached = [(by_id.get(c, f"cgroup id {c}"), dr) for c, dr in result.detached]
@@ -820,7 +824,12 @@ def _nothing():
 
 
 def _unload_locked(pin_root, unit, root, key, present, known) -> list:
-    found = _attached_anywhere(known)
+    if present:
+        with root.sub(key) as d:
+            where = where_to_look(unit, d, deep="meta" not in d.names())
+    else:
+        where = None  # pins gone: the unit's programs may be anywhere, found by name
+    found = _attached_anywhere(known, where)
     by_id = _cgroup_ids({cg for cg, _, _ in found})
     detached = []
     if present:
@@ -852,6 +861,27 @@ def _unload_locked(pin_root, unit, root, key, present, known) -> list:
     except KernelError as e:
         raise BackendError(f"could not remove {unit_dir(pin_root, unit)}: {e}") from None
     return detached
+
+
+def pin_elsewhere(pin_root: str, unit: str, direction: str, path: str) -> str:
+    """Pin the unit's program also at `path` (for IP*FilterPath= or systemd-run -p elsewhere);
+    the unit is marked so that reloads, stats and unload look for its programs on every cgroup,
+    since whoever uses that path is unknown to us. The pin the program was taken from."""
+    with _locked(pin_root) as root, root.sub(unitkey.encode(unit)) as d:
+        if not d.exists("counters"):
+            raise BackendError(f"unit {unit} is not loaded completely (no pins at {d.path}); load it first")
+        if not d.exists(MARK_ELSEWHERE):
+            fd = d.get("counters")  # any object of the unit's: the pin is only a mark
+            try:
+                d.pin(fd, MARK_ELSEWHERE)
+            finally:
+                os.close(fd)
+        fd = d.get(direction)
+        try:
+            pins.replace_pin(fd, path)
+        finally:
+            os.close(fd)
+        return os.path.join(d.path, direction)
 
 
 # -- attach / detach ----------------------------------------------------------
@@ -1018,15 +1048,15 @@ def _attachment(cg: str, direction: str, pid: int, current: dict[str, int]) -> d
 
 @contextmanager
 def unit_programs(pin_root: str, unit: str):
-    """The unit's UnitPrograms, read from its (checked) pins."""
+    """(UnitPrograms, where it can run) of the unit, read from its (checked) pins."""
     with open_root(pin_root) as root:
         key = unitkey.encode(unit)
         with root.sub(key) if root.exists(key) else _nothing() as d, UnitPrograms.of(pin_root, unit, d) as known:
-            yield known
+            yield known, where_to_look(unit, d)
 
 
 def stats(pin_root: str, unit: str) -> dict:
-    with PinnedUnit.open(pin_root, unit) as u, unit_programs(pin_root, unit) as known:
+    with PinnedUnit.open(pin_root, unit) as u, unit_programs(pin_root, unit) as (known, where):
         ids = u.prog_ids()
         return {
             "unit": unit,
@@ -1038,7 +1068,7 @@ def stats(pin_root: str, unit: str) -> dict:
             "counters": u.counters(),
             "params": u.params(),
             "sets": {name: u.set_elements(name) for name in sorted(u.meta["sets"])},
-            "attached": [_attachment(cg, dr, pid, ids) for cg, dr, pid in sorted(_attached_anywhere(known))],
+            "attached": [_attachment(cg, dr, pid, ids) for cg, dr, pid in sorted(_attached_anywhere(known, where))],
         }
 
 
@@ -1053,16 +1083,18 @@ def summary(pin_root: str) -> list[dict]:
         except (BackendError, KernelError) as e:
             out.append({"unit": unit, "error": str(e), "programs": {}})
     with contextlib.ExitStack() as stack:
-        index = [(entry, stack.enter_context(unit_programs(pin_root, entry["unit"]))) for entry in out]
+        index = [(entry, *stack.enter_context(unit_programs(pin_root, entry["unit"]))) for entry in out]
+        everywhere = any(where is None for _, _, where in index)
+        paths = None if everywhere else sorted({p for _, _, where in index for p in where})
         for entry in out:
             entry["attached"] = []
 
         def owner(pid: int):
-            for entry, known in index:
+            for entry, known, _ in index:
                 if (dr := known.direction_of(pid)) is not None:
                     return entry, dr
             return None
-        for cg, direction, pid in sorted(cgroup.find_attachments(lambda pid: owner(pid) is not None)):
+        for cg, direction, pid in sorted(cgroup.find_attachments(lambda pid: owner(pid) is not None, paths)):
             entry, dr = owner(pid)
             if dr == direction:
                 entry["attached"].append(_attachment(cg, direction, pid, entry["programs"]))

@@ -47,6 +47,7 @@ class BtfType:
     members: list[tuple[str, int, int]] = field(default_factory=list)   # STRUCT/UNION: name, type, bit offset
     secinfo: list[tuple[int, int, int]] = field(default_factory=list)   # DATASEC: var type, offset, size
     array: tuple[int, int] = (0, 0)  # ARRAY: element type, count
+    enumerators: list[tuple[str, int]] = field(default_factory=list)    # ENUM/ENUM64: name, value
 
 
 @dataclass
@@ -118,6 +119,17 @@ def parse(blob: bytes) -> Btf:
         elif kind == KIND_ARRAY:
             elem, _, nelems = struct.unpack_from("=III", types_raw, body)
             t.array = (elem, nelems)
+        elif kind in (KIND_ENUM, KIND_ENUM64):
+            signed = info >> 31  # kind_flag: the values are signed
+            for i in range(vlen):
+                if kind == KIND_ENUM:
+                    e_name, value = struct.unpack_from("=Ii" if signed else "=II", types_raw, body + 8 * i)
+                else:
+                    e_name, lo, hi = struct.unpack_from("=III", types_raw, body + 12 * i)
+                    value = hi << 32 | lo
+                    if signed and value >> 63:
+                        value -= 1 << 64
+                t.enumerators.append((btf.name(e_name), value))
         fixed, per_item = _TRAILER[kind]
         pos = body + fixed + per_item * vlen
         btf.types.append(t)

@@ -246,14 +246,75 @@ def walk(root: str | None = None) -> Iterator[str]:
         stack.extend(sorted(children, reverse=True))
 
 
-def find_attachments(wanted) -> list[tuple[str, str, int]]:
+# A systemd unit's cgroup is named after the unit and sits in a slice (a-b.slice lives in
+# a.slice), or, for user units, below user@UID.service; nothing else needs descending into.
+_SYSTEMD_PARENTS = re.compile(r"(.+\.slice|user@\d+\.service)")
+
+
+def unit_cgroups(unit: str, root: str | None = None) -> list[str]:
+    """The cgroups systemd made for `unit` (its directory is named after it): found by listing
+    slices only, so it costs the number of slices, not of cgroups."""
+    found, stack = [], [root or cgroup2_mount()]
+    while stack:
+        path = stack.pop()
+        try:
+            with os.scandir(path) as entries:
+                for e in entries:
+                    if not e.is_dir(follow_symlinks=False):
+                        continue
+                    if e.name == unit:
+                        found.append(e.path)
+                    elif _SYSTEMD_PARENTS.fullmatch(e.name):
+                        stack.append(e.path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return sorted(found)
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int), ("f_handle", ctypes.c_uint64)]
+
+
+_FILEID_KERNFS = 0xFE
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def paths_of_ids(cgroup_ids) -> dict[int, str | None]:
+    """{id: path} of cgroups given by id (open_by_handle_at on cgroup2, which needs
+    CAP_DAC_READ_SEARCH); None for one that is gone or when we may not look."""
+    mount = cgroup2_mount()
+    out: dict[int, str | None] = {}
+    try:
+        mount_fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return dict.fromkeys(cgroup_ids)
+    try:
+        for cgroup_id in cgroup_ids:
+            handle = _FileHandle(8, _FILEID_KERNFS, cgroup_id)
+            fd = _libc.open_by_handle_at(mount_fd, ctypes.byref(handle), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            if fd < 0:
+                out[cgroup_id] = None
+                continue
+            try:
+                path = os.readlink(f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
+            # readlink gives the path in our mount namespace; below the cgroup2 mount it must be.
+            out[cgroup_id] = path if path == mount or path.startswith(mount + "/") else None
+    finally:
+        os.close(mount_fd)
+    return out
+
+
+def find_attachments(wanted, paths=None) -> list[tuple[str, str, int]]:
     """(cgroup path, direction, program id) for every attachment of these programs: `wanted` is a
-    set of program ids, or a function of a program id."""
+    set of program ids, or a function of a program id. `paths`: the cgroups to look at (default:
+    the whole tree, which costs two queries per cgroup)."""
     found: list[tuple[str, str, int]] = []
     if not wanted:
         return found
     keep = wanted.__contains__ if isinstance(wanted, (set, frozenset)) else wanted
-    for path in walk():
+    for path in walk() if paths is None else paths:
         try:
             fd = _open(path)
         except KernelError:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import os
 from dataclasses import dataclass
 
 from . import syscall as sc
@@ -79,10 +78,3 @@ def is_link(fd: int) -> bool:
             return "link_type:" in f.read()
     except OSError:
         return False
-
-
-def close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass

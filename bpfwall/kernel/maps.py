@@ -1,8 +1,9 @@
-"""BPF maps: create, read, write, iterate, describe.
+"""BPF maps: create, read, write, iterate, describe; `Map`, an open map with its info.
 
 A per-CPU map (PERCPU_ARRAY) holds one value per possible CPU. A lookup
 returns, and an update takes, all of them at once: possible_cpus() slots of
 round_up(value_size, 8) bytes each, CPU 0 first; see percpu_value_size().
+Map.lookup_percpu / update_percpu split and join those slots.
 """
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from typing import Iterator
 
 from . import syscall as sc
 from .errors import KernelError
+from .fd import Fd, Object
+from .progs import map_get_fd_by_id  # progs keeps the id commands of both kinds
+
+PERCPU_TYPES = frozenset({sc.BPF_MAP_TYPE_PERCPU_ARRAY})
 
 
 @dataclass(frozen=True)
@@ -27,9 +32,14 @@ class MapInfo:
     btf_id: int
 
 
+def percpu_stride(value_size: int) -> int:
+    """Bytes of one CPU's value in a per-CPU map's buffer: the value padded to 8 bytes."""
+    return (value_size + 7) // 8 * 8
+
+
 def percpu_value_size(value_size: int) -> int:
-    """Bytes of a per-CPU map's value buffer: each CPU's value padded to 8 bytes."""
-    return (value_size + 7) // 8 * 8 * sc.possible_cpus()
+    """Bytes of a per-CPU map's value buffer: one padded value per possible CPU."""
+    return percpu_stride(value_size) * sc.possible_cpus()
 
 
 def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, flags: int = 0,
@@ -99,3 +109,77 @@ def map_info(fd: int) -> MapInfo:
     sc.bpf(sc.BPF_OBJ_GET_INFO_BY_FD, attr, f"cannot get info of map fd {fd}")
     return MapInfo(info.id, info.type, info.key_size, info.value_size, info.max_entries,
                    info.map_flags, info.name.decode(), info.btf_id)
+
+
+class Map(Object):
+    """An open map. Its info (type, sizes, name, id: fixed for a map's life) is read once.
+
+    Owns its fd when given an Fd; given an int, it borrows it (the caller closes it).
+    Keys and values are bytes; a per-CPU map's lookup()/update() take the whole buffer,
+    lookup_percpu()/update_percpu() one value per possible CPU.
+    """
+
+    @classmethod
+    def create(cls, map_type: int, key_size: int, value_size: int, max_entries: int, flags: int = 0,
+               name: str = "", **btf) -> "Map":
+        return cls(Fd(map_create(map_type, key_size, value_size, max_entries, flags, name, **btf)))
+
+    @classmethod
+    def from_id(cls, map_id: int) -> "Map":
+        """Open map `map_id` (needs CAP_SYS_ADMIN)."""
+        return cls(Fd(map_get_fd_by_id(map_id)))
+
+    def _read_info(self) -> MapInfo:
+        return map_info(self.fileno())
+
+    @property
+    def percpu(self) -> bool:
+        return self.info.type in PERCPU_TYPES
+
+    @property
+    def value_buffer_size(self) -> int:
+        """Bytes lookup() returns and update() takes."""
+        size = self.info.value_size
+        return percpu_value_size(size) if self.percpu else size
+
+    def lookup(self, key: bytes) -> bytes | None:
+        return map_lookup(self.fileno(), key, self.value_buffer_size)
+
+    def update(self, key: bytes, value: bytes, flags: int = sc.BPF_ANY) -> None:
+        map_update(self.fileno(), key, value, flags)
+
+    def delete(self, key: bytes) -> bool:
+        """Remove `key`; False when it was not there."""
+        return map_delete(self.fileno(), key)
+
+    def keys(self) -> Iterator[bytes]:
+        return map_keys(self.fileno(), self.info.key_size)
+
+    __iter__ = keys
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) pairs; a key deleted between iteration and lookup is skipped."""
+        for key in self.keys():
+            value = self.lookup(key)
+            if value is not None:
+                yield key, value
+
+    def lookup_percpu(self, key: bytes) -> list[bytes] | None:
+        """A per-CPU map's value at `key`: one value_size bytes per possible CPU, CPU 0 first."""
+        raw = self.lookup(key)
+        if raw is None:
+            return None
+        size, stride = self.info.value_size, self._stride()
+        return [raw[off:off + size] for off in range(0, len(raw), stride)]
+
+    def update_percpu(self, key: bytes, values: list[bytes], flags: int = sc.BPF_ANY) -> None:
+        """Set each CPU's value (one per possible CPU, each value_size bytes)."""
+        size, stride = self.info.value_size, self._stride()
+        if len(values) != sc.possible_cpus() or any(len(v) != size for v in values):
+            raise ValueError(f"map {self.info.name!r}: {sc.possible_cpus()} values of {size} bytes expected")
+        self.update(key, b"".join(v.ljust(stride, b"\0") for v in values), flags)
+
+    def _stride(self) -> int:
+        if not self.percpu:
+            raise ValueError(f"map {self.info.name!r} is not a per-CPU map")
+        return percpu_stride(self.info.value_size)

@@ -1,4 +1,5 @@
-"""BPF programs: load (with the verifier's log on failure), describe, test-run; object ids."""
+"""BPF programs: load (with the verifier's log on failure), describe, test-run; object ids;
+`Program`, an open program with its info."""
 from __future__ import annotations
 
 import ctypes
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 
 from . import syscall as sc
 from .errors import KernelError, VerifierError
+from .fd import Fd, Object
 
 # The verifier log is only asked for after a failure: logging slows verification.
 # Its buffer grows until the whole log fits (the kernel answers ENOSPC until then).
@@ -124,3 +126,35 @@ def prog_get_fd_by_id(prog_id: int) -> int:
 def map_get_fd_by_id(map_id: int) -> int:
     return sc.bpf(sc.BPF_MAP_GET_FD_BY_ID, sc.GetIdAttr(start_id=map_id),
                   f"cannot open map id {map_id}")
+
+
+class Program(Object):
+    """An open program. Its info is read once: id, name, tag, sizes and maps are fixed for a
+    program's life; read_info() gives fresh run counters. Owns its fd when given an Fd; given
+    an int, it borrows it (the caller closes it)."""
+
+    @classmethod
+    def load(cls, *args, **kwargs) -> "Program":
+        """prog_load()'s arguments; the program, owned."""
+        return cls(Fd(prog_load(*args, **kwargs)))
+
+    @classmethod
+    def from_id(cls, prog_id: int) -> "Program":
+        """Open program `prog_id` (needs CAP_SYS_ADMIN)."""
+        return cls(Fd(prog_get_fd_by_id(prog_id)))
+
+    def _read_info(self) -> ProgInfo:
+        return prog_info(self.fileno())
+
+    @property
+    def id(self) -> int:
+        return self.info.id
+
+    def read_info(self) -> ProgInfo:
+        """The info as it is now (run_time_ns, run_cnt), kept as the cached one too."""
+        self._info = self._read_info()
+        return self._info
+
+    def test_run(self, data: bytes, repeat: int = 1) -> tuple[int, int]:
+        """See prog_test_run(): (return value, mean duration in ns)."""
+        return prog_test_run(self.fileno(), data, repeat)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..lang import ast
 from ..lang.fields import ADDR, field_type, resolve
+from ..program_contract import set_map
 
 # Boolean fields as C conditions on `struct pkt *p`.
 _BOOL_C = {
@@ -35,11 +36,6 @@ switch typedef union unsigned void volatile while _Bool _Complex _Imaginary""".s
 def param_member(name: str) -> str:
     """The member of struct bpfwall_params that holds $name (readable in map dumps)."""
     return name + "_" if name in _C_KEYWORDS else name
-
-
-def set_map(name: str) -> str:
-    """The C symbol (and map / pin name) of @name."""
-    return "set_" + name
 
 
 class _Emitter:

@@ -4,7 +4,7 @@
 query and an attach — no pins reopened, no meta parsed, no tree walked.
 `BpfUnits.ensure` decides between reusing what is pinned (unchanged
 definition: a watcher restart must not swap programs) and loading (which swaps
-new programs in place on every attachment, BPF_F_REPLACE, no gap).
+new programs in place on every attachment: links updated, systemd's replaced, no gap).
 """
 from __future__ import annotations
 

@@ -111,8 +111,17 @@ def check_complete(pin_root, policed: dict[str, set[str]], context: str) -> None
 
 @pytest.fixture
 def two_cgroups():
-    with TempCgroup("bpfwall-test-crash") as a, TempCgroup("bpfwall-test-crash") as b:
-        yield a.path, b.path
+    """A cgroup for bpfwall's own attachments, and one where systemd would put the unit (named
+    after it, in a slice: where hand-off attachments are looked for)."""
+    slice_ = os.path.join(cgroup.cgroup2_mount(), f"bpfwall-test-crash-{os.urandom(5).hex()}.slice")
+    with TempCgroup("bpfwall-test-crash") as a:
+        os.mkdir(slice_)
+        try:
+            os.mkdir(os.path.join(slice_, UNIT))
+            yield a.path, os.path.join(slice_, UNIT)
+        finally:
+            os.rmdir(os.path.join(slice_, UNIT))
+            os.rmdir(slice_)
 
 
 def setup_attached(pin_root, linked: str, by_systemd: str) -> dict[str, set[str]]:
@@ -215,7 +224,7 @@ def test_unload_finds_programs_whose_pins_are_gone(pin_root, two_cgroups):
 def test_stale_program_is_shown_and_swapped_not_stacked(pin_root, two_cgroups):
     """A program of the unit no pin names (left by a crash of an older bpfwall) on a cgroup:
     stats shows it as stale, attach swaps it in place instead of adding a second one."""
-    path = two_cgroups[0]
+    path = two_cgroups[1]
     bpfwall(pin_root, *load_args(V1))
     fd = pins.get(bpf.prog_path(pin_root, UNIT, "ingress"))
     try:

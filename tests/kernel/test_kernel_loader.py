@@ -333,3 +333,77 @@ def test_possible_cpus():
     from bpfwall.kernel import syscall as sc
 
     assert sc.possible_cpus() >= len(os.sched_getaffinity(0))
+
+
+# -- Map and Program objects ----------------------------------------------------------
+
+def test_map_reads_its_info_once_and_offers_every_operation(obj, monkeypatch):
+    from bpfwall.kernel import loader, maps, syscall as sc
+    from bpfwall.kernel.errors import KernelError
+
+    with loader.load(obj) as loaded:
+        calls = []
+        real = maps.map_info
+        monkeypatch.setattr(maps, "map_info", lambda fd: calls.append(fd) or real(fd))
+        ports = maps.Map(loaded.maps["kt_ports"])  # borrowed: the Loaded closes the fd
+        keys = [struct.pack("=I", p) for p in (53, 80, 443)]
+        for i, k in enumerate(keys):
+            ports.update(k, bytes([i + 1]))
+        assert sorted(ports.keys()) == sorted(keys) == sorted(ports)
+        assert dict(ports.items()) == {k: bytes([i + 1]) for i, k in enumerate(keys)}
+        assert ports.lookup(keys[1]) == b"\2" and ports.lookup(struct.pack("=I", 9)) is None
+        with pytest.raises(KernelError) as e:
+            ports.update(keys[0], b"\7", sc.BPF_NOEXIST)
+        assert e.value.errno == errno.EEXIST
+        assert ports.delete(keys[0]) is True and ports.delete(keys[0]) is False
+        assert (ports.info.name, ports.info.key_size, ports.info.value_size) == ("kt_ports", 4, 1)
+        assert calls == [loaded.maps["kt_ports"]]  # one BPF_OBJ_GET_INFO_BY_FD for all of it
+        with pytest.raises(ValueError, match="not a per-CPU map"):
+            ports.lookup_percpu(keys[1])
+        ports.close()
+        assert maps.map_info(loaded.maps["kt_ports"]).name == "kt_ports"  # the owner's fd is still open
+
+
+def test_map_per_cpu_values(obj):
+    from bpfwall.kernel import loader, maps, progs, syscall as sc
+
+    with loader.load(obj) as loaded:
+        counters = maps.Map(loaded.maps["kt_counters"])
+        assert counters.percpu and counters.value_buffer_size == 16 * sc.possible_cpus()
+        slot = struct.pack("=I", 2)  # egress passed
+        assert counters.lookup_percpu(slot) == [bytes(16)] * sc.possible_cpus()
+        progs.prog_test_run(loaded.progs["cgroup_skb/egress"], ETH_IP + ipv4(IPPROTO_UDP), repeat=7)
+        per_cpu = [struct.unpack("=QQ", v) for v in counters.lookup_percpu(slot)]
+        assert len(per_cpu) == sc.possible_cpus() and [sum(x) for x in zip(*per_cpu, strict=True)] == [7, 7 * 28]
+        values = [struct.pack("=QQ", cpu, 100 * cpu) for cpu in range(sc.possible_cpus())]
+        counters.update_percpu(slot, values)
+        assert counters.lookup_percpu(slot) == values
+        assert counters.lookup(slot) == b"".join(values)  # the kernel's whole buffer
+        with pytest.raises(ValueError, match="values of 16 bytes"):
+            counters.update_percpu(slot, values[:-1] + [b"short"])
+
+
+def test_owned_map_and_program_close_their_fds(obj):
+    from bpfwall.kernel import loader, maps, progs, syscall as sc
+    from bpfwall.kernel.fd import Fd
+
+    fds = bpf_fds()
+    with maps.Map.create(sc.BPF_MAP_TYPE_ARRAY, 4, 8, 2, name="kt_owned") as m:
+        m.update(struct.pack("=I", 1), struct.pack("=Q", 42))
+        with maps.Map.from_id(m.info.id) as again:
+            assert again.fileno() != m.fileno()
+            assert again.lookup(struct.pack("=I", 1)) == struct.pack("=Q", 42)
+        assert bpf_fds() == fds + 1
+    assert bpf_fds() == fds
+    m.close()  # again: nothing
+    with loader.load(obj) as loaded:
+        borrowed = progs.Program(loaded.progs["cgroup_skb/ingress"])
+        assert borrowed.info.name == "kt_ingress"
+        with progs.Program.from_id(borrowed.id) as p:
+            assert p.id == borrowed.id and p.fd.owned
+            assert p.test_run(ETH_IP + ipv4(IPPROTO_UDP))[0] == 1
+            assert p.test_run(ETH_IP + ipv4(IPPROTO_TCP))[0] == 0
+            assert p.read_info().run_cnt >= 0
+        borrowed.close()
+        assert progs.prog_info(loaded.progs["cgroup_skb/ingress"]).name == "kt_ingress"
+        assert isinstance(borrowed.fd, Fd) and not borrowed.fd.owned

@@ -25,7 +25,7 @@ from bpfwall.build import UnitProgram
 from bpfwall.kernel import cgroup
 from bpfwall.lang.checker import analyze_pair
 from bpfwall.leftovers import procs
-from bpfwall.sandbox import own_cgroup_path
+from bpfwall.sandbox import TempCgroup, own_cgroup_path
 
 pytestmark = pytest.mark.kernel
 
@@ -584,11 +584,18 @@ def test_records_are_believed_only_from_a_directory_and_files_of_ours(pin_root, 
     assert bpf.units(pin_root) == [victim]
 
 
-def test_gc_on_the_systemd_path_removes_only_the_pins(no_leaks, pin_root, state_dir, temp_cgroup):
+def test_gc_on_the_systemd_path_removes_only_the_pins(no_leaks, pin_root, state_dir):
     """Under systemd the scope and the programs on it are systemd's: a dead run's pins go once the
     scope is empty, nothing is detached and no cgroup removed. Here the run's own steps are
-    taken by hand, and temp_cgroup plays the scope systemd attached the pinned programs to."""
+    taken by hand, and a cgroup named after the scope in a slice plays the scope systemd
+    attached the pinned programs to."""
     unit = f"{_name()}.scope"
+    with TempCgroup("bpfwall-test-run", suffix=".slice") as slice_, \
+            TempCgroup(parent=slice_.path, name=unit) as scope:
+        _gc_on_the_systemd_path(pin_root, state_dir, unit, scope)
+
+
+def _gc_on_the_systemd_path(pin_root, state_dir, unit, temp_cgroup):
     token = runrecord.new_token()
     record = runrecord.Record(unit, os.path.realpath(pin_root), None, os.getpid(), token)
     held = runrecord.create(pin_root, unitkey.encode(unit), record)

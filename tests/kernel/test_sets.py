@@ -19,7 +19,7 @@ from bpfwall.backends import bpf
 from bpfwall.kernel import maps, pins
 from bpfwall.kernel import syscall as sc
 from bpfwall.kernel.errors import KernelError
-from bpfwall.lower.c import set_map
+from bpfwall.program_contract import number_key, set_map
 from tests.kernel.test_cli import ok, pins_of, run
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("no_leaks")]
@@ -115,7 +115,7 @@ def test_kept_elements_are_never_missing(capsys, pin_root):
     removed first; the ones kept across the change must be present at every instant."""
     ok(capsys, "load", "a.service", "--ingress", "dst_port in @s", "--set-capacity", "200", "--set", "s=0..199")
     fd = set_fd(pin_root, "a.service", "s")
-    kept = [bpf.number_key(v) for v in range(100, 200)]
+    kept = [number_key(v) for v in range(100, 200)]
     missing, stop = [], threading.Event()
 
     def watch():

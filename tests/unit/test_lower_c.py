@@ -76,6 +76,5 @@ def test_compiles(tmp_path, text):
     prog = build.UnitProgram(checked, checked)
     (tmp_path / "bpfwall_filter.h").write_text(prog.header())
     src = build.source_dir() / "port_filter.c"
-    proc = subprocess.run(["clang", *build._flags(), f"-I{tmp_path}", "-c", str(src), "-o", str(tmp_path / "o")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(build.compile_command(prog, src, str(tmp_path), tmp_path / "o"), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,192 @@
+"""What Python and bpf/port_filter.c agree on, stated once.
+
+The C side is port_filter.c plus the `bpfwall_filter.h` that lower/c.py
+generates for a unit; this side is every map, key and value bpfwall reads or
+writes. tests/unit/test_program_contract.py compiles a probe that includes
+both and checks every layout (sizeof/offsetof, from the object's BTF) and
+every value here against clang's, so a change to one side alone fails there.
+
+Maps (each pinned under its name in the unit's directory):
+  counters   PERCPU_ARRAY[4]   u32 slot → struct bpfwall_counter; slot = direction*2 + dropped
+  mode       ARRAY[1]          0 → u32: 0 enforce, 1 audit (the program drops only in enforce)
+  params     ARRAY[1]          0 → struct bpfwall_params: one u64 per $param, in name order
+  meta       ARRAY[1]          0 → char[meta_size]: the unit's JSON description, NUL-padded
+  set_<name> per @name         HASH u32 → u8 (numbers) or LPM_TRIE struct bpfwall_addr_key → u8
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import ipaddress
+from dataclasses import dataclass
+
+from .kernel import syscall as sc
+
+# -- the program -----------------------------------------------------------------
+
+DIRECTIONS = ("ingress", "egress")  # index = enum DIR_INGRESS, DIR_EGRESS
+PROG_SECTIONS = {"ingress": "cgroup_skb/ingress", "egress": "cgroup_skb/egress"}
+MODES = ("enforce", "audit")        # index = enum MODE_ENFORCE, MODE_AUDIT
+
+# -- map names -------------------------------------------------------------------
+
+COUNTERS, MODE, PARAMS, META = "counters", "mode", "params", "meta"
+SET_PREFIX = "set_"
+
+
+def set_map(name: str) -> str:
+    """The map (C symbol and pin name) of @name."""
+    return SET_PREFIX + name
+
+
+# -- keys and values -------------------------------------------------------------
+
+Index = ctypes.c_uint32  # key of every array map and of a number set
+
+
+def number_key(value: int) -> bytes:
+    return bytes(Index(value))
+
+
+ZERO = number_key(0)  # the one entry of mode, params and meta
+
+
+class Counter(ctypes.Structure):
+    """struct bpfwall_counter: one CPU's count in one slot of `counters`."""
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+
+
+COUNTER_SLOTS = 2 * len(DIRECTIONS)
+
+
+def counter_slot(direction: str, dropped: bool) -> int:
+    """COUNTER_SLOT(dir, dropped) of port_filter.c: per direction, so that softirq ingress and
+    process-context egress never increment the same per-CPU slot."""
+    return DIRECTIONS.index(direction) * 2 + int(dropped)
+
+
+def sum_counters(per_cpu: list[bytes]) -> Counter:
+    """One slot's counts summed over CPUs (Map.lookup_percpu's values)."""
+    total = Counter()
+    for raw in per_cpu:
+        c = Counter.from_buffer_copy(raw)
+        total.packets += c.packets
+        total.bytes += c.bytes
+    return total
+
+
+Mode = ctypes.c_uint32
+
+
+def mode_value(mode: str) -> bytes:
+    return bytes(Mode(MODES.index(mode)))
+
+
+def mode_name(raw: bytes) -> str:
+    """What the program does with the value: it lets drops through only for MODE_AUDIT."""
+    return "audit" if Mode.from_buffer_copy(raw).value == MODES.index("audit") else "enforce"
+
+
+Param = ctypes.c_uint64
+
+
+def params_type(n: int) -> type:
+    """struct bpfwall_params of `n` params: u64 slots in name order (C allows no empty struct:
+    with none it holds one unused u64)."""
+    return Param * max(n, 1)
+
+
+def encode_params(names: list[str], values: dict[str, int]) -> bytes:
+    """The params value for `names` (the unit's param names, sorted); a param not in `values` is 0."""
+    return bytes(params_type(len(names))(*(values.get(n, 0) for n in names)))
+
+
+def decode_params(names: list[str], raw: bytes) -> dict[str, int]:
+    slots = params_type(len(names)).from_buffer_copy(raw)
+    return {name: slots[i] for i, name in enumerate(names)}
+
+
+class AddrKey(ctypes.Structure):
+    """struct bpfwall_addr_key (packed): an address set's LPM key. The family byte keeps IPv4
+    and IPv6 apart exactly, so prefixlen counts it: FAMILY_BITS + the address's prefix."""
+    _pack_ = 1
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("family", ctypes.c_uint8), ("addr", ctypes.c_uint8 * 16)]
+
+
+FAMILY_BITS = 8  # ADDR_KEY_PREFIXLEN(bits) = FAMILY_BITS + bits
+
+
+def address_key(net) -> bytes:
+    """The key of network `net` (an ipaddress network; its address left-aligned in addr)."""
+    return bytes(AddrKey(FAMILY_BITS + net.prefixlen, net.version,
+                         (ctypes.c_uint8 * 16)(*net.network_address.packed)))
+
+
+def network_of(key: bytes):
+    k = AddrKey.from_buffer_copy(key)
+    addr = bytes(k.addr)
+    return ipaddress.ip_network((addr[:4] if k.family == 4 else addr, k.prefixlen - FAMILY_BITS))
+
+
+SetValue = ctypes.c_uint8
+PRESENT = bytes(SetValue(1))  # a set's value: the key is what matters
+
+
+def key_of(kind: str, value) -> bytes:
+    """A set's key for a number or a network (`kind`: "number" or "address")."""
+    return number_key(value) if kind == "number" else address_key(value)
+
+
+def value_of(kind: str, key: bytes):
+    """A set map's key back as the number or network it holds."""
+    return Index.from_buffer_copy(key).value if kind == "number" else network_of(key)
+
+
+META_STEP = 256
+
+
+def meta_size(json_bytes: int) -> int:
+    """BPFWALL_META_SIZE for a description of `json_bytes`: room for it and a NUL, in steps of
+    META_STEP so that similar units share objects."""
+    return (json_bytes // META_STEP + 1) * META_STEP
+
+
+@functools.lru_cache(maxsize=None)
+def meta_type(size: int) -> type:
+    """struct bpfwall_meta of BPFWALL_META_SIZE `size`."""
+    return type("Meta", (ctypes.Structure,), {"_fields_": [("json", ctypes.c_char * size)]})
+
+
+def encode_meta(json: bytes, size: int) -> bytes:
+    return json.ljust(size, b"\0")
+
+
+def decode_meta(raw: bytes) -> bytes:
+    return raw.split(b"\0", 1)[0]
+
+
+# -- the maps as a whole ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class MapShape:
+    """How a map is declared in the C: what the loader creates and the pins hold."""
+    type: int
+    key: type      # ctypes type of the key
+    value: type    # ctypes type of the value
+    max_entries: int
+    flags: int = 0
+
+
+def map_shapes(params: list[str], sets: dict[str, str], meta_bytes: int, set_capacity: int) -> dict[str, MapShape]:
+    """Every map of a unit's program with these params, sets (name → kind) and meta size."""
+    shapes = {
+        COUNTERS: MapShape(sc.BPF_MAP_TYPE_PERCPU_ARRAY, Index, Counter, COUNTER_SLOTS),
+        MODE: MapShape(sc.BPF_MAP_TYPE_ARRAY, Index, Mode, 1),
+        PARAMS: MapShape(sc.BPF_MAP_TYPE_ARRAY, Index, params_type(len(params)), 1),
+        META: MapShape(sc.BPF_MAP_TYPE_ARRAY, Index, meta_type(meta_size(meta_bytes)), 1),
+    }
+    for name, kind in sets.items():
+        shapes[set_map(name)] = (
+            MapShape(sc.BPF_MAP_TYPE_HASH, Index, SetValue, set_capacity) if kind == "number" else
+            MapShape(sc.BPF_MAP_TYPE_LPM_TRIE, AddrKey, SetValue, set_capacity, sc.BPF_F_NO_PREALLOC))
+    return shapes
