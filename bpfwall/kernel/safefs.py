@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import UserError
+from .fd import Fd
 
 TEMP_SUFFIX = ".tmp"
 _DIR_FLAGS = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -360,15 +361,21 @@ def remove_temps(dir_fd: int, name: str) -> list[str]:
 
 # -- a checked directory, held open ------------------------------------------------------------------
 
-class CheckedDir:
-    """An open, checked directory; everything in it is reached relative to its fd.
+class CheckedDir(Fd):
+    """An open, checked directory (an Fd: closed by close() or leaving a `with` block);
+    everything in it is reached relative to its fd.
 
     `error`, when given, turns a PathError into the caller's own error class (a layer's
     UserError, the kernel layer's KernelError)."""
 
     def __init__(self, fd: int, path: str, rules: Rules,
                  error: Callable[[PathError], Exception] | None = None):
-        self.fd, self.path, self.rules, self.error = fd, path, rules, error
+        super().__init__(fd)
+        self.path, self.rules, self.error = path, rules, error
+
+    @property
+    def fd(self) -> int:
+        return self.fileno()
 
     @classmethod
     def open(cls, path: str, rules: Rules, *, create: bool = False, trusted_from: str | None = None,
@@ -405,17 +412,6 @@ class CheckedDir:
         child = object.__new__(type(self))
         CheckedDir.__init__(child, fd, full, self.rules, self.error)
         return child
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- entries ----------------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ def _policy_error(e: safefs.PathError) -> PolicyError:
     return PolicyError(str(e))
 
 
-def open_policy_dir(directory: str) -> safefs.CheckedDir:
+def _open_policy_dir(directory: str) -> safefs.CheckedDir:
     """The policy directory, every directory from / to it checked; PolicyError naming what is
     wrong and the fix."""
     return safefs.CheckedDir.open(directory, RULES, error=_policy_error)
@@ -59,7 +59,7 @@ def policy_files(directory: str | None = None) -> list[str]:
     """Every *.toml in the directory, sorted by name; dotfiles (editor locks and temporaries) are
     skipped. PolicyError if the directory is not one bpfwall trusts (see the module doc)."""
     directory = policy_dir(directory)
-    with open_policy_dir(directory) as d:
+    with _open_policy_dir(directory) as d:
         return [os.path.join(directory, n) for n in _policy_names(d)]
 
 
@@ -96,7 +96,7 @@ def _read_all(directory: str | None, files: list[str] | None) -> tuple[list[tupl
 
     if files is None:
         directory = policy_dir(directory)
-        with open_policy_dir(directory) as d:
+        with _open_policy_dir(directory) as d:
             for name in _policy_names(d):
                 read(d, name, os.path.join(directory, name))
         return texts, errors
