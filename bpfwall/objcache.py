@@ -9,7 +9,7 @@ An entry is two files in the cache directory, named by the key (build._key):
 
 The directory and every one above it must be root's (or the euid's) and not
 writable by others, the files ours and not writable by others, none of them a
-symlink (checked_dir). Anything wrong with an entry (missing, unreadable, of
+symlink (kernel/safefs.py). Anything wrong with an entry (missing, unreadable, of
 another owner or mode, truncated, not JSON, recorded for another key, format or
 reader version, a hash that does not match) is a miss: the caller compiles
 again and the entry is rewritten. Nothing read here is ever executed.
@@ -28,29 +28,32 @@ import json
 import os
 import sys
 
-from . import checked_dir
+from .kernel import safefs
 from .kernel.elf import READER_VERSION, BpfObject, MapDef, ProgDef
 
 FORMAT = 1            # bump when the layout of an entry changes
 MAX_ELF = 16 << 20    # far above any object bpfwall builds; a larger file is not ours
 MAX_META = 4 * MAX_ELF
 
+RULES = safefs.Rules(what="the compiled-object cache", file_what="the cache entry",
+                     elsewhere="choose another with --cache-dir or BPFWALL_CACHE_DIR (e.g. /var/cache/bpfwall)")
+
 _warned: set[str] = set()
 
 
 def load(directory: str | os.PathLike, key: str) -> BpfObject | None:
     """The object cached under `key`, or None (a miss) if there is no sound entry for it."""
-    dir_fd = _open(directory, create=False)
-    if dir_fd is None:
+    d = _open(directory, create=False)
+    if d is None:
         return None
     try:
-        meta = checked_dir.read_file(dir_fd, f"{key}.json", MAX_META)
-        elf = checked_dir.read_file(dir_fd, f"{key}.o", MAX_ELF)
+        meta = d.read(f"{key}.json", MAX_META)
+        elf = d.read(f"{key}.o", MAX_ELF)
         return _decode(meta, elf, key)
-    except (OSError, ValueError, TypeError, KeyError, RecursionError, checked_dir.UntrustedPath):
+    except (safefs.PathError, ValueError, TypeError, KeyError, RecursionError):
         return None  # a miss: rebuilt and rewritten by the caller
     finally:
-        os.close(dir_fd)
+        d.close()
 
 
 def store(directory: str | os.PathLike, key: str, elf: bytes, obj: BpfObject) -> None:
@@ -59,39 +62,35 @@ def store(directory: str | os.PathLike, key: str, elf: bytes, obj: BpfObject) ->
     meta = {"format": FORMAT, "key": key, "reader": READER_VERSION,
             "elf_sha256": hashlib.sha256(elf).hexdigest(),
             "object": plain, "object_sha256": _digest(plain)}
-    dir_fd = _open(directory, create=True)
-    if dir_fd is None:
+    d = _open(directory, create=True)
+    if d is None:
         return
     try:
-        checked_dir.write_file(dir_fd, f"{key}.o", elf)
+        d.write(f"{key}.o", elf)
         # Last: the metadata vouches for the object, so a reader never sees it without one.
-        checked_dir.write_file(dir_fd, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-        os.fsync(dir_fd)
-    except OSError:
+        d.write(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        os.fsync(d.fd)
+    except (safefs.PathError, OSError):
         pass
     finally:
-        os.close(dir_fd)
+        d.close()
 
 
-def _open(directory: str | os.PathLike, create: bool) -> int | None:
+def _open(directory: str | os.PathLike, create: bool) -> safefs.CheckedDir | None:
     try:
-        return checked_dir.open_dir(os.fspath(directory), create=create)
-    except checked_dir.UntrustedPath as e:
+        return safefs.CheckedDir.open(os.fspath(directory), RULES, create=create)
+    except safefs.UnsafePath as e:
         _warn_once(os.fspath(directory), str(e))
-    except OSError:
+    except (safefs.PathError, OSError):
         pass
     return None
 
 
-def _warn_once(directory: str, problem: str) -> None:
+def _warn_once(directory: str, refusal: str) -> None:
     if directory in _warned:
         return
     _warned.add(directory)
-    owner = f"root or uid {os.geteuid()}" if os.geteuid() else "root"
-    print(f"bpfwall: warning: not using the compiled-object cache {directory}: {problem}; compiling "
-          f"every time. Fix: make it and every directory above it owned by {owner} and not writable "
-          "by group or others, or choose another with --cache-dir or BPFWALL_CACHE_DIR "
-          "(e.g. /var/cache/bpfwall)", file=sys.stderr)
+    print(f"bpfwall: warning: compiling without the cache: {refusal}", file=sys.stderr)
 
 
 def _decode(meta_bytes: bytes, elf: bytes, key: str) -> BpfObject | None:

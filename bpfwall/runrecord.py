@@ -17,7 +17,7 @@ with no pid reuse to fool us. A record appears complete and locked at once: it i
 an unnamed file (O_TMPFILE), locked, and only then linked under its name.
 
 Records are believed only in a directory whose whole path no one but root (or the euid) can
-write (bpfwall/checked_dir.py), and only when they are regular files of ours, opened without
+write (bpfwall/kernel/safefs.py), and only when they are regular files of ours, opened without
 following symlinks: the leftovers are found by what bpfwall wrote, never by a name a user could
 create.
 """
@@ -28,16 +28,18 @@ import fcntl
 import hashlib
 import json
 import os
-import stat
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
-from . import checked_dir, unitkey
+from . import unitkey
 from .errors import UserError
+from .kernel import safefs
 
 DEFAULT_STATE_DIR = "/run/bpfwall"
 VERSION = 1
+RULES = safefs.Rules(what="the state directory", file_what="the record",
+                     elsewhere="set BPFWALL_STATE_DIR to a directory only root can write", needs_root=True)
 
 
 class RecordError(UserError):
@@ -83,30 +85,15 @@ def record_name(pin_root: str, unit_key: str) -> str:
     return _prefix(pin_root) + unit_key
 
 
-def _untrusted(st: os.stat_result) -> str | None:
-    """Why a record file with this stat cannot be believed, or None."""
-    if not stat.S_ISREG(st.st_mode):
-        return "not a regular file"
-    if st.st_uid != os.geteuid():
-        return f"owned by uid {st.st_uid}, not {os.geteuid()}"
-    if st.st_mode & 0o022:
-        return f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
-    return None
-
-
 def open_state_dir(path: str, create: bool) -> int | None:
     """An O_DIRECTORY fd of the state directory, every component of its path checked
-    (checked_dir), or None if it does not exist and create is False."""
+    (safefs), or None if it does not exist and create is False."""
     try:
-        return checked_dir.open_dir(path, create=create)
-    except FileNotFoundError:
-        return None
-    except checked_dir.UntrustedPath as e:
-        raise RecordError(f"refusing the state directory {path}: {e} (bpfwall keeps its run records "
-                          "only where no one but root can write; fix that or set BPFWALL_STATE_DIR)") from None
-    except OSError as e:
-        raise RecordError(f"cannot use the state directory {path}: {e.strerror}"
-                          + (" (bpfwall needs root)" if os.geteuid() != 0 else "")) from None
+        return safefs.open_dir(path, RULES, create=create)
+    except safefs.PathError as e:
+        if e.errno == errno.ENOENT and not create:
+            return None
+        raise RecordError(str(e)) from None
 
 
 class HeldRecord:
@@ -185,15 +172,13 @@ def dead_runs(pin_root: str) -> Iterator[DeadRun]:
 def _take_if_dead(dir_fd: int, path: str, name: str, pin_root: str) -> DeadRun | None:
     full = os.path.join(path, name)
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return None  # its run finished meanwhile
-    except OSError as e:
-        return DeadRun(None, full, f"cannot open it: {'a symlink' if e.errno == errno.ELOOP else e.strerror}")
-    why = _untrusted(os.fstat(fd))
-    if why:
-        os.close(fd)
-        return DeadRun(None, full, f"it is {why}")
+        fd = safefs.open_file(dir_fd, name, full, RULES)
+    except safefs.UnsafePath as e:
+        return DeadRun(None, full, f"it {e.problem}")
+    except safefs.PathError as e:
+        if e.errno == errno.ENOENT:
+            return None  # its run finished meanwhile
+        return DeadRun(None, full, f"cannot open it: {os.strerror(e.errno)}")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -81,13 +81,14 @@ def _trusted_base() -> str | None:
     """A directory bpfwall trusts for policy files (owned by root or us, and every directory above
     it too, none writable by others); pytest's tmp_path is under the world-writable /tmp."""
     from bpfwall.errors import UserError
-    from bpfwall.policy.trust import open_trusted_dir
+    from bpfwall.kernel import safefs
+    from bpfwall.policy.load import RULES
 
     for base in (["/run"] if ROOT else []) + [os.environ.get("XDG_RUNTIME_DIR"), os.path.expanduser("~")]:
         if not base:
             continue
         try:
-            os.close(open_trusted_dir(base, listing=False))
+            os.close(safefs.open_dir(base, RULES, listing=False))
             return base
         except (UserError, OSError):
             continue

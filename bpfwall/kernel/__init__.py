@@ -9,6 +9,7 @@ It knows nothing of the filter language. Modules, bottom up:
   btf      parse, fix up an object's BTF, load it, BTF-defined map definitions
   elf      read_object(): an ELF object as plain, picklable data
   loader   load(): BTF, maps (or reused ones), programs with map fds patched in
+  safefs   paths walked from / through checked dir fds; checked files, atomic writes
   pins     bpffs pins, atomic replacement
   cgroup   cgroup2 discovery, attach/detach/query with BPF_F_ALLOW_MULTI, walks
 """

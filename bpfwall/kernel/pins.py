@@ -6,14 +6,13 @@ error says so instead of "Operation not permitted".
 
 Everything that decides what gets attached is read from pins, and the kernel
 mounts bpffs with mode 1777: any local user may create directories there, and
-symlinks. So a pin directory is reached through a chain of directory fds, each
-opened with O_NOFOLLOW relative to the last and checked with fstat (owned by
-root or us; not writable by group or others — a sticky world-writable directory
-like a 1777 bpffs root is accepted only *above* the directory we trust, where
-others may create entries but not replace ours). Pins are then made, opened
-and removed relative to the checked directory's fd (BPF_F_PATH_FD, *at()
-calls): nothing is looked up by path twice, so nothing can be swapped between
-our check and the kernel's use.
+symlinks. So a pin directory is reached through checked directory fds
+(safefs.py: owned by root or us; not writable by group or others — a sticky
+world-writable directory like a 1777 bpffs root is accepted only *above* the
+directory we trust, where others may create entries but not replace ours; no
+symlink followed). Pins are then made, opened and removed relative to the
+checked directory's fd (BPF_F_PATH_FD, *at() calls): nothing is looked up by
+path twice, so nothing can be swapped between our check and the kernel's use.
 """
 from __future__ import annotations
 
@@ -23,13 +22,13 @@ import os
 import secrets
 import stat
 
+from . import safefs
 from . import syscall as sc
 from .errors import KernelError, NotBpffs
 from .maps import map_info
 from .progs import prog_info
 
 MOUNT_HINT = "mount it with: mount -t bpf -o mode=0700 bpf /sys/fs/bpf"
-DIR_MODE = 0o700
 
 
 class UnsafePin(KernelError):
@@ -43,41 +42,31 @@ def _check_name(name: str, where: str) -> None:
         raise KernelError(errno.EINVAL, f"not a pin name: {name!r} in {where}")
 
 
-def _trusted_owner(st: os.stat_result) -> bool:
-    return st.st_uid in (0, os.geteuid())
+def _before_mkdir(parent_fd: int, name: str, path: str) -> None:
+    """Directories are made on bpffs only, under names bpffs takes."""
+    if sc.fs_magic_fd(parent_fd) != sc.BPF_FS_MAGIC:
+        raise NotBpffs(errno.ENOTSUP, f"{os.path.dirname(path)} is not on a BPF filesystem (bpffs); {MOUNT_HINT}")
+    _check_name(name, path)
 
 
-def _unsafe(path: str, st: os.stat_result, strict: bool) -> str | None:
-    """Why the directory or pin at `path` (already fstat'ed) cannot be trusted, or None."""
-    if not _trusted_owner(st):
-        return (f"{path} is owned by uid {st.st_uid}, not root: someone else created it; remove it "
-                f"(rm -r {path}) and keep bpffs private ({MOUNT_HINT})")
-    writable = st.st_mode & 0o022
-    if writable and (strict or not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX)):
-        return (f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}): others could "
-                f"replace what is pinned there; fix it with: chmod go-w {path}")
-    return None
+def _kernel_error(e: safefs.PathError) -> KernelError:
+    """A safefs error as the kernel layer raises it: UnsafePin for a refusal, else KernelError."""
+    if e.errno == errno.EPERM and not isinstance(e, safefs.UnsafePath):
+        _check_name(os.path.basename(e.path), e.path)  # bpffs answers EPERM for names with a dot
+    return (UnsafePin if isinstance(e, safefs.UnsafePath) else KernelError)(e.errno, str(e))
 
 
-def _open_dir_at(parent: int, name: str, path: str) -> int:
-    try:
-        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(path):
-            raise UnsafePin(errno.ELOOP, f"refusing {path}: it is a symbolic link; bpfwall follows no "
-                                         "links in its pin tree (remove it)") from None
-        if e.errno == errno.ENOTDIR:
-            raise KernelError(e.errno, f"{path} is not a directory") from None
-        raise
+RULES = safefs.Rules(what="the pin directory", file_what="the pin",
+                     elsewhere="keep pins below directories only root can change",
+                     prevent="keep bpffs private: mount -t bpf -o mode=0700 bpf /sys/fs/bpf",
+                     before_mkdir=_before_mkdir)
 
 
-class PinDir:
+class PinDir(safefs.CheckedDir):
     """An open, checked directory on bpffs; pins are made and opened relative to it."""
 
-    def __init__(self, fd: int, path: str):
-        self.fd, self.path = fd, path
-
-    # -- opening ------------------------------------------------------------
+    def __init__(self, fd: int, path: str, rules: safefs.Rules = RULES, error=_kernel_error):
+        super().__init__(fd, path, rules, error)
 
     @classmethod
     def open(cls, path: str, create: bool = False, trusted_from: str | None = None) -> "PinDir":
@@ -87,106 +76,31 @@ class PinDir:
         writable by others; those above it may also be sticky world-writable (a 1777 bpffs root).
         """
         path = os.path.abspath(path)
-        strict_from = os.path.abspath(trusted_from) if trusted_from else path
-        parts = [p for p in path.split("/") if p]
-        fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        here = "/"
+        d = super().open(path, RULES, create=create, trusted_from=trusted_from, error=_kernel_error)
         try:
-            for name in parts:
-                here = os.path.join(here, name)
-                try:
-                    child = _open_dir_at(fd, name, here)
-                except FileNotFoundError:
-                    if not create:
-                        raise KernelError(errno.ENOENT, f"{here} does not exist") from None
-                    if sc.fs_magic_fd(fd) != sc.BPF_FS_MAGIC:
-                        raise NotBpffs(errno.ENOTSUP, f"{os.path.dirname(here)} is not on a BPF filesystem "
-                                                      f"(bpffs); {MOUNT_HINT}") from None
-                    _check_name(name, here)
-                    try:
-                        os.mkdir(name, DIR_MODE, dir_fd=fd)
-                    except FileExistsError:
-                        pass  # made meanwhile: it is checked below like any other
-                    except OSError as e:
-                        raise KernelError(e.errno, f"cannot create {here}: {e.strerror}") from None
-                    child = _open_dir_at(fd, name, here)
-                except OSError as e:
-                    if e.errno == errno.EPERM:
-                        _check_name(name, here)  # bpffs answers EPERM for names with a dot
-                    raise KernelError(e.errno, f"cannot open {here}: {e.strerror}") from None
-                os.close(fd)
-                fd = child
-                strict = here == strict_from or here.startswith(strict_from + "/")
-                if (why := _unsafe(here, os.fstat(fd), strict)) is not None:
-                    raise UnsafePin(errno.EPERM, f"refusing pin directory {why}")
-            if sc.fs_magic_fd(fd) != sc.BPF_FS_MAGIC:
+            if sc.fs_magic_fd(d.fd) != sc.BPF_FS_MAGIC:
                 raise NotBpffs(errno.ENOTSUP, f"{path} is not on a BPF filesystem (bpffs); {MOUNT_HINT}")
         except BaseException:
-            os.close(fd)
+            d.close()
             raise
-        return cls(fd, path)
+        return d
 
     def sub(self, name: str, create: bool = False) -> "PinDir":
         """The checked subdirectory `name` (always strict: it lies inside a trusted directory)."""
-        full = os.path.join(self.path, name)
-        _check_name(name, full)
-        try:
-            fd = _open_dir_at(self.fd, name, full)
-        except FileNotFoundError:
-            if not create:
-                raise KernelError(errno.ENOENT, f"{full} does not exist") from None
-            try:
-                os.mkdir(name, DIR_MODE, dir_fd=self.fd)
-            except FileExistsError:
-                pass
-            except OSError as e:
-                raise KernelError(e.errno, f"cannot create {full}: {e.strerror}") from None
-            fd = _open_dir_at(self.fd, name, full)
-        if (why := _unsafe(full, os.fstat(fd), True)) is not None:
-            os.close(fd)
-            raise UnsafePin(errno.EPERM, f"refusing pin directory {why}")
-        return PinDir(fd, full)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> "PinDir":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        _check_name(name, os.path.join(self.path, name))
+        return super().sub(name, create)
 
     # -- entries ------------------------------------------------------------
-
-    def names(self) -> list[str]:
-        return sorted(os.listdir(self.fd))
-
-    def lstat(self, name: str) -> os.stat_result | None:
-        try:
-            return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-
-    def exists(self, name: str) -> bool:
-        return self.lstat(name) is not None
-
-    def is_dir(self, name: str) -> bool:
-        st = self.lstat(name)
-        return st is not None and stat.S_ISDIR(st.st_mode)
 
     def _checked_pin(self, name: str) -> None:
         full = os.path.join(self.path, name)
         st = self.lstat(name)
         if st is None:
             raise KernelError(errno.ENOENT, f"nothing is pinned at {full}")
-        if stat.S_ISLNK(st.st_mode):
-            raise UnsafePin(errno.ELOOP, f"refusing {full}: it is a symbolic link, not a pin (remove it)")
-        if not stat.S_ISREG(st.st_mode):
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
             raise KernelError(errno.EINVAL, f"{full} is not a pin")
-        if (why := _unsafe(full, st, True)) is not None:
-            raise UnsafePin(errno.EPERM, f"refusing pin {why}")
+        with self._errors():
+            safefs.check_file(st, full, self.rules)
 
     def get(self, name: str) -> int:
         """A new fd for the object pinned at `name` (checked: a pin of ours, no link)."""
@@ -216,14 +130,10 @@ class PinDir:
         """Pin `fd` at `name`, atomically replacing whatever is pinned there: the new pin is
         made under an unpredictable name and renamed over the old one."""
         _check_name(name, os.path.join(self.path, name))
-        tmp = f"tmp{secrets.token_hex(8)}"
+        tmp = f"tmp{secrets.token_hex(8)}"  # no '.' (bpffs refuses it), unlike safefs.stage's
         self.pin(fd, tmp)
-        try:
-            os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
-        except OSError as e:
-            self.unpin(tmp)
-            raise KernelError(e.errno, f"cannot replace the pin {os.path.join(self.path, name)}: "
-                                       f"{e.strerror}") from None
+        with self._errors():
+            safefs.commit(self.fd, tmp, name, os.path.join(self.path, name), self.rules)
 
     def rename(self, old: str, new: str) -> None:
         try:
@@ -234,22 +144,7 @@ class PinDir:
 
     def unpin(self, name: str) -> bool:
         """Remove the pin `name` (the object lives on while used); False when there was none."""
-        try:
-            os.unlink(name, dir_fd=self.fd)
-        except FileNotFoundError:
-            return False
-        except OSError as e:
-            raise KernelError(e.errno, f"cannot unpin {os.path.join(self.path, name)}: {e.strerror}") from None
-        return True
-
-    def rmdir(self, name: str) -> bool:
-        try:
-            os.rmdir(name, dir_fd=self.fd)
-        except FileNotFoundError:
-            return False
-        except OSError as e:
-            raise KernelError(e.errno, f"cannot remove {os.path.join(self.path, name)}: {e.strerror}") from None
-        return True
+        return self.unlink(name)
 
 
 def _describe(fd: int) -> str:

@@ -12,7 +12,7 @@
                           "directions": ["ingress"]}]}}}
 
 It lives at `$BPFWALL_NFT_STATE_DIR/<table>.json` (default /run/bpfwall/nft), a
-directory only root can use (privatedir.py), is replaced atomically (write, then
+directory only root can use (kernel/safefs.py), is replaced atomically (write, then
 rename) and changed only under an exclusive lock on `<table>.lock`, so the guard
 never restores a half-made change.
 
@@ -38,7 +38,7 @@ import re
 from contextlib import contextmanager
 
 from ..lower.nft import SET_TYPES
-from ..privatedir import PrivateDir
+from ..kernel.safefs import PrivateDir
 from .errors import NftError
 from .names import UnitNames, check_table
 
@@ -302,7 +302,7 @@ class StateFile:
 
     @staticmethod
     def _seen(d: PrivateDir, name: str) -> tuple | None:
-        st = d.stat(name)
+        st = d.lstat(name)
         return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def _keep(self, d: PrivateDir, data: bytes, error: str) -> None:

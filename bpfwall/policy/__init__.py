@@ -20,7 +20,7 @@ name order:
 Every error is one line `FILE:LINE: key.path: message`; unknown keys, wrong
 types, bad expressions, missing or unused params and sets, and a unit defined
 twice are all errors. Which entry polices which cgroup: see match.py. Files
-are read only where nobody but root (or the euid) can write: see trust.py.
+are read only where nobody but root (or the euid) can write: see load.py.
 """
 from .entry import Entry, PolicyError, show_element
 from .load import DEFAULT_POLICY_DIR, check_policy, load_policy, policy_dir, policy_files

@@ -6,7 +6,7 @@ it live in a small JSON file under /run (tmpfs: gone at reboot, exactly when
 program ids stop meaning anything). One file per pin root, locked while a
 watcher runs, so two watchers never manage the same pins. The directory is
 root's and 0700, and files in it are opened through its fd without following
-symlinks (privatedir.py).
+symlinks (kernel/safefs.py).
 
 A unit is reused untouched on restart only if its fingerprint is unchanged and
 the programs pinned now are the ones recorded (nft: the table's state still
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from .. import unitkey
 from ..errors import UserError
 from ..nft.names import TABLE_RE
-from ..privatedir import PrivateDir
+from ..kernel.safefs import PrivateDir
 
 DEFAULT_STATE_DIR = "/run/bpfwall"
 BACKENDS = ("bpf", "nft")

@@ -134,7 +134,7 @@ def test_a_symlinked_cache_dir_is_refused(tmp_path, entries, capfd):
     plant(real, foreign(entries, forged=True))
     (tmp_path / "link").symlink_to(real)
     assert verdicts(tmp_path / "link") == FILTERED
-    assert f"{tmp_path / 'link'} is a symbolic link" in capfd.readouterr().err
+    assert f"the compiled-object cache {tmp_path / 'link'} is a symbolic link" in capfd.readouterr().err
 
 
 def test_a_symlinked_entry_is_refused(tmp_path, entries):
@@ -152,7 +152,8 @@ def test_a_cache_below_a_directory_another_user_owns_is_refused(tmp_path, entrie
     plant(cache, foreign(entries, forged=True))
     assert verdicts(cache) == FILTERED
     err = capfd.readouterr().err
-    assert f"not using the compiled-object cache {cache}: {theirs} is owned by uid {NOBODY}" in err
+    assert (f"compiling without the cache: {cache}: refused: {theirs}, a directory above it, is owned by nobody "
+            f"(uid {NOBODY})") in err
 
 
 def test_a_corrupted_entry_is_recompiled_not_a_traceback(tmp_path, entries, reference):
@@ -222,8 +223,8 @@ def test_a_race_for_the_cache_dir_never_runs_a_payload_or_loads_a_foreign_object
         assert not marker.exists() and not wrong, (
             f"payload ran as root: {marker.exists()}; {len(wrong)} of 100 loads did not filter: {wrong[:3]}")
         err = capfd.readouterr().err
-        assert err.count("not using the compiled-object cache") == 1, err
-        assert f"{theirs} is owned by uid {NOBODY}" in err
+        assert err.count("compiling without the cache") == 1, err
+        assert f"{theirs}, a directory above it, is owned by nobody (uid {NOBODY})" in err
     finally:
         if attacker is not None and attacker.poll() is None:
             attacker.kill()

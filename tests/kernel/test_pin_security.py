@@ -77,7 +77,7 @@ def test_pin_root_planted_by_another_user_is_refused(open_bpffs, temp_cgroup):
     as_nobody("ln", "-s", os.path.join(open_bpffs, "accept-all"), os.path.join(root, "a+service", "ingress"))
     for args in (["load", "a.service", "--ingress", "tcp"], ["attach", "a.service", temp_cgroup.path],
                  ["stats", "a.service"], ["list"], ["unload", "a.service"]):
-        refused(bpfwall(root, *args), root, "owned by uid 65534", "rm -r")
+        refused(bpfwall(root, *args), root, "owned by nobody (uid 65534)", f"fix: rm -r {root}", "mode=0700")
     assert cgroup.query(temp_cgroup.path, "ingress")[1] == []
     assert sorted(os.listdir(os.path.join(root, "a+service"))) == ["ingress"]  # nothing pinned
 
@@ -87,13 +87,13 @@ def test_unit_directory_planted_by_another_user_is_refused(open_bpffs):
     root = os.path.join(open_bpffs, "bpfwall")
     os.mkdir(root, 0o700)
     os.chmod(root, 0o777)
-    refused(bpfwall(root, "load", "a.service", "--ingress", "tcp"), root, "writable by group or others",
+    refused(bpfwall(root, "load", "a.service", "--ingress", "tcp"), root, "writable by group and others",
             f"chmod go-w {root}")
     os.chmod(root, 0o700)
     unit_dir = os.path.join(root, "a+service")
     os.mkdir(unit_dir)
     os.chown(unit_dir, 65534, 65534)
-    refused(bpfwall(root, "load", "a.service", "--ingress", "tcp"), unit_dir, "owned by uid 65534")
+    refused(bpfwall(root, "load", "a.service", "--ingress", "tcp"), unit_dir, "owned by nobody (uid 65534)")
 
 
 def test_symlinks_in_the_pin_tree_are_refused(open_bpffs, temp_cgroup):

@@ -150,8 +150,8 @@ def test_match_explains(policy_dir):
 
 def test_missing_policy_dir(trusted_tmp_path):
     r = bpfwall("policy", "check", "--policy-dir", str(trusted_tmp_path / "nope"))
-    assert (r.returncode, r.stderr) == (2, f"{trusted_tmp_path}/nope: cannot read the policy directory: "
-                                           "No such file or directory\n")
+    assert (r.returncode, r.stderr) == (2, f"{trusted_tmp_path}/nope: cannot open the policy directory "
+                                           f"{trusted_tmp_path}/nope: No such file or directory\n")
 
 
 def test_toml_nested_10000_deep_is_one_line_exit_2(policy_dir):

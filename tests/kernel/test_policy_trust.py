@@ -77,7 +77,7 @@ def symlink_to_tmp(policy_dir, user_file) -> str:
     file.unlink()
     os.symlink(user_file, file)
     return (f"{file}: refused: the policy file is a symbolic link (to {user_file}), which lets whoever owns the "
-            f"target write the policy; fix: replace it with a root-owned copy you have checked: "
+            f"target change it; fix: replace it with a root-owned copy you have checked: "
             f"cp --remove-destination {user_file} {file}")
 
 

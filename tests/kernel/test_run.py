@@ -552,6 +552,11 @@ def test_records_are_believed_only_from_a_directory_and_files_of_ours(pin_root, 
     victim = f"{_name()}.scope"
     assert _finish(_bpfwall("load", victim, "--egress", "udp"))[0] == 0
     forged = runrecord.Record(victim, os.path.realpath(pin_root), None, 1, "x").to_bytes()
+    elsewhere = "set BPFWALL_STATE_DIR to a directory only root can write"
+    refusals = {state_dir: f"the state directory {state_dir} is writable by group and others (mode 1777, shared like "
+                           f"/tmp); fix: {elsewhere}",
+                state_dir.parent: f"{state_dir.parent}, a directory above it, is writable by group and others (mode "
+                                  f"0777); fix: chmod go-w {state_dir.parent}, or {elsewhere}"}
     for where, mode in ((state_dir, 0o1777), (state_dir.parent, 0o777)):
         old_modes = [p.stat().st_mode & 0o7777 for p in (where, state_dir.parent)]
         where.chmod(mode)
@@ -563,9 +568,7 @@ def test_records_are_believed_only_from_a_directory_and_files_of_ours(pin_root, 
             for argv in (["gc"], ["run", "--egress", "udp", "--", "true"]):
                 rc, out, err = _finish(_bpfwall(*argv))
                 assert rc == 2 and not out, argv
-                assert err == (f"bpfwall: error: refusing the state directory {state_dir}: {where} is writable "
-                               f"by group or others (mode {mode:04o}) (bpfwall keeps its run records only where "
-                               "no one but root can write; fix that or set BPFWALL_STATE_DIR)\n"), err
+                assert err == f"bpfwall: error: {state_dir}: refused: {refusals[where]}\n", err
         finally:
             where.chmod(old_modes[0])
             state_dir.parent.chmod(old_modes[1])
@@ -573,7 +576,7 @@ def test_records_are_believed_only_from_a_directory_and_files_of_ours(pin_root, 
 
     os.unlink(state_dir / runrecord.record_name(pin_root, unitkey.encode(victim)))
     os.chown(state_dir / record, 65534, 65534)
-    assert _gc() == [f"skipped record {state_dir / record} (it is owned by uid 65534, not 0)"]
+    assert _gc() == [f"skipped record {state_dir / record} (it is owned by nobody (uid 65534), not root)"]
     assert os.path.isdir(dead.pins(pin_root)) and _records(state_dir) == [record]
 
     os.chown(state_dir / record, 0, 0)

@@ -46,27 +46,27 @@ def public():
 
 def _made_by_nobody(public):
     as_nobody("mkdir", "-m", "700", f"{public}/state")
-    return f"{public}/state", "is owned by uid 65534, not root"
+    return f"{public}/state", None, "is owned by nobody (uid 65534), not root"
 
 
 def _symlink_by_nobody(public):
     as_nobody("mkdir", "-m", "700", f"{public}/mine")
     as_nobody("ln", "-s", f"{public}/mine", f"{public}/state")
-    return f"{public}/state", "is a symbolic link"
+    return f"{public}/state", None, f"is a symbolic link (to {public}/mine)"
 
 
 def _open_to_all(public):
     os.mkdir(f"{public}/state")
     os.chmod(f"{public}/state", 0o777)  # an admin's mistake; the user plants a symlink in it
     as_nobody("ln", "-s", "/etc/shadow", f"{public}/state/planted")
-    return f"{public}/state", "is accessible by group or others (mode 0777)"
+    return f"{public}/state", None, "is accessible by group and others (mode 0777)"
 
 
 def _parent_open_to_all(public):
     os.mkdir(f"{public}/shared")
     os.chmod(f"{public}/shared", 0o777)  # not sticky: the user may rename what is in it
     os.mkdir(f"{public}/shared/state", 0o700)
-    return f"{public}/shared/state", f"is below {public}/shared, which others may change (mode 0777)"
+    return f"{public}/shared/state", f"{public}/shared, a directory above it,", "is writable by group and others (mode 0777)"
 
 
 UNSAFE = {"made by the user": _made_by_nobody, "a symlink of the user's": _symlink_by_nobody,
@@ -75,24 +75,24 @@ UNSAFE = {"made by the user": _made_by_nobody, "a symlink of the user's": _symli
 
 @pytest.mark.parametrize("make", UNSAFE.values(), ids=UNSAFE.keys())
 def test_watcher_refuses_an_unsafe_state_dir(make, public, subtree, pin_root, policy_dir):
-    state_dir, problem = make(public)
+    state_dir, it, problem = make(public)
     write_policy(policy_dir, unit("app.service", ingress="udp"))
     cg = mkcg(subtree, "app.service")
     r = bpfwall("watch", "--once", "--cgroup-root", subtree, "--policy-dir", str(policy_dir),
                 "--pin-root", pin_root, "--state-dir", state_dir)
-    one_error_line(r, f"the watcher state directory {state_dir} {problem}")
+    one_error_line(r, f"{state_dir}: refused: {it or f'the watcher state directory {state_dir}'} {problem}; fix: ")
     assert bpf.units(pin_root) == [] and attached_id(pin_root, cg) is None  # nothing loaded or attached
     assert set(os.listdir(state_dir)) <= {"planted"}  # bpfwall made nothing there
 
 
 @pytest.mark.parametrize("make", UNSAFE.values(), ids=UNSAFE.keys())
 def test_nft_backend_refuses_an_unsafe_state_dir(make, public):
-    state_dir, problem = make(public)
+    state_dir, it, problem = make(public)
     table = f"bpfwall-test-{uuid.uuid4().hex[:10]}"
     try:
         r = bpfwall("--backend", "nft", "--table", table, "load", "a.service", "--ingress", "udp",
                     env={"BPFWALL_NFT_STATE_DIR": state_dir})
-        one_error_line(r, f"the nft state directory {state_dir} {problem}")
+        one_error_line(r, f"{state_dir}: refused: {it or f'the nft state directory {state_dir}'} {problem}; fix: ")
         assert subprocess.run(["nft", "list", "table", "inet", table], capture_output=True).returncode != 0
     finally:
         subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)

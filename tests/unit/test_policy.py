@@ -372,7 +372,7 @@ def test_not_utf8_and_unreadable(trusted_tmp_path):
     bad.write_bytes(b'[units."a.service"]\ningress = "\xff"\n')
     missing = str(trusted_tmp_path / "missing.toml")
     assert check_policy(files=[str(bad), missing])[1] == [
-        f"{bad}:2: not UTF-8 text (byte 0xff)", f"{missing}: cannot read: No such file or directory"]
+        f"{bad}:2: not UTF-8 text (byte 0xff)", f"{missing}: cannot open the policy file: No such file or directory"]
 
 
 def test_load_policy_raises_the_first_error_with_all_of_them(trusted_tmp_path):
@@ -405,7 +405,8 @@ def test_directory_from_the_environment(trusted_tmp_path, monkeypatch):
 
 def test_missing_directory(trusted_tmp_path):
     missing = str(trusted_tmp_path / "nope")
-    assert check_policy(missing) == (None, [f"{missing}: cannot read the policy directory: No such file or directory"])
+    assert check_policy(missing) == (None, [
+        f"{missing}: cannot open the policy directory {missing}: No such file or directory"])
     with pytest.raises(PolicyError):
         load_policy(missing)
 
@@ -435,7 +436,7 @@ def test_symlinked_file_is_refused_even_to_a_good_file(trusted_tmp_path):
     link = str(trusted_tmp_path / "a.toml")
     [error] = check_policy(str(trusted_tmp_path))[1]
     assert error == (f"{link}: refused: the policy file is a symbolic link (to {good}), which lets whoever "
-                     "owns the target write the policy; fix: replace it with a root-owned copy you have "
+                     "owns the target change it; fix: replace it with a root-owned copy you have "
                      f"checked: cp --remove-destination {good} {link}")
     assert check_policy(files=[link])[1] == [error]
 
@@ -494,7 +495,8 @@ def test_relative_policy_directory(trusted_tmp_path, monkeypatch):
 
 def test_a_fifo_named_toml_is_refused_without_blocking(trusted_tmp_path):
     os.mkfifo(trusted_tmp_path / "a.toml")
-    assert check_policy(str(trusted_tmp_path))[1] == [f"{trusted_tmp_path}/a.toml: refused: not a regular file"]
+    assert check_policy(str(trusted_tmp_path))[1] == [
+        f"{trusted_tmp_path}/a.toml: refused: the policy file is not a regular file; fix: replace it with a regular file"]
 
 
 def test_a_file_name_with_a_newline_stays_on_one_line(trusted_tmp_path):
