@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 BPFWALL := $(VENV)/bin/bpfwall
 APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 python3-venv python3-pyelftools \
                 nftables python3-nftables python3-systemd \
-                debootstrap systemd-container iperf3 python3-matplotlib
+                python3-prometheus-client \
+                debootstrap systemd-container iperf3 python3-matplotlib tmux
 
 # The well-known usage: make FILTER='icmp || (udp && dst_port == 53)' BPFNAME=x load
 FILTER ?= icmp || (udp && dst_port == 53) || (tcp && dst_port == 80)
