@@ -8,3 +8,7 @@ so a new layer never has to be registered anywhere.
 
 class UserError(Exception):
     """A problem the user can fix; str() is the one-line message."""
+
+
+class UsageError(UserError):
+    """Bad command-line input found by the command itself (a missing option, a bad value)."""

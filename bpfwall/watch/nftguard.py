@@ -69,8 +69,8 @@ class TableGuard:
         if not restored:
             return
         self.restores += 1
-        units = StateFile(self.table).load()["units"]
-        attached = sum(len(u["attached"]) for u in units.values())
+        state = StateFile(self.table).load()
+        units, attached = state.units, nft.attachments(state)
         took = (time.monotonic() - start) * 1000
         self.log.warning("restore", f"table inet {self.table} was flushed, emptied or deleted: restored {len(units)} "
                                     f"unit(s) and {attached} attachment(s) in {took:.0f} ms",
