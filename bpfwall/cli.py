@@ -223,26 +223,15 @@ def cmd_check(args) -> None:
 
 
 def cmd_explain(args) -> None:
-    from .build import UnitProgram
-
     checked = _analyze(args.expr)
-    nft = _nft(args)
-    if nft:
-        data, text = nft.explain(checked)
-        if args.direction:
-            text = data["nft"][args.direction]
-        _emit(args, data, text)
-        return
-    ingress = checked if args.direction in (None, "ingress") else None
-    egress = checked if args.direction in (None, "egress") else None
-    code = UnitProgram(ingress, egress).header()
-    _emit(args, {"expression": checked.text, "c": code}, code.rstrip("\n"))
+    data, text = _backend(args).explain(checked, args.direction)
+    _emit(args, data, text)
 
 
 def cmd_test(args) -> None:
-    from .backends import bpf
+    from .backends import programs
 
-    _bpf_only(args, "test")
+    backend = programs(_backend(args), "test")
     from .lang.evaluator import evaluate
     from .lang.packet import as_dict, parse_packet
 
@@ -250,7 +239,7 @@ def cmd_test(args) -> None:
                        args.expr if args.direction == "egress" else None)
     params, sets = _param_values(args), _set_values(args, program)
     packets = _read_packets(args)
-    verdicts = bpf.test_run(program, args.direction, packets, params, sets, _cache(args))
+    verdicts = backend.test_run(program, args.direction, packets, params, sets)
     checked = program.ingress or program.egress
     rows = []
     for i, (data, verdict) in enumerate(zip(packets, verdicts)):
@@ -264,90 +253,61 @@ def cmd_test(args) -> None:
 
 
 def cmd_load(args) -> None:
-    from .backends import bpf
-
     if args.ingress is None and args.egress is None:
         raise UsageError("load: give --ingress EXPR, --egress EXPR or both")
+    backend = _backend(args)
     program = _program(args, args.ingress, args.egress)
     params, sets = _param_values(args), _set_values(args, program)
-    nft = _nft(args)
-    if nft:
-        result = nft.load(args, program, params, sets)
-        head = [f"  {d}: table inet {result.table} chain {c}" for d, c in result.chains.items()]
-        extra = {"table": result.table, "chains": result.chains}
-    else:
-        result = bpf.load(_pin_root(args), args.unit, program, params, sets, args.mode, _cache(args))
-        head = [f"  {d}: {result.path}/{d}" for d in bpf.DIRECTIONS if getattr(program, d) is not None]
-        extra = {"path": result.path, "kept_maps": result.reused_maps}
-    lines = [f"loaded {args.unit}"] + head
+    result = backend.load(args.unit, program, params, sets, args.mode)
+    lines = [f"loaded {args.unit}"] + [f"  {d}: {place}" for d, place in result.places.items()]
     if result.replaced:
         lines.append(f"  replaced in place on {len(result.replaced)} attachment(s)")
     if result.attached:
         lines.append(f"  newly attached: {len(result.attached)}")
     if result.detached:
         lines.append(f"  detached: {len(result.detached)}")
-    _emit(args, {"unit": args.unit, **extra,
+    _emit(args, {"unit": args.unit, **result.details,
                  "replaced": [{"cgroup": c, "direction": d} for c, d in result.replaced],
                  "attached": [{"cgroup": c, "direction": d} for c, d in result.attached],
                  "detached": [{"cgroup": c, "direction": d} for c, d in result.detached]}, "\n".join(lines))
 
 
 def cmd_attach(args) -> None:
-    from .backends import bpf
-
-    nft = _nft(args)
-    done = nft.attach(args) if nft else bpf.attach(_pin_root(args), args.unit, args.cgroup)
+    done = _backend(args).attach(args.unit, args.cgroup)
     words = [f"{d} {'attached' if new else 'already attached'}" for d, new in done.items()]
     _emit(args, {"unit": args.unit, "cgroup": args.cgroup, "attached": done},
           f"{args.unit} → {args.cgroup}: " + ", ".join(words))
 
 
 def cmd_detach(args) -> None:
-    from .backends import bpf
-
-    nft = _nft(args)
-    done = nft.detach(args) if nft else bpf.detach(_pin_root(args), args.unit, args.cgroup)
+    done = _backend(args).detach(args.unit, args.cgroup)
     words = [f"{d} {'detached' if gone else 'was not attached'}" for d, gone in done.items()]
     _emit(args, {"unit": args.unit, "cgroup": args.cgroup, "detached": done},
           f"{args.unit} ✕ {args.cgroup}: " + ", ".join(words))
 
 
 def cmd_path(args) -> None:
-    from .backends import bpf
+    from .backends import programs
 
-    _bpf_only(args, "path")
-    path = bpf.prog_path(_pin_root(args), args.unit, args.direction)
+    path = programs(_backend(args), "path").prog_path(args.unit, args.direction)
     _emit(args, {"unit": args.unit, "direction": args.direction, "path": path}, path)
 
 
 def cmd_pin(args) -> None:
-    from .backends import bpf
-    from .kernel import pins
+    from .backends import programs
 
-    _bpf_only(args, "pin")
-    source = bpf.prog_path(_pin_root(args), args.unit, args.direction)
-    fd = pins.get(source)
-    try:
-        pins.replace_pin(fd, args.path)
-    finally:
-        os.close(fd)
+    source = programs(_backend(args), "pin").pin(args.unit, args.direction, args.path)
     print(f"{args.path} → {source}")
 
 
 def cmd_unload(args) -> None:
-    from .backends import bpf
-
-    nft = _nft(args)
-    detached = nft.unload(args) if nft else bpf.unload(_pin_root(args), args.unit)
+    detached = _backend(args).unload(args.unit)
     _emit(args, {"unit": args.unit, "detached": [{"cgroup": c, "direction": d} for c, d in detached]},
           f"unloaded {args.unit}" + (f" (detached from {len(detached)} attachment(s))" if detached else ""))
 
 
 def cmd_list(args) -> None:
-    from .backends import bpf
-
-    nft = _nft(args)
-    rows = nft.summary(args) if nft else bpf.summary(_pin_root(args))
+    rows = _backend(args).summary()
     lines = []
     for r in rows:
         if "error" in r:
@@ -372,10 +332,7 @@ def describe_attachments(attached: list[dict]) -> str:
 
 
 def cmd_stats(args) -> None:
-    from .backends import bpf
-
-    nft = _nft(args)
-    s = nft.stats(args) if nft else bpf.stats(_pin_root(args), args.unit)
+    s = _backend(args).stats(args.unit)
     lines = [f"{s['unit']} [{s['mode']}]"]
     for d in ("ingress", "egress"):
         if s[d] is None:
@@ -413,24 +370,17 @@ def _parse_change(text: str):
 
 
 def cmd_set(args) -> None:
-    from .backends import bpf
-
     changes = [_parse_change(c) for c in args.changes]
-    nft = _nft(args)
-    done = nft.set_values(args, changes) if nft else bpf.set_values(_pin_root(args), args.unit, changes)
+    done = _backend(args).set_values(args.unit, changes)
     _emit(args, {"unit": args.unit, "done": done}, "\n".join(done))
 
 
-def _nft(args):
-    """The nft backend's command helpers when --backend nft (or BPFWALL_BACKEND=nft), else None."""
+def _backend(args):
+    """The backend the global options choose (--backend, $BPFWALL_BACKEND; bpf by default)."""
+    from .backends import create
     from .commands import nft as nft_cli
 
-    return nft_cli if nft_cli.backend(args) == "nft" else None
-
-
-def _bpf_only(args, command: str) -> None:
-    if _nft(args):
-        raise UsageError(f"{command}: only the bpf backend has this command")
+    return create(nft_cli.backend(args), pin_root=_pin_root(args), table=nft_cli.table(args), cache=_cache(args))
 
 
 COMMANDS = {

@@ -2,7 +2,7 @@
 
 `--backend nft` (or BPFWALL_BACKEND=nft) makes load, attach, detach, stats, set,
 unload, list and explain work on the nft table `--table NAME` (BPFWALL_NFT_TABLE,
-default "bpfwall"); cli.py calls the functions here for that. This module also
+default "bpfwall"), through the backend the factory builds. This module also
 adds two commands:
 
     nft-guard     watch the ruleset; restore the table when it is flushed or deleted
@@ -43,59 +43,6 @@ def add_options(p) -> None:
                    help="nft table of the nft backend (default $BPFWALL_NFT_TABLE or bpfwall)")
 
 
-# -- the existing commands, on nft ------------------------------------------------------------
-
-def explain(checked) -> tuple[dict, str]:
-    """(JSON data, text) of both directions' chains."""
-    from ..backends import nft
-
-    rules = {d: nft.explain(checked, d) for d in ("ingress", "egress")}
-    text = "\n".join(f"# {d}\n{r}" for d, r in rules.items())
-    return {"expression": checked.text, "nft": rules}, text
-
-
-def load(args, program, params, sets):
-    from ..backends import nft
-
-    return nft.load(table(args), args.unit, program, params, sets, args.mode)
-
-
-def attach(args) -> dict:
-    from ..backends import nft
-
-    return nft.attach(table(args), args.unit, args.cgroup)
-
-
-def detach(args) -> dict:
-    from ..backends import nft
-
-    return nft.detach(table(args), args.unit, args.cgroup)
-
-
-def unload(args) -> list:
-    from ..backends import nft
-
-    return nft.unload(table(args), args.unit)
-
-
-def summary(args) -> list:
-    from ..backends import nft
-
-    return nft.summary(table(args))
-
-
-def stats(args) -> dict:
-    from ..backends import nft
-
-    return nft.stats(table(args), args.unit)
-
-
-def set_values(args, changes) -> list:
-    from ..backends import nft
-
-    return nft.set_values(table(args), args.unit, changes)
-
-
 # -- new commands ---------------------------------------------------------------------------------
 
 def cmd_guard(args) -> None:
@@ -115,9 +62,9 @@ def cmd_guard(args) -> None:
 
 
 def cmd_restore(args) -> None:
-    from ..backends import nft
+    from ..backends import create
 
-    done = nft.restore(table(args))
+    done = create("nft", table=table(args)).restore()
     if getattr(args, "json", False):
         print(json.dumps(done, indent=2, sort_keys=True))
     else:

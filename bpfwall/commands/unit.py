@@ -101,20 +101,18 @@ def _escaping_hint(unit: str, policy) -> str:
 
 
 def cmd_apply(args) -> None:
-    from ..backends import bpf
+    from ..backends import create
     from ..cli import _cache, _emit, _pin_root
 
     entry = policy_entry(args.unit, _policy_dir(args))
-    program = entry.program()
-    result = bpf.load(_pin_root(args), args.unit, program, entry.params, entry.sets, entry.mode, _cache(args))
-    directions = [d for d in bpf.DIRECTIONS if getattr(program, d) is not None]
+    backend = create(entry.backend, pin_root=_pin_root(args), cache=_cache(args))  # bpf: see policy_entry
+    result = backend.load(args.unit, entry.program(), entry.params, entry.sets, entry.mode)
     lines = [f"applied {entry.name} ({entry.where}) to {args.unit} [{entry.mode}]"]
-    lines += [f"  {d}: {result.path}/{d}" for d in directions]
+    lines += [f"  {d}: {place}" for d, place in result.places.items()]
     if result.replaced:
         lines.append(f"  replaced in place on {len(result.replaced)} attachment(s)")
     _emit(args, {"unit": args.unit, "entry": entry.name, "file": entry.file, "line": entry.line,
-                 "mode": entry.mode, "path": result.path,
-                 "pins": {d: f"{result.path}/{d}" for d in directions},
+                 "mode": entry.mode, "path": result.details["path"], "pins": result.places,
                  "replaced": [{"cgroup": c, "direction": d} for c, d in result.replaced]},
           "\n".join(lines))
 
@@ -171,12 +169,14 @@ def _reload(args) -> None:
 
 def cmd_run(args) -> None:
     from .. import run
+    from ..backends import create
     from ..cli import UsageError, _cache, _param_values, _pin_root, _program, _set_values
 
     if args.ingress is None and args.egress is None:
         raise UsageError("run: give --ingress EXPR, --egress EXPR or both")
     program = _program(args, args.ingress, args.egress)
     params, sets = _param_values(args), _set_values(args, program)
-    status = run.run(args.command, program, params, sets, args.mode, name=args.name,
-                     pin_root=_pin_root(args), cache=_cache(args))
+    # Pinned programs: systemd-run hands them to the scope (IP*FilterPath=).
+    backend = create("bpf", pin_root=_pin_root(args), cache=_cache(args))
+    status = run.run(args.command, program, params, sets, args.mode, name=args.name, backend=backend)
     raise SystemExit(status)
