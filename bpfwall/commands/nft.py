@@ -10,40 +10,10 @@ adds two commands:
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 
-from ..errors import UserError
-
-BACKENDS = ("bpf", "nft")
-
-
-def backend(args) -> str:
-    name = getattr(args, "backend", None) or os.environ.get("BPFWALL_BACKEND") or "bpf"
-    if name not in BACKENDS:
-        raise UserError(f"backend {name!r} (from BPFWALL_BACKEND): choose bpf or nft")
-    return name
-
-
-def table(args) -> str:
-    from ..backends.nft import default_table
-
-    return getattr(args, "table", None) or default_table()
-
-
-def add_options(p) -> None:
-    """--backend and --table, for the common options of every command."""
-    import argparse
-
-    p.add_argument("--backend", choices=BACKENDS, default=argparse.SUPPRESS,
-                   help="bpf (cgroup_skb programs, the default) or nft (socket cgroupv2 verdict maps); "
-                        "default $BPFWALL_BACKEND or bpf")
-    p.add_argument("--table", metavar="NAME", default=argparse.SUPPRESS,
-                   help="nft table of the nft backend (default $BPFWALL_NFT_TABLE or bpfwall)")
-
-
-# -- new commands ---------------------------------------------------------------------------------
+from .common import emit
+from .options import backend, table
 
 def cmd_guard(args) -> None:
     from ..nft.guard import Guard
@@ -62,13 +32,9 @@ def cmd_guard(args) -> None:
 
 
 def cmd_restore(args) -> None:
-    from ..backends import create
-
-    done = create("nft", table=table(args)).restore()
-    if getattr(args, "json", False):
-        print(json.dumps(done, indent=2, sort_keys=True))
-    else:
-        print(f"restored table inet {done['table']}: {len(done['units'])} unit(s), {done['attached']} attachment(s)")
+    done = backend(args, "nft").restore()
+    emit(args, done, f"restored table inet {done['table']}: {len(done['units'])} unit(s), "
+                     f"{done['attached']} attachment(s)")
 
 
 def register(add) -> None:
