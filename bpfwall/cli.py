@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import UsageError
+from .errors import Error, UsageError, os_error_line
 
 EXIT_ERROR = 2
 
@@ -42,42 +42,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _error_lines(exc: BaseException) -> list[str]:
-    from .lang.errors import LangError
-
-    if isinstance(exc, LangError):
-        lines = exc.render().splitlines() if exc.text is not None else [str(exc)]
-        if exc.direction:
-            lines[0] = f"--{exc.direction}: {lines[0]}"
-        return lines
-    return [str(exc).splitlines()[0] if str(exc) else type(exc).__name__]
+def _report(lines: list[str]) -> int:
+    print(f"bpfwall: error: {lines[0]}", file=sys.stderr)
+    for line in lines[1:]:
+        print(line, file=sys.stderr)
+    return EXIT_ERROR
 
 
 def main(argv=None) -> int:
-    from .backends.bpf import BackendError
-    from .build import BuildError
-    from .errors import UserError
-    from .kernel.errors import KernelError
-    from .lang.errors import LangError
-    from .unitkey import UnitNameError
-
     try:
         args = build_parser().parse_args(argv)
         args.handler(args)
         return 0
-    except (UserError, LangError, KernelError, BackendError, BuildError, UnitNameError) as e:
-        lines = _error_lines(e)
-        print(f"bpfwall: error: {lines[0]}", file=sys.stderr)
-        for line in lines[1:]:
-            print(line, file=sys.stderr)
-        return EXIT_ERROR
+    except Error as e:  # every layer's errors derive from it (bpfwall/errors.py)
+        return _report(e.lines())
+    except BrokenPipeError:
+        return 0
+    except OSError as e:  # a file or system call the layers did not expect to fail: still one line
+        return _report([os_error_line(e)])
     except MemoryError:
         # Inputs are counted before anything is enumerated; this is the last line of defence.
         print("bpfwall: error: out of memory: the request needs more memory than bpfwall may use here",
               file=sys.stderr)
         return EXIT_ERROR
-    except BrokenPipeError:
-        return 0
     except KeyboardInterrupt:
         return 130
 

@@ -30,7 +30,7 @@ def _describe_mode(mode: int) -> str:
 
 class PrivateDir:
     """`path`, checked and open. `what` names it in errors ("the nft state directory");
-    `error` is the UserError subclass errors are raised as."""
+    `error` is the bpfwall.errors.Error subclass errors are raised as."""
 
     def __init__(self, path: str, what: str, error: type[Exception]):
         self.path, self.what, self.error = path, what, error

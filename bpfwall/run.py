@@ -43,11 +43,9 @@ from . import backends, dropin, leftovers, runrecord, unitkey
 from .backends import ProgramBackend
 from .build import UnitProgram
 from .crashpoint import reached
-from .errors import UserError
+from .errors import Error
 from .kernel import cgroup
 from .backends.base import DIRECTIONS
-from .backends.bpf import BackendError
-from .kernel.errors import KernelError
 from .sandbox import own_cgroup_path
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -56,7 +54,7 @@ SI_KERNEL = 0x80  # si_code of a signal the kernel sent, e.g. ^C from the termin
 EXIT_NOT_FOUND, EXIT_CANNOT_RUN = 127, 126  # as env(1), timeout(1), shells
 
 
-class RunError(UserError):
+class RunError(Error):
     """The command could not be started with its filters; nothing was left behind."""
 
 
@@ -188,7 +186,7 @@ def _cleanup(backend: ProgramBackend, unit: str, own: str | None) -> None:
         return
     try:
         leftovers.remove_pins(backend.pin_root, unit, detach=own is not None)
-    except (OSError, KernelError, BackendError) as e:
+    except (OSError, Error) as e:
         print(f"bpfwall: warning: cannot remove the pins of {unit} at {path}: {e} "
               "(`bpfwall gc` tries again)", file=sys.stderr)
 

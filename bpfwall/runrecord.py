@@ -34,13 +34,13 @@ from dataclasses import asdict, dataclass
 from typing import Iterator
 
 from . import checked_dir, unitkey
-from .errors import UserError
+from .errors import Error
 
 DEFAULT_STATE_DIR = "/run/bpfwall"
 VERSION = 1
 
 
-class RecordError(UserError):
+class RecordError(Error):
     """The state directory or a record cannot be trusted or written; one line naming the path."""
 
 

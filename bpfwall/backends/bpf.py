@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from .. import unitkey
 from ..build import UnitProgram, build
 from ..crashpoint import reached
+from ..errors import Error
 from ..kernel import cgroup, links, loader, maps, pins, progs
 from ..kernel.errors import KernelError
 from ..lang.setcontents import Contents, count
@@ -53,7 +54,7 @@ KEPT_MAPS = ("counters", "mode")
 ETH_P = {4: 0x0800, 6: 0x86DD}
 
 
-class BackendError(Exception):
+class BackendError(Error):
     """A request the backend refuses; the message is one line for the user."""
 
 

@@ -10,7 +10,7 @@
 Each module listed in MODULES has `register(add)`, where
 `add(name, help, json_output=False, **parser_kwargs)` returns an argparse
 sub-parser; the module calls `p.set_defaults(handler=fn)` on every parser it adds,
-and `fn(args)` runs the command. Errors derive from bpfwall.errors.UserError.
+and `fn(args)` runs the command. Errors derive from bpfwall.errors.Error.
 """
 import importlib
 

@@ -86,12 +86,13 @@ def read_packets(args) -> list[bytes]:
         lines = [(f"--hex #{i + 1}", h) for i, h in enumerate(args.hex)]
     else:
         try:
-            f = sys.stdin if args.packets == "-" else open(args.packets)
+            with sys.stdin if args.packets == "-" else open(args.packets) as f:
+                lines = [(f"{args.packets}:{n}", line.split("#", 1)[0].strip())
+                         for n, line in enumerate(f, 1)]
         except OSError as e:
-            raise UsageError(f"--packets {args.packets}: {e.strerror}") from None
-        with f:
-            lines = [(f"{args.packets}:{n}", line.split("#", 1)[0].strip())
-                     for n, line in enumerate(f, 1)]
+            raise UsageError(f"--packets {args.packets}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--packets {args.packets}: not a text file of hex packets") from None
         lines = [(where, text) for where, text in lines if text]
         if not lines:
             raise UsageError(f"--packets {args.packets}: no packets in it")

@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..backends import NAMES as BACKENDS
 from ..errors import UsageError
-
-BACKENDS = ("bpf", "nft")
 
 
 def common(json_output: bool = False) -> argparse.ArgumentParser:

@@ -10,12 +10,12 @@ import os
 import subprocess
 
 from .. import dropin
-from ..errors import UserError
+from ..errors import Error
 from .common import emit, filter_program, param_values, set_values
 from .options import backend, filter_options, policy_dir, policy_dir_option, unit_argument
 
 
-class ApplyError(UserError):
+class ApplyError(Error):
     """No usable policy entry for the unit."""
 
 
@@ -142,7 +142,7 @@ def _reload(args) -> None:
         return
     proc = subprocess.run(["systemctl", "daemon-reload"], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise UserError(f"systemctl daemon-reload failed: {(proc.stderr.strip() or '?').splitlines()[0]}")
+        raise Error(f"systemctl daemon-reload failed: {(proc.stderr.strip() or '?').splitlines()[0]}")
     print("systemd reloaded (systemctl daemon-reload)")
 
 
