@@ -118,6 +118,21 @@ class Backend(Protocol):
     def ours_on(self, path: str) -> list[tuple[str, str]]:
         """(unit, direction) of the watcher's units that filter the cgroup at `path` itself."""
 
+    # -- the watcher's records (nft: the table's state file) --------------------------------------
+    def defer_records(self, on: bool) -> None:
+        """On: the watcher's way, filters first — a change is made even when its record cannot be
+        written (a full disk); the record waits in memory until retry_records() writes it."""
+
+    def unrecorded(self) -> dict[str, str]:
+        """{record file: why it could not be written} of the records waiting in memory."""
+
+    def retry_records(self) -> None:
+        """Write the waiting records again (an Error if one still cannot be written)."""
+
+    def lost_records(self) -> list[str]:
+        """Record files whose waiting record another process replaced since the last call: the
+        changes it held are made but no longer recorded (the watcher reconciles)."""
+
 
 @runtime_checkable
 class ProgramBackend(Protocol):

@@ -273,3 +273,16 @@ class BpfBackend:
                 if owner is not None and owner[1] == direction:
                     out.append(owner)
         return sorted(set(out))
+
+    # The pins are the record: nothing is written beside them.
+    def defer_records(self, on: bool) -> None:
+        pass
+
+    def unrecorded(self) -> dict[str, str]:
+        return {}
+
+    def retry_records(self) -> None:
+        pass
+
+    def lost_records(self) -> list[str]:
+        return []

@@ -206,3 +206,16 @@ class NftBackend:
     def ours_on(self, path: str) -> list[tuple[str, str]]:
         """(unit, direction) of ours on this cgroup, as indexed by the last refresh()."""
         return self._index.get(path, [])
+
+    # The table's state file: see nft/state.py for how a state the disk refused waits.
+    def defer_records(self, on: bool) -> None:
+        StateFile.record_later = on
+
+    def unrecorded(self) -> dict[str, str]:
+        return StateFile.unrecorded()
+
+    def retry_records(self) -> None:
+        StateFile.retry_unrecorded()
+
+    def lost_records(self) -> list[str]:
+        return StateFile.take_lost()

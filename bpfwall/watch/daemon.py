@@ -24,10 +24,8 @@ import signal
 import time
 
 from .. import backends
-from ..backends.bpf import BackendError
+from ..errors import Error
 from ..kernel.errors import KernelError
-from ..nft.errors import NftError
-from ..nft.state import StateFile
 from . import inotify as ino
 from .log import DEBUG, ERROR, INFO, Log
 from .notify import Notifier
@@ -45,7 +43,7 @@ PIN_CHECK_INTERVAL = 2.0
 # the new one at once, and the new one's attach must not wait behind the old one's cleanup.
 # The element of a removed cgroup matches nothing meanwhile (cgroup ids are never reused).
 CLEANUP_IDLE, CLEANUP_MAX = 0.02, 1.0
-BACKEND_ERRORS = (KernelError, BackendError, NftError)
+BACKEND_ERRORS = (Error,)  # what a backend raises: every layer's errors (bpfwall/errors.py)
 # A state file the disk refused (full), and a cgroup whose sync failed (e.g. the nft worker timed
 # out and was restarted), are tried again this often; the filters never wait for a record.
 RETRY = 1.0
@@ -197,8 +195,9 @@ class Watcher:
 
     def check_records(self) -> None:
         """Log each state file that cannot be written (once per reason) and each written again;
-        schedule the retry; reconcile when a waiting nft state was replaced by another writer."""
-        failing = StateFile.unrecorded()
+        schedule the retry; reconcile when a waiting record (nft: the table's state) was replaced
+        by another writer."""
+        failing = {path: why for backend in self.backends.values() for path, why in backend.unrecorded().items()}
         if self.state.unsaved is not None:
             failing[self.state.path] = self.state.unsaved
         for path, why in failing.items():
@@ -209,7 +208,7 @@ class Watcher:
             self.log.info("record", f"{path} is written again", file=path)
         self._unrecorded = failing
         self._schedule_retry()
-        lost = StateFile.take_lost()
+        lost = [path for backend in self.backends.values() for path in backend.lost_records()]
         if lost and self.policy is not None:
             self.log.warning("record", f"{', '.join(lost)} was written by another process before the changes "
                                        "waiting for it: reconciling", file=lost[0])
@@ -237,10 +236,11 @@ class Watcher:
                 self.state.write()
             except WatchError:
                 pass
-        try:
-            StateFile.retry_unrecorded()
-        except NftError as e:
-            self.log.error("record", str(e))
+        for backend in self.backends.values():
+            try:
+                backend.retry_records()
+            except Error as e:
+                self.log.error("record", str(e))
         self.check_records()
 
     # -- cgroups --------------------------------------------------------------
@@ -451,7 +451,8 @@ class Watcher:
         unusable = self.state.read()
         if unusable:
             self.log.warning("state", unusable, file=self.state.path)
-        StateFile.record_later = True  # filter first, record after: see nft/state.py
+        for backend in self.backends.values():
+            backend.defer_records(True)  # filter first, record after
         if not once:
             try:
                 self.inotify = ino.Inotify()
@@ -565,7 +566,8 @@ class Watcher:
     def close(self) -> None:
         if self._unrecorded:
             self.retry_records()  # a last try; what is still unwritten was logged
-        StateFile.record_later = False
+        for backend in self.backends.values():
+            backend.defer_records(False)
         self._release_signals()
         for guard in self.guards.values():
             guard.close()
