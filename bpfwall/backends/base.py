@@ -64,10 +64,10 @@ class Backend(Protocol):
     def unload(self, unit: str) -> list[tuple[str, str]]:
         """Remove the unit everywhere; the (cgroup, direction) pairs it was detached from."""
 
-    def attach(self, unit: str, cgroup: str) -> dict[str, bool]:
+    def attach(self, unit: str, cgroup_path: str) -> dict[str, bool]:
         """{direction: newly attached}"""
 
-    def detach(self, unit: str, cgroup: str) -> dict[str, bool]:
+    def detach(self, unit: str, cgroup_path: str) -> dict[str, bool]:
         """{direction: was attached}"""
 
     def stats(self, unit: str) -> dict:

@@ -243,12 +243,12 @@ class BpfBackend:
         """Pinned completely (a directory without meta is a load cut short: load again)."""
         return os.path.lexists(os.path.join(bpf.unit_dir(self.pin_root, name), "meta"))
 
-    def release(self, name: str, owned: Owned | None = None) -> list:
+    def release(self, unit: str, owned: Owned | None = None) -> list:
         """Detach the unit everywhere and remove its pins; [] if it was gone already."""
         try:
-            return bpf.unload(self.pin_root, name)
+            return bpf.unload(self.pin_root, unit)
         except bpf.BackendError:
-            if os.path.isdir(bpf.unit_dir(self.pin_root, name)):
+            if os.path.isdir(bpf.unit_dir(self.pin_root, unit)):
                 raise
             return []  # gone already, and nothing of it attached anywhere
 

@@ -178,12 +178,12 @@ class NftBackend:
     def where(self, owned: Owned) -> str:
         return f"nft table {owned.table}"
 
-    def release(self, name: str, owned: Owned | None = None) -> list:
+    def release(self, unit: str, owned: Owned | None = None) -> list:
         """Remove the unit and its elements; [] when the table holds no such unit."""
         table = owned.table if owned is not None and owned.table else self.table
-        if name not in nft.units(table):
+        if unit not in nft.units(table):
             return []
-        return nft.unload(table, name)
+        return nft.unload(table, unit)
 
     def refresh(self, handles: dict) -> list[tuple[str, str]]:
         """Index the live attachments of our units (`handles`: name → unit), and drop the
