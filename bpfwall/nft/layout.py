@@ -91,8 +91,9 @@ def delete_elements(table: str, direction: str, level: int, paths) -> dict:
 # -- a unit's objects ------------------------------------------------------------
 
 def render_unit(table: str, rendered: dict, old: Objects) -> list:
-    """Commands that replace a unit's objects `old` (their names) with `rendered` ({"chains": {name: rules}, "sets": {name: (nft type, elements)},
-    "counters": [names]}) in one transaction. Counters that stay keep their values."""
+    """Commands that replace a unit's objects `old` (their names) with `rendered` ({"chains":
+    {name: rules}, "sets": {name: (nft type, elements)}, "counters": [names]}) in one
+    transaction. Counters that stay keep their values."""
     cmds = []
     old_chains, old_sets, old_counters = set(old.chains), set(old.sets), set(old.counters)
     for name in rendered["counters"]:

@@ -8,9 +8,9 @@ with inotify, attaching where the policy matches and detaching our filters
 where it no longer does. Then wait in poll(2) on the inotify fd, on a pipe the
 signal handlers write to (signal.set_wakeup_fd) and on what a backend in use
 asks to be polled (its guard: nft's listens to the ruleset's netlink events and
-restores a flushed or deleted table): a new cgroup is attached as soon as its IN_CREATE is read; SIGHUP
-re-reads the policy; SIGTERM/SIGINT stop the watcher and leave every filter
-attached, still enforced.
+restores a flushed or deleted table): a new cgroup is attached as soon as its
+IN_CREATE is read; SIGHUP re-reads the policy; SIGTERM/SIGINT stop the watcher
+and leave every filter attached, still enforced.
 
 Cgroup paths given to the policy are relative to the watched root (the whole
 cgroup2 mount by default), e.g. "system.slice/nginx.service".
