@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import objcache, program_contract
+from .errors import Error
 from .kernel.elf import READER_VERSION
 from .lower import c as lower_c
 
@@ -26,7 +27,7 @@ PROGRAM_VERSION = 1  # bump when the meaning of pins changes
 DEFAULT_SET_CAPACITY = 4096
 
 
-class BuildError(Exception):
+class BuildError(Error):
     """The program could not be built; the message says why in one line."""
 
 

@@ -21,7 +21,7 @@ checks them against the running kernel):
 """
 from __future__ import annotations
 
-from .errors import UserError
+from .errors import Error
 
 HASH_ELEMENT = 64
 HASH_BUCKET = 16
@@ -34,7 +34,7 @@ UNFORCED_LIMIT = 256 << 20
 CAPACITY_MAX = 1 << 24  # never, forced or not
 
 
-class CapacityError(UserError):
+class CapacityError(Error):
     """A set capacity refused: its memory estimate is over the bound and it was not forced."""
 
 

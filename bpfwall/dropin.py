@@ -32,7 +32,7 @@ import tempfile
 import unicodedata
 
 from . import unitkey
-from .errors import UserError
+from .errors import Error
 
 DEFAULT_UNIT_DIR = "/etc/systemd/system"
 DROPIN_NAME = "bpfwall.conf"
@@ -46,7 +46,7 @@ SECTIONS = {"service": "Service", "socket": "Socket", "mount": "Mount", "swap": 
 LOADER_SLICES = ("-.slice", "system.slice", "system-bpfwall.slice")
 
 
-class DropinError(UserError):
+class DropinError(Error):
     """A unit that cannot get a bpfwall drop-in; the message says why."""
 
 
@@ -182,6 +182,13 @@ def render_loader_env(env: dict[str, str]) -> str:
 
 def write(path: str, text: str) -> bool:
     """Write atomically (a reader sees the old file or the new one); False if it was already so."""
+    try:
+        return _write(path, text)
+    except OSError as e:
+        raise DropinError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _write(path: str, text: str) -> bool:
     try:
         with open(path) as f:
             if f.read() == text:

@@ -39,13 +39,13 @@ import time
 import uuid
 from contextlib import contextmanager
 
-from . import dropin, leftovers, runrecord, unitkey
-from .backends import bpf
+from . import backends, dropin, leftovers, runrecord, unitkey
+from .backends import ProgramBackend
 from .build import UnitProgram
 from .crashpoint import reached
-from .errors import UserError
+from .errors import Error
 from .kernel import cgroup
-from .kernel.errors import KernelError
+from .backends.base import DIRECTIONS
 from .sandbox import own_cgroup_path
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -54,7 +54,7 @@ SI_KERNEL = 0x80  # si_code of a signal the kernel sent, e.g. ^C from the termin
 EXIT_NOT_FOUND, EXIT_CANNOT_RUN = 127, 126  # as env(1), timeout(1), shells
 
 
-class RunError(UserError):
+class RunError(Error):
     """The command could not be started with its filters; nothing was left behind."""
 
 
@@ -86,15 +86,18 @@ def resolve_command(command: list[str]) -> str:
 
 
 def run(command: list[str], program, params: dict | None = None, sets: dict | None = None,
-        mode: str | None = None, *, name: str | None = None, pin_root: str = bpf.DEFAULT_PIN_ROOT,
-        cache=None, systemd: bool | None = None) -> int:
-    """Run `command` with `program` on its cgroup; its exit status."""
+        mode: str | None = None, *, name: str | None = None, backend: ProgramBackend | None = None,
+        systemd: bool | None = None) -> int:
+    """Run `command` with `program` on its cgroup (pinned by `backend`, default: the bpf
+    backend's default pin root); its exit status."""
+    backend = backend or backends.create("bpf")
+    pin_root = backend.pin_root
     unit = scope_name(name)
     resolve_command(command)
     systemd = use_systemd() if systemd is None else systemd
     if systemd:  # the pin paths go into the scope's transient unit file
-        for d in bpf.DIRECTIONS:
-            dropin.check_filter_path(bpf.prog_path(pin_root, unit, d), transient=True)
+        for d in DIRECTIONS:
+            dropin.check_filter_path(backend.prog_path(unit, d), transient=True)
     # Signals wait until the child can take them, and cleanup is never cut short.
     with _signals_held():
         for outcome in leftovers.collect(pin_root):
@@ -102,20 +105,20 @@ def run(command: list[str], program, params: dict | None = None, sets: dict | No
         own = None if systemd else os.path.join(own_cgroup_path(), unit)
         record = runrecord.Record(unit, os.path.realpath(pin_root), own, os.getpid(), runrecord.new_token())
         held = runrecord.create(pin_root, unitkey.encode(unit), record)
-        if os.path.isdir(bpf.unit_dir(pin_root, unit)):  # checked with the name reserved
+        if os.path.isdir(backend.unit_dir(unit)):  # checked with the name reserved
             held.release(remove=True)
-            raise RunError(f"{unit} is loaded already (pins at {bpf.unit_dir(pin_root, unit)}); "
+            raise RunError(f"{unit} is loaded already (pins at {backend.unit_dir(unit)}); "
                            "choose another --name")
         try:
             reached("run:recorded")
-            bpf.load(pin_root, unit, _marked(program, record.token), params, sets, mode, cache)
+            backend.load(unit, _marked(program, record.token), params, sets, mode)
             reached("run:loaded")
             try:
                 if systemd:
-                    return _run_scope(command, pin_root, unit)
-                return _run_in_cgroup(command, pin_root, unit, own)
+                    return _run_scope(command, backend, unit)
+                return _run_in_cgroup(command, backend, unit, own)
             finally:
-                _cleanup(pin_root, unit, own)
+                _cleanup(backend, unit, own)
                 reached("run:cleaned")
         finally:
             held.release(remove=not leftovers.left_behind(pin_root, record))
@@ -137,11 +140,10 @@ def _marked(program: UnitProgram, token: str) -> UnitProgram:
 
 # -- the systemd way ------------------------------------------------------------
 
-def _run_scope(command: list[str], pin_root: str, unit: str) -> int:
-    with bpf.PinnedUnit.open(pin_root, unit) as u:
-        expected = u.prog_ids()
+def _run_scope(command: list[str], backend: ProgramBackend, unit: str) -> int:
+    expected = backend.program_ids(unit)
     argv = ["systemd-run", "--scope", "--quiet", f"--unit={unit}"]
-    argv += [f"-p{dropin.SETTINGS[d]}={bpf.prog_path(pin_root, unit, d)}" for d in expected]
+    argv += [f"-p{dropin.SETTINGS[d]}={backend.prog_path(unit, d)}" for d in expected]
     argv += ["--", *_verify_argv(unit, expected), *command]
     return _supervise(argv, None)
 
@@ -171,34 +173,34 @@ def verify_and_exec(args: list[str]) -> None:
         sys.exit(EXIT_NOT_FOUND if isinstance(e, FileNotFoundError) else EXIT_CANNOT_RUN)
 
 
-def _cleanup(pin_root: str, unit: str, own: str | None) -> None:
+def _cleanup(backend: ProgramBackend, unit: str, own: str | None) -> None:
     """Remove the unit's pins. On the systemd path the programs stay where systemd attached
     them: processes the command left in the scope keep their filter until the scope ends
     and the kernel frees the programs. Our own cgroup is gone by now: detach and unload.
     If it is not (something keeps it busy), its filters stay and `bpfwall gc` removes them
     once it is empty."""
-    path = bpf.unit_dir(pin_root, unit)
+    path = backend.unit_dir(unit)
     if own is not None and os.path.lexists(own):
         print(f"bpfwall: warning: {own} is still there; the filters of {unit} stay on it "
               "(`bpfwall gc` removes them once it is empty)", file=sys.stderr)
         return
     try:
-        leftovers.remove_pins(pin_root, unit, detach=own is not None)
-    except (OSError, KernelError, bpf.BackendError) as e:
+        leftovers.remove_pins(backend.pin_root, unit, detach=own is not None)
+    except (OSError, Error) as e:
         print(f"bpfwall: warning: cannot remove the pins of {unit} at {path}: {e} "
               "(`bpfwall gc` tries again)", file=sys.stderr)
 
 
 # -- a cgroup of our own ----------------------------------------------------------
 
-def _run_in_cgroup(command: list[str], pin_root: str, unit: str, path: str) -> int:
+def _run_in_cgroup(command: list[str], backend: ProgramBackend, unit: str, path: str) -> int:
     try:
         os.mkdir(path)
     except OSError as e:
         raise RunError(f"cannot create cgroup {path}: {e.strerror}") from None
     try:
         reached("run:cgroup")
-        bpf.attach(pin_root, unit, path)
+        backend.attach(unit, path)
         reached("run:attached")
         status = _supervise(command, path)
         _wait_empty(path)

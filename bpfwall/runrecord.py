@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterator
 
 from . import unitkey
-from .errors import UserError
+from .errors import Error, UserError
 from .kernel import safefs
 
 DEFAULT_STATE_DIR = "/run/bpfwall"
@@ -42,7 +42,7 @@ RULES = safefs.Rules(what="the state directory", file_what="the record",
                      elsewhere="set BPFWALL_STATE_DIR to a directory only root can write", needs_root=True)
 
 
-class RecordError(UserError):
+class RecordError(Error):
     """The state directory or a record cannot be trusted or written; one line naming the path."""
 
 

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import re
 
+from .errors import Error
+
 _UNIT_CHARS = re.compile(r"[A-Za-z0-9:_.\\@-]+")
 _PATTERN_CHARS = re.compile(r"[A-Za-z0-9:_.\\@*?\[\]!-]+")
 GLOB_CHARS = "*?["
 UNIT_NAME_MAX = 255
 
 
-class UnitNameError(ValueError):
+class UnitNameError(Error, ValueError):
     """A name that cannot be a unit name; the message says which character."""
 
 

@@ -36,6 +36,7 @@ from .. import program_contract as pc
 from .. import unitkey
 from ..build import UnitProgram, build
 from ..crashpoint import reached
+from ..errors import Error
 from ..kernel import cgroup, links, loader, maps, pins, progs
 from ..kernel.errors import KernelError
 from ..lang.setcontents import Contents, count
@@ -48,7 +49,7 @@ KEPT_MAPS = (pc.COUNTERS, pc.MODE)
 ETH_P = {4: 0x0800, 6: 0x86DD}
 
 
-class BackendError(Exception):
+class BackendError(Error):
     """A request the backend refuses; the message is one line for the user."""
 
 

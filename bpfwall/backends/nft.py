@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..kernel import cgroup as cg
 from ..kernel.errors import KernelError
@@ -31,6 +31,7 @@ from ..nft import layout
 from ..nft.dump import cgroup_keys, chain_names, count_rules
 from ..nft.errors import NftError
 from ..nft.names import UnitNames, check_table, level_map
+from ..nft.records import Attachment, NftState, Objects, SetRecord, UnitState
 from ..nft.runner import runner
 from ..nft.state import StateFile
 
@@ -102,38 +103,34 @@ def _resolve(path: str) -> tuple[str, str, int, int]:
     return absolute, rel, rel.count("/") + 1, cid
 
 
-def _alive(record: dict, mount: str | None = None) -> bool:
+def alive(record: Attachment, mount: str | None = None) -> bool:
     """Whether the attachment's cgroup still exists (`mount`: the cgroup2 mount, when the caller
     checks many: reading mountinfo costs more than the stat)."""
     try:
-        return os.stat(os.path.join(mount or cg.cgroup2_mount(), record["cgroup"])).st_ino == record["id"]
+        return os.stat(os.path.join(mount or cg.cgroup2_mount(), record.cgroup)).st_ino == record.id
     except OSError:
         return False
 
 
 # -- rendering -----------------------------------------------------------------------------
 
-def _directions(ustate: dict) -> list[str]:
-    return [d for d in DIRECTIONS if ustate.get(d) is not None]
-
-
-def _checked(ustate: dict) -> dict:
+def _checked(ustate: UnitState) -> dict:
     try:
-        pair = analyze_pair(ustate.get("ingress"), ustate.get("egress"))
+        pair = analyze_pair(ustate.ingress, ustate.egress)
     except LangError as e:
         raise NftError(f"stored expression no longer valid: {e}") from None
     return {d: c for d, c in zip(DIRECTIONS, pair) if c is not None}
 
 
-def _render(unit: str, ustate: dict, checked: dict | None = None) -> dict:
+def _render(unit: str, ustate: UnitState, checked: dict | None = None) -> dict:
     """The unit's objects: {"chains": {name: rules}, "sets": {name: (type, elements)},
     "counters": [...], "entry": {direction: chain}}. Raises NftError before anything changes."""
     names = UnitNames(unit)
     checked = checked or _checked(ustate)
-    sets = {n: _parse(n, s["kind"], s["elements"]) for n, s in ustate["sets"].items()}
+    sets = {n: _parse(n, s.kind, s.elements) for n, s in ustate.sets.items()}
     out = {"chains": {}, "sets": {}, "counters": [], "entry": {}}
     for direction, c in checked.items():
-        low = lower.lower(c.expr, direction, names, ustate["mode"], ustate["params"], sets)
+        low = lower.lower(c.expr, direction, names, ustate.mode, ustate.params, sets)
         for name in low.chains.names:
             out["chains"][name] = low.chains.rules[name]
         for nft_name, (set_name, key_type) in low.sets.items():
@@ -143,28 +140,29 @@ def _render(unit: str, ustate: dict, checked: dict | None = None) -> dict:
     return out
 
 
-def _levels(state: dict) -> set[tuple[str, int]]:
-    return {(d, a["level"]) for u in state["units"].values() for a in u["attached"] for d in a["directions"]}
+def _levels(units) -> set[tuple[str, int]]:
+    """The (direction, level) pairs the units (UnitState values) are attached at."""
+    return {(d, a.level) for u in units for a in u.attached for d in a.directions}
 
 
-def _elements_of_level(state: dict, direction: str, level: int) -> list[tuple[str, str]]:
+def _elements_of_level(state: NftState, direction: str, level: int) -> list[tuple[str, str]]:
     out, mount = [], cg.cgroup2_mount()
-    for unit, u in state["units"].items():
-        for a in u["attached"]:
-            if a["level"] == level and direction in a["directions"] and _alive(a, mount):
-                out.append((a["cgroup"], UnitNames(unit).chain(direction)))
+    for unit, u in state.units.items():
+        for a in u.attached:
+            if a.level == level and direction in a.directions and alive(a, mount):
+                out.append((a.cgroup, UnitNames(unit).chain(direction)))
     return out
 
 
-def _records_of_level(state: dict, direction: str, level: int) -> dict[int, dict]:
-    return {a["id"]: a for u in state["units"].values() for a in u["attached"]
-            if a["level"] == level and direction in a["directions"]}
+def _records_of_level(state: NftState, direction: str, level: int) -> dict[int, Attachment]:
+    return {a.id: a for u in state.units.values() for a in u.attached
+            if a.level == level and direction in a.directions}
 
 
-def _prune_vanished(state: dict) -> None:
+def _prune_vanished(state: NftState) -> None:
     mount = cg.cgroup2_mount()
-    for u in state["units"].values():
-        u["attached"] = [a for a in u["attached"] if _alive(a, mount)]
+    for u in state.units.values():
+        u.attached = [a for a in u.attached if alive(a, mount)]
 
 
 # -- health and restore ---------------------------------------------------------------------
@@ -184,33 +182,33 @@ def _live_chains(table: str) -> set[str] | None:
     return found if exists else None
 
 
-def healthy(table: str, state: dict, live: set | None = None, deep=False) -> bool:
+def healthy(table: str, state: NftState, live: set | None = None, deep=False) -> bool:
     """Every chain the state says we rendered (and every level's base chain) exists, and every
     attachment's map element (`live`: the table's chains, when the caller listed them
     already). `deep` also counts
     rules, of every chain (True) or of the chains named (a set): `nft flush table`/`flush
     chain` leave the chains but empty them, which would let every packet through."""
-    if not state["units"]:
+    if not state.units:
         return True
     live = chain_names(table) if live is None else live
     if not live:
         return False
-    expected = {layout.base_chain(d, level): 1 for d, level in _levels(state)}  # the dispatch rule
-    for u in state["units"].values():
-        counts = u["objects"].get("rules", {})
-        for chain in u["objects"]["chains"]:
-            expected[chain] = counts.get(chain)  # None: state from before counts were kept
+    levels = _levels(state.units.values())
+    expected = {layout.base_chain(d, level): 1 for d, level in levels}  # the dispatch rule
+    for u in state.units.values():
+        for chain in u.objects.chains:
+            expected[chain] = u.objects.rules.get(chain)
     if not set(expected) <= live:
         return False
     mount = None
-    for direction, level in _levels(state):  # every attachment's element (cheap: a netlink dump)
+    for direction, level in levels:  # every attachment's element (cheap: a netlink dump)
         keys = cgroup_keys(table, level_map(direction, level))
         if keys is None:
             return False
         missing = [a for cid, a in _records_of_level(state, direction, level).items() if cid not in keys]
         if missing:  # fine for vanished cgroups only (a refilled map leaves them out)
             mount = mount or cg.cgroup2_mount()
-            if any(_alive(a, mount) for a in missing):
+            if any(alive(a, mount) for a in missing):
                 return False
     if not deep:
         return True
@@ -228,7 +226,7 @@ def healthy(table: str, state: dict, live: set | None = None, deep=False) -> boo
     return True
 
 
-def _rebuild(table: str, state: dict) -> None:
+def _rebuild(table: str, state: NftState) -> None:
     """Delete our table (if any) and render it again from the state, all in one transaction;
     then the dispatch rules (nft syntax)."""
     _prune_vanished(state)
@@ -236,11 +234,11 @@ def _rebuild(table: str, state: dict) -> None:
     if _live_chains(table) is not None:
         cmds.append(layout.delete_table(table))
     cmds.append(layout.add_table(table))
-    for unit, u in state["units"].items():
+    for unit, u in state.units.items():
         rendered = _render(unit, u)
-        cmds += layout.render_unit(table, rendered, {})
-        u["objects"] = layout.objects_of(rendered)
-    levels = sorted(_levels(state))
+        cmds += layout.render_unit(table, rendered, Objects())
+        u.objects = layout.objects_of(rendered)
+    levels = sorted(_levels(state.units.values()))
     for direction, level in levels:
         cmds += layout.add_level(table, direction, level)
         pairs = _elements_of_level(state, direction, level)
@@ -252,13 +250,13 @@ def _rebuild(table: str, state: dict) -> None:
                       f"restoring the dispatch rules of table inet {table}")
 
 
-def _ensure(table: str, state: dict) -> set:
+def _ensure(table: str, state: NftState) -> set:
     """Restore the table when it is missing or damaged; the names of its chains now (the
     state lock is held, so they stay valid for the caller's change)."""
     live = _live_chains(table)
     if live is not None and healthy(table, state, live):
         return live
-    if not state["units"]:
+    if not state.units:
         return live or set()
     _rebuild(table, state)
     return _live_chains(table) or set()
@@ -269,8 +267,12 @@ def restore(table: str) -> dict:
     with _changing(table) as (sf, state, _):
         _rebuild(table, state)
         sf.save(state)
-    return {"table": table, "units": sorted(state["units"]),
-            "attached": sum(len(u["attached"]) for u in state["units"].values())}
+    return {"table": table, "units": sorted(state.units), "attached": attachments(state)}
+
+
+def attachments(state: NftState) -> int:
+    """How many cgroups the state's units are attached to."""
+    return sum(len(u.attached) for u in state.units.values())
 
 
 def restore_if_needed(table: str, deep=False) -> bool:
@@ -298,8 +300,8 @@ def _changing(table: str, unit: str | None = None):
         yield sf, state, (_unit(state, table, unit) if unit is not None else None)
 
 
-def _unit(state: dict, table: str, unit: str) -> dict:
-    u = state["units"].get(unit)
+def _unit(state: NftState, table: str, unit: str) -> UnitState:
+    u = state.units.get(unit)
     if u is None:
         raise NftError(f"unit {unit} is not loaded in nft table inet {table}; load it with: "
                        f"bpfwall --backend nft load {unit} --ingress EXPR")
@@ -331,60 +333,57 @@ def load(table: str, unit: str, program, params: dict | None = None, sets: dict 
     with sf.locked():
         state = sf.load()
         live = _ensure(table, state)
-        old = state["units"].get(unit)
-        old_sets = old["sets"] if old else {}
-        new = {
-            "ingress": program.ingress.text if program.ingress is not None else None,
-            "egress": program.egress.text if program.egress is not None else None,
-            "params": {n: params.get(n, (old or {}).get("params", {}).get(n, 0)) for n in program.params},
-            "mode": mode or (old or {}).get("mode", "enforce"),
-            "sets": {},
-            "objects": (old or {}).get("objects", {}),
-            "attached": (old or {}).get("attached", []),
-        }
+        old = state.units.get(unit)
+        new = UnitState(
+            program.ingress.text if program.ingress is not None else None,
+            program.egress.text if program.egress is not None else None,
+            {n: params.get(n, old.params.get(n, 0) if old else 0) for n in program.params},
+            mode or (old.mode if old else "enforce"),
+            objects=old.objects if old else Objects(),
+            attached=old.attached if old else [])
         for name, kind in program.sets.items():
             if name in sets:
                 elements = _store(kind, sets[name])
-            elif name in old_sets and old_sets[name]["kind"] == kind:
-                elements = old_sets[name]["elements"]
+            elif old and name in old.sets and old.sets[name].kind == kind:
+                elements = old.sets[name].elements
             else:
                 elements = []
-            new["sets"][name] = {"kind": kind, "elements": elements}
+            new.sets[name] = SetRecord(kind, elements)
         checked = {d: c for d, c in (("ingress", program.ingress), ("egress", program.egress)) if c is not None}
         rendered = _render(unit, new, checked)
         result = LoadResult(unit, table, dict(rendered["entry"]))
 
-        before = set(_directions(old)) if old else set()
+        before = set(old.directions) if old else set()
         after = set(checked)
-        state["units"][unit] = new
-        vanished = [a for a in new["attached"] if not _alive(a)]
-        new["attached"] = [a for a in new["attached"] if _alive(a)]
-        cmds = [layout.add_table(table)] + _element_removals(table, state, unit, vanished)
-        for a in new["attached"]:
+        state.units[unit] = new
+        vanished = [a for a in new.attached if not alive(a)]
+        new.attached = [a for a in new.attached if alive(a)]
+        cmds = [layout.add_table(table)] + _element_removals(table, state, vanished)
+        for a in new.attached:
             for d in sorted(before - after):
-                cmds.append(layout.delete_elements(table, d, a["level"], [a["cgroup"]]))
-                result.detached.append((a["cgroup"], d))
-        cmds += layout.render_unit(table, rendered, new["objects"])
+                cmds.append(layout.delete_elements(table, d, a.level, [a.cgroup]))
+                result.detached.append((a.cgroup, d))
+        cmds += layout.render_unit(table, rendered, new.objects)
         new_levels = set()
-        for a in new["attached"]:
+        for a in new.attached:
             for d in sorted(after):
-                where = (os.path.join(cg.cgroup2_mount(), a["cgroup"]), d)
+                where = (os.path.join(cg.cgroup2_mount(), a.cgroup), d)
                 if d in before:
                     result.replaced.append(where)
                     continue
                 result.attached.append(where)
-                new_levels.add((d, a["level"]))
-                cmds.append(layout.add_elements(table, d, a["level"], [(a["cgroup"], names.chain(d))]))
-            a["directions"] = sorted(after)
+                new_levels.add((d, a.level))
+                cmds.append(layout.add_elements(table, d, a.level, [(a.cgroup, names.chain(d))]))
+            a.directions = sorted(after)
         result.detached = [(os.path.join(cg.cgroup2_mount(), c), d) for c, d in result.detached]
-        new["objects"] = layout.objects_of(rendered)
+        new.objects = layout.objects_of(rendered)
         with sf.recording(state):
             _apply(table, state, live, cmds, new_levels - _levels_without(state, unit), f"loading {unit}")
     return result
 
 
-def _levels_without(state: dict, unit: str) -> set:
-    return _levels({"units": {n: u for n, u in state["units"].items() if n != unit}})
+def _levels_without(state: NftState, unit: str) -> set:
+    return _levels(u for n, u in state.units.items() if n != unit)
 
 
 def _live_levels(live: set) -> set[tuple[str, int]]:
@@ -397,13 +396,13 @@ def _live_levels(live: set) -> set[tuple[str, int]]:
     return levels
 
 
-def _apply(table: str, state: dict, live: set, cmds: list, new_levels, what: str) -> None:
+def _apply(table: str, state: NftState, live: set, cmds: list, new_levels, what: str) -> None:
     """Create the levels `new_levels` (nft syntax: their dispatch rule), then run `cmds` in one
     JSON transaction that also removes levels nothing is attached at any more. If that
     transaction fails, the levels just created are removed again."""
     for direction, level in sorted(new_levels):
         runner().text(layout.level_text(table, direction, level), what)
-    for direction, level in sorted(_live_levels(live) - _levels(state) - set(new_levels)):
+    for direction, level in sorted(_live_levels(live) - _levels(state.units.values()) - set(new_levels)):
         cmds.append(layout.flush_map(table, direction, level))
         cmds += layout.remove_level(table, direction, level)
     try:
@@ -421,29 +420,29 @@ def unload(table: str, unit: str) -> list:
     """Detach the unit everywhere and remove its objects; the table goes with the last unit."""
     with _changing(table, unit) as (sf, state, u):
         live = _ensure(table, state)
-        detached = [(os.path.join(cg.cgroup2_mount(), a["cgroup"]), d) for a in u["attached"] for d in a["directions"]]
-        del state["units"][unit]
+        detached = [(os.path.join(cg.cgroup2_mount(), a.cgroup), d) for a in u.attached for d in a.directions]
+        del state.units[unit]
         with sf.recording(state):
-            if not state["units"]:
+            if not state.units:
                 if _live_chains(table) is not None:
                     runner().json([layout.delete_table(table)], f"unloading {unit}")
             else:
-                cmds = _element_removals(table, state, unit, u["attached"])
-                cmds += layout.remove_unit_objects(table, u["objects"])
+                cmds = _element_removals(table, state, u.attached)
+                cmds += layout.remove_unit_objects(table, u.objects)
                 _apply(table, state, live, cmds, set(), f"unloading {unit}")
     return detached
 
 
-def _element_removals(table: str, state: dict, unit: str, records: list) -> list:
+def _element_removals(table: str, state: NftState, records: list[Attachment]) -> list:
     """Delete the map elements of `records` (already out of the state): by path when the cgroup
     is the one we attached, else (it vanished) by refilling its level's map from the state."""
     cmds, refill = [], set()
     for a in records:
-        for d in a["directions"]:
-            if _alive(a):
-                cmds.append(layout.delete_elements(table, d, a["level"], [a["cgroup"]]))
+        for d in a.directions:
+            if alive(a):
+                cmds.append(layout.delete_elements(table, d, a.level, [a.cgroup]))
             else:
-                refill.add((d, a["level"]))
+                refill.add((d, a.level))
     for d, level in sorted(refill):
         cmds.append(layout.flush_map(table, d, level))
         pairs = _elements_of_level(state, d, level)
@@ -457,40 +456,40 @@ def _element_removals(table: str, state: dict, unit: str, records: list) -> list
 def attach(table: str, unit: str, cgroup_path: str) -> dict[str, bool]:
     """Filter the sockets of a cgroup (and its descendants) with the unit; {direction: newly}."""
     with _changing(table, unit) as (sf, state, u):
-        directions = _directions(u)
+        directions = u.directions
         absolute, rel, level, cid = _resolve(cgroup_path)
-        for a in u["attached"]:
-            if a["cgroup"] == rel and a["id"] == cid:
+        for a in u.attached:
+            if a.cgroup == rel and a.id == cid:
                 return {d: False for d in directions}
-        for other, o in state["units"].items():
-            for a in o["attached"]:
-                shared = set(a["directions"]) & set(directions)
-                if other != unit and a["cgroup"] == rel and shared and _alive(a):
+        for other, o in state.units.items():
+            for a in o.attached:
+                shared = set(a.directions) & set(directions)
+                if other != unit and a.cgroup == rel and shared and alive(a):
                     raise NftError(f"cgroup {absolute} already has unit {other} attached ({', '.join(sorted(shared))}); "
                                    "the nft backend filters a cgroup with one unit: detach it first")
-        stale = [a for a in u["attached"] if a["cgroup"] == rel]
-        u["attached"] = [a for a in u["attached"] if a["cgroup"] != rel]
-        cmds = _element_removals(table, state, unit, stale)
+        stale = [a for a in u.attached if a.cgroup == rel]
+        u.attached = [a for a in u.attached if a.cgroup != rel]
+        cmds = _element_removals(table, state, stale)
         names = UnitNames(unit)
         for d in directions:
             cmds.append(layout.add_elements(table, d, level, [(rel, names.chain(d))]))
-        new_levels = {(d, level) for d in directions} - _levels(state)
-        record = {"cgroup": rel, "level": level, "id": cid, "directions": directions}
+        new_levels = {(d, level) for d in directions} - _levels(state.units.values())
+        record = Attachment(rel, level, cid, directions)
         what = f"attaching {unit} to {absolute}"
         # The watcher's hot path: no health check first (an attach only adds, so no level can
         # empty). If the table was damaged the transaction fails: restore, then run it again.
-        u["attached"].append(record)
+        u.attached.append(record)
         with sf.recording(state):
             try:
                 _apply(table, state, set(), list(cmds), new_levels, what)
             except NftError:
-                if not _alive(record):
+                if not alive(record):
                     raise NftError(f"no such cgroup: {absolute} (it vanished while being attached)") from None
-                u["attached"].remove(record)
+                u.attached.remove(record)
                 if healthy(table, state):
                     raise
                 _rebuild(table, state)
-                u["attached"].append(record)
+                u.attached.append(record)
                 _apply(table, state, set(), cmds, new_levels, what)
     return {d: True for d in directions}
 
@@ -499,15 +498,15 @@ def detach(table: str, unit: str, cgroup_path: str) -> dict[str, bool]:
     """Stop filtering a cgroup with the unit; works for a cgroup that vanished meanwhile."""
     with _changing(table, unit) as (sf, state, u):
         rel = _relative(cgroup_path)
-        records = [a for a in u["attached"] if a["cgroup"] == rel]
+        records = [a for a in u.attached if a.cgroup == rel]
         if not records:
             _resolve(cgroup_path)  # a cgroup that does not exist is an error, as with the BPF backend
-            return {d: False for d in _directions(u)}
+            return {d: False for d in u.directions}
         live = _ensure(table, state)
-        u["attached"] = [a for a in u["attached"] if a["cgroup"] != rel]
+        u.attached = [a for a in u.attached if a.cgroup != rel]
         with sf.recording(state):
-            _apply(table, state, live, _element_removals(table, state, unit, records), set(), f"detaching {unit}")
-    return {d: any(d in a["directions"] for a in records) for d in _directions(u)}
+            _apply(table, state, live, _element_removals(table, state, records), set(), f"detaching {unit}")
+    return {d: any(d in a.directions for a in records) for d in u.directions}
 
 
 # -- live changes --------------------------------------------------------------------------------
@@ -516,51 +515,51 @@ def set_values(table: str, unit: str, changes: list) -> list[str]:
     """Apply `changes` to a loaded unit in one transaction, all or nothing:
     ("param", name, value), ("mode", "enforce"|"audit"), ("set", name, "+"|"-"|"=", "E1,E2,…")."""
     with _changing(table, unit) as (sf, state, u):
-        new = {**u, "params": dict(u["params"]), "sets": {n: dict(s) for n, s in u["sets"].items()}}
+        new = replace(u, params=dict(u.params), sets={n: replace(s) for n, s in u.sets.items()})
         done = []
         for change in changes:
             kind = change[0]
             if kind == "param":
                 _, name, value = change
-                if name not in new["params"]:
-                    have = ", ".join("$" + p for p in sorted(new["params"])) or "none"
+                if name not in new.params:
+                    have = ", ".join("$" + p for p in sorted(new.params)) or "none"
                     raise NftError(f"unit {unit} has no parameter ${name} (its params: {have})")
-                new["params"][name] = value
+                new.params[name] = value
                 done.append(f"${name} = {value}")
             elif kind == "mode":
                 if change[1] not in MODES:
                     raise NftError(f"mode={change[1]}: mode is enforce or audit")
-                new["mode"] = change[1]
+                new.mode = change[1]
                 done.append(f"mode = {change[1]}")
             elif kind == "set":
                 _, name, op, raw = change
-                if name not in new["sets"]:
-                    have = ", ".join("@" + s for s in sorted(new["sets"])) or "none"
+                if name not in new.sets:
+                    have = ", ".join("@" + s for s in sorted(new.sets)) or "none"
                     raise NftError(f"unit {unit} has no set @{name} (its sets: {have})")
-                s = new["sets"][name]
+                s = new.sets[name]
                 try:
-                    elements = parse_set_elements(name, s["kind"], raw) if isinstance(raw, str) else list(raw)
+                    elements = parse_set_elements(name, s.kind, raw) if isinstance(raw, str) else list(raw)
                 except LangError as e:
                     raise NftError(str(e)) from None
                 if op == "+":
-                    s["elements"] = _store(s["kind"], _parse(name, s["kind"], s["elements"]) + elements)
+                    s.elements = _store(s.kind, _parse(name, s.kind, s.elements) + elements)
                     done.append(f"@{name}: added {len(elements)}")
                 elif op == "-":
-                    s["elements"], hits = _subtract(s["kind"], s["elements"], name, elements)
+                    s.elements, hits = _subtract(s.kind, s.elements, name, elements)
                     done.append(f"@{name}: removed {hits}")
                 elif op == "=":
-                    s["elements"] = _store(s["kind"], elements)
-                    done.append(f"@{name}: replaced, {len(s['elements'])} element(s)")
+                    s.elements = _store(s.kind, elements)
+                    done.append(f"@{name}: replaced, {len(s.elements)} element(s)")
                 else:
                     raise NftError(f"@{name}{op}: write @set+ELEMENTS, @set-ELEMENTS or @set=ELEMENTS")
             else:
                 raise NftError(f"unknown change {change!r}")
         rendered = _render(unit, new)
         _ensure(table, state)
-        new["objects"] = layout.objects_of(rendered)
-        state["units"][unit] = new
+        new.objects = layout.objects_of(rendered)
+        state.units[unit] = new
         with sf.recording(state):
-            runner().json(layout.render_unit(table, rendered, u["objects"]), f"changing {unit}")
+            runner().json(layout.render_unit(table, rendered, u.objects), f"changing {unit}")
     return done
 
 
@@ -568,7 +567,7 @@ def set_values(table: str, unit: str, changes: list) -> list[str]:
 
 def units(table: str) -> list[str]:
     check_table(table)
-    return sorted(StateFile(table).load()["units"])
+    return sorted(StateFile(table).load().units)
 
 
 def _counters(table: str) -> dict[str, dict]:
@@ -580,10 +579,10 @@ def _counters(table: str) -> dict[str, dict]:
             for c in (out or {}).get("nftables", []) if "counter" in c}
 
 
-def _attached(u: dict) -> list[dict]:
+def _attached(u: UnitState) -> list[dict]:
     mount = cg.cgroup2_mount()
-    return [{"cgroup": os.path.join(mount, a["cgroup"]), "direction": d}
-            for a in sorted(u["attached"], key=lambda a: a["cgroup"]) for d in a["directions"]]
+    return [{"cgroup": os.path.join(mount, a.cgroup), "direction": d}
+            for a in sorted(u.attached, key=lambda a: a.cgroup) for d in a.directions]
 
 
 def stats(table: str, unit: str) -> dict:
@@ -593,13 +592,13 @@ def stats(table: str, unit: str) -> dict:
     names = UnitNames(unit)
     live = _counters(table)
     zero = {"packets": 0, "bytes": 0}
-    counters = {d: {v: live.get(names.counter(d, v), zero) for v in ("pass", "drop")} for d in _directions(u)}
+    counters = {d: {v: live.get(names.counter(d, v), zero) for v in ("pass", "drop")} for d in u.directions}
     return {
-        "unit": unit, "table": table, "path": f"inet {table}", "mode": u["mode"],
-        "ingress": u.get("ingress"), "egress": u.get("egress"),
-        "chains": {d: names.chain(d) for d in _directions(u)},
-        "counters": counters, "params": dict(sorted(u["params"].items())),
-        "sets": {n: list(s["elements"]) for n, s in sorted(u["sets"].items())},
+        "unit": unit, "table": table, "path": f"inet {table}", "mode": u.mode,
+        "ingress": u.ingress, "egress": u.egress,
+        "chains": {d: names.chain(d) for d in u.directions},
+        "counters": counters, "params": dict(sorted(u.params.items())),
+        "sets": {n: list(s.elements) for n, s in sorted(u.sets.items())},
         "attached": _attached(u),
     }
 
@@ -608,10 +607,10 @@ def summary(table: str) -> list[dict]:
     check_table(table)
     state = StateFile(table).load()
     out = []
-    for unit, u in sorted(state["units"].items()):
+    for unit, u in sorted(state.units.items()):
         names = UnitNames(unit)
-        out.append({"unit": unit, "mode": u["mode"], "ingress": u.get("ingress"), "egress": u.get("egress"),
-                    "chains": {d: names.chain(d) for d in _directions(u)}, "attached": _attached(u)})
+        out.append({"unit": unit, "mode": u.mode, "ingress": u.ingress, "egress": u.egress,
+                    "chains": {d: names.chain(d) for d in u.directions}, "attached": _attached(u)})
     return out
 
 

@@ -1,13 +1,20 @@
-"""Command groups that live outside cli.py.
+"""Every command, by topic; cli.py only builds the parser from them and runs one.
+
+    language  check, explain, test, help        filters  load, attach, detach, path, pin,
+    unit      apply, dropin, run                         unload, list, stats, set
+    watch     watch                             policy   policy check|show|match, import-scnpm
+    nft       nft-guard, nft-restore            gc       gc
+    options   the shared options, declared once, and what they resolve to
+    common    printing results; the filter options → a checked program and its values
 
 Each module listed in MODULES has `register(add)`, where
-`add(name, help, json_output=False)` returns an argparse sub-parser; the
-module calls `p.set_defaults(handler=fn)` on every parser it adds, and `fn(args)`
-runs the command. Errors derive from bpfwall.errors.UserError.
+`add(name, help, json_output=False, **parser_kwargs)` returns an argparse
+sub-parser; the module calls `p.set_defaults(handler=fn)` on every parser it adds,
+and `fn(args)` runs the command. Errors derive from bpfwall.errors.Error.
 """
 import importlib
 
-MODULES = ("watch", "policy", "unit", "nft", "gc")  # e.g. ("policy", "watch"): filled in as command groups land
+MODULES = ("language", "filters", "watch", "policy", "unit", "nft", "gc")  # in the order --help lists them
 
 
 def register_all(add) -> None:

@@ -11,8 +11,9 @@ def register(add) -> None:
 
 def cmd_gc(args) -> None:
     from .. import leftovers
-    from ..cli import _emit, _pin_root
+    from .common import emit
+    from .options import pin_root
 
-    outcomes = leftovers.collect(_pin_root(args), dry_run=args.dry_run)
-    _emit(args, [o.as_json() for o in outcomes],
-          "\n".join(o.line() for o in outcomes) or "no leftovers of killed bpfwall runs")
+    outcomes = leftovers.collect(pin_root(args), dry_run=args.dry_run)
+    emit(args, [o.as_json() for o in outcomes],
+         "\n".join(o.line() for o in outcomes) or "no leftovers of killed bpfwall runs")

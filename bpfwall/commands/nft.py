@@ -2,7 +2,7 @@
 
 `--backend nft` (or BPFWALL_BACKEND=nft) makes load, attach, detach, stats, set,
 unload, list and explain work on the nft table `--table NAME` (BPFWALL_NFT_TABLE,
-default "bpfwall"); cli.py calls the functions here for that. This module also
+default "bpfwall"), through the backend the factory builds. This module also
 adds two commands:
 
     nft-guard     watch the ruleset; restore the table when it is flushed or deleted
@@ -10,93 +10,10 @@ adds two commands:
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 
-from ..errors import UserError
-
-BACKENDS = ("bpf", "nft")
-
-
-def backend(args) -> str:
-    name = getattr(args, "backend", None) or os.environ.get("BPFWALL_BACKEND") or "bpf"
-    if name not in BACKENDS:
-        raise UserError(f"backend {name!r} (from BPFWALL_BACKEND): choose bpf or nft")
-    return name
-
-
-def table(args) -> str:
-    from ..backends.nft import default_table
-
-    return getattr(args, "table", None) or default_table()
-
-
-def add_options(p) -> None:
-    """--backend and --table, for the common options of every command."""
-    import argparse
-
-    p.add_argument("--backend", choices=BACKENDS, default=argparse.SUPPRESS,
-                   help="bpf (cgroup_skb programs, the default) or nft (socket cgroupv2 verdict maps); "
-                        "default $BPFWALL_BACKEND or bpf")
-    p.add_argument("--table", metavar="NAME", default=argparse.SUPPRESS,
-                   help="nft table of the nft backend (default $BPFWALL_NFT_TABLE or bpfwall)")
-
-
-# -- the existing commands, on nft ------------------------------------------------------------
-
-def explain(checked) -> tuple[dict, str]:
-    """(JSON data, text) of both directions' chains."""
-    from ..backends import nft
-
-    rules = {d: nft.explain(checked, d) for d in ("ingress", "egress")}
-    text = "\n".join(f"# {d}\n{r}" for d, r in rules.items())
-    return {"expression": checked.text, "nft": rules}, text
-
-
-def load(args, program, params, sets):
-    from ..backends import nft
-
-    return nft.load(table(args), args.unit, program, params, sets, args.mode)
-
-
-def attach(args) -> dict:
-    from ..backends import nft
-
-    return nft.attach(table(args), args.unit, args.cgroup)
-
-
-def detach(args) -> dict:
-    from ..backends import nft
-
-    return nft.detach(table(args), args.unit, args.cgroup)
-
-
-def unload(args) -> list:
-    from ..backends import nft
-
-    return nft.unload(table(args), args.unit)
-
-
-def summary(args) -> list:
-    from ..backends import nft
-
-    return nft.summary(table(args))
-
-
-def stats(args) -> dict:
-    from ..backends import nft
-
-    return nft.stats(table(args), args.unit)
-
-
-def set_values(args, changes) -> list:
-    from ..backends import nft
-
-    return nft.set_values(table(args), args.unit, changes)
-
-
-# -- new commands ---------------------------------------------------------------------------------
+from .common import emit
+from .options import backend, table
 
 def cmd_guard(args) -> None:
     from ..nft.guard import Guard
@@ -120,13 +37,9 @@ def cmd_guard(args) -> None:
 
 
 def cmd_restore(args) -> None:
-    from ..backends import nft
-
-    done = nft.restore(table(args))
-    if getattr(args, "json", False):
-        print(json.dumps(done, indent=2, sort_keys=True))
-    else:
-        print(f"restored table inet {done['table']}: {len(done['units'])} unit(s), {done['attached']} attachment(s)")
+    done = backend(args, "nft").restore()
+    emit(args, done, f"restored table inet {done['table']}: {len(done['units'])} unit(s), "
+                     f"{done['attached']} attachment(s)")
 
 
 def register(add) -> None:

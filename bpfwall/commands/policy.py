@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from .options import policy_dir_option
+
 EXIT_ERROR = 2
 EXIT_NO_MATCH = 1
 
@@ -17,8 +19,7 @@ def register(add) -> None:
 
     def nested(name, help):
         q = sub.add_parser(name, help=help, description=help)
-        q.add_argument("--policy-dir", metavar="DIR", default=argparse.SUPPRESS,
-                       help="where the *.toml files are (default $BPFWALL_POLICY_DIR or /etc/bpfwall)")
+        policy_dir_option(q)
         q.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
         return q
 

@@ -10,24 +10,24 @@ import os
 import subprocess
 
 from .. import dropin
-from ..errors import UserError
+from ..errors import Error
+from .common import emit, filter_program, param_values, set_values
+from .options import backend, filter_options, policy_dir, policy_dir_option, unit_argument
 
 
-class ApplyError(UserError):
+class ApplyError(Error):
     """No usable policy entry for the unit."""
 
 
 def register(add) -> None:
-    from ..cli import capacity_options
-
     p = add("apply", "load and pin UNIT's filters from the policy (the ExecStart of bpfwall@UNIT.service)", True)
-    p.add_argument("unit")
-    _policy_dir_option(p)
+    unit_argument(p, "the unit whose policy entry to load (its name as it is, not systemd-escape'd)")
+    policy_dir_option(p)
     p.set_defaults(handler=cmd_apply)
 
     p = add("dropin", "write UNIT's drop-in: require bpfwall@UNIT.service and hand systemd the pinned filters")
-    p.add_argument("unit")
-    _policy_dir_option(p)
+    unit_argument(p, "the unit to police")
+    policy_dir_option(p)
     p.add_argument("--directions", metavar="ingress,egress",
                    help="filter these directions (default: the ones UNIT's policy entry has)")
     p.add_argument("--unit-dir", default=dropin.DEFAULT_UNIT_DIR, metavar="DIR",
@@ -39,26 +39,10 @@ def register(add) -> None:
     p.set_defaults(handler=cmd_dropin)
 
     p = add("run", "run a command with filters on its cgroup from its first socket on: run [OPTIONS] -- CMD ARG…")
-    p.add_argument("--ingress", metavar="EXPR")
-    p.add_argument("--egress", metavar="EXPR")
-    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=E1,E2")
-    p.add_argument("--mode", choices=("enforce", "audit"))
-    capacity_options(p)
+    filter_options(p, "run")
     p.add_argument("--name", metavar="NAME", help="the scope (and pin) name; default run-bpfwall-<random>.scope")
-    p.add_argument("command", nargs="+", metavar="CMD")
+    p.add_argument("command", nargs="+", metavar="CMD", help="the command and its arguments (after --)")
     p.set_defaults(handler=cmd_run)
-
-
-def _policy_dir_option(p) -> None:
-    p.add_argument("--policy-dir", metavar="DIR",
-                   help="policy directory (default $BPFWALL_POLICY_DIR or /etc/bpfwall)")
-
-
-def _policy_dir(args) -> str:
-    from ..policy import policy_dir
-
-    return policy_dir(args.policy_dir)
 
 
 def policy_entry(unit: str, directory: str):
@@ -101,27 +85,20 @@ def _escaping_hint(unit: str, policy) -> str:
 
 
 def cmd_apply(args) -> None:
-    from ..backends import bpf
-    from ..cli import _cache, _emit, _pin_root
-
-    entry = policy_entry(args.unit, _policy_dir(args))
-    program = entry.program()
-    result = bpf.load(_pin_root(args), args.unit, program, entry.params, entry.sets, entry.mode, _cache(args))
-    directions = [d for d in bpf.DIRECTIONS if getattr(program, d) is not None]
+    entry = policy_entry(args.unit, policy_dir(args))
+    result = backend(args, entry.backend).load(args.unit, entry.program(), entry.params, entry.sets, entry.mode)
     lines = [f"applied {entry.name} ({entry.where}) to {args.unit} [{entry.mode}]"]
-    lines += [f"  {d}: {result.path}/{d}" for d in directions]
+    lines += [f"  {d}: {place}" for d, place in result.places.items()]
     if result.replaced:
         lines.append(f"  replaced in place on {len(result.replaced)} attachment(s)")
-    _emit(args, {"unit": args.unit, "entry": entry.name, "file": entry.file, "line": entry.line,
-                 "mode": entry.mode, "path": result.path,
-                 "pins": {d: f"{result.path}/{d}" for d in directions},
-                 "replaced": [{"cgroup": c, "direction": d} for c, d in result.replaced]},
-          "\n".join(lines))
+    emit(args, {"unit": args.unit, "entry": entry.name, "file": entry.file, "line": entry.line,
+                "mode": entry.mode, "path": result.details["path"], "pins": result.places,
+                "replaced": [{"cgroup": c, "direction": d} for c, d in result.replaced]},
+         "\n".join(lines))
 
 
 def cmd_dropin(args) -> None:
     from ..backends import bpf
-    from ..cli import _pin_root
     from ..policy import DEFAULT_POLICY_DIR
 
     unit = args.unit
@@ -137,15 +114,15 @@ def cmd_dropin(args) -> None:
     if args.directions:
         directions = dropin.parse_directions(args.directions)
     else:
-        entry = policy_entry(unit, _policy_dir(args))
+        entry = policy_entry(unit, policy_dir(args))
         directions = tuple(d for d in bpf.DIRECTIONS if getattr(entry, d) is not None)
-    pin_root = _pin_root(args)
-    files = {path: dropin.render(unit, {d: bpf.prog_path(pin_root, unit, d) for d in directions})}
+    pins = backend(args, "bpf")  # the drop-in hands systemd pinned programs
+    files = {path: dropin.render(unit, {d: pins.prog_path(unit, d) for d in directions})}
     env = {}
-    if pin_root != bpf.DEFAULT_PIN_ROOT:
-        env["BPFWALL_PIN_ROOT"] = pin_root
-    if _policy_dir(args) != DEFAULT_POLICY_DIR:
-        env["BPFWALL_POLICY_DIR"] = os.path.abspath(_policy_dir(args))
+    if pins.pin_root != bpf.DEFAULT_PIN_ROOT:
+        env["BPFWALL_PIN_ROOT"] = pins.pin_root
+    if policy_dir(args) != DEFAULT_POLICY_DIR:
+        env["BPFWALL_POLICY_DIR"] = os.path.abspath(policy_dir(args))
     if env:  # the loader must pin where the drop-in looks, from the same policy
         files[loader_path] = dropin.render_loader_env(env)
     if args.dry_run:
@@ -165,18 +142,15 @@ def _reload(args) -> None:
         return
     proc = subprocess.run(["systemctl", "daemon-reload"], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise UserError(f"systemctl daemon-reload failed: {(proc.stderr.strip() or '?').splitlines()[0]}")
+        raise Error(f"systemctl daemon-reload failed: {(proc.stderr.strip() or '?').splitlines()[0]}")
     print("systemd reloaded (systemctl daemon-reload)")
 
 
 def cmd_run(args) -> None:
     from .. import run
-    from ..cli import UsageError, _cache, _param_values, _pin_root, _program, _set_values
 
-    if args.ingress is None and args.egress is None:
-        raise UsageError("run: give --ingress EXPR, --egress EXPR or both")
-    program = _program(args, args.ingress, args.egress)
-    params, sets = _param_values(args), _set_values(args, program)
-    status = run.run(args.command, program, params, sets, args.mode, name=args.name,
-                     pin_root=_pin_root(args), cache=_cache(args))
+    program = filter_program(args, "run")
+    params, sets = param_values(args), set_values(args, program)
+    # Pinned programs: systemd-run hands them to the scope (IP*FilterPath=).
+    status = run.run(args.command, program, params, sets, args.mode, name=args.name, backend=backend(args, "bpf"))
     raise SystemExit(status)

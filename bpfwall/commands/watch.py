@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 
+from .options import cache_dir, pin_root, policy_dir_option, table
+
 
 def register(add) -> None:
     p = add("watch", "attach the policy's filters to matching cgroups, now and as they appear (the daemon)")
-    p.add_argument("--policy-dir", metavar="DIR",
-                   help="policy files (default $BPFWALL_POLICY_DIR or /etc/bpfwall)")
+    policy_dir_option(p)
     p.add_argument("--cgroup-root", metavar="PATH",
                    help="watch only this cgroup subtree (absolute or relative to the cgroup2 mount; "
                         "default: the whole mount); policy cgroup paths are relative to it")
@@ -20,23 +21,18 @@ def register(add) -> None:
 
 
 def run(args) -> None:
-    from pathlib import Path
-
-    from ..backends.bpf import DEFAULT_PIN_ROOT
     from ..kernel import cgroup
     from ..watch.daemon import Watcher
     from ..watch.log import Log
     from ..watch.notify import Notifier
     from ..watch.state import DEFAULT_STATE_DIR
-    from .nft import table
 
-    pin_root = getattr(args, "pin_root", None) or os.environ.get("BPFWALL_PIN_ROOT") or DEFAULT_PIN_ROOT
-    cache = Path(args.cache_dir) if getattr(args, "cache_dir", None) else None
     root = cgroup.resolve(args.cgroup_root) if args.cgroup_root else cgroup.cgroup2_mount()
     state_dir = args.state_dir or os.environ.get("BPFWALL_STATE_DIR") or DEFAULT_STATE_DIR
-    # --table (a common option, default $BPFWALL_NFT_TABLE or "bpfwall"): where nft entries go.
-    watcher = Watcher(args.policy_dir, pin_root, root, state_dir, Log(args.verbose), Notifier(), cache,
-                      table=table(args))
+    # The backends are built from the global options: --pin-root, --cache-dir, and --table
+    # (default $BPFWALL_NFT_TABLE or "bpfwall"): where nft entries go.
+    watcher = Watcher(getattr(args, "policy_dir", None), pin_root(args), root, state_dir, Log(args.verbose),
+                      Notifier(), cache_dir(args), table=table(args))
     try:
         watcher.start(once=args.once)
         if not args.once:

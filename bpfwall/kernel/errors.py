@@ -4,8 +4,10 @@ from __future__ import annotations
 import os
 import re
 
+from ..errors import Error
 
-class KernelError(Exception):
+
+class KernelError(Error):
     """A bpf(2), bpffs or cgroup operation failed; `errno` is the kernel's answer."""
 
     def __init__(self, errno: int, message: str | None = None):

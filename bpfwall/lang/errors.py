@@ -1,11 +1,13 @@
 """Errors of the filter language: one line to log, and a rendering with a caret for people."""
 from __future__ import annotations
 
+from ..errors import Error
+
 # Expressions longer than this are shown as a window around the column.
 _WINDOW = 60
 
 
-class LangError(Exception):
+class LangError(Error):
     """A bad expression or value. `col` is 1-based; `text` is the expression it points into;
     `direction` says which of a unit's two expressions it is in, when that is known."""
 
@@ -18,6 +20,14 @@ class LangError(Exception):
 
     def __str__(self) -> str:
         return self.message if self.col is None else f"column {self.col}: {self.message}"
+
+    def lines(self) -> list[str]:
+        """The message (`--ingress: …` when the direction is known), then the expression with a
+        caret under the column."""
+        lines = self.render().splitlines() if self.text is not None else [str(self)]
+        if self.direction:
+            lines[0] = f"--{self.direction}: {lines[0]}"
+        return lines
 
     def render(self) -> str:
         """The message, then the expression with a caret under the column."""

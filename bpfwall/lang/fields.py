@@ -27,6 +27,27 @@ ALIASES = {
     "remote_addr": ("saddr", "daddr"),
 }
 
+# name -> (what it is, an example): the language reference (`bpfwall help language`) is made
+# from this and the tables above; a test checks that every field and alias has an entry.
+MEANINGS = {
+    "ip": ("an IPv4 packet", "ip && tcp"),
+    "ipv6": ("an IPv6 packet", "ipv6 && udp"),
+    "icmp": ("ICMP on IPv4, ICMPv6 on IPv6", "icmp && icmp_type == 8"),
+    "tcp": ("a TCP packet", "tcp && dst_port == 443"),
+    "udp": ("a UDP packet", "udp && dst_port == 53"),
+    "src_port": ("TCP/UDP source port", "src_port >= 1024"),
+    "dst_port": ("TCP/UDP destination port", "dst_port in {80, 443}"),
+    "len": ("bytes of the L3 packet, IP header included", "len <= 1500"),
+    "icmp_type": ("ICMP/ICMPv6 type", "icmp_type == 8"),
+    "icmp_code": ("ICMP/ICMPv6 code", "icmp && icmp_code == 0"),
+    "saddr": ("source address", "saddr in 10.0.0.0/8"),
+    "daddr": ("destination address", "daddr == ::1"),
+    "local_port": ("the unit's own port: dst_port on ingress, src_port on egress", "local_port == 8080"),
+    "remote_port": ("the peer's port: src_port on ingress, dst_port on egress", "remote_port == 53"),
+    "local_addr": ("the unit's own address: daddr on ingress, saddr on egress", "local_addr in 127.0.0.0/8"),
+    "remote_addr": ("the peer's address: saddr on ingress, daddr on egress", "remote_addr in {10.0.0.1, fd00::/8}"),
+}
+
 DIRECTIONS = ("ingress", "egress")
 
 

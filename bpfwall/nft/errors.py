@@ -1,6 +1,6 @@
 """The one error class of the nft backend."""
-from ..errors import UserError
+from ..errors import Error
 
 
-class NftError(UserError):
+class NftError(Error):
     """A request the nft backend refuses or nftables rejected; str() is one line."""

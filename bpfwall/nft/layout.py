@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from . import expr as X
 from .names import BASE_CHAINS, HOOKS, level_map
+from .records import Objects
 
 FAMILY = "inet"
 
@@ -89,16 +90,16 @@ def delete_elements(table: str, direction: str, level: int, paths) -> dict:
 
 # -- a unit's objects ------------------------------------------------------------
 
-def render_unit(table: str, rendered: dict, old: dict) -> list:
-    """Commands that replace a unit's objects `old` ({"chains", "sets", "counters"} names)
-    with `rendered` ({"chains": {name: rules}, "sets": {name: (nft type, elements)},
-    "counters": [names]}) in one transaction. Counters that stay keep their values."""
+def render_unit(table: str, rendered: dict, old: Objects) -> list:
+    """Commands that replace a unit's objects `old` (their names) with `rendered` ({"chains":
+    {name: rules}, "sets": {name: (nft type, elements)}, "counters": [names]}) in one
+    transaction. Counters that stay keep their values."""
     cmds = []
-    old_chains, old_sets, old_counters = (set(old.get(k, ())) for k in ("chains", "sets", "counters"))
+    old_chains, old_sets, old_counters = set(old.chains), set(old.sets), set(old.counters)
     for name in rendered["counters"]:
         if name not in old_counters:
             cmds.append({"add": {"counter": _obj(table, name=name)}})
-    for name in old.get("chains", ()):  # drop every old rule first: nothing refers to old objects then
+    for name in old.chains:  # drop every old rule first: nothing refers to old objects then
         cmds.append({"flush": {"chain": _obj(table, name=name)}})
     for name in rendered["chains"]:
         if name not in old_chains:
@@ -113,26 +114,25 @@ def render_unit(table: str, rendered: dict, old: dict) -> list:
     for name, rules in rendered["chains"].items():
         for rule in rules:
             cmds.append({"add": {"rule": _obj(table, chain=name, expr=rule)}})
-    cmds.extend(remove_unit_objects(table, {
-        "chains": [c for c in old.get("chains", ()) if c not in rendered["chains"]],
-        "sets": [s for s in old.get("sets", ()) if s not in rendered["sets"]],
-        "counters": [c for c in old.get("counters", ()) if c not in rendered["counters"]],
-    }, flush=False))
+    cmds.extend(remove_unit_objects(table, Objects(
+        chains=[c for c in old.chains if c not in rendered["chains"]],
+        sets=[s for s in old.sets if s not in rendered["sets"]],
+        counters=[c for c in old.counters if c not in rendered["counters"]],
+    ), flush=False))
     return cmds
 
 
-def remove_unit_objects(table: str, objects: dict, flush: bool = True) -> list:
-    chains = objects.get("chains", ())
+def remove_unit_objects(table: str, objects: Objects, flush: bool = True) -> list:
+    chains = objects.chains
     cmds = [{"flush": {"chain": _obj(table, name=c)}} for c in chains] if flush else []
     cmds += [{"delete": {"chain": _obj(table, name=c)}} for c in chains]
-    cmds += [{"delete": {"set": _obj(table, name=s)}} for s in objects.get("sets", ())]
-    cmds += [{"delete": {"counter": _obj(table, name=c)}} for c in objects.get("counters", ())]
+    cmds += [{"delete": {"set": _obj(table, name=s)}} for s in objects.sets]
+    cmds += [{"delete": {"counter": _obj(table, name=c)}} for c in objects.counters]
     return cmds
 
 
-def objects_of(rendered: dict) -> dict:
+def objects_of(rendered: dict) -> Objects:
     """What the state keeps of a rendering: object names, and each chain's rule count (the guard's
     deep check compares it with the live table, so a flushed chain is noticed)."""
-    return {"chains": list(rendered["chains"]), "sets": list(rendered["sets"]),
-            "counters": list(rendered["counters"]),
-            "rules": {name: len(rules) for name, rules in rendered["chains"].items()}}
+    return Objects(list(rendered["chains"]), list(rendered["sets"]), list(rendered["counters"]),
+                   {name: len(rules) for name, rules in rendered["chains"].items()})

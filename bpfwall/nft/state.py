@@ -21,6 +21,8 @@ uses it: the first line's digest must match (a file changed by hand or damaged
 is refused, not restored as written), and every field must have its type and
 shape — above all what reaches nft syntax (levels are integers) or names nft
 objects (only the unit's own names) — else one line says which field is wrong.
+Only a state that passed is turned into the typed records the backend uses
+(records.py: NftState, UnitState, Attachment…); `save` writes them back as JSON.
 
 Recording: a one-shot command writes the new state to a temporary file before
 its nft transaction (`recording()`), so a full disk changes nothing. The watcher
@@ -41,9 +43,9 @@ from ..lower.nft import SET_TYPES
 from ..kernel.safefs import PrivateDir
 from .errors import NftError
 from .names import UnitNames, check_table
+from .records import VERSION, NftState
 
 DEFAULT_STATE_DIR = "/run/bpfwall/nft"
-VERSION = 2
 MAGIC = "nft-state"
 DIRECTIONS = ("ingress", "egress")
 MODES = ("enforce", "audit")
@@ -159,6 +161,7 @@ def check_state(state, table: str) -> None:
 
 
 def encode(state: dict) -> bytes:
+    """The file's contents for a state in its JSON form (NftState.as_json())."""
     body = json.dumps(state, separators=(",", ":")).encode()  # one C-encoder call
     header = json.dumps({"bpfwall": MAGIC, "sha256": hashlib.sha256(body).hexdigest()}).encode()
     return header + b"\n" + body
@@ -201,10 +204,10 @@ class StateFile:
                 self._open = None
                 os.close(fd)
 
-    def empty(self) -> dict:
-        return {"version": VERSION, "table": self.table, "units": {}}
+    def empty(self) -> NftState:
+        return NftState(self.table)
 
-    def load(self) -> dict:
+    def load(self) -> NftState:
         with self._directory() as d:
             waiting = self._waiting(d)
             data = waiting if waiting is not None else d.read(self.name)
@@ -212,7 +215,7 @@ class StateFile:
             return self.empty()
         return self.decode(data)
 
-    def decode(self, data: bytes) -> dict:
+    def decode(self, data: bytes) -> NftState:
         """The state in `data` (a file's contents), checked; NftError naming what is wrong."""
         head, _, body = data.partition(b"\n")
         try:
@@ -234,21 +237,21 @@ class StateFile:
             except Invalid as e:
                 raise self._refuse(f"is not a valid state: {e}") from None
             StateFile._trusted[self.path] = digest
-        return state
+        return NftState.from_json(state)
 
     def _refuse(self, problem: str) -> NftError:
         return NftError(f"the nft state {self.path} {problem}; bpfwall does not restore from it. Move it away, "
                         f"delete the table (nft delete table inet {self.table}) and load its units again "
                         "(a restarted bpfwall watch loads its policy's)")
 
-    def save(self, state: dict) -> None:
+    def save(self, state: NftState) -> None:
         """Record `state` (after the kernel change it describes)."""
         with self._directory() as d:
-            if not state["units"]:
+            if not state.units:
                 StateFile._unrecorded.pop(self.path, None)
                 d.unlink(self.name)
                 return
-            data = encode(state)
+            data = encode(state.as_json())
             try:
                 d.replace(self.name, data)
             except NftError as e:
@@ -259,18 +262,18 @@ class StateFile:
             self._recorded(data)
 
     @contextmanager
-    def recording(self, state: dict):
+    def recording(self, state: NftState):
         """Record `state` around the kernel change the block makes: written to a temporary
         file first (a full disk raises here, before any change), renamed into place after the
         block succeeded, discarded if it fails. With record_later, the change goes ahead even if
         the disk is full, and the state waits in memory."""
         with self._directory() as d:
-            if not state["units"]:
+            if not state.units:
                 yield
                 StateFile._unrecorded.pop(self.path, None)
                 d.unlink(self.name)
                 return
-            data = encode(state)
+            data = encode(state.as_json())
             temp, error = None, None
             try:
                 temp = d.stage(self.name, data)

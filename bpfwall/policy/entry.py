@@ -5,10 +5,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from ..errors import UserError
+from ..errors import Error
 
 
-class PolicyError(UserError):
+class PolicyError(Error):
     """A policy file the user must fix. str() is the first error as `FILE:LINE: message`;
     `errors` holds every error found, in the same form."""
 

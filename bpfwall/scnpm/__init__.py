@@ -33,7 +33,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .. import unitkey
-from ..errors import UserError
+from ..errors import Error
 from ..lang.checker import analyze_pair
 from ..lang.errors import LangError
 from ..build import DEFAULT_SET_CAPACITY
@@ -48,7 +48,7 @@ from .translate import Translation, Untranslatable, address_element, any_service
 DIRECTION_OF_HOOK = {"input": "ingress", "output": "egress"}
 
 
-class ScnpmError(UserError):
+class ScnpmError(Error):
     """The file cannot be imported at all (unreadable, no scnpm rules, bad option)."""
 
 

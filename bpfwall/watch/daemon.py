@@ -1,37 +1,35 @@
 """`bpfwall watch`: keep the policy's filters on every matching cgroup.
 
-Start: load the policy, load each entry's filters (reusing unchanged ones):
-backend "bpf" pins programs, backend "nft" renders the unit into our nft table.
+Start: load the policy, load each entry's filters (reusing unchanged ones)
+through the backend the entry names (backends/base.py: bpf pins programs, nft
+renders the unit into our nft table); the watcher never asks which it has.
 Then reconcile: walk the cgroup tree under the root, watching every directory
 with inotify, attaching where the policy matches and detaching our filters
 where it no longer does. Then wait in poll(2) on the inotify fd, on a pipe the
-signal handlers write to (signal.set_wakeup_fd) and, when any entry uses nft,
-on the ruleset's netlink events (nft/guard.py: a flushed or deleted table is
-restored): a new cgroup is attached as soon as its IN_CREATE is read; SIGHUP
-re-reads the policy; SIGTERM/SIGINT stop the watcher and leave every filter
-attached, still enforced.
+signal handlers write to (signal.set_wakeup_fd) and on what a backend in use
+asks to be polled (its guard: nft's listens to the ruleset's netlink events and
+restores a flushed or deleted table): a new cgroup is attached as soon as its
+IN_CREATE is read; SIGHUP re-reads the policy; SIGTERM/SIGINT stop the watcher
+and leave every filter attached, still enforced.
 
 Cgroup paths given to the policy are relative to the watched root (the whole
 cgroup2 mount by default), e.g. "system.slice/nginx.service".
 """
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
 import time
 
-from ..backends.bpf import BackendError
+from .. import backends
+from ..errors import Error
 from ..kernel.errors import KernelError
-from ..nft.errors import NftError
-from ..nft.guard import Guard, Restored
-from ..nft.state import StateFile
 from . import inotify as ino
 from .log import DEBUG, ERROR, INFO, Log
-from .nftunits import NftUnits
 from .notify import Notifier
 from .state import State, WatchError
-from .units import BpfUnits, is_gone
 
 # cgroupfs (kernfs) sends no IN_DELETE_SELF on rmdir, and a watch pins the removed
 # directory's inode, so removals are taken from the parent's IN_DELETE and the
@@ -45,10 +43,15 @@ PIN_CHECK_INTERVAL = 2.0
 # the new one at once, and the new one's attach must not wait behind the old one's cleanup.
 # The element of a removed cgroup matches nothing meanwhile (cgroup ids are never reused).
 CLEANUP_IDLE, CLEANUP_MAX = 0.02, 1.0
-BACKEND_ERRORS = (KernelError, BackendError, NftError)
+BACKEND_ERRORS = (Error,)  # what a backend raises: every layer's errors (bpfwall/errors.py)
 # A state file the disk refused (full), and a cgroup whose sync failed (e.g. the nft worker timed
 # out and was restarted), are tried again this often; the filters never wait for a record.
 RETRY = 1.0
+
+
+def is_gone(error: KernelError) -> bool:
+    """A cgroup removed between the event and our attach: normal, not an error."""
+    return error.errno == errno.ENOENT
 
 
 def load_policy_checked(policy_dir: str | None):
@@ -61,16 +64,14 @@ def load_policy_checked(policy_dir: str | None):
 class Watcher:
     def __init__(self, policy_dir: str | None, pin_root: str, cgroup_root: str, state_dir: str,
                  log: Log, notifier: Notifier | None = None, cache=None, table: str | None = None):
-        from ..backends.nft import default_table
-
         self.policy_dir = policy_dir
         self.root = cgroup_root
         self.log = log
         self.notifier = notifier or Notifier(None)
-        self.backends = {"bpf": BpfUnits(pin_root, cache), "nft": NftUnits(table or default_table())}
+        self.backends = backends.every(pin_root=pin_root, table=table, cache=cache)  # policy entries name theirs
         self.state = State(state_dir, pin_root)
         self.policy = None
-        self.units: dict = {}  # entry name → UnitHandle (bpf) | NftUnit (nft)
+        self.units: dict = {}  # entry name → its backend's Handle (backends/base.py)
         self.watches: dict[int, str] = {}  # inotify wd → cgroup path
         self.wd_of: dict[str, int] = {}    # cgroup path → inotify wd
         self.attached: dict[str, str] = {}  # cgroup path → entry name whose filters it carries
@@ -78,8 +79,7 @@ class Watcher:
         self._last_event = 0.0
         self._next_pin_check = time.monotonic() + PIN_CHECK_INTERVAL
         self.inotify: ino.Inotify | None = None
-        self.guard: Guard | None = None
-        self._table_locked = False
+        self.guards: dict = {}  # backend name → its guard, polled by the loop
         self._sent_status = None
         self._unrecorded: dict[str, str] = {}  # state file → why it could not be written (logged)
         self._resync: dict[str, str] = {}      # cgroup whose sync failed → the error (logged once)
@@ -92,10 +92,6 @@ class Watcher:
         return os.path.relpath(path, self.root) if path != self.root else ""
 
     @property
-    def table(self) -> str:
-        return self.backends["nft"].table
-
-    @property
     def status(self) -> str:
         return f"policing {len(self.units)} units on {len(self.attached)} cgroups"
 
@@ -106,25 +102,17 @@ class Watcher:
 
     # -- units ----------------------------------------------------------------
 
-    def _start_nft(self, policy, watching: bool) -> None:
-        """With an nft entry: nft must run here (checked before anything changes), one watcher
-        owns the table, and the guard keeps the table in place."""
-        if not any(e.backend == "nft" for e in policy.entries):
-            return
-        self.backends["nft"].check_runnable()
-        if not self._table_locked:
-            self.state.lock_table(self.table)
-            self._table_locked = True
-        if watching and self.guard is None:
-            self.guard = Guard(self.table, on_restore=self._restored, on_error=self._not_restored)
-            self.guard.check()  # a table removed while no watcher ran comes back before any change
-
-    def _restored(self, r: Restored) -> None:
-        self.log.warning("restore", r.message(), table=r.table, units=r.units, attachments=r.attachments,
-                         took_ms=f"{r.took_ms:.1f}")
-
-    def _not_restored(self, message: str) -> None:
-        self.log.error("restore", f"table inet {self.table}: {message}", table=self.table)
+    def _claim(self, policy, watching: bool) -> None:
+        """Each backend the policy uses: checked that it runs here and claimed (its locks) before
+        anything changes; its guard, if it has one, started."""
+        for name in sorted({e.backend for e in policy.entries}):
+            backend = self.backends[name]
+            backend.claim(self.state)
+            if watching and name not in self.guards:
+                guard = backend.guard(self.log)
+                if guard is not None:
+                    self.guards[name] = guard
+                    guard.check()  # e.g. a table removed while no watcher ran comes back before any change
 
     def apply_policy(self, policy) -> None:
         """Load every entry's filters (compiling/lowering all first); an entry that moved to the
@@ -137,8 +125,7 @@ class Watcher:
             if old is not None and old.fingerprint == entry.fingerprint():
                 continue
             owned = self.state.units.get(entry.name)
-            moved = owned is not None and (owned.backend != entry.backend
-                                           or (entry.backend == "nft" and owned.table != self.table))
+            moved = owned is not None and (owned.backend != entry.backend or not adapter.holds(owned))
             try:
                 handle, how = adapter.ensure(entry, None if moved else owned)
             except Exception as e:  # noqa: BLE001 — kernel, backend or build: the entry keeps what it had
@@ -163,11 +150,11 @@ class Watcher:
     def _unload(self, name: str, owned, why: str) -> bool:
         """Remove a unit's filters from the backend that holds them; False on failure."""
         try:
-            detached = self.backends[owned.backend].unload(name, owned)
+            detached = self.backends[owned.backend].release(name, owned)
         except BACKEND_ERRORS as e:
             self.log.error("unload", f"{name}: {e}", unit=name, backend=owned.backend)
             return False
-        for cg, _ in detached:
+        for cg, direction in detached:
             if self.attached.get(cg) == name and name not in self.units:
                 del self.attached[cg]
         self.log.info("unload", f"{name}: {why}; removed from {len(detached)} attachment(s) ({owned.backend})",
@@ -179,8 +166,7 @@ class Watcher:
         when it moved to another backend: detach everywhere, unload."""
         for name, owned in list(self.state.retired.items()):
             now = self.state.units.get(name)
-            where = "elsewhere" if now is None else \
-                f"to nft table {now.table}" if now.backend == "nft" else "to the bpf backend"
+            where = "elsewhere" if now is None else f"to {self.backends[now.backend].where(now)}"
             if self._unload(name, owned, f"moved {where}"):
                 del self.state.retired[name]
                 self.record()
@@ -209,8 +195,9 @@ class Watcher:
 
     def check_records(self) -> None:
         """Log each state file that cannot be written (once per reason) and each written again;
-        schedule the retry; reconcile when a waiting nft state was replaced by another writer."""
-        failing = StateFile.unrecorded()
+        schedule the retry; reconcile when a waiting record (nft: the table's state) was replaced
+        by another writer."""
+        failing = {path: why for backend in self.backends.values() for path, why in backend.unrecorded().items()}
         if self.state.unsaved is not None:
             failing[self.state.path] = self.state.unsaved
         for path, why in failing.items():
@@ -221,7 +208,7 @@ class Watcher:
             self.log.info("record", f"{path} is written again", file=path)
         self._unrecorded = failing
         self._schedule_retry()
-        lost = StateFile.take_lost()
+        lost = [path for backend in self.backends.values() for path in backend.lost_records()]
         if lost and self.policy is not None:
             self.log.warning("record", f"{', '.join(lost)} was written by another process before the changes "
                                        "waiting for it: reconciling", file=lost[0])
@@ -249,10 +236,11 @@ class Watcher:
                 self.state.write()
             except WatchError:
                 pass
-        try:
-            StateFile.retry_unrecorded()
-        except NftError as e:
-            self.log.error("record", str(e))
+        for backend in self.backends.values():
+            try:
+                backend.retry_records()
+            except Error as e:
+                self.log.error("record", str(e))
         self.check_records()
 
     # -- cgroups --------------------------------------------------------------
@@ -277,7 +265,7 @@ class Watcher:
     def _gone(self, path: str) -> None:
         name = self.attached.pop(path, None)
         handle = self.units.get(name) if name is not None else None
-        if handle is not None and handle.backend == "nft":
+        if handle is not None and handle.needs_cleanup:
             self.removed.setdefault(path, (name, time.monotonic()))  # see CLEANUP_IDLE
             return
         self.log.debug("gone", f"{path} removed", cgroup=path, entry=name)
@@ -290,7 +278,8 @@ class Watcher:
         return min(self._last_event + CLEANUP_IDLE, oldest + CLEANUP_MAX)
 
     def cleanup(self) -> None:
-        """Drop the nft elements of removed cgroups (a cgroup re-made meanwhile keeps its own)."""
+        """Drop what units kept for removed cgroups (nft: their elements; a cgroup re-made
+        meanwhile keeps its own)."""
         removed, self.removed = self.removed, {}
         for path, (name, _) in removed.items():
             handle = self.units.get(name)
@@ -311,9 +300,9 @@ class Watcher:
         handle = self.units.get(entry.name) if entry is not None else None
         try:
             stale = [] if fresh else self._stale(path, handle)
-            if handle is not None and handle.backend == "nft":
-                # nft filters a cgroup with one unit: another of ours leaves before this one comes
-                stale = self._detach(path, stale, only="nft")
+            if handle is not None and handle.exclusive:
+                # one unit of this backend per cgroup: another of ours leaves before this one comes
+                stale = self._detach(path, stale, only=handle.backend)
             if handle is not None:
                 new = handle.attach(path)
                 self.attached[path] = handle.name
@@ -343,7 +332,7 @@ class Watcher:
         for backend in self.backends.values():
             for name, d in backend.ours_on(path):
                 unit = self.units.get(name)
-                if unit is not None and unit.backend == backend.backend and not (keep is not None and keep is unit):
+                if unit is not None and unit.backend == backend.name and not (keep is not None and keep is unit):
                     out.append((name, d))
         return out
 
@@ -392,16 +381,16 @@ class Watcher:
     def reconcile(self) -> None:
         """Everything under the root, from scratch: attach, detach, rebuild the index."""
         for backend in self.backends.values():
-            if not any(u.backend == backend.backend for u in self.units.values()):
+            if not any(u.backend == backend.name for u in self.units.values()):
                 continue
             try:
                 dropped = backend.refresh(self.units)
             except BACKEND_ERRORS as e:
-                self.log.error("reconcile", f"{backend.backend}: {e}", backend=backend.backend)
+                self.log.error("reconcile", f"{backend.name}: {e}", backend=backend.name)
                 continue
             for name, path in dropped:
                 self.log.info("gone", f"{path} was removed while nobody watched: its {name} element dropped",
-                              cgroup=path, entry=name, backend=backend.backend)
+                              cgroup=path, entry=name, backend=backend.name)
         old = self.watches
         self.watches, self.wd_of = {}, {}
         seen = self.scan(self.root, fresh=False)
@@ -442,7 +431,7 @@ class Watcher:
         self.notifier.reloading()
         try:
             policy = load_policy_checked(self.policy_dir)
-            self._start_nft(policy, watching=True)
+            self._claim(policy, watching=True)
             self.apply_policy(policy)
         except Exception as e:  # noqa: BLE001 — any reason to refuse keeps the old policy running
             self.log.warning("reload", f"{e}; keeping the running policy")
@@ -462,14 +451,15 @@ class Watcher:
         unusable = self.state.read()
         if unusable:
             self.log.warning("state", unusable, file=self.state.path)
-        StateFile.record_later = True  # filter first, record after: see nft/state.py
+        for backend in self.backends.values():
+            backend.defer_records(True)  # filter first, record after
         if not once:
             try:
                 self.inotify = ino.Inotify()
             except ino.InotifyError as e:
                 raise WatchError(str(e)) from None
             self._catch_signals()  # from here on a SIGHUP or SIGTERM waits for the loop
-        self._start_nft(policy, watching=not once)
+        self._claim(policy, watching=not once)
         self.apply_policy(policy)
         self.reconcile()
         self.unload_removed()
@@ -483,11 +473,11 @@ class Watcher:
                 raise WatchError(f"the filters are attached, but not recorded: {next(iter(self._unrecorded.values()))}")
 
     def check_pins(self) -> None:
-        """A bpf unit whose pins were removed or replaced behind the watcher (rm -r, a load by
-        hand, a crash of someone else's load) is loaded again from the policy, and every cgroup
-        synced: nothing stays attached that no pin names, and nothing is stacked."""
+        """A unit whose filters were removed or replaced behind the watcher (bpf: its pins, by
+        rm -r, a load by hand, a crash of someone else's load) is loaded again from the policy,
+        and every cgroup synced: nothing stays attached that no pin names, and nothing is stacked."""
         self._next_pin_check = time.monotonic() + PIN_CHECK_INTERVAL
-        changed = [name for name, h in self.units.items() if h.backend == "bpf" and not h.pins_intact()]
+        changed = [name for name, h in self.units.items() if not h.intact()]
         if not changed or self.policy is None:
             return
         entries = {e.name: e for e in self.policy.entries}
@@ -497,14 +487,15 @@ class Watcher:
                 continue
             self.log.warning("pins", f"{name}: its pins were removed or replaced behind the watcher; "
                                      "loading it again from the policy", unit=name)
+            backend = self.backends[self.units[name].backend]
             try:
-                handle, how = self.backends["bpf"].ensure(entry, None)
+                handle, how = backend.ensure(entry, None)
             except Exception as e:  # noqa: BLE001 — logged; the next check tries again
                 self.log.error("load", f"{name}: {e}", unit=name)
                 continue
             self.units.pop(name).close()
             self.units[name] = handle
-            self.state.units[name] = self.backends["bpf"].owned(handle)
+            self.state.units[name] = backend.owned(handle)
             self.record()
         self.reconcile()
 
@@ -531,15 +522,16 @@ class Watcher:
         poller = select.poll()
         poller.register(self.inotify.fd, select.POLLIN)
         poller.register(rfd, select.POLLIN)
-        guarded = None  # the guard's fd once registered (a SIGHUP may bring the first nft entry)
+        guarded: dict = {}  # fd → guard, once registered (a SIGHUP may bring the first entry of a backend)
         self.notifier.ready(self.status)
         while True:
-            if self.guard is not None and guarded is None:
-                guarded = self.guard.fd
-                poller.register(guarded, select.POLLIN)
+            for guard in self.guards.values():
+                if guard.fd not in guarded:
+                    guarded[guard.fd] = guard
+                    poller.register(guard.fd, select.POLLIN)
             for fd, _ in poller.poll(self._timeout_ms()):
-                if fd == guarded:
-                    self.guard.readable()
+                if fd in guarded:
+                    guarded[fd].readable()
                 elif fd == rfd:
                     for signum in _drain(rfd):
                         if signum in STOP_SIGNALS:
@@ -552,8 +544,8 @@ class Watcher:
                             self.reload()
                 else:
                     self.handle(self.inotify.read())
-            if self.guard is not None:
-                self.guard.tick()
+            for guard in self.guards.values():
+                guard.tick()
             if time.monotonic() >= self._next_pin_check:
                 self.check_pins()
             due = self.cleanup_due()
@@ -564,8 +556,8 @@ class Watcher:
                 self.retry()
 
     def _timeout_ms(self) -> int | None:
-        """How long poll(2) may wait: until the guard's next check or the cleanup, else forever."""
-        waits = [] if self.guard is None else [self.guard.timeout_ms()]
+        """How long poll(2) may wait: until a guard's next check or the cleanup, else forever."""
+        waits = [guard.timeout_ms() for guard in self.guards.values()]
         for due in (self.cleanup_due(), self._retry_at, self._next_pin_check):
             if due is not None:
                 waits.append(max(0, int((due - time.monotonic()) * 1000) + 1))
@@ -574,11 +566,12 @@ class Watcher:
     def close(self) -> None:
         if self._unrecorded:
             self.retry_records()  # a last try; what is still unwritten was logged
-        StateFile.record_later = False
+        for backend in self.backends.values():
+            backend.defer_records(False)
         self._release_signals()
-        if self.guard is not None:
-            self.guard.close()
-            self.guard = None
+        for guard in self.guards.values():
+            guard.close()
+        self.guards.clear()
         for handle in self.units.values():
             handle.close()
         self.units.clear()

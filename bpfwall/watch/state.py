@@ -31,17 +31,17 @@ import re
 from dataclasses import dataclass, field
 
 from .. import unitkey
-from ..errors import UserError
+from ..backends import NAMES as BACKENDS
+from ..errors import Error
 from ..nft.names import TABLE_RE
 from ..kernel.safefs import PrivateDir
 
 DEFAULT_STATE_DIR = "/run/bpfwall"
-BACKENDS = ("bpf", "nft")
 DIRECTIONS = ("ingress", "egress")
 _FINGERPRINT = re.compile(r"[0-9a-f]{1,128}")
 
 
-class WatchError(UserError):
+class WatchError(Error):
     """The watcher cannot start or go on; one line for the user."""
 
 

@@ -116,7 +116,7 @@ def test_full_disk_leaves_no_nft_cgroup_unfiltered(nft_daemon, disk, subtree, ne
 
     disk.free()
     wait_for("the nft state written", lambda: os.path.exists(sf.path))
-    attached = {a["id"] for a in sf.load()["units"]["a.service"]["attached"]}
+    attached = {a.id for a in sf.load().units["a.service"].attached}
     assert attached == {os.stat(first).st_ino, os.stat(later).st_ino}
     assert nft_daemon.proc.poll() is None and disk.temporary_files() == []
 

@@ -45,7 +45,7 @@ def daemon(no_leaks, tmp_path, subtree, pin_root, policy_dir, netns, table):
 
 
 def state_units(table) -> dict:
-    return StateFile(table).load()["units"]
+    return StateFile(table).load().units
 
 
 @contextmanager
@@ -101,10 +101,10 @@ def test_restarted_cgroup_gets_its_new_element_and_the_old_one_goes(daemon, poli
     os.mkdir(path)
     wait_for("element after a quick restart", lambda: set(elements(netns, table).get("ingress_level_2", {}))
              == {cid(path)})
-    records = state_units(table)["a.service"]["attached"]
-    assert [r["id"] for r in records] == [cid(path)]
+    records = state_units(table)["a.service"].attached
+    assert [r.id for r in records] == [cid(path)]
     os.rmdir(path)
-    wait_for("state without the removed cgroup", lambda: state_units(table)["a.service"]["attached"] == [])
+    wait_for("state without the removed cgroup", lambda: state_units(table)["a.service"].attached == [])
     assert "error" not in daemon.log()
 
 
@@ -125,7 +125,7 @@ def test_udp_filtered_and_sighup_changes_verdicts(daemon, policy_dir, subtree, n
         daemon.wait_message("RELOADING=1")
         daemon.wait_message("READY=1")
         assert (arrived(one, tx, p1), arrived(two, tx, p2)) == (0, 5)
-        assert state_units(table)["a.service"]["ingress"] == f"udp && local_port == {p2}"
+        assert state_units(table)["a.service"].ingress == f"udp && local_port == {p2}"
         assert has_element(netns, table, "ingress_level_2", a, "a.service/in")  # kept across the swap
     time.sleep(0.1)  # the guard has looked at the swap's own rule removals: not damage
     assert "error" not in daemon.log() and "restore" not in daemon.log()

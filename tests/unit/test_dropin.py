@@ -277,13 +277,14 @@ def test_dropin_refuses_unwritable_policy_dirs_and_writes_nothing(capsys, tmp_pa
 
 
 def test_run_refuses_a_pin_root_a_transient_unit_cannot_hold(tmp_path):
-    from bpfwall.lang.checker import analyze
+    from bpfwall import backends
     from bpfwall.build import UnitProgram
+    from bpfwall.lang.checker import analyze
 
     program = UnitProgram(None, analyze("udp"))
     for pin_root in (f"{tmp_path}/a\rIPEgressFilterPath=", f"{tmp_path}/50%n"):
         with pytest.raises(dropin.DropinError, match="pin path"):
-            run.run(["true"], program, pin_root=pin_root, systemd=True)
+            run.run(["true"], program, backend=backends.create("bpf", pin_root=pin_root), systemd=True)
         assert not os.path.exists(pin_root)
 
 

@@ -1,23 +1,26 @@
-"""The policy's units as the watcher holds them: loaded, pinned, and open for attaching.
+"""The bpf backend behind the Backend interface (base.py): cgroup_skb programs pinned under
+one pin root. The work is done by the functions of bpf.py; this class holds the pin root
+and the cache, and the watcher's half: open units (`UnitHandle`) and the index of which
+programs are ours.
 
-`UnitHandle` keeps one fd per program, so attaching on a new cgroup costs a
-query and an attach — no pins reopened, no meta parsed, no tree walked.
-`BpfUnits.ensure` decides between reusing what is pinned (unchanged
-definition: a watcher restart must not swap programs) and loading (which swaps
-new programs in place on every attachment: links updated, systemd's replaced, no gap).
+`UnitHandle` keeps one fd per program, so attaching on a new cgroup costs a query and an
+attach — no pins reopened, no meta parsed, no tree walked. `ensure` decides between
+reusing what is pinned (unchanged definition: a watcher restart must not swap programs)
+and loading (which swaps new programs in place on every attachment: links updated, systemd's
+replaced, no gap).
 """
 from __future__ import annotations
 
-import errno
 import os
 from dataclasses import dataclass, field
 
-from ..backends import bpf
-from ..build import build
-from ..kernel import cgroup, maps, progs
+from ..build import UnitProgram, build
+from ..kernel import cgroup, maps, pins, progs
 from ..kernel.errors import KernelError
 from ..lower.c import set_map
-from .state import Owned
+from ..watch.state import Owned
+from . import bpf
+from .base import Loaded
 
 
 @dataclass
@@ -30,6 +33,8 @@ class UnitHandle:
     ids: dict[str, int] = field(default_factory=dict)    # direction → program id
     inodes: dict[str, int] = field(default_factory=dict)  # direction → the pin's inode
     backend = "bpf"
+    exclusive = False  # programs of several units run side by side on a cgroup (ALLOW_MULTI)
+    needs_cleanup = False  # a removed cgroup takes its programs with it
 
     @property
     def directions(self) -> list[str]:
@@ -70,7 +75,7 @@ class UnitHandle:
         with bpf.locked_unit_dir(self.pin_root, self.name) as d:
             return bpf.detach_programs(d, path, self.names, directions)
 
-    def pins_intact(self) -> bool:
+    def intact(self) -> bool:
         """Whether the pins are still the ones this handle opened (a cheap stat per pin: a new
         pin is a new inode), so pins removed or replaced behind the watcher are noticed."""
         base = bpf.unit_dir(self.pin_root, self.name)
@@ -127,16 +132,78 @@ def _pins_match_entry(pin_root: str, entry, program) -> bool:
     return True
 
 
-class BpfUnits:
-    """Policy entries with backend "bpf", pinned under one pin root."""
+class BpfBackend:
+    """Units pinned under `pin_root`; objects compiled through the cache at `cache`."""
 
-    backend = "bpf"
+    name = "bpf"
 
-    def __init__(self, pin_root: str, cache=None):
+    def __init__(self, pin_root: str = bpf.DEFAULT_PIN_ROOT, cache=None):
         self.pin_root = pin_root
         self.cache = cache
         self._owner: dict[str, tuple[str, str]] = {}  # program name → (unit, direction)
         self._owner_ids: dict[int, tuple[str, str]] = {}  # program id → (unit, direction)
+
+    # -- the commands --------------------------------------------------------------------------
+
+    def load(self, unit: str, program, params=None, sets=None, mode=None) -> Loaded:
+        r = bpf.load(self.pin_root, unit, program, params, sets, mode, self.cache)
+        places = {d: f"{r.path}/{d}" for d in bpf.DIRECTIONS if getattr(program, d) is not None}
+        return Loaded(unit, places, r.replaced, r.attached, r.detached,
+                      {"path": r.path, "kept_maps": r.reused_maps})
+
+    def unload(self, unit: str) -> list:
+        return bpf.unload(self.pin_root, unit)
+
+    def attach(self, unit: str, cgroup_path: str) -> dict[str, bool]:
+        return bpf.attach(self.pin_root, unit, cgroup_path)
+
+    def detach(self, unit: str, cgroup_path: str) -> dict[str, bool]:
+        return bpf.detach(self.pin_root, unit, cgroup_path)
+
+    def stats(self, unit: str) -> dict:
+        return bpf.stats(self.pin_root, unit)
+
+    def summary(self) -> list[dict]:
+        return bpf.summary(self.pin_root)
+
+    def set_values(self, unit: str, changes: list) -> list[str]:
+        return bpf.set_values(self.pin_root, unit, changes)
+
+    def explain(self, checked, direction: str | None = None) -> tuple[dict, str]:
+        """The C emitted for the expression (the header bpf/port_filter.c includes)."""
+        ingress = checked if direction in (None, "ingress") else None
+        egress = checked if direction in (None, "egress") else None
+        code = UnitProgram(ingress, egress).header()
+        return {"expression": checked.text, "c": code}, code.rstrip("\n")
+
+    # -- programs in files (ProgramBackend) ------------------------------------------------------
+
+    def prog_path(self, unit: str, direction: str) -> str:
+        return bpf.prog_path(self.pin_root, unit, direction)
+
+    def unit_dir(self, unit: str) -> str:
+        return bpf.unit_dir(self.pin_root, unit)
+
+    def program_ids(self, unit: str) -> dict[str, int]:
+        """{direction: id} of the programs the unit's pins name."""
+        with bpf.PinnedUnit.open(self.pin_root, unit) as u:
+            return u.prog_ids()
+
+    def pin(self, unit: str, direction: str, path: str) -> str:
+        """Also pin the unit's program at `path` (the unit is marked: its programs may then run
+        anywhere); the pin it was taken from."""
+        return bpf.pin_elsewhere(self.pin_root, unit, direction, path)
+
+    def test_run(self, program, direction: str, packets: list[bytes], params=None, sets=None) -> list[bool]:
+        return bpf.test_run(program, direction, packets, params, sets, self.cache)
+
+    # -- the watcher -----------------------------------------------------------------------------
+
+    def claim(self, state) -> None:
+        """Nothing beyond the watcher's own lock, which is per pin root."""
+
+    def guard(self, log):
+        return None  # the pins keep the programs; check_pins (intact()) notices them removed
 
     def prepare(self, entry) -> None:
         """Compile now (cached), so a bad build stops a reload before anything changes."""
@@ -145,7 +212,7 @@ class BpfUnits:
         build(program, self.cache)
 
     def ensure(self, entry, owned: Owned | None) -> tuple[UnitHandle, str]:
-        """The entry's programs, pinned and open: ("reused" | "adopted" | "loaded", handle)."""
+        """The entry's programs, pinned and open: (handle, "reused" | "adopted" | "loaded")."""
         fingerprint = entry.fingerprint()
         pinned = self._loaded(entry.name)
         if pinned and owned is not None and owned.fingerprint == fingerprint \
@@ -160,31 +227,35 @@ class BpfUnits:
         return UnitHandle.open(self.pin_root, entry.name, fingerprint), how
 
     def owned(self, handle: UnitHandle) -> Owned:
-        return Owned(handle.fingerprint, self.backend, dict(handle.ids))
+        return Owned(handle.fingerprint, self.name, dict(handle.ids))
+
+    def holds(self, owned: Owned) -> bool:
+        return True  # the watcher's records are kept per pin root
+
+    def where(self, owned: Owned) -> str:
+        return "the bpf backend"
 
     def _loaded(self, name: str) -> bool:
         """Pinned completely (a directory without meta is a load cut short: load again)."""
         return os.path.lexists(os.path.join(bpf.unit_dir(self.pin_root, name), "meta"))
 
-    def unload(self, name: str, owned: Owned | None = None) -> list:
+    def release(self, unit: str, owned: Owned | None = None) -> list:
         """Detach the unit everywhere and remove its pins; [] if it was gone already."""
         try:
-            return bpf.unload(self.pin_root, name)
+            return bpf.unload(self.pin_root, unit)
         except bpf.BackendError:
-            if os.path.isdir(bpf.unit_dir(self.pin_root, name)):
+            if os.path.isdir(bpf.unit_dir(self.pin_root, unit)):
                 raise
             return []  # gone already, and nothing of it attached anywhere
-
-    # -- what a reconcile needs -------------------------------------------------
 
     def refresh(self, handles: dict) -> list:
         """Index our units' program names (`handles`: name → UnitHandle): every program a
         unit ever loaded carries its name, so stale ones a crash left are found too. A removed
         cgroup takes its programs with it, so nothing is ever left to drop: []."""
-        self._owner = {h.names[d]: (name, d) for name, h in handles.items() if h.backend == self.backend
+        self._owner = {h.names[d]: (name, d) for name, h in handles.items() if h.backend == self.name
                        for d in bpf.DIRECTIONS}
         # By id too: names are read by id, which needs CAP_SYS_ADMIN (bpfwall.service has not).
-        self._owner_ids = {pid: (name, d) for name, h in handles.items() if h.backend == self.backend
+        self._owner_ids = {pid: (name, d) for name, h in handles.items() if h.backend == self.name
                            for d, pid in h.ids.items()}
         return []
 
@@ -199,7 +270,15 @@ class BpfUnits:
                     out.append(owner)
         return sorted(set(out))
 
+    # The pins are the record: nothing is written beside them.
+    def defer_records(self, on: bool) -> None:
+        pass
 
-def is_gone(error: KernelError) -> bool:
-    """A cgroup removed between the event and our attach: normal, not an error."""
-    return error.errno == errno.ENOENT
+    def unrecorded(self) -> dict[str, str]:
+        return {}
+
+    def retry_records(self) -> None:
+        pass
+
+    def lost_records(self) -> list[str]:
+        return []

@@ -1,0 +1,116 @@
+"""Options that several commands share, each declared once, and what they resolve to.
+
+The global options (`common`) are accepted before or after the command name; the
+resolution functions (`pin_root`, `cache_dir`, `table`, `backend`…) apply the
+environment and the defaults, so every command reads them the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..backends import NAMES as BACKENDS
+from ..errors import UsageError
+
+
+def common(json_output: bool = False) -> argparse.ArgumentParser:
+    """The global options: a parent parser for the top level and for every command."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--pin-root", metavar="DIR", default=argparse.SUPPRESS,
+                   help="bpffs directory for pins (default $BPFWALL_PIN_ROOT or /sys/fs/bpf/bpfwall)")
+    p.add_argument("--cache-dir", metavar="DIR", default=argparse.SUPPRESS,
+                   help="compiled-object cache (default $BPFWALL_CACHE_DIR or ~/.cache/bpfwall)")
+    p.add_argument("--backend", choices=BACKENDS, default=argparse.SUPPRESS,
+                   help="bpf (cgroup_skb programs, the default) or nft (socket cgroupv2 verdict maps); "
+                        "default $BPFWALL_BACKEND or bpf")
+    p.add_argument("--table", metavar="NAME", default=argparse.SUPPRESS,
+                   help="nft table of the nft backend (default $BPFWALL_NFT_TABLE or bpfwall)")
+    if json_output:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+# -- what the global options resolve to -------------------------------------------------------
+
+def pin_root(args) -> str:
+    from ..backends.bpf import DEFAULT_PIN_ROOT
+
+    return getattr(args, "pin_root", None) or os.environ.get("BPFWALL_PIN_ROOT") or DEFAULT_PIN_ROOT
+
+
+def cache_dir(args):
+    """The --cache-dir given, as a Path; None: the build's default ($BPFWALL_CACHE_DIR, ~/.cache)."""
+    from pathlib import Path
+
+    value = getattr(args, "cache_dir", None)
+    return Path(value) if value else None
+
+
+def table(args) -> str:
+    from ..backends.nft import default_table
+
+    return getattr(args, "table", None) or default_table()
+
+
+def backend_name(args) -> str:
+    name = getattr(args, "backend", None) or os.environ.get("BPFWALL_BACKEND") or "bpf"
+    if name not in BACKENDS:
+        raise UsageError(f"backend {name!r} (from BPFWALL_BACKEND): choose bpf or nft")
+    return name
+
+
+def backend(args, name: str | None = None):
+    """The backend the global options choose (or backend `name`), built from them."""
+    from ..backends import create
+
+    return create(name or backend_name(args), pin_root=pin_root(args), table=table(args), cache=cache_dir(args))
+
+
+def policy_dir(args) -> str:
+    from ..policy import policy_dir as resolve
+
+    return resolve(getattr(args, "policy_dir", None))
+
+
+# -- option groups of several commands ------------------------------------------------------
+
+def policy_dir_option(p) -> None:
+    p.add_argument("--policy-dir", metavar="DIR", default=argparse.SUPPRESS,
+                   help="where the policy's *.toml files are (default $BPFWALL_POLICY_DIR or /etc/bpfwall)")
+
+
+def filter_options(p, command: str) -> None:
+    """--ingress, --egress, --mode: a unit's filters as `load` and `run` take them."""
+    left_out = ("a direction left out is not filtered (a loaded unit's filter for it is detached and "
+                "unpinned)") if command == "load" else "a direction left out is not filtered"
+    p.add_argument("--ingress", metavar="EXPR",
+                   help=f"filter for packets the unit receives (see `bpfwall help language`); {left_out}")
+    p.add_argument("--egress", metavar="EXPR", help="filter for packets the unit sends")
+    value_options(p, reload=command == "load")
+    p.add_argument("--mode", choices=("enforce", "audit"),
+                   help="enforce drops what the filter refuses; audit passes everything and counts what it "
+                        "would drop (default: enforce; a reload keeps the unit's mode)")
+    capacity_options(p)
+
+
+def value_options(p, reload: bool = False) -> None:
+    """--param and --set: the values of an expression's $params and @sets."""
+    kept = ", or what the loaded unit has" if reload else ""
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help=f"value of $NAME, a number (repeatable; default 0{kept})")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=E1,E2",
+                   help=f"elements of @NAME: numbers, ranges lo..hi, addresses, networks (repeatable; "
+                        f"default empty{kept})")
+
+
+def capacity_options(p) -> None:
+    from ..capacity import UNFORCED_LIMIT, show_bytes
+
+    p.add_argument("--set-capacity", type=int, metavar="N", help="elements each @set can hold (default 4096)")
+    p.add_argument("--force-capacity", action="store_true",
+                   help=f"allow a --set-capacity whose sets take more than {show_bytes(UNFORCED_LIMIT)} "
+                        "of kernel memory")
+
+
+def unit_argument(p, what: str = "the unit") -> None:
+    p.add_argument("unit", help=f"{what}: a systemd unit name, e.g. nginx.service")
