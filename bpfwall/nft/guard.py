@@ -187,8 +187,8 @@ class Guard:
         if self.on_restore is not None:
             from .state import StateFile
 
-            units = StateFile(self.table).load()["units"]
-            attached = sum(len(u["attached"]) for u in units.values())
+            units = StateFile(self.table).load().units
+            attached = sum(len(u.attached) for u in units.values())
             self.on_restore(Restored(self.table, len(units), attached, took))
 
     def close(self) -> None:
