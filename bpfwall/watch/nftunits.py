@@ -92,6 +92,7 @@ class NftUnits:
     """Policy entries with backend "nft", in table `table`."""
 
     backend = "nft"
+    parallel = False  # one nft transaction at a time, from the watcher's thread
 
     def __init__(self, table: str):
         self.table = table
@@ -116,6 +117,10 @@ class NftUnits:
             checked = getattr(program, direction)
             if checked is not None:
                 nft.explain(checked, direction, entry.name, entry.params, entry.sets, entry.mode)
+
+    def prepare_many(self, entries) -> None:
+        for entry in entries:
+            self.prepare(entry)
 
     def ensure(self, entry, owned: Owned | None) -> tuple[NftUnit, str]:
         """The unit rendered in the table: ("reused" | "loaded")."""
