@@ -60,6 +60,7 @@ bench: venv bpffs
 	$(PY) bench/watch_reaction.py
 	$(PY) bench/watch_rss.py
 	$(PY) bench/watch_window.py
+	$(PY) bench/watch_once.py     # watch --once, 100 distinct units, warm and cold (~2 min)
 	$(PY) bench/throughput.py    # ~7 min: iperf3 with 1/100/1,000 units, bpf vs nft vs a linear nft list
 
 load: venv bpffs

@@ -27,7 +27,8 @@ class Bench:
         tag = uuid.uuid4().hex[:8]
         self.root = os.path.join(cgroup.cgroup2_mount(), f"bpfwall-bench-{name}-{tag}")
         self.pin_root = f"/sys/fs/bpf/bpfwall-bench-{name}-{tag}"
-        self.tmp = tempfile.mkdtemp(prefix=f"bpfwall-bench-{name}-")
+        # Under /run (root's, not shared like /tmp): bpfwall refuses policy files in a directory others can write.
+        self.tmp = tempfile.mkdtemp(prefix=f"bpfwall-bench-{name}-", dir="/run")
         self.policy_dir = os.path.join(self.tmp, "policy")
         os.mkdir(self.policy_dir)
         with open(os.path.join(self.policy_dir, "bench.toml"), "w") as f:

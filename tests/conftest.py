@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import time
 import uuid
 
@@ -45,6 +46,49 @@ def cache_dir(tmp_path_factory):
         os.environ.pop("BPFWALL_CACHE_DIR", None)
     else:
         os.environ["BPFWALL_CACHE_DIR"] = old
+
+
+# Each run notes itself in $BPFWALL_TEST_RUNS; it then waits (at most ~10 s, a bound for a
+# broken test, not a timing assertion) until `$BPFWALL_TEST_TOGETHER` runs have started, and
+# notes "alone" when it gave up. A header holding 666 does not compile.
+_CLANG_WRAPPER = """#!/bin/sh
+runs="$BPFWALL_TEST_RUNS"
+: > "$runs/run.$$"
+n=0
+while [ "$(ls "$runs" | grep -c '^run\\.')" -lt "${BPFWALL_TEST_TOGETHER:-1}" ]; do
+    n=$((n + 1))
+    if [ $n -gt 200 ]; then : > "$runs/alone.$$"; break; fi
+    sleep 0.05
+done
+for a in "$@"; do
+    case "$a" in -I*bpfwall-build-*) if grep -q 666 "${a#-I}/bpfwall_filter.h"; then
+        echo "error: planted failure" >&2; exit 1; fi;; esac
+done
+exec clang "$@"
+"""
+
+
+class ClangRuns:
+    """The runs of the clang wrapper: count() those started ("run") or that gave up waiting ("alone")."""
+
+    def __init__(self, directory):
+        self.dir = directory
+
+    def count(self, kind: str = "run") -> int:
+        return sum(name.startswith(kind + ".") for name in os.listdir(self.dir))
+
+
+@pytest.fixture
+def clang_runs(tmp_path, monkeypatch) -> ClangRuns:
+    """clang behind a wrapper, as BPFWALL_CLANG (a new file: a compiler identity of its own, so
+    every build misses the cache); BPFWALL_TEST_TOGETHER=n makes each run wait for n of them."""
+    wrapper, runs = tmp_path / "clang-wrapper", tmp_path / "runs"
+    wrapper.write_text(_CLANG_WRAPPER)
+    wrapper.chmod(stat.S_IRWXU)
+    runs.mkdir()
+    monkeypatch.setenv("BPFWALL_CLANG", str(wrapper))
+    monkeypatch.setenv("BPFWALL_TEST_RUNS", str(runs))
+    return ClangRuns(runs)
 
 
 def _bpffs() -> None:

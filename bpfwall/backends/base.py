@@ -54,6 +54,7 @@ class Handle(Protocol):
 
 class Backend(Protocol):
     name: str  # "bpf" | "nft": what policy entries and the watcher's records call it
+    parallel: bool  # whether ensure() of several entries may run in threads at once
 
     # -- the commands ----------------------------------------------------------------------
     def load(self, unit: str, program, params: dict | None = None, sets: dict | None = None,
@@ -94,6 +95,9 @@ class Backend(Protocol):
 
     def prepare(self, entry) -> None:
         """Check and build the policy entry now, so a bad one stops a reload before any change."""
+
+    def prepare_many(self, entries) -> None:
+        """prepare() each entry (a backend may build them side by side)."""
 
     def ensure(self, entry, owned) -> tuple[Handle, str]:
         """The entry's unit, loaded (or reused when `owned`, the watcher's record, says it is

@@ -556,17 +556,24 @@ def set_values(pin_root: str, unit: str, changes: list) -> list[str]:
 
 
 def load(pin_root: str, unit: str, program: UnitProgram, params: dict[str, int] | None = None,
-         sets: dict[str, list] | None = None, mode: str | None = None, cache=None) -> LoadResult:
-    """Build and pin `unit`'s programs; if it is loaded already, swap them in place everywhere."""
+         sets: dict[str, list] | None = None, mode: str | None = None, cache=None,
+         preloaded: loader.Loaded | None = None) -> LoadResult:
+    """Build and pin `unit`'s programs; if it is loaded already, swap them in place everywhere.
+    `preloaded`: the object loaded by the caller with fresh maps and the unit's program names,
+    before the pin root's lock, so that the verifier works on many units side by side; used when
+    nothing of the unit is pinned (no maps to keep), else loaded again here. The caller closes it."""
     params, sets = params or {}, sets or {}
     unit_dir(pin_root, unit)  # a unit name that cannot be a key fails here, before anything
     check_values(program, params, sets)
-    obj = build(program, cache)
+    obj = build(program, cache) if preloaded is None else None
     names = {PROG_SECTIONS[d]: program_name(pin_root, unit, d) for d in DIRECTIONS}
     with _locked(pin_root) as root, root.sub(unitkey.encode(unit), create=True) as d:
         old, cut_short = _open_for_load(pin_root, unit, root, d)
+        if old is not None and obj is None:
+            obj = build(program, cache)  # maps to keep: the programs are loaded again, with them
         try:
-            return _load_locked(pin_root, d, unit, program, obj, names, params, sets, mode, old, cut_short)
+            return _load_locked(pin_root, d, unit, program, obj, names, params, sets, mode, old, cut_short,
+                                preloaded if old is None else None)
         finally:
             if old is not None:
                 old.close()
@@ -601,13 +608,14 @@ def _reusable(old: PinnedUnit | None, obj, program: UnitProgram) -> dict[str, in
     return reuse
 
 
-def _load_locked(pin_root, d, unit, program, obj, names, params, sets, mode, old, cut_short) -> LoadResult:
+def _load_locked(pin_root, d, unit, program, obj, names, params, sets, mode, old, cut_short,
+                 preloaded=None) -> LoadResult:
     """The load's steps, each a consistent state to crash in (see crashpoint.reached):
     maps pinned → new programs pinned as next_<dir> → every attachment swapped (links updated,
     systemd's replaced in place) → next_<dir> renamed over <dir> → meta pinned last."""
     result = LoadResult(unit, d.path)
     reuse = _reusable(old, obj, program)
-    loaded = loader.load(obj, reuse, names)
+    loaded = preloaded if preloaded is not None else loader.load(obj, reuse, names)
     undo: list = []
     new = None
     # The programs the pins name now (also a crashed reload's next_<dir>), held open before the

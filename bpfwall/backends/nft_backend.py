@@ -78,6 +78,7 @@ class NftBackend:
     """Units in the nft table `table` (inet family)."""
 
     name = "nft"
+    parallel = False  # one nft transaction at a time, from the watcher's thread
 
     def __init__(self, table: str | None = None):
         self.table = table or nft.default_table()
@@ -154,6 +155,10 @@ class NftBackend:
         def not_restored(message: str) -> None:
             log.error("restore", f"table inet {table}: {message}", table=table)
         return Guard(table, on_restore=restored, on_error=not_restored)
+
+    def prepare_many(self, entries) -> None:
+        for entry in entries:
+            self.prepare(entry)
 
     def prepare(self, entry) -> None:
         """Lower every direction now, so an entry nft cannot express stops a reload before any change."""

@@ -246,6 +246,10 @@ class _File:
 
     def expressions(self, path: tuple, texts: dict) -> tuple | None:
         """Both checked expressions, or None after reporting what is wrong in each."""
+        try:
+            return analyze_pair(texts.get("ingress"), texts.get("egress"))  # the common case: checked once
+        except LangError:
+            pass
         failed = False
         for direction in ("ingress", "egress"):  # one at a time, so both directions' errors are reported
             if texts.get(direction) is not None:

@@ -22,6 +22,7 @@ import os
 import select
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from .. import backends
 from ..errors import Error
@@ -47,6 +48,9 @@ BACKEND_ERRORS = (Error,)  # what a backend raises: every layer's errors (bpfwal
 # A state file the disk refused (full), and a cgroup whose sync failed (e.g. the nft worker timed
 # out and was restarted), are tried again this often; the filters never wait for a record.
 RETRY = 1.0
+# While entries load side by side, what is loaded is written to the state at most this often
+# (a write per entry cost 4 ms each at boot, more than the load itself).
+RECORD_EVERY = 0.1
 
 
 def is_gone(error: KernelError) -> bool:
@@ -116,35 +120,58 @@ class Watcher:
 
     def apply_policy(self, policy) -> None:
         """Load every entry's filters (compiling/lowering all first); an entry that moved to the
-        other backend (or nft table) retires its old filters, removed by unload_removed()."""
+        other backend (or nft table) retires its old filters, removed by unload_removed().
+        Entries of a backend that allows it load side by side (at boot: 100 units, each mostly
+        the verifier's work); their results are taken, logged and recorded in policy order."""
+        for backend, adapter in self.backends.items():
+            adapter.prepare_many([e for e in policy.entries if e.backend == backend])  # a build error stops here
+        todo = []
         for entry in policy.entries:
-            self.backends[entry.backend].prepare(entry)  # a build error stops here, before any change
-        for entry in policy.entries:
-            adapter = self.backends[entry.backend]
             old = self.units.get(entry.name)
             if old is not None and old.fingerprint == entry.fingerprint():
                 continue
             owned = self.state.units.get(entry.name)
-            moved = owned is not None and (owned.backend != entry.backend or not adapter.holds(owned))
-            try:
-                handle, how = adapter.ensure(entry, None if moved else owned)
-            except Exception as e:  # noqa: BLE001 — kernel, backend or build: the entry keeps what it had
-                if self.policy is None:
-                    raise  # at start, a unit that cannot be loaded stops the watcher
-                self.log.error("load", f"{entry.name}: {e}; keeping its previous filters",
-                               unit=entry.name, file=entry.where)
-                continue
-            if old is not None:
-                old.close()
-            if moved:
-                self.state.retired[entry.name] = owned
-            self.units[entry.name] = handle
-            self.state.units[entry.name] = adapter.owned(handle)
+            moved = owned is not None and (owned.backend != entry.backend
+                                           or not self.backends[entry.backend].holds(owned))
+            todo.append((entry, old, owned, moved))
+        failed, unrecorded, recorded = None, False, time.monotonic()
+        with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)), thread_name_prefix="bpfwall-load") as pool:
+            running = [pool.submit(self.backends[e.backend].ensure, e, None if moved else owned)
+                       if self.backends[e.backend].parallel else None for e, _, owned, moved in todo]
+            for i, ((entry, old, owned, moved), future) in enumerate(zip(todo, running)):
+                adapter = self.backends[entry.backend]
+                if failed is not None and (future is None or future.cancelled()):
+                    continue  # not started: the watcher stops without it
+                try:
+                    handle, how = future.result() if future is not None \
+                        else adapter.ensure(entry, None if moved else owned)
+                except Exception as e:  # noqa: BLE001 — kernel, backend or build: the entry keeps what it had
+                    if self.policy is None:  # at start, a unit that cannot be loaded stops the watcher
+                        failed = failed or e
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        continue  # those loaded meanwhile are still recorded
+                    self.log.error("load", f"{entry.name}: {e}; keeping its previous filters",
+                                   unit=entry.name, file=entry.where)
+                    continue
+                if old is not None:
+                    old.close()
+                if moved:
+                    self.state.retired[entry.name] = owned
+                self.units[entry.name] = handle
+                self.state.units[entry.name] = adapter.owned(handle)
+                unrecorded = True
+                following = running[i + 1] if i + 1 < len(running) else None  # None: last, or not parallel
+                if following is None or time.monotonic() >= recorded + RECORD_EVERY:
+                    self.record()
+                    unrecorded, recorded = False, time.monotonic()
+                self.log.event("load", f"{entry.name}: {how} ({', '.join(handle.directions) or 'no filters'}, "
+                                       f"{entry.backend})",
+                               DEBUG if how == "reused" else INFO, unit=entry.name,
+                               direction=",".join(handle.directions), file=entry.where, backend=entry.backend)
+        if unrecorded:
             self.record()
-            self.log.event("load", f"{entry.name}: {how} ({', '.join(handle.directions) or 'no filters'}, "
-                                   f"{entry.backend})",
-                           DEBUG if how == "reused" else INFO, unit=entry.name,
-                           direction=",".join(handle.directions), file=entry.where, backend=entry.backend)
+        if failed is not None:
+            raise failed
         self.policy = policy
 
     def _unload(self, name: str, owned, why: str) -> bool:

@@ -4,19 +4,26 @@ when it is ready.
 """
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import signal
 import socket
 import subprocess
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import pytest
 
 from bpfwall.backends import bpf
-from bpfwall.kernel import cgroup
+from bpfwall.backends.bpf_backend import BpfBackend
+from bpfwall.kernel import cgroup, pins, progs
+from bpfwall.policy import load_policy
 from tests.kernel.invoke import REPO
 from tests.kernel.sockets import arrived
-from tests.kernel.watcher import attached_id, inside, mkcg, ours, pinned_ids, unit, wait_for, write_policy
+from tests.kernel.watcher import WAIT, attached_id, inside, mkcg, ours, pinned_ids, unit, wait_for, write_policy
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("no_leaks")]
 
@@ -66,6 +73,70 @@ def test_once_reconciles_and_exits(daemon, policy_dir, pin_root, subtree):
     proc = subprocess.run(daemon.args("--once"), capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert attached_id(pin_root, a) == pinned_ids(pin_root, "a.service")["ingress"]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="compiles run side by side on 2 CPUs or more")
+def test_start_compiles_new_units_side_by_side(daemon, policy_dir, pin_root, subtree, clang_runs, monkeypatch):
+    """At boot every unit is new: their clang runs overlap instead of taking turns."""
+    monkeypatch.setenv("BPFWALL_TEST_TOGETHER", "2")  # each compile waits until both have started
+    write_policy(policy_dir, unit("a.service", ingress="udp && dst_port == 1") + unit("b.service", egress="tcp"))
+    a = mkcg(subtree, "a.service")
+    proc = subprocess.run(daemon.args("--once"), capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (clang_runs.count(), clang_runs.count("alone")) == (2, 0)
+    assert sorted(bpf.units(pin_root)) == ["a.service", "b.service"]
+    assert attached_id(pin_root, a) == pinned_ids(pin_root, "a.service")["ingress"]
+
+
+def both_programs(pin_root: str, unit: str) -> set[int] | None:
+    """Ids of the kernel's programs named as the unit's ingress and egress, once both exist."""
+    names, ids, cur = {bpf.program_name(pin_root, unit, d) for d in bpf.DIRECTIONS}, set(), 0
+    while (cur := progs.prog_get_next_id(cur)) is not None:
+        if bpf.name_of(cur) in names:
+            ids.add(cur)
+    return ids if len(ids) == 2 else None
+
+
+def test_a_new_unit_is_verified_before_the_pin_root_lock(pin_root, trusted_tmp_path):
+    """The verifier's work (most of a load) does not wait for the pin root's lock, which only
+    covers pinning: the watcher loads many new units side by side. The programs verified early
+    are the ones pinned."""
+    write_policy(trusted_tmp_path, unit("a.service", ingress="udp", egress="tcp"))
+    entry = load_policy(directory=str(trusted_tmp_path)).entries[0]
+    units = BpfBackend(pin_root)
+    units.prepare(entry)
+    root = pins.PinDir.open(pin_root, create=True)
+    fcntl.flock(root.fd, fcntl.LOCK_EX)  # what a load of another unit holds
+    with ThreadPoolExecutor(1) as pool:
+        ensured = pool.submit(units.ensure, entry, None)
+        try:
+            try:
+                early = wait_for("a.service's programs, loaded while the lock is held",
+                                 lambda: both_programs(pin_root, "a.service"))
+                assert not ensured.done() and not os.path.exists(bpf.unit_dir(pin_root, "a.service"))
+            finally:
+                root.close()  # releases the lock
+            handle, how = ensured.result(WAIT)
+            assert how == "loaded" and set(handle.ids.values()) == early
+        finally:
+            ensured.add_done_callback(lambda f: f.exception() is None and f.result()[0].close())
+
+
+def test_a_unit_failing_at_start_leaves_what_loaded_meanwhile_recorded(daemon, policy_dir, pin_root, subtree):
+    """Units load side by side: when one fails at start the watcher stops (status 2, one error
+    line), and every unit loaded meanwhile is in its state, so a later run still owns it."""
+    write_policy(policy_dir, unit("a.service", ingress="udp") + unit("b.service", ingress="tcp")
+                 + unit("c.service", egress="icmp"))
+    os.makedirs(pin_root, 0o700)
+    os.mkdir(bpf.unit_dir(pin_root, "b.service"))
+    os.chmod(bpf.unit_dir(pin_root, "b.service"), 0o777)  # refused: others could write there
+    proc = subprocess.run(daemon.args("--once"), capture_output=True, text=True, cwd=REPO, timeout=60)
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("load: ")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert errors[0].startswith("bpfwall: error: ") and bpf.unit_dir(pin_root, "b.service") in errors[0]
+    os.rmdir(bpf.unit_dir(pin_root, "b.service"))
+    state = json.loads(next(daemon.state_dir.glob("watch-*.json")).read_text())
+    assert "a.service" in state["units"] and sorted(state["units"]) == sorted(bpf.units(pin_root))
 
 
 # -- events ---------------------------------------------------------------------

@@ -94,7 +94,10 @@ def _start_time(pid: int) -> str | None:
 class Container:
     """One booted systemd in a container; use as a context manager or call start()/stop()."""
 
-    def __init__(self, rootfs: Path, repo: Path, boot_timeout: float = 60):
+    def __init__(self, rootfs: Path, repo: Path, boot_timeout: float = 60, before_boot=None):
+        """`before_boot(container)` puts files in place (write(), path()) before systemd starts,
+        e.g. units enabled at boot."""
+        self.before_boot = before_boot
         self.rootfs = Path(rootfs)
         self.repo = Path(repo).resolve()
         self.boot_timeout = boot_timeout
@@ -156,6 +159,8 @@ class Container:
         if not os.path.ismount(BPFFS):
             _run(["mount", "-t", "bpf", "bpf", BPFFS])
         os.mkdir(self.bpffs_dir, 0o700)
+        if self.before_boot is not None:
+            self.before_boot(self)
 
     def _launch(self) -> None:
         cmd = ["systemd-nspawn", "--quiet", "-D", str(self.merged), "--boot", f"--machine={self.name}",

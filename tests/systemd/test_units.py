@@ -1,5 +1,5 @@
-"""The shipped unit files under a real systemd (252, Debian 12): they parse, and the watcher runs
-with its sandbox actually in force.
+"""The shipped unit files under a real systemd (252, Debian 12): they parse, the watcher runs
+with its sandbox actually in force, and it is an early-boot service: boot waits for its READY.
 
 The exposure score of `systemd-analyze security` is printed next to the score of
 a plain unit measured in the same run (the baseline), so the report reads as a
@@ -12,6 +12,8 @@ import re
 import pytest
 
 from tests.systemd.container import REPO, REPO_MOUNT
+from tests.systemd import container as ct
+from tests.systemd.services import attached, pin_path, pinned_prog_id, wait_attached
 
 pytestmark = [pytest.mark.kernel, pytest.mark.systemd]
 
@@ -126,3 +128,53 @@ def test_the_dropin_gives_the_nft_worker_what_it_needs(container):
     assert "cgroup2 mounted: True" in c.journal(PROBE)
     verify = c.exec(["systemd-analyze", "verify", "--man=no", PROBE])
     assert verify.returncode == 0, verify.stderr
+
+
+def test_watcher_is_ordered_as_an_early_boot_service(c):
+    """As systemd sees it: before sysinit.target (which every ordinary service waits for), after
+    what it needs mounted and running, and out of the way at shutdown."""
+    props = c.show("bpfwall.service", "DefaultDependencies", "Before", "After", "Conflicts", "RequiresMountsFor")
+    before, after = set(props["Before"].split()), set(props["After"].split())
+    assert props["DefaultDependencies"] == "no"
+    assert {"sysinit.target", "shutdown.target"} <= before and props["Conflicts"].split() == ["shutdown.target"]
+    # bpffs; /usr and /var (local-fs.target); the journal; /tmp and /var/tmp set up (PrivateTmp=)
+    assert {"sys-fs-bpf.mount", "local-fs.target", "systemd-journald.socket",
+            "systemd-tmpfiles-setup.service"} <= after, after
+    assert {"/run/bpfwall", "/var/cache/bpfwall"} <= set(props["RequiresMountsFor"].split())
+    # Nothing it waits for may wait for sysinit.target itself: that would be an ordering cycle.
+    assert not after & {"sysinit.target", "basic.target", "sockets.target", "network.target", "dbus.service"}
+    for unit in after:
+        theirs = c.systemctl("show", "--property=After", "--value", "--", unit, check=True).stdout.split()
+        assert "sysinit.target" not in theirs, unit
+
+
+POLICED = "policed.service"
+
+
+def _enable_at_boot(c) -> None:
+    """bpfwall.service as shipped, enabled (its [Install]: sysinit.target), and a service of
+    multi-user.target that the policy polices."""
+    c.write("/etc/systemd/system/bpfwall.service", (REPO / "units" / "bpfwall.service").read_text())
+    c.write(f"/etc/systemd/system/{POLICED}",
+            "[Service]\nExecStart=/usr/bin/sleep infinity\n\n[Install]\nWantedBy=multi-user.target\n")
+    c.write("/etc/bpfwall/50-boot-test.toml", f'[units."{POLICED}"]\ningress = "udp"\n')
+    for unit, target in (("bpfwall.service", "sysinit.target"), (POLICED, "multi-user.target")):
+        link = c.path(f"/etc/systemd/system/{target}.wants/{unit}")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(f"../{unit}")
+
+
+def test_boot_waits_for_the_watchers_ready(systemd_rootfs):
+    """A boot with the watcher enabled: it is READY (Type=notify: active) before sysinit.target is
+    reached, the policed service starts after that with its filter on, and no ordering cycle."""
+    with ct.Container(systemd_rootfs, REPO, before_boot=_enable_at_boot) as c:
+        watcher, sysinit, policed = (
+            c.show(u, "ActiveState", "SubState", "ActiveEnterTimestampMonotonic", "ExecMainStartTimestampMonotonic")
+            for u in ("bpfwall.service", "sysinit.target", POLICED))
+        assert (watcher["ActiveState"], watcher["SubState"], policed["ActiveState"]) == ("active", "running", "active")
+        ready = int(watcher["ActiveEnterTimestampMonotonic"])
+        assert 0 < ready <= int(sysinit["ActiveEnterTimestampMonotonic"]) <= int(policed["ExecMainStartTimestampMonotonic"])
+        wait_attached(c.unit_cgroup(POLICED), pinned_prog_id(c, pin_path(c, POLICED)))
+        assert attached(c.unit_cgroup(POLICED), "egress") == []
+        boot_log = c.journal(None, "-b")
+        assert "ordering cycle" not in boot_log.lower() and "bpfwall.service: Failed" not in boot_log

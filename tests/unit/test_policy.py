@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from bpfwall.build import DEFAULT_SET_CAPACITY, UnitProgram
 from bpfwall.errors import UserError
+from bpfwall.lang.checker import analyze_pair
 from bpfwall.policy import PolicyError, check_policy, load_policy, policy_files
 from bpfwall.policy.locate import key_lines, line_of, syntax_error_line
 
@@ -250,6 +251,21 @@ def test_expression_error_in_a_multiline_string_points_at_its_line(trusted_tmp_p
         egress = '''tcp &&
         udp && foo'''
     """) == "p.toml:3: units.\"a.service\".egress: column 8: unknown name 'foo'"
+
+
+def test_a_valid_entry_is_checked_once(trusted_tmp_path, monkeypatch):
+    """Both directions in one pass: checking them one at a time as well (which only serves the
+    error messages) made a policy of 100 units cost 0.1 s more at every start."""
+    from bpfwall.policy import schema
+
+    calls = []
+    monkeypatch.setattr(schema, "analyze_pair", lambda *texts: calls.append(texts) or analyze_pair(*texts))
+    assert errors_of(trusted_tmp_path, """
+        [units."a.service"]
+        ingress = "tcp && dst_port == 80"
+        egress = "udp"
+    """) == []
+    assert calls == [("tcp && dst_port == 80", "udp")]
 
 
 def test_set_used_with_two_kinds_across_directions(trusted_tmp_path):
