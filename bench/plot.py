@@ -12,7 +12,7 @@ def plot_lines(series: dict[str, list[tuple[float, float]]], path: str, *, title
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for label, points in series.items():
-        xs, ys = zip(*sorted(points))
+        xs, ys = zip(*sorted(points), strict=False)
         ax.plot(xs, ys, marker="o", label=label)
     if reference is not None:
         ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label=f"{reference:g}")

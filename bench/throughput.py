@@ -368,13 +368,13 @@ def measure(args, tree: BenchTree, configs: list) -> list[dict]:
             base = samples[("none", direction)]
             # Each round's run against the same round's baseline: slow drift (other load on the
             # machine) cancels; the median over rounds resists bursts.
-            ratios = [run["sent_pps"] / b["sent_pps"] for run, b in zip(runs, base)]
+            ratios = [run["sent_pps"] / b["sent_pps"] for run, b in zip(runs, base, strict=False)]
             rows.append({"units": n, "config": name, "direction": direction,
                          "sent_pps": statistics.median(x["sent_pps"] for x in runs),
                          "received_pps": statistics.median(x["received_pps"] for x in runs),
                          "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
                          "received_ratio": statistics.median(
-                             run["received_pps"] / b["received_pps"] for run, b in zip(runs, base)),
+                             run["received_pps"] / b["received_pps"] for run, b in zip(runs, base, strict=False)),
                          "runs": runs})
     return rows
 

@@ -174,7 +174,7 @@ def build_many(programs, cache: Path | None = None, jobs: int | None = None) -> 
     programs = list(programs)
     signatures = [(p.header(), tuple(_flags(p))) for p in programs]
     first: dict[tuple, UnitProgram] = {}
-    for sig, program in zip(signatures, programs):
+    for sig, program in zip(signatures, programs, strict=False):
         first.setdefault(sig, program)
     workers = max(1, min(jobs or len(os.sched_getaffinity(0)), len(first)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bpfwall-build") as pool:

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterator
 
 from . import unitkey
-from .errors import Error, UserError
+from .errors import Error
 from .kernel import safefs
 
 DEFAULT_STATE_DIR = "/run/bpfwall"

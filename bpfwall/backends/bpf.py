@@ -784,7 +784,8 @@ def _swap_attachments(d, new: PinnedUnit, known: UnitPrograms, where: list[str] 
     for cg in where:
         for dr, fd in new.progs.items():
             if dr not in old_dirs and (cg, dr) not in on:
-                if attach_programs(d, cg, {dr: fd}, {dr: n for n, x in known.names.items() if x == dr})[dr]:
+                name = next(n for n, x in known.names.items() if x == dr)  # the unit's name for dr
+                if attach_programs(d, cg, {dr: fd}, {dr: name})[dr]:
                     result.attached.append((cg, dr))
 
 

@@ -119,7 +119,7 @@ def _checked(ustate: UnitState) -> dict:
         pair = analyze_pair(ustate.ingress, ustate.egress)
     except LangError as e:
         raise NftError(f"stored expression no longer valid: {e}") from None
-    return {d: c for d, c in zip(DIRECTIONS, pair) if c is not None}
+    return {d: c for d, c in zip(DIRECTIONS, pair, strict=False) if c is not None}
 
 
 def _render(unit: str, ustate: UnitState, checked: dict | None = None) -> dict:

@@ -70,7 +70,7 @@ def cmd_test(args) -> None:
     verdicts = kernel.test_run(unit_program, args.direction, packets, params, sets)
     checked = unit_program.ingress or unit_program.egress
     rows = []
-    for i, (data, verdict) in enumerate(zip(packets, verdicts)):
+    for i, (data, verdict) in enumerate(zip(packets, verdicts, strict=False)):
         fields = parse_packet(data)
         reference = evaluate(checked.expr, fields, args.direction, params, sets)
         rows.append({"index": i, "verdict": "pass" if verdict else "drop",

@@ -47,7 +47,7 @@ def _table(rows: list[tuple[str, ...]], width: int = 100) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     out = []
     for *cells, text in rows:
-        head = "  " + "".join(f"{c:<{w}}  " for c, w in zip(cells, widths))
+        head = "  " + "".join(f"{c:<{w}}  " for c, w in zip(cells, widths, strict=False))
         out += textwrap.wrap(text, width, initial_indent=head, subsequent_indent=" " * len(head))
     return [line.replace(_NBSP, " ") for line in out]
 

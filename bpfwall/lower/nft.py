@@ -353,10 +353,10 @@ class Lowering:
 def lex(op: str, a: list, b: list) -> Formula:
     """Big-endian byte strings a op b, from byte-pair lookups in EQ8 and LT8."""
     def eq(x, y):
-        return Atom(tuple(X.match(X.concat(p, q), EQ8) for p, q in zip(x, y)))
+        return Atom(tuple(X.match(X.concat(p, q), EQ8) for p, q in zip(x, y, strict=False)))
 
     def lt(x, y):
-        return or_(*(Atom(tuple(X.match(X.concat(p, q), EQ8) for p, q in zip(x[:i], y[:i]))
+        return or_(*(Atom(tuple(X.match(X.concat(p, q), EQ8) for p, q in zip(x[:i], y[:i], strict=False))
                           + (X.match(X.concat(x[i], y[i]), LT8),)) for i in range(len(x))))
 
     return {"==": lambda: eq(a, b), "!=": lambda: not_(eq(a, b)), "<": lambda: lt(a, b),

@@ -97,7 +97,7 @@ class NflogReader:
         try:
             while True:
                 data = self.sock.recv(65536)
-                for msg_type, start, end in messages(data):
+                for msg_type, start, _end in messages(data):
                     if msg_type == NLMSG_ERROR:
                         err = -struct.unpack_from("=i", data, start)[0]
                         if err:

@@ -339,7 +339,7 @@ class _File:
 def _used(checked: tuple, what: str) -> dict[str, str]:
     """Params or sets the expressions use → the direction that uses it first."""
     out: dict[str, str] = {}
-    for direction, c in zip(("ingress", "egress"), checked):
+    for direction, c in zip(("ingress", "egress"), checked, strict=False):
         if c is not None:
             for name in c.params if what == "params" else c.sets:
                 out.setdefault(name, direction)

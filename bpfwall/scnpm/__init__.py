@@ -296,7 +296,7 @@ def _render_unit(unit: _Unit, ruleset: Ruleset, file: str) -> tuple[str | None, 
             continue
         comments.append(f"# {direction}: chain {d.chain} ({d.how}); no rule matches → {d.default} ({d.why_default})")
         expressions[direction] = _first_match(d.rules, d.default)
-        for rule, t in d.rules:
+        for _rule, t in d.rules:
             family, table = d.chain.split()[:2]
             for name, (kind, nft_name) in t.sets.items():
                 elements = _set_elements(ruleset, family, table, nft_name, kind)
@@ -337,7 +337,7 @@ def _render_unit(unit: _Unit, ruleset: Ruleset, file: str) -> tuple[str | None, 
     if unit.cgroup and "/" in unit.cgroup:
         lines.append(f"cgroup = {_toml_str(unit.cgroup)}")
     summary = {"name": unit.name, "cgroup": unit.cgroup, "sets": sets}
-    for direction, c in zip(("ingress", "egress"), checked):
+    for direction, c in zip(("ingress", "egress"), checked, strict=False):
         if c is not None:
             lines.append(f"{direction} = {_toml_expression(c.text)}")
             summary[direction] = c.text

@@ -138,7 +138,7 @@ class Watcher:
         with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)), thread_name_prefix="bpfwall-load") as pool:
             running = [pool.submit(self.backends[e.backend].ensure, e, None if moved else owned)
                        if self.backends[e.backend].parallel else None for e, _, owned, moved in todo]
-            for i, ((entry, old, owned, moved), future) in enumerate(zip(todo, running)):
+            for i, ((entry, old, owned, moved), future) in enumerate(zip(todo, running, strict=False)):
                 adapter = self.backends[entry.backend]
                 if failed is not None and (future is None or future.cancelled()):
                     continue  # not started: the watcher stops without it
@@ -181,7 +181,7 @@ class Watcher:
         except BACKEND_ERRORS as e:
             self.log.error("unload", f"{name}: {e}", unit=name, backend=owned.backend)
             return False
-        for cg, direction in detached:
+        for cg, _direction in detached:
             if self.attached.get(cg) == name and name not in self.units:
                 del self.attached[cg]
         self.log.info("unload", f"{name}: {why}; removed from {len(detached)} attachment(s) ({owned.backend})",

@@ -356,7 +356,7 @@ class Exchange:
                     made = [self._new(w.family, w.type, w.proto) for _, w in todo]
             else:
                 made = [self._new(w.family, w.type, w.proto) for _, w in todo]
-            self.by_key.update((k, s) for (k, _), s in zip(todo, made))
+            self.by_key.update((k, s) for (k, _), s in zip(todo, made, strict=False))
         for key, s in self.by_key.items():
             if wanted[key].sockopt:
                 s.setsockopt(*wanted[key].sockopt)

@@ -52,7 +52,7 @@ def test_kernel_agrees_with_reference(cache_dir, scenario):
     program = UnitProgram(checked if direction == "ingress" else None, checked if direction == "egress" else None,
                           load_bytes_only=load_bytes_only)
     verdicts = bpf.test_run(program, direction, batch, params, sets)
-    for data, verdict in zip(batch, verdicts):
+    for data, verdict in zip(batch, verdicts, strict=False):
         expected = evaluate(checked.expr, parse_packet(data), direction, params, sets)
         assert verdict == expected, (
             f"kernel says {'pass' if verdict else 'drop'}, reference {'pass' if expected else 'drop'}\n"

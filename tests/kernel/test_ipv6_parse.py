@@ -92,6 +92,6 @@ def test_extension_header_chains_parse_as_the_reference(cache_dir, no_leaks, loa
         checked = analyze(text)
         program = UnitProgram(checked, None, load_bytes_only=load_bytes_only)
         verdicts = bpf.test_run(program, "ingress", batch, cache=cache_dir)
-        wrong = [data.hex() for data, verdict in zip(batch, verdicts)
+        wrong = [data.hex() for data, verdict in zip(batch, verdicts, strict=False)
                  if verdict != evaluate(checked.expr, parse_packet(data), "ingress")]
         assert not wrong, f"{text}: {len(wrong)} of {len(batch)} packets differ from the reference, e.g. {wrong[0]}"

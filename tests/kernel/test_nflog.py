@@ -1,7 +1,6 @@
 """nfnetlink_log reader against real nft `log group` rules and real packets, in a netns of its own."""
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 
@@ -56,7 +55,7 @@ def test_dropped_packets_arrive_with_prefix_and_payload(netns):
         while len(got) < 5 and (batch := reader.read(timeout=2.0)):
             got += batch
     assert len(got) == 5 and reader.lost == 0
-    for i, p in enumerate(got):
+    for _i, p in enumerate(got):
         assert p.prefix == "a.service egress"
         pkt = parse_packet(p.payload)
         assert (str(pkt.daddr), pkt.dst_port, pkt.udp) == ("127.0.0.1", 9, True)

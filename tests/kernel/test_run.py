@@ -328,7 +328,7 @@ def killed():
     for dead in made:
         for pid in procs(dead.cgroup):
             os.kill(pid, signal.SIGKILL)
-        _wait_for(lambda: not _cgroup_has_procs(dead.cgroup), f"{dead.cgroup} did not empty")
+        _wait_for(lambda cg=dead.cgroup: not _cgroup_has_procs(cg), f"{dead.cgroup} did not empty")
         if os.path.isdir(dead.cgroup):
             os.rmdir(dead.cgroup)
 

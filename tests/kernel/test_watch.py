@@ -10,8 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 

@@ -100,7 +100,7 @@ def _scalar(v):
 
 def element_holds(element, got) -> bool:
     if isinstance(element, dict) and "concat" in element:
-        return all(element_holds(el, g) for el, g in zip(element["concat"], got))
+        return all(element_holds(el, g) for el, g in zip(element["concat"], got, strict=False))
     if isinstance(element, dict) and "range" in element:
         lo, hi = element["range"]
         return lo <= got <= hi

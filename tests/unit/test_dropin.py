@@ -272,7 +272,7 @@ def test_dropin_refuses_a_carriage_return_in_the_pin_root(capsys, tmp_path, unit
 def test_dropin_refuses_unwritable_policy_dirs_and_writes_nothing(capsys, tmp_path, unit_dir, ch, code):
     rc, _, err = _cli(capsys, "dropin", "x.service", "--directions", "egress", "--unit-dir", str(unit_dir),
                       "--policy-dir", f"{tmp_path}/p{ch}q", "--no-reload")
-    assert rc == 2 and f"BPFWALL_POLICY_DIR" in err and f"({code})" in err and err.count("\n") == 1, err
+    assert rc == 2 and "BPFWALL_POLICY_DIR" in err and f"({code})" in err and err.count("\n") == 1, err
     assert not unit_dir.exists()  # not even the unit's own drop-in, rendered first
 
 

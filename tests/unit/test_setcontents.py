@@ -26,7 +26,7 @@ def numbers(elements) -> set[int]:
 def test_merge_and_count_agree_with_the_numbers(elements):
     intervals = elements_intervals(elements)
     assert numbers(intervals) == numbers(elements)
-    assert all(a[1] + 1 < b[0] for a, b in zip(intervals, intervals[1:]))  # disjoint, not adjacent
+    assert all(a[1] + 1 < b[0] for a, b in zip(intervals, intervals[1:], strict=False))  # disjoint, not adjacent
     assert count("number", elements) == len(numbers(elements))
     assert all(contains(intervals, v) == (v in numbers(elements)) for v in range(-1, 43))
 
