@@ -52,6 +52,21 @@ class Handle(Protocol):
     def close(self) -> None: ...
 
 
+class EventSource(Protocol):
+    """Drop events as they happen (bpfwall/events.py DropEvent), from one backend."""
+
+    def fileno(self) -> int:
+        """Readable when events may be waiting (for select/poll)."""
+
+    def read(self, timeout: float | None = None) -> list:
+        """The DropEvents waiting, after waiting up to `timeout` seconds (None: forever) for one."""
+
+    def lost(self) -> dict[tuple[str, str], int]:
+        """(unit, direction) → events lost so far: to the rate limit or a full buffer, never silently."""
+
+    def close(self) -> None: ...
+
+
 class Backend(Protocol):
     name: str  # "bpf" | "nft": what policy entries and the watcher's records call it
     parallel: bool  # whether ensure() of several entries may run in threads at once
@@ -83,6 +98,11 @@ class Backend(Protocol):
 
     def explain(self, checked, direction: str | None = None) -> tuple[dict, str]:
         """What the expression becomes here (nothing is loaded): (JSON data, text)."""
+
+    def events(self, units: list[str] | None = None) -> "EventSource":
+        """Drop events of these units (None: every unit loaded now or later), as they happen.
+        `stats` reports each unit's event settings and losses as
+        {"events": {"log_rate": N, "log_burst": N, "lost": {"ingress": N, "egress": N}}}."""
 
     # -- the watcher -----------------------------------------------------------------------
     def claim(self, state) -> None:
