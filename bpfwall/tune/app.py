@@ -6,6 +6,7 @@ from __future__ import annotations
 import curses
 import locale
 import os
+import sys
 import time
 
 from ..commands.filters import parse_change
@@ -31,6 +32,7 @@ def run(backends: dict, unit: tuple[str, str] | None) -> None:
     """The UI on this terminal until `q`; started on one unit ((backend, unit)) or on the list."""
     locale.setlocale(locale.LC_ALL, "")
     os.environ.setdefault("ESCDELAY", "25")  # Esc answers at once (curses waits for a sequence)
+    curses.use_env(False)  # the terminal's size, not $LINES/$COLUMNS: those would pin it through resizes
     gone = curses.wrapper(lambda stdscr: Tuner(stdscr, backends, unit).loop())
     if gone:
         raise UnitGone(f"tune: {gone} was unloaded underneath; tune ended")
@@ -64,7 +66,7 @@ class Tuner:
                     if gone and self.single:
                         return gone
                     self.draw()
-                if self.read_events():
+                if self.read_events() or self.resized():
                     self.draw()
                 try:
                     key = self.win.get_wch()
@@ -78,6 +80,18 @@ class Tuner:
                 self.draw()
         finally:
             self.close_events()
+
+    def resized(self) -> bool:
+        """Whether the terminal's size changed and curses was told: a SIGWINCH that comes while
+        curses is not waiting for a key can be missed, so the size is also asked every turn."""
+        try:
+            size = os.get_terminal_size(sys.__stdout__.fileno())
+        except OSError:
+            return False
+        if (size.lines, size.columns) == self.win.getmaxyx():
+            return False
+        curses.resizeterm(size.lines, size.columns)
+        return True
 
     def draw(self) -> None:
         if self.screen is not None:
