@@ -215,3 +215,28 @@ def test_resize(unit, tune):
               and "$mtu" in s and "m enforce/audit" in s, "the screen redrawn at 60×16")
     pane.tmux("resize-window", "-x", "80", "-y", "24")
     pane.wait(lambda s: "Esc back  q quit" in s, "the screen redrawn at 80×24")
+
+
+def test_event_panel(unit, pin_root, tune, temp_cgroup):
+    """The latest drop events at the bottom of the unit's screen; a backend that has no drop
+    events yet says so in the panel (tune keeps working)."""
+    from bpfwall.backends.bpf_backend import BpfBackend
+
+    pane = tune(unit)
+    pane.wait_text(f"$mtu = {MTU}")
+    if not hasattr(BpfBackend, "events"):
+        pane.wait_text("drop events: not available on this backend yet")
+        return
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    tx = temp_cgroup.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for _ in range(3):
+            try:
+                tx.sendto(b"x" * MTU, rx.getsockname())  # IP length MTU + 28: dropped
+            except OSError:
+                pass
+        pane.wait(lambda s: f"{UNIT} egress DROP udp" in s and f"len {MTU + 28}" in s, "the drop events")
+    finally:
+        tx.close()
+        rx.close()
