@@ -239,3 +239,26 @@ def test_a_new_log_group_moves_every_unit(world, table):
         finally:
             flow.close()
         assert [e.unit for e in drain(source)] == [UNIT] * 2
+
+
+def test_the_cli_sets_events_and_refuses_bad_values(world, table, capsys):
+    """load --log-rate/--log-burst, --log-group, set log_rate=…, stats --json: the events key."""
+    import json
+
+    from tests.kernel.invoke import ok, run
+
+    g = group()
+    nft_args = ["--backend", "nft", "--table", table]
+    ok(capsys, *nft_args, "--log-group", str(g), "load", UNIT, "--egress", EXPR["egress"],
+       "--log-rate", "7", "--log-burst", "9")
+    events = json.loads(ok(capsys, *nft_args, "stats", UNIT, "--json"))["events"]
+    assert events == {"log_rate": 7, "log_burst": 9, "log_group": g, "lost": {"egress": 0}}
+    assert "limit rate over 7/second burst 9 packets" in listing(table) and f"group {g}" in listing(table)
+    ok(capsys, *nft_args, "set", UNIT, "log_rate=0")
+    assert json.loads(ok(capsys, *nft_args, "stats", UNIT, "--json"))["events"]["log_rate"] == 0
+    assert " log " not in listing(table)
+    before = listing(table)
+    for bad in (["set", UNIT, "log_rate=-3"], ["set", UNIT, "log_burst=x"], ["--log-group", "70000", "stats", UNIT]):
+        code, _, err = run(capsys, *nft_args, *bad)
+        assert code == 2 and len(err.splitlines()) == 1 and ("log_" in err or "log-group" in err), err
+    assert listing(table) == before
