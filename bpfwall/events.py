@@ -78,3 +78,19 @@ def address(family: int, raw: bytes) -> str | None:
     if family == 6:
         return str(ipaddress.IPv6Address(raw[:16]))
     return None
+
+
+# Per unit and direction: at most `log_rate` events a second, `log_burst` at once (a token
+# bucket); log_rate = 0: no events. Settable in the policy, with --log-rate/--log-burst and `set`.
+DEFAULT_LOG_RATE = 10
+DEFAULT_LOG_BURST = 50
+LOG_RATE_MAX = 1_000_000
+LOG_BURST_MAX = 1_000_000
+
+
+def check_log_setting(name: str, value) -> int:
+    """`value` as log_rate (0..LOG_RATE_MAX) or log_burst (1..LOG_BURST_MAX); ValueError naming it."""
+    lo, hi = (0, LOG_RATE_MAX) if name == "log_rate" else (1, LOG_BURST_MAX)
+    if type(value) is not int or not lo <= value <= hi:
+        raise ValueError(f"{name}={value}: expected an integer {lo}..{hi}")
+    return value

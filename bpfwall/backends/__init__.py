@@ -16,7 +16,8 @@ NAMES = ("bpf", "nft")
 __all__ = ["NAMES", "Backend", "Loaded", "ProgramBackend", "create", "every", "programs"]
 
 
-def create(name: str, *, pin_root: str | None = None, table: str | None = None, cache=None) -> Backend:
+def create(name: str, *, pin_root: str | None = None, table: str | None = None, cache=None,
+           log_group: int | None = None) -> Backend:
     """The backend `name` ("bpf" or "nft"): bpf pins under `pin_root` and compiles through
     `cache`; nft keeps its units in table `table` (None: $BPFWALL_NFT_TABLE or "bpfwall")."""
     if name == "bpf":
@@ -27,7 +28,7 @@ def create(name: str, *, pin_root: str | None = None, table: str | None = None, 
     if name == "nft":
         from .nft_backend import NftBackend
 
-        return NftBackend(table)
+        return NftBackend(table, log_group)
     raise ValueError(f"no backend {name!r}")
 
 

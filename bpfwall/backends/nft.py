@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from ..kernel import cgroup as cg
 from ..kernel.errors import KernelError
+from ..events import check_log_setting
 from ..lang.checker import analyze_pair
 from ..lang.errors import LangError
 from ..lang.setcontents import contains, elements_intervals, subtract
@@ -122,20 +123,23 @@ def _checked(ustate: UnitState) -> dict:
     return {d: c for d, c in zip(DIRECTIONS, pair, strict=False) if c is not None}
 
 
-def _render(unit: str, ustate: UnitState, checked: dict | None = None) -> dict:
+def _render(unit: str, ustate: UnitState, group: int, checked: dict | None = None) -> dict:
     """The unit's objects: {"chains": {name: rules}, "sets": {name: (type, elements)},
-    "counters": [...], "entry": {direction: chain}}. Raises NftError before anything changes."""
+    "counters": [...], "entry": {direction: chain}}; its drop events go to nflog group `group`.
+    Raises NftError before anything changes."""
     names = UnitNames(unit)
     checked = checked or _checked(ustate)
     sets = {n: _parse(n, s.kind, s.elements) for n, s in ustate.sets.items()}
     out = {"chains": {}, "sets": {}, "counters": [], "entry": {}}
+    log = lower.Log(group, ustate.log_rate, ustate.log_burst)
+    kinds = ("pass", "drop", "lost") if ustate.log_rate else ("pass", "drop")
     for direction, c in checked.items():
-        low = lower.lower(c.expr, direction, names, ustate.mode, ustate.params, sets)
+        low = lower.lower(c.expr, direction, names, ustate.mode, ustate.params, sets, log)
         for name in low.chains.names:
             out["chains"][name] = low.chains.rules[name]
         for nft_name, (set_name, key_type) in low.sets.items():
             out["sets"][nft_name] = (lower.SET_TYPES[key_type], lower.set_elements(key_type, sets[set_name]))
-        out["counters"] += [names.counter(direction, v) for v in ("pass", "drop")]
+        out["counters"] += [names.counter(direction, v) for v in kinds]
         out["entry"][direction] = names.chain(direction)
     return out
 
@@ -235,7 +239,7 @@ def _rebuild(table: str, state: NftState) -> None:
         cmds.append(layout.delete_table(table))
     cmds.append(layout.add_table(table))
     for unit, u in state.units.items():
-        rendered = _render(unit, u)
+        rendered = _render(unit, u, state.log_group)
         cmds += layout.render_unit(table, rendered, Objects())
         u.objects = layout.objects_of(rendered)
     levels = sorted(_levels(state.units.values()))
@@ -319,20 +323,48 @@ def _check_values(program, params: dict, sets: dict) -> None:
             raise NftError(f"--set {name}: the filter has no set @{name} (its sets: {have})")
 
 
+def _log_settings(log: dict) -> dict:
+    """{"log_rate": N, "log_burst": N} (either may be left out), checked; NftError naming a bad one."""
+    out = {}
+    for key, value in log.items():
+        if value is None:
+            continue
+        if key not in ("log_rate", "log_burst"):
+            raise NftError(f"unknown event setting {key}")
+        try:
+            out[key] = check_log_setting(key, value)
+        except ValueError as e:
+            raise NftError(str(e)) from None
+    return out
+
+
+def check_log_group(group: int | None) -> int | None:
+    if group is not None and (type(group) is not int or not 0 <= group <= 65535):
+        raise NftError(f"--log-group {group}: expected an nflog group 0..65535")
+    return group
+
+
 def load(table: str, unit: str, program, params: dict | None = None, sets: dict | None = None,
-         mode: str | None = None, cache=None) -> LoadResult:
+         mode: str | None = None, cache=None, log_rate: int | None = None, log_burst: int | None = None,
+         log_group: int | None = None) -> LoadResult:
     """Render `unit`'s filters into the table; if it is loaded, replace them in one transaction
-    (its attachments keep working, counters, params, mode and compatible sets are kept)."""
+    (its attachments keep working, counters, params, mode, event settings and compatible sets
+    are kept). A `log_group` other than the table's moves every unit's events to it."""
     check_table(table)
     names = UnitNames(unit)  # validates the unit name
     params, sets = dict(params or {}), dict(sets or {})
     _check_values(program, params, sets)
     if mode is not None and mode not in MODES:
         raise NftError(f"mode {mode!r}: mode is enforce or audit")
+    log = _log_settings({"log_rate": log_rate, "log_burst": log_burst})
+    check_log_group(log_group)
     sf = StateFile(table)
     with sf.locked():
         state = sf.load()
         live = _ensure(table, state)
+        regroup = log_group is not None and log_group != state.log_group
+        if regroup:
+            state.log_group = log_group
         old = state.units.get(unit)
         new = UnitState(
             program.ingress.text if program.ingress is not None else None,
@@ -341,6 +373,10 @@ def load(table: str, unit: str, program, params: dict | None = None, sets: dict 
             mode or (old.mode if old else "enforce"),
             objects=old.objects if old else Objects(),
             attached=old.attached if old else [])
+        if old:
+            new.log_rate, new.log_burst = old.log_rate, old.log_burst
+        for key, value in log.items():
+            setattr(new, key, value)
         for name, kind in program.sets.items():
             if name in sets:
                 elements = _store(kind, sets[name])
@@ -350,7 +386,7 @@ def load(table: str, unit: str, program, params: dict | None = None, sets: dict 
                 elements = []
             new.sets[name] = SetRecord(kind, elements)
         checked = {d: c for d, c in (("ingress", program.ingress), ("egress", program.egress)) if c is not None}
-        rendered = _render(unit, new, checked)
+        rendered = _render(unit, new, state.log_group, checked)
         result = LoadResult(unit, table, dict(rendered["entry"]))
 
         before = set(old.directions) if old else set()
@@ -364,6 +400,11 @@ def load(table: str, unit: str, program, params: dict | None = None, sets: dict 
                 cmds.append(layout.delete_elements(table, d, a.level, [a.cgroup]))
                 result.detached.append((a.cgroup, d))
         cmds += layout.render_unit(table, rendered, new.objects)
+        for other, o in state.units.items() if regroup else ():
+            if other != unit and o.log_rate:
+                moved = _render(other, o, state.log_group)
+                cmds += layout.render_unit(table, moved, o.objects)
+                o.objects = layout.objects_of(moved)
         new_levels = set()
         for a in new.attached:
             for d in sorted(after):
@@ -513,7 +554,8 @@ def detach(table: str, unit: str, cgroup_path: str) -> dict[str, bool]:
 
 def set_values(table: str, unit: str, changes: list) -> list[str]:
     """Apply `changes` to a loaded unit in one transaction, all or nothing:
-    ("param", name, value), ("mode", "enforce"|"audit"), ("set", name, "+"|"-"|"=", "E1,E2,…")."""
+    ("param", name, value), ("mode", "enforce"|"audit"), ("set", name, "+"|"-"|"=", "E1,E2,…"),
+    ("log_rate", N), ("log_burst", N)."""
     with _changing(table, unit) as (sf, state, u):
         new = replace(u, params=dict(u.params), sets={n: replace(s) for n, s in u.sets.items()})
         done = []
@@ -531,6 +573,9 @@ def set_values(table: str, unit: str, changes: list) -> list[str]:
                     raise NftError(f"mode={change[1]}: mode is enforce or audit")
                 new.mode = change[1]
                 done.append(f"mode = {change[1]}")
+            elif kind in ("log_rate", "log_burst"):
+                setattr(new, kind, _log_settings({kind: change[1]})[kind])
+                done.append(f"{kind} = {change[1]}")
             elif kind == "set":
                 _, name, op, raw = change
                 if name not in new.sets:
@@ -554,7 +599,7 @@ def set_values(table: str, unit: str, changes: list) -> list[str]:
                     raise NftError(f"@{name}{op}: write @set+ELEMENTS, @set-ELEMENTS or @set=ELEMENTS")
             else:
                 raise NftError(f"unknown change {change!r}")
-        rendered = _render(unit, new)
+        rendered = _render(unit, new, state.log_group)
         _ensure(table, state)
         new.objects = layout.objects_of(rendered)
         state.units[unit] = new
@@ -570,7 +615,7 @@ def units(table: str) -> list[str]:
     return sorted(StateFile(table).load().units)
 
 
-def _counters(table: str) -> dict[str, dict]:
+def counter_values(table: str) -> dict[str, dict]:
     try:
         out = runner().json([{"list": {"counters": {"family": "inet", "table": table}}}], "listing counters")
     except NftError:
@@ -590,7 +635,7 @@ def stats(table: str, unit: str) -> dict:
     state = StateFile(table).load()
     u = _unit(state, table, unit)
     names = UnitNames(unit)
-    live = _counters(table)
+    live = counter_values(table)
     zero = {"packets": 0, "bytes": 0}
     counters = {d: {v: live.get(names.counter(d, v), zero) for v in ("pass", "drop")} for d in u.directions}
     return {
@@ -600,6 +645,8 @@ def stats(table: str, unit: str) -> dict:
         "counters": counters, "params": dict(sorted(u.params.items())),
         "sets": {n: list(s.elements) for n, s in sorted(u.sets.items())},
         "attached": _attached(u),
+        "events": {"log_rate": u.log_rate, "log_burst": u.log_burst, "log_group": state.log_group,
+                   "lost": {d: live.get(names.counter(d, "lost"), zero)["packets"] for d in u.directions}},
     }
 
 
@@ -615,9 +662,9 @@ def summary(table: str) -> list[dict]:
 
 
 def explain(checked, direction: str, unit: str = "UNIT.service", params: dict | None = None,
-            sets: dict | None = None, mode: str = "enforce") -> str:
+            sets: dict | None = None, mode: str = "enforce", log: "lower.Log | None" = None) -> str:
     """The chains `checked` becomes for `direction`, as nft text (nothing is loaded)."""
-    return lower.explain(checked.expr, direction, UnitNames(unit), mode, params or {}, sets or {})
+    return lower.explain(checked.expr, direction, UnitNames(unit), mode, params or {}, sets or {}, log)
 
 
 def destroy(table: str) -> None:

@@ -23,6 +23,7 @@ from ..nft.state import StateFile
 from ..watch.state import Owned, WatchError
 from . import nft
 from .base import Loaded
+from .nft_events import NftEvents
 
 # Where `make install` puts it (PREFIX /usr/local), and where it is in the source tree.
 DROPIN = "/usr/local/share/doc/bpfwall/examples/units/bpfwall.service.d/nft-hybrid.conf"
@@ -80,8 +81,9 @@ class NftBackend:
     name = "nft"
     parallel = False  # one nft transaction at a time, from the watcher's thread
 
-    def __init__(self, table: str | None = None):
+    def __init__(self, table: str | None = None, log_group: int | None = None):
         self.table = table or nft.default_table()
+        self.log_group = nft.check_log_group(log_group)  # None: the table's (2120 for a new one)
         self._index: dict[str, list[tuple[str, str]]] = {}  # cgroup path → [(unit, direction)]
         self._runnable = False
         self._claimed = False
@@ -89,7 +91,7 @@ class NftBackend:
     # -- the commands --------------------------------------------------------------------------
 
     def load(self, unit: str, program, params=None, sets=None, mode=None) -> Loaded:
-        r = nft.load(self.table, unit, program, params, sets, mode)
+        r = nft.load(self.table, unit, program, params, sets, mode, log_group=self.log_group)
         places = {d: f"table inet {r.table} chain {c}" for d, c in r.chains.items()}
         return Loaded(unit, places, r.replaced, r.attached, r.detached, {"table": r.table, "chains": r.chains})
 
@@ -110,6 +112,10 @@ class NftBackend:
 
     def set_values(self, unit: str, changes: list) -> list[str]:
         return nft.set_values(self.table, unit, changes)
+
+    def events(self, units: list[str] | None = None) -> NftEvents:
+        """The table's drop events over its nflog group (the group the table's state names)."""
+        return NftEvents(self.table, units)
 
     def explain(self, checked, direction: str | None = None) -> tuple[dict, str]:
         """Both directions' chains as nft text (the JSON always has both)."""
@@ -179,7 +185,9 @@ class NftBackend:
             and have.ingress == (program.ingress.text if program.ingress else None) \
             and have.egress == (program.egress.text if program.egress else None)
         if not same:
-            nft.load(self.table, entry.name, program, entry.params, entry.sets, entry.mode)
+            nft.load(self.table, entry.name, program, entry.params, entry.sets, entry.mode,
+                     log_rate=getattr(entry, "log_rate", None), log_burst=getattr(entry, "log_burst", None),
+                     log_group=self.log_group)
         directions = [d for d in nft.DIRECTIONS if getattr(program, d) is not None]
         return NftUnit(entry.name, fingerprint, self.table, directions), "reused" if same else "loaded"
 

@@ -57,7 +57,11 @@ def register(add) -> None:
 def cmd_load(args) -> None:
     unit_program = filter_program(args, "load")
     params, sets = param_values(args), set_values(args, unit_program)
-    result = backend(args).load(args.unit, unit_program, params, sets, args.mode)
+    chosen = backend(args)
+    result = chosen.load(args.unit, unit_program, params, sets, args.mode)
+    log = [(k, getattr(args, k)) for k in ("log_rate", "log_burst") if getattr(args, k, None) is not None]
+    if log:  # the unit's event settings, as `set` changes them
+        chosen.set_values(args.unit, log)
     lines = [f"loaded {args.unit}"] + [f"  {d}: {place}" for d, place in result.places.items()]
     if result.replaced:
         lines.append(f"  replaced in place on {len(result.replaced)} attachment(s)")
@@ -150,7 +154,7 @@ def cmd_stats(args) -> None:
 
 
 def parse_change(text: str):
-    """name=value | mode=M | @set+E,.. | @set-E,.. | @set=E,.."""
+    """name=value | mode=M | log_rate=N | log_burst=N | @set+E,.. | @set-E,.. | @set=E,.."""
     if text.startswith("@"):
         for i, ch in enumerate(text):
             if ch in "+-=":
@@ -163,6 +167,14 @@ def parse_change(text: str):
         if value not in ("enforce", "audit"):
             raise UsageError(f"mode={value}: mode is enforce or audit")
         return ("mode", value)
+    if name in ("log_rate", "log_burst"):
+        from ..events import check_log_setting
+
+        try:
+            return (name, check_log_setting(name, int(value)))
+        except ValueError:
+            lo = 0 if name == "log_rate" else 1
+            raise UsageError(f"{text}: {name} is an integer {lo}..1000000") from None
     from ..lang.values import parse_param_assignment
 
     return ("param",) + parse_param_assignment(text)

@@ -25,6 +25,8 @@ def common(json_output: bool = False) -> argparse.ArgumentParser:
                         "default $BPFWALL_BACKEND or bpf")
     p.add_argument("--table", metavar="NAME", default=argparse.SUPPRESS,
                    help="nft table of the nft backend (default $BPFWALL_NFT_TABLE or bpfwall)")
+    p.add_argument("--log-group", metavar="N", type=int, default=argparse.SUPPRESS,
+                   help="nflog group of the nft table's drop events (default: the table's, 2120 for a new one)")
     if json_output:
         p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
@@ -63,7 +65,8 @@ def backend(args, name: str | None = None):
     """The backend the global options choose (or backend `name`), built from them."""
     from ..backends import create
 
-    return create(name or backend_name(args), pin_root=pin_root(args), table=table(args), cache=cache_dir(args))
+    return create(name or backend_name(args), pin_root=pin_root(args), table=table(args), cache=cache_dir(args),
+                  log_group=getattr(args, "log_group", None))
 
 
 def policy_dir(args) -> str:
@@ -90,7 +93,19 @@ def filter_options(p, command: str) -> None:
     p.add_argument("--mode", choices=("enforce", "audit"),
                    help="enforce drops what the filter refuses; audit passes everything and counts what it "
                         "would drop (default: enforce; a reload keeps the unit's mode)")
+    if command == "load":  # `run` (bpf) takes them once its backend does
+        event_options(p)
     capacity_options(p)
+
+
+def event_options(p) -> None:
+    """--log-rate, --log-burst: the unit's drop events (per direction, a token bucket)."""
+    from ..events import DEFAULT_LOG_BURST, DEFAULT_LOG_RATE
+
+    p.add_argument("--log-rate", type=int, metavar="N",
+                   help=f"drop events a second at most, 0: none (default {DEFAULT_LOG_RATE}; a reload keeps the unit's)")
+    p.add_argument("--log-burst", type=int, metavar="N",
+                   help=f"drop events at once at most (default {DEFAULT_LOG_BURST})")
 
 
 def value_options(p, reload: bool = False) -> None:

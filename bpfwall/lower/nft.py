@@ -387,20 +387,43 @@ class Lowered:
     sets: dict  # nft set name -> (language set name, key type)
 
 
+@dataclass(frozen=True)
+class Log:
+    """Drop events: at most `rate` a second (`burst` at once) to nflog group `group`."""
+    group: int
+    rate: int
+    burst: int
+
+
+def drop_rules(direction: str, names, mode: str, log: Log) -> list[list]:
+    """What a packet the filter refuses meets, with events on: counted as a drop; over the
+    rate limit, counted as lost (never silently) and not logged; else logged with a prefix
+    naming the unit, direction and verdict. Then the mode's verdict."""
+    verdict = X.DROP if mode == "enforce" else X.ACCEPT
+    return [
+        [X.counter(names.counter(direction, "drop")), X.limit_over(log.rate, log.burst),
+         X.counter(names.counter(direction, "lost")), verdict],
+        [X.log_group(log.group, names.log_prefix(direction, "drop" if mode == "enforce" else "audit")), verdict],
+    ]
+
+
 def lower(checked_expr, direction: str, names, mode: str = "enforce", params: dict | None = None,
-          sets: dict | None = None) -> Lowered:
-    """The chains of one direction. `names` is a bpfwall.nft.names.UnitNames."""
+          sets: dict | None = None, log: Log | None = None) -> Lowered:
+    """The chains of one direction. `names` is a bpfwall.nft.names.UnitNames; `log` (None, or
+    a rate of 0: no events) puts the drop path in a chain of its own (drop_rules)."""
     lowering = Lowering(direction, dict(params or {}), dict(sets or {}), names.set)
     f = lowering.formula(checked_expr)
     on_true = [X.counter(names.counter(direction, "pass")), X.ACCEPT]
     on_false = [X.counter(names.counter(direction, "drop")), X.DROP if mode == "enforce" else X.ACCEPT]
-    chains = compile_chains(f, lambda i: names.chain(direction, i), on_true, on_false)
+    false_rules = drop_rules(direction, names, mode, log) if log is not None and log.rate > 0 else None
+    chains = compile_chains(f, lambda i: names.chain(direction, i), on_true, on_false, false_rules)
     return Lowered(chains, lowering.used_sets)
 
 
-def explain(checked_expr, direction: str, names, mode: str = "enforce", params=None, sets=None) -> str:
+def explain(checked_expr, direction: str, names, mode: str = "enforce", params=None, sets=None,
+            log: Log | None = None) -> str:
     """The chains as nft text."""
-    low = lower(checked_expr, direction, names, mode, params, sets)
+    low = lower(checked_expr, direction, names, mode, params, sets, log)
     out = []
     for name in low.chains.names:
         out.append(f'chain "{name}" {{')

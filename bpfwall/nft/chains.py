@@ -356,11 +356,18 @@ def literal_of(o, conjunction: bool):
     return o.operand if isinstance(o, Not) and isinstance(o.operand, Atom) else None
 
 
-def compile_chains(f: Formula, chain_name, on_true: list, on_false: list) -> Chains:
+def compile_chains(f: Formula, chain_name, on_true: list, on_false: list, false_rules: list | None = None) -> Chains:
     """Chains for formula f; chain_name(i) names the i-th chain (0: the entry); on_true and
-    on_false are terminal (they end with accept or drop)."""
+    on_false are terminal (they end with accept or drop). `false_rules` (terminal too): the
+    rules of a chain of their own that on_false (then a goto to it) leads to — more than one
+    rule's worth of statements, e.g. log some packets and count the others (chain 1)."""
     c = _Compiler(chain_name)
     entry = c.new_chain()
+    if false_rules:
+        target = c.new_chain()
+        for rule in false_rules:
+            c.out.add(target, rule)
+        on_false = [X.goto(target)]
     c.gen(_flatten(nnf(f)), Exit(tuple(on_true), True), Exit(tuple(on_false), True), entry)
     levels = 1 + c.out.depth()
     if levels > MAX_CHAIN_LEVEL:

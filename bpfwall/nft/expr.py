@@ -68,6 +68,16 @@ def counter(name: str) -> dict:
     return {"counter": name}
 
 
+def limit_over(rate: int, burst: int) -> dict:
+    """Matches the packets over `rate`/second (a token bucket of `burst` packets)."""
+    return {"limit": {"rate": rate, "burst": burst, "per": "second", "inv": True}}
+
+
+def log_group(group: int, prefix: str) -> dict:
+    """Hands the packet to nfnetlink_log group `group` (nft/nflog.py reads it)."""
+    return {"log": {"prefix": prefix, "group": group}}
+
+
 def goto(chain: str) -> dict:
     return {"goto": {"target": chain}}
 
@@ -120,6 +130,10 @@ def text(e) -> str:
         return f"{text(body['left'])} {_OPS[body['op']]}{text(body['right'])}"
     if kind == "counter":
         return f'counter name "{body}"'
+    if kind == "limit":
+        return f"limit rate over {body['rate']}/{body['per']} burst {body['burst']} packets"
+    if kind == "log":
+        return f'log prefix {json.dumps(body["prefix"])} group {body["group"]}'
     if kind in ("goto", "jump"):
         return f'{kind} "{body["target"]}"'
     if kind in ("accept", "drop", "return"):

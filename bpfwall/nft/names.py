@@ -20,6 +20,7 @@ from .. import unitkey
 from .errors import NftError
 
 NAME_MAX = 255
+PREFIX_MAX = 127  # a `log prefix` (the kernel's NF_LOG_PREFIXLEN, less its NUL)
 _KEEP = re.compile(r"[A-Za-z0-9_.-]")
 TABLE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 DIRECTION_TAG = {"ingress": "in", "egress": "out"}
@@ -42,11 +43,11 @@ def unit_key(unit: str) -> str:
     return "".join(c if _KEEP.fullmatch(c) else f"/{ord(c):02x}" for c in unit)
 
 
-def _bounded(name: str) -> str:
-    if len(name.encode()) <= NAME_MAX:
+def _bounded(name: str, limit: int = NAME_MAX, head: int = 120, tail: int = 80) -> str:
+    if len(name.encode()) <= limit:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:32]
-    return f"{name[:120]}/h{digest}{name[-80:]}"
+    return f"{name[:head]}/h{digest}{name[-tail:]}"
 
 
 def level_map(direction: str, level: int) -> str:
@@ -66,6 +67,11 @@ class UnitNames:
 
     def counter(self, direction: str, verdict: str) -> str:
         return _bounded(f"{self.key}/{DIRECTION_TAG[direction]}.{verdict}")
+
+    def log_prefix(self, direction: str, verdict: str) -> str:
+        """The `log prefix` of the unit's drop events (verdict "drop" | "audit"): read back
+        to (unit, direction, verdict) by nft/events.py through the table's state."""
+        return _bounded(f"{self.key}/{DIRECTION_TAG[direction]} {verdict}", PREFIX_MAX, 60, 30)
 
     def set(self, name: str, key_type: str) -> str:
         return _bounded(f"{self.key}/s.{name}.{key_type}")

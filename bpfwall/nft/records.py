@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-VERSION = 2
+from ..events import DEFAULT_LOG_BURST, DEFAULT_LOG_RATE
+
+VERSION = 3  # 3: log_rate/log_burst per unit, log_group per table (a version 2 state reads as log_rate 0)
+DEFAULT_LOG_GROUP = 2120
 DIRECTIONS = ("ingress", "egress")
 
 
@@ -56,6 +59,8 @@ class UnitState:
     sets: dict[str, SetRecord] = field(default_factory=dict)
     objects: Objects = field(default_factory=Objects)
     attached: list[Attachment] = field(default_factory=list)
+    log_rate: int = DEFAULT_LOG_RATE    # drop events a second (0: none), per direction
+    log_burst: int = DEFAULT_LOG_BURST
 
     @property
     def directions(self) -> list[str]:
@@ -64,15 +69,18 @@ class UnitState:
     def as_json(self) -> dict:
         return {"ingress": self.ingress, "egress": self.egress, "params": dict(self.params), "mode": self.mode,
                 "sets": {n: s.as_json() for n, s in self.sets.items()}, "objects": self.objects.as_json(),
-                "attached": [a.as_json() for a in self.attached]}
+                "attached": [a.as_json() for a in self.attached],
+                "log_rate": self.log_rate, "log_burst": self.log_burst}
 
     @classmethod
     def from_json(cls, u: dict) -> "UnitState":
+        """A unit of a checked state (version 2 had no log rules: log_rate 0 says so)."""
         o = u["objects"]
         return cls(u["ingress"], u["egress"], dict(u["params"]), u["mode"],
                    {n: SetRecord(s["kind"], list(s["elements"])) for n, s in u["sets"].items()},
                    Objects(list(o["chains"]), list(o["sets"]), list(o["counters"]), dict(o["rules"])),
-                   [Attachment(a["cgroup"], a["level"], a["id"], list(a["directions"])) for a in u["attached"]])
+                   [Attachment(a["cgroup"], a["level"], a["id"], list(a["directions"])) for a in u["attached"]],
+                   u.get("log_rate", 0), u.get("log_burst", DEFAULT_LOG_BURST))
 
 
 @dataclass
@@ -80,13 +88,14 @@ class NftState:
     table: str
     units: dict[str, UnitState] = field(default_factory=dict)
     version: int = VERSION
+    log_group: int = DEFAULT_LOG_GROUP  # the nflog group every unit's drop events go to
 
     def as_json(self) -> dict:
-        return {"version": self.version, "table": self.table,
+        return {"version": VERSION, "table": self.table, "log_group": self.log_group,
                 "units": {n: u.as_json() for n, u in self.units.items()}}
 
     @classmethod
     def from_json(cls, state: dict) -> "NftState":
         """The records of a state that passed state.check_state."""
         return cls(state["table"], {n: UnitState.from_json(u) for n, u in state["units"].items()},
-                   state["version"])
+                   state["version"], state.get("log_group", DEFAULT_LOG_GROUP))

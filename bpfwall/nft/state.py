@@ -1,10 +1,10 @@
 """The state file of one bpfwall nft table: everything needed to rebuild it.
 
     {"bpfwall": "nft-state", "sha256": "<digest of the rest of the file>"}
-    {"version": 2, "table": "bpfwall", "units": {
+    {"version": 3, "table": "bpfwall", "log_group": 2120, "units": {
         "nginx.service": {
             "ingress": "tcp && local_port == 80", "egress": null,   # normalized expressions
-            "params": {"extra": 0}, "mode": "enforce",
+            "params": {"extra": 0}, "mode": "enforce", "log_rate": 10, "log_burst": 50,
             "sets": {"ports": {"kind": "number", "elements": ["80", "8000..8100"]}},
             "objects": {"chains": [...], "sets": [...], "counters": [...],  # rendered now
                         "rules": {chain: number of rules}},
@@ -39,6 +39,7 @@ import os
 import re
 from contextlib import contextmanager
 
+from ..events import check_log_setting
 from ..lower.nft import SET_TYPES
 from ..kernel.safefs import PrivateDir
 from .errors import NftError
@@ -52,6 +53,7 @@ MODES = ("enforce", "audit")
 U64 = 2**64 - 1
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _UNIT_KEYS = {"ingress", "egress", "params", "mode", "sets", "objects", "attached"}
+_LOG_KEYS = {"log_rate", "log_burst"}  # since version 3
 _OBJECT_KEYS = {"chains", "sets", "counters", "rules"}
 _RECORD_KEYS = {"cgroup", "level", "id", "directions"}
 
@@ -95,9 +97,15 @@ def _cgroup_path(path, where: str) -> None:
             f"{path!r} is not a path relative to the cgroup2 root")
 
 
-def check_unit(unit: str, u, where: str) -> None:
+def check_unit(unit: str, u, where: str, version: int = VERSION) -> None:
     """Raise Invalid unless `u` is a unit record as bpfwall writes it for `unit`."""
-    _keys(u, _UNIT_KEYS, where)
+    _keys(u, _UNIT_KEYS | (_LOG_KEYS if version >= 3 else set()), where)
+    for key in sorted(_LOG_KEYS & set(u)):
+        try:
+            check_log_setting(key, u[key])
+        except ValueError as e:
+            raise Invalid(f"{where}.{key}: {e}") from None
+    logged = u.get("log_rate", 0) > 0
     directions = []
     for d in DIRECTIONS:
         _expect(u[d] is None or isinstance(u[d], str), f"{where}.{d}", "expected an expression or null")
@@ -124,7 +132,8 @@ def check_unit(unit: str, u, where: str) -> None:
     mine = {names.chain(d, i) for d in directions for i in range(len(chains))}
     _expect(set(chains) <= mine, f"{where}.objects.chains", f"names a chain that is not {unit}'s")
     counters = _names(objects["counters"], f"{where}.objects.counters")
-    _expect(set(counters) == {names.counter(d, v) for d in directions for v in ("pass", "drop")},
+    kinds = ("pass", "drop", "lost") if logged else ("pass", "drop")
+    _expect(set(counters) == {names.counter(d, v) for d in directions for v in kinds},
             f"{where}.objects.counters", f"not {unit}'s counters")
     sets = _names(objects["sets"], f"{where}.objects.sets")
     _expect(set(sets) <= {names.set(s, t) for s in u["sets"] for t in SET_TYPES},
@@ -148,8 +157,12 @@ def check_unit(unit: str, u, where: str) -> None:
 
 def check_state(state, table: str) -> None:
     """Raise Invalid unless `state` is a state of `table` as bpfwall writes it."""
-    _keys(state, {"version", "table", "units"}, "the state")
-    _expect(state["version"] == VERSION, "version", f"this bpfwall reads version {VERSION}")
+    _expect(isinstance(state, dict) and state.get("version") in (2, VERSION), "version",
+            f"this bpfwall reads versions 2 and {VERSION}")
+    version = state["version"]
+    _keys(state, {"version", "table", "units"} | ({"log_group"} if version >= 3 else set()), "the state")
+    if version >= 3:
+        _expect(_is_int(state["log_group"], 0, 65535), "log_group", "expected an nflog group 0..65535")
     _expect(state["table"] == table, "table", f"expected {table!r}")
     _expect(isinstance(state["units"], dict), "units", "expected an object")
     for unit, u in state["units"].items():
@@ -157,7 +170,7 @@ def check_state(state, table: str) -> None:
             UnitNames(unit)
         except NftError:
             raise Invalid(f"units: {unit!r} is not a unit name") from None
-        check_unit(unit, u, f"units.{unit}")
+        check_unit(unit, u, f"units.{unit}", version)
 
 
 def encode(state: dict) -> bytes:

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..errors import Error
+from ..events import DEFAULT_LOG_BURST, DEFAULT_LOG_RATE
 
 
 class PolicyError(Error):
@@ -32,6 +33,8 @@ class Entry:
     line: int
     # The checked expressions, kept from validation so program() does not parse twice.
     checked: tuple = field(default=(None, None), compare=False, repr=False)
+    log_rate: int = DEFAULT_LOG_RATE    # drop events a second per direction (0: none)
+    log_burst: int = DEFAULT_LOG_BURST
 
     def __hash__(self) -> int:
         # The generated hash would hash the dicts and fail; equal entries share name and place.
@@ -70,7 +73,14 @@ class Entry:
             "mode": self.mode,
             "backend": self.backend,
             "set_capacity": self.set_capacity,
-        }
+        } | self._events_spec()
+
+    def _events_spec(self) -> dict:
+        """The event settings, when not the defaults (so the fingerprints of entries that leave
+        them out stay what they were before events existed)."""
+        if (self.log_rate, self.log_burst) == (DEFAULT_LOG_RATE, DEFAULT_LOG_BURST):
+            return {}
+        return {"log_rate": self.log_rate, "log_burst": self.log_burst}
 
     def fingerprint(self) -> str:
         """A stable hash of the filter: equal when only spelling (spaces, element order) differs."""

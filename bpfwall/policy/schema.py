@@ -14,6 +14,7 @@ import tomllib
 
 from .. import unitkey
 from ..build import DEFAULT_SET_CAPACITY
+from ..events import DEFAULT_LOG_BURST, DEFAULT_LOG_RATE, check_log_setting
 from ..capacity import CAPACITY_MAX as SET_CAPACITY_MAX, CapacityError, check as check_capacity
 from ..lang.checker import analyze_pair
 from ..lang.errors import LangError
@@ -25,11 +26,12 @@ from .locate import defined_twice, line_of, scan, syntax_error_line
 from .match import UNIT_SUFFIXES
 
 TOP_KEYS = ("defaults", "units")
-DEFAULT_KEYS = ("backend", "mode", "set_capacity", "force_capacity")
-UNIT_KEYS = ("ingress", "egress", "params", "sets", "mode", "backend", "set_capacity", "force_capacity", "cgroup")
+DEFAULT_KEYS = ("backend", "mode", "set_capacity", "force_capacity", "log_rate", "log_burst")
+UNIT_KEYS = ("ingress", "egress", "params", "sets", "mode", "backend", "set_capacity", "force_capacity", "cgroup",
+             "log_rate", "log_burst")
 CHOICES = {"backend": ("bpf", "nft"), "mode": ("enforce", "audit")}
 BUILTIN_DEFAULTS = {"backend": "bpf", "mode": "enforce", "set_capacity": DEFAULT_SET_CAPACITY,
-                    "force_capacity": False}
+                    "force_capacity": False, "log_rate": DEFAULT_LOG_RATE, "log_burst": DEFAULT_LOG_BURST}
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -140,6 +142,14 @@ class _File:
             return value
         return None
 
+    def log_setting(self, value, path: tuple, key: str) -> int | None:
+        """log_rate (drop events a second, 0: none) or log_burst."""
+        try:
+            return check_log_setting(key, value)
+        except ValueError as e:
+            self.error(path, str(e).partition(": ")[2] + f", got {value!r}")
+            return None
+
     def flag(self, value, path: tuple) -> bool | None:
         if isinstance(value, bool):
             return value
@@ -158,12 +168,13 @@ class _File:
             self.error(path + ("set_capacity",) if here else path, str(e))
 
     def settings(self, table: dict, path: tuple, base: dict) -> dict:
-        """backend, mode and set_capacity of `table` over `base`; bad values keep the base."""
+        """backend, mode, set_capacity, log_rate… of `table` over `base`; bad values keep the base."""
         out = dict(base)
         for key in DEFAULT_KEYS:
             if key in table:
                 value = (self.capacity(table[key], path + (key,)) if key == "set_capacity"
                          else self.flag(table[key], path + (key,)) if key == "force_capacity"
+                         else self.log_setting(table[key], path + (key,), key) if key.startswith("log_")
                          else self.choice(table[key], path + (key,), key))
                 if value is not None:
                     out[key] = value
@@ -174,7 +185,7 @@ class _File:
         self.known_keys(self.data, (), TOP_KEYS)
         defaults = dict(BUILTIN_DEFAULTS)
         if "defaults" in self.data:
-            table = self.table(self.data["defaults"], ("defaults",), "backend, mode, set_capacity, force_capacity")
+            table = self.table(self.data["defaults"], ("defaults",), "backend, mode, set_capacity, force_capacity, log_rate, log_burst")
             if table is not None:
                 self.known_keys(table, ("defaults",), DEFAULT_KEYS)
                 defaults = self.settings(table, ("defaults",), defaults)
@@ -199,7 +210,7 @@ class _File:
             if not unitkey.is_pattern(name) and not name.endswith(UNIT_SUFFIXES):
                 self.error(path, f"'{name}' is not a unit name: it must end in "
                            + ", ".join(UNIT_SUFFIXES[:-1]) + f" or {UNIT_SUFFIXES[-1]}")
-        body = self.table(body, path, "ingress, egress, params, sets, mode, backend, set_capacity, force_capacity, cgroup")
+        body = self.table(body, path, "ingress, egress, params, sets, mode, backend, set_capacity, force_capacity, cgroup, log_rate, log_burst")
         if body is None:
             return None
         self.known_keys(body, path, UNIT_KEYS)
@@ -224,7 +235,8 @@ class _File:
         return Entry(name=name, ingress=texts.get("ingress"), egress=texts.get("egress"),
                      params=params, sets=sets, mode=settings["mode"], backend=settings["backend"],
                      set_capacity=settings["set_capacity"], cgroup=cgroup, file=self.file,
-                     line=self.line(path), checked=checked)
+                     line=self.line(path), checked=checked,
+                     log_rate=settings["log_rate"], log_burst=settings["log_burst"])
 
     def cgroup(self, value, path: tuple, name: str) -> str | None:
         if value is None:

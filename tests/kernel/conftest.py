@@ -8,7 +8,9 @@ import uuid
 
 import pytest
 
+from bpfwall.nft import runner as nft_runner
 from bpfwall.sandbox import TempCgroup
+from tests.kernel.realpackets import NetNamespace
 from tests.kernel.watcher import Daemon, remove_tree
 
 
@@ -58,3 +60,17 @@ def table(tmp_path, monkeypatch):
     """The name of an nft table of the test's own, its state directory under tmp_path."""
     monkeypatch.setenv("BPFWALL_NFT_STATE_DIR", str(tmp_path / "nft-state"))
     return f"bpfwall-test-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="module")
+def nft_world():
+    """A private network namespace (this thread inside it) and one policed cgroup, for a module.
+
+    nft rules belong to a network namespace: the nft backend's libnftables worker is
+    restarted inside ours, and again outside it afterwards."""
+    with NetNamespace() as netns, TempCgroup("bpfwall-test") as cg:
+        nft_runner.reset()
+        try:
+            yield netns, cg
+        finally:
+            nft_runner.reset()

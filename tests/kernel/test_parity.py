@@ -36,9 +36,7 @@ from bpfwall.build import UnitProgram
 from bpfwall.lang.checker import analyze
 from bpfwall.lang.evaluator import evaluate
 from bpfwall.lang.packet import parse_packet
-from bpfwall.nft import runner as nft_runner
-from bpfwall.sandbox import TempCgroup
-from tests.kernel.realpackets import Exchange, NetNamespace, PacketSpec, batches
+from tests.kernel.realpackets import Exchange, PacketSpec, batches
 from tests.strategies import expressions, param_values, set_values
 
 pytestmark = [pytest.mark.kernel, pytest.mark.traffic]
@@ -69,17 +67,9 @@ class Backend:
 
 
 @pytest.fixture(scope="module")
-def world():
-    """A private network namespace (this thread inside it) and one policed cgroup.
-
-    nft rules belong to a network namespace: the nft backend's libnftables worker is
-    restarted inside ours, and again outside it afterwards."""
-    with NetNamespace() as netns, TempCgroup("bpfwall-test") as cg:
-        nft_runner.reset()
-        try:
-            yield netns, cg
-        finally:
-            nft_runner.reset()
+def world(nft_world):
+    """A private network namespace (this thread inside it) and one policed cgroup (conftest)."""
+    return nft_world
 
 
 @pytest.fixture

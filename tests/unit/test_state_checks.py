@@ -29,17 +29,34 @@ def unit_record() -> dict:
     return {"ingress": "udp && local_port in @p", "egress": None, "params": {"x": 3}, "mode": "enforce",
             "sets": {"p": {"kind": "number", "elements": ["53", "8000..8100"]}},
             "objects": {"chains": chains, "sets": [names.set("p", "port")],
-                        "counters": [names.counter("ingress", "pass"), names.counter("ingress", "drop")],
+                        "counters": [names.counter("ingress", v) for v in ("pass", "drop", "lost")],
                         "rules": {chains[0]: 2, chains[1]: 1}},
-            "attached": [{"cgroup": "system.slice/a.service", "level": 2, "id": 1234, "directions": ["ingress"]}]}
+            "attached": [{"cgroup": "system.slice/a.service", "level": 2, "id": 1234, "directions": ["ingress"]}],
+            "log_rate": 10, "log_burst": 50}
 
 
 def good_state() -> dict:
-    return {"version": 2, "table": TABLE, "units": {"a.service": unit_record()}}
+    return {"version": 3, "table": TABLE, "log_group": 2120, "units": {"a.service": unit_record()}}
 
 
 def test_a_state_bpfwall_writes_passes():
     check_state(good_state(), TABLE)
+
+
+def test_a_version_2_state_reads_as_one_without_events(tmp_path):
+    """Version 2 (before drop events) rendered no log rules and no lost counters: it reads as
+    log_rate 0, which renders the same, and is written back as version 3."""
+    state = good_state()
+    del state["log_group"]
+    u = state["units"]["a.service"]
+    del u["log_rate"], u["log_burst"]
+    u["objects"]["counters"] = u["objects"]["counters"][:2]
+    state["version"] = 2
+    sf = StateFile(TABLE, str(tmp_path / "nft"))
+    read = sf.decode(encode(state))
+    assert (read.units["a.service"].log_rate, read.log_group) == (0, 2120)
+    assert read.as_json()["version"] == 3
+    check_state(read.as_json(), TABLE)
 
 
 @pytest.mark.parametrize("ingress,egress", [
@@ -59,8 +76,10 @@ def test_every_rendering_passes_the_check(ingress, egress):
     u["sets"] = {n: s for n, s in u["sets"].items() if f"@{n}" in (ingress or "") + (egress or "")}
     u["attached"][0]["directions"] = [d for d in ("ingress", "egress") if u[d] is not None]
     u["objects"] = Objects().as_json()  # nothing rendered yet: what from_json reads before the rendering
-    u["objects"] = layout.objects_of(nft._render("b.service", UnitState.from_json(u))).as_json()
-    check_state({"version": 2, "table": TABLE, "units": {"b.service": u}}, TABLE)
+    for rate in (0, 25):
+        u.update(log_rate=rate, log_burst=7)
+        u["objects"] = layout.objects_of(nft._render("b.service", UnitState.from_json(u), 9)).as_json()
+        check_state({"version": 3, "table": TABLE, "log_group": 9, "units": {"b.service": u}}, TABLE)
 
 
 def _set(path: str, value):
@@ -84,6 +103,14 @@ BAD = {  # what a hand edit or damage may do → the field the error must name
     "unit a string": (_set(U, "x"), "units.a.service: expected an object"),
     "unit name": (lambda s: s["units"].update({"a/b": s["units"]["a.service"]}), "'a/b' is not a unit name"),
     "version": (_set("version", "2"), "version:"),
+    "log_group too big": (_set("log_group", 65536), "log_group:"),
+    "log_group missing": (_set("log_group", KeyError), "missing log_group"),
+    "log_rate negative": (_set(f"{U}/log_rate", -1), "units.a.service.log_rate"),
+    "log_burst zero": (_set(f"{U}/log_burst", 0), "units.a.service.log_burst"),
+    "log_rate a string": (_set(f"{U}/log_rate", "10"), "units.a.service.log_rate"),
+    "no lost counter while logging": (lambda s: s["units"]["a.service"]["objects"]["counters"].pop(),
+                                      "objects.counters"),
+    "lost counter while not logging": (_set(f"{U}/log_rate", 0), "objects.counters"),
     "other table": (_set("table", "other"), "table: expected"),
     "expression a number": (_set(f"{U}/ingress", 5), "units.a.service.ingress"),
     "mode": (_set(f"{U}/mode", "allow-all"), "units.a.service.mode"),
