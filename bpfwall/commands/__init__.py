@@ -3,6 +3,7 @@
     language  check, explain, test, help        filters  load, attach, detach, path, pin,
     unit      apply, dropin, run                         unload, list, stats, set
     watch     watch                             policy   policy check|show|match, import-scnpm
+    metrics   metrics (Prometheus)
     nft       nft-guard, nft-restore            gc       gc
     options   the shared options, declared once, and what they resolve to
     common    printing results; the filter options → a checked program and its values
@@ -14,7 +15,7 @@ and `fn(args)` runs the command. Errors derive from bpfwall.errors.Error.
 """
 import importlib
 
-MODULES = ("language", "filters", "watch", "policy", "unit", "nft", "gc")  # in the order --help lists them
+MODULES = ("language", "filters", "watch", "metrics", "policy", "unit", "nft", "gc")  # in the order --help lists them
 
 
 def register_all(add) -> None:
