@@ -110,7 +110,7 @@ install: venv
 	printf '%s\n' "$$LAUNCHER" > "$(DESTDIR)$(PREFIX)/bin/bpfwall"
 	chmod 0755 "$(DESTDIR)$(PREFIX)/bin/bpfwall"
 	install -d "$(DESTDIR)$(UNITDIR)"
-	for u in bpfwall.service bpfwall@.service; do \
+	for u in bpfwall.service bpfwall@.service bpfwall-metrics.service bpfwall-metrics.timer; do \
 		sed -e 's|/usr/local/bin/bpfwall|$(PREFIX)/bin/bpfwall|g' -e 's|/usr/local/share/doc/bpfwall|$(DOCDIR)|g' \
 			"units/$$u" > "$(DESTDIR)$(UNITDIR)/$$u" && chmod 0644 "$(DESTDIR)$(UNITDIR)/$$u"; done
 	install -d "$(DESTDIR)$(DOCDIR)/examples/policy" "$(DESTDIR)$(DOCDIR)/examples/units/nginx.service.d" \
@@ -130,7 +130,9 @@ install: venv
 uninstall:
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl disable --now bpfwall.service || true; fi
 	rm -rf "$(DESTDIR)$(LIBDIR)" "$(DESTDIR)$(DOCDIR)"
-	rm -f "$(DESTDIR)$(PREFIX)/bin/bpfwall" "$(DESTDIR)$(UNITDIR)/bpfwall.service" "$(DESTDIR)$(UNITDIR)/bpfwall@.service"
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl disable --now bpfwall-metrics.timer || true; fi
+	rm -f "$(DESTDIR)$(PREFIX)/bin/bpfwall" "$(DESTDIR)$(UNITDIR)/bpfwall.service" "$(DESTDIR)$(UNITDIR)/bpfwall@.service" \
+		"$(DESTDIR)$(UNITDIR)/bpfwall-metrics.service" "$(DESTDIR)$(UNITDIR)/bpfwall-metrics.timer"
 	for f in examples/policy/*.toml; do rm -f "$(DESTDIR)$(SYSCONFDIR)/bpfwall/$$(basename "$$f").example"; done
 	-rmdir "$(DESTDIR)$(SYSCONFDIR)/bpfwall" 2>/dev/null
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi

@@ -4,6 +4,7 @@
     unit      apply, dropin, run                         unload, list, stats, set
     tune      tune (the terminal UI, bpfwall/tune/)
     watch     watch                             policy   policy check|show|match, import-scnpm
+    metrics   metrics (Prometheus)
     nft       nft-guard, nft-restore            gc       gc
     options   the shared options, declared once, and what they resolve to
     common    printing results; the filter options → a checked program and its values
@@ -15,7 +16,7 @@ and `fn(args)` runs the command. Errors derive from bpfwall.errors.Error.
 """
 import importlib
 
-MODULES = ("language", "filters", "tune", "watch", "policy", "unit", "nft", "gc")  # in the order --help lists them
+MODULES = ("language", "filters", "tune", "watch", "metrics", "policy", "unit", "nft", "gc")  # in the order --help lists them
 
 
 def register_all(add) -> None:

@@ -2,6 +2,8 @@
 unload, list, stats, set; and, for pinned BPF programs only, path and pin."""
 from __future__ import annotations
 
+import argparse
+
 from ..errors import UsageError
 from .common import emit, filter_program, param_values, set_values
 from .options import backend, filter_options, unit_argument
@@ -44,6 +46,9 @@ def register(add) -> None:
 
     p = add("stats", "show a unit's counters, mode, params, sets and attachments", True)
     unit_argument(p, "a loaded unit")
+    p.add_argument("--watch", nargs="?", const=1.0, type=interval, metavar="SECONDS",
+                   help="print packet and byte rates every SECONDS (default 1) until interrupted; "
+                        "with --json one object per line")
     p.set_defaults(handler=cmd_stats)
 
     p = add("set", "change params, sets or mode live: name=VALUE, @set+E,.., @set-E,.., @set=E,.., mode=audit", True)
@@ -134,7 +139,21 @@ def describe_attachments(attached: list[dict]) -> str:
     return ", ".join(one(a) for a in attached) or "not attached"
 
 
+def interval(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0.05 <= seconds <= 86400:  # also false for nan
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds between reads, from 0.05 to 86400")
+    return seconds
+
+
 def cmd_stats(args) -> None:
+    if args.watch is not None:
+        from .stats_watch import watch
+
+        return watch(backend(args), args.unit, args.watch, getattr(args, "json", False))
     s = backend(args).stats(args.unit)
     lines = [f"{s['unit']} [{s['mode']}]"]
     for d in DIRECTION_CHOICES:

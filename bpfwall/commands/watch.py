@@ -16,6 +16,9 @@ def register(add) -> None:
     p.add_argument("--state-dir", metavar="DIR",
                    help="where the watcher remembers what it loaded (default $BPFWALL_STATE_DIR or /run/bpfwall)")
     p.add_argument("--once", action="store_true", help="load, reconcile once and exit (e.g. ExecStartPre=)")
+    p.add_argument("--metrics-listen", metavar="ADDR:PORT",
+                   help="serve every unit's counters and the reaction-time histogram as Prometheus metrics "
+                        "over HTTP (PORT alone: on 127.0.0.1; IPv6 as [ADDR]:PORT); off by default")
     p.add_argument("-v", "--verbose", action="store_true", help="also log debug records (vanished cgroups)")
     p.set_defaults(handler=run)
 
@@ -27,6 +30,11 @@ def run(args) -> None:
     from ..watch.notify import Notifier
     from ..watch.state import DEFAULT_STATE_DIR
 
+    listen = None
+    if args.metrics_listen is not None:
+        from ..metrics import parse_listen
+
+        listen = parse_listen(args.metrics_listen)  # a bad address: refused before anything starts
     root = cgroup.resolve(args.cgroup_root) if args.cgroup_root else cgroup.cgroup2_mount()
     state_dir = args.state_dir or os.environ.get("BPFWALL_STATE_DIR") or DEFAULT_STATE_DIR
     # The backends are built from the global options: --pin-root, --cache-dir, and --table
@@ -34,8 +42,32 @@ def run(args) -> None:
     watcher = Watcher(getattr(args, "policy_dir", None), pin_root(args), root, state_dir, Log(args.verbose),
                       Notifier(), cache_dir(args), table=table(args))
     try:
+        if listen is not None:
+            serve_metrics(watcher, listen, pin_root(args), table(args))
         watcher.start(once=args.once)
         if not args.once:
             watcher.run()
     finally:
         watcher.close()
+
+
+def serve_metrics(watcher, listen: tuple[str, int], pin_root: str, table: str) -> None:
+    """The metrics endpoint, served from a thread with backends of its own (the watcher's loop and
+    a scrape share nothing but the kernel's objects); the loop observes its reaction times."""
+    from .. import backends, metrics
+
+    noted: set[str] = set()
+
+    def note(text: str) -> None:  # once each, not at every scrape
+        if text not in noted:
+            noted.add(text)
+            watcher.log.warning("metrics", text)
+
+    reg = metrics.registry(backends.every(pin_root=pin_root, table=table), note)
+    watcher.reaction = metrics.reaction_histogram(reg).observe
+    metrics.serve(reg, *listen)
+    watcher.log.info("metrics", f"serving metrics on http://{_host(listen[0])}:{listen[1]}/metrics")
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address

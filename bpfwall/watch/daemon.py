@@ -89,6 +89,7 @@ class Watcher:
         self._resync: dict[str, str] = {}      # cgroup whose sync failed → the error (logged once)
         self._retry_at: float | None = None    # when to retry those (monotonic)
         self._signals: tuple[int, int, dict, int] | None = None  # pipe fds, previous handlers, wakeup fd
+        self.reaction = None  # told the seconds from a new cgroup's IN_CREATE read to its attach (metrics)
 
     # -- helpers --------------------------------------------------------------
 
@@ -333,6 +334,8 @@ class Watcher:
             if handle is not None:
                 new = handle.attach(path)
                 self.attached[path] = handle.name
+                if new and fresh and self.reaction is not None:
+                    self.reaction(time.monotonic() - self._last_event)  # handle() set it as it read the event
                 if new:
                     self.log.info("attach", f"{handle.name} → {path} ({', '.join(new)})",
                                   unit=os.path.basename(path), cgroup=path, direction=",".join(new),

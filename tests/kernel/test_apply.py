@@ -116,6 +116,8 @@ def test_make_install_with_destdir_is_complete_and_runs(tmp_path, cache_dir):
     for path in ("usr/local/bin/bpfwall", "usr/local/lib/bpfwall/bpfwall/cli.py",
                  "usr/local/lib/bpfwall/bpfwall/bpf/port_filter.c",
                  "usr/local/lib/systemd/system/bpfwall.service", "usr/local/lib/systemd/system/bpfwall@.service",
+                 "usr/local/lib/systemd/system/bpfwall-metrics.service",
+                 "usr/local/lib/systemd/system/bpfwall-metrics.timer",
                  "usr/local/share/doc/bpfwall/examples/units/nginx.service.d/bpfwall.conf",
                  "usr/local/share/doc/bpfwall/examples/units/bpfwall.service.d/nft-hybrid.conf",
                  "etc/bpfwall/50-example.toml.example"):

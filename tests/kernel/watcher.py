@@ -61,12 +61,13 @@ class Daemon:
         return [PYTHON, "-m", "bpfwall", "watch", "--cgroup-root", self.root, "--policy-dir", str(self.policy_dir),
                 "--pin-root", self.pin_root, "--state-dir", str(self.state_dir), *extra]
 
-    def start(self, wait_ready=True):
+    def start(self, wait_ready=True, extra=()):
+        """Run `bpfwall watch -v EXTRA…`; with `wait_ready`, return once it said READY=1."""
         self.runs += 1
         self.log_path = self.tmp_path / f"watch-{self.runs}.log"
         env = {**os.environ, "NOTIFY_SOCKET": self.notify_name, "BPFWALL_LOG": "stderr"}
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(self.args("-v"), stderr=log, stdout=log, env=env, cwd=REPO)
+            self.proc = subprocess.Popen(self.args("-v", *extra), stderr=log, stdout=log, env=env, cwd=REPO)
         if wait_ready:
             self.wait_message("READY=1")
         return self

@@ -32,7 +32,7 @@ PACKAGES = (
     # systemd itself, logind (linger, user managers) and the D-Bus it needs
     "systemd", "systemd-sysv", "dbus", "libpam-systemd",
     # bpfwall inside: python3 3.11 (tomllib), its Debian modules, the BPF compiler and headers
-    "python3", "python3-pyelftools", "python3-systemd",
+    "python3", "python3-pyelftools", "python3-systemd", "python3-prometheus-client",
     "clang", "libbpf-dev", "linux-libc-dev", "libc6-dev",
     # looking around when a test fails
     "iproute2", "iputils-ping", "procps",
