@@ -16,9 +16,10 @@ from .common import emit
 from .options import backend, table
 
 def cmd_guard(args) -> None:
+    from ..backends.nft import default_table
     from ..nft.guard import Guard
 
-    name = table(args)
+    name = table(args) or default_table()
 
     def restored(r):
         print(f"restored table inet {r.table}", file=sys.stderr, flush=True)

@@ -48,10 +48,10 @@ def cache_dir(args):
     return Path(value) if value else None
 
 
-def table(args) -> str:
-    from ..backends.nft import default_table
-
-    return getattr(args, "table", None) or default_table()
+def table(args) -> str | None:
+    """The --table given; None: the nft backend's default ($BPFWALL_NFT_TABLE or "bpfwall").
+    Not resolved here: that would import the nft backend (~50 ms) for every bpf command."""
+    return getattr(args, "table", None)
 
 
 def backend_name(args) -> str:
