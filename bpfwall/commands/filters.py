@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from .common import emit, filter_program, param_values, set_values
-from .options import backend, filter_options, unit_argument
+from .options import backend, filter_options, log_value, unit_argument
 
 DIRECTION_CHOICES = ("ingress", "egress")
 CGROUP_HELP = "a cgroup: absolute, or relative to the cgroup2 mount (e.g. system.slice/nginx.service)"
@@ -49,7 +49,7 @@ def register(add) -> None:
     p = add("set", "change params, sets or mode live: name=VALUE, @set+E,.., @set-E,.., @set=E,.., mode=audit", True)
     unit_argument(p, "a loaded unit")
     p.add_argument("changes", nargs="+", metavar="CHANGE",
-                   help="NAME=VALUE (a $param), mode=enforce|audit, @SET+E1,E2 (add), @SET-E1,E2 (remove), "
+                   help="NAME=VALUE (a $param), mode=enforce|audit, log_rate=N, log_burst=N (drop events per second, burst), @SET+E1,E2 (add), @SET-E1,E2 (remove), "
                         "@SET=E1,E2 (replace); all are checked before the first is made")
     p.set_defaults(handler=cmd_set)
 
@@ -163,6 +163,8 @@ def parse_change(text: str):
         if value not in ("enforce", "audit"):
             raise UsageError(f"mode={value}: mode is enforce or audit")
         return ("mode", value)
+    if name in ("log_rate", "log_burst"):
+        return ("log", name, log_value(name, value))
     from ..lang.values import parse_param_assignment
 
     return ("param",) + parse_param_assignment(text)

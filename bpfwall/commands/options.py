@@ -114,3 +114,18 @@ def capacity_options(p) -> None:
 
 def unit_argument(p, what: str = "the unit") -> None:
     p.add_argument("unit", help=f"{what}: a systemd unit name, e.g. nginx.service")
+
+
+# -- drop events' limit: `set log_rate=N`, load/apply/run --log-rate/--log-burst ----------------
+
+def log_value(name: str, text: str) -> int:
+    """A log_rate/log_burst value: a whole number in range (log_rate 0 turns events off)."""
+    from ..program_contract import LOG_LIMIT_MAX
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= LOG_LIMIT_MAX:
+        raise UsageError(f"{name}={text}: a whole number 0..{LOG_LIMIT_MAX} (log_rate=0 turns drop events off)")
+    return value
