@@ -2,6 +2,7 @@
 
     language  check, explain, test, help        filters  load, attach, detach, path, pin,
     unit      apply, dropin, run                         unload, list, stats, set
+    monitor   monitor (drop events, live)
     watch     watch                             policy   policy check|show|match, import-scnpm
     nft       nft-guard, nft-restore            gc       gc
     options   the shared options, declared once, and what they resolve to
@@ -14,7 +15,7 @@ and `fn(args)` runs the command. Errors derive from bpfwall.errors.Error.
 """
 import importlib
 
-MODULES = ("language", "filters", "watch", "policy", "unit", "nft", "gc")  # in the order --help lists them
+MODULES = ("language", "filters", "monitor", "watch", "policy", "unit", "nft", "gc")  # in the order --help lists them
 
 
 def register_all(add) -> None:
