@@ -43,9 +43,10 @@ def cmd_monitor(args) -> None:
                 events = source.read(None)
                 if args.count is not None:
                     events = events[:args.count - shown]
-                out.write("".join((json.dumps(e.as_json()) if args.json else e.line()) + "\n" for e in events))
-                out.flush()
+                text = "".join((json.dumps(e.as_json()) if args.json else e.line()) + "\n" for e in events)
                 shown += len(events)
+                out.write(text)
+                out.flush()
         except (KeyboardInterrupt, _Stop):
             lost = sum(n - lost_before.get(k, 0) for k, n in source.lost().items())
             print(f"bpfwall monitor: {shown} events shown, {lost} lost (rate limit or full buffer) meanwhile",
