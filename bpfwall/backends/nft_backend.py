@@ -88,7 +88,9 @@ class NftBackend:
 
     # -- the commands --------------------------------------------------------------------------
 
-    def load(self, unit: str, program, params=None, sets=None, mode=None) -> Loaded:
+    def load(self, unit: str, program, params=None, sets=None, mode=None, log=None) -> Loaded:
+        if log:
+            raise nft.NftError("log_rate/log_burst: the nft backend does not take a drop events' limit yet")
         r = nft.load(self.table, unit, program, params, sets, mode)
         places = {d: f"table inet {r.table} chain {c}" for d, c in r.chains.items()}
         return Loaded(unit, places, r.replaced, r.attached, r.detached, {"table": r.table, "chains": r.chains})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from .common import emit, filter_program, param_values, set_values
-from .options import backend, filter_options, log_value, unit_argument
+from .options import backend, filter_options, log_limit, log_value, unit_argument
 
 DIRECTION_CHOICES = ("ingress", "egress")
 CGROUP_HELP = "a cgroup: absolute, or relative to the cgroup2 mount (e.g. system.slice/nginx.service)"
@@ -57,7 +57,7 @@ def register(add) -> None:
 def cmd_load(args) -> None:
     unit_program = filter_program(args, "load")
     params, sets = param_values(args), set_values(args, unit_program)
-    result = backend(args).load(args.unit, unit_program, params, sets, args.mode)
+    result = backend(args).load(args.unit, unit_program, params, sets, args.mode, log=log_limit(args))
     lines = [f"loaded {args.unit}"] + [f"  {d}: {place}" for d, place in result.places.items()]
     if result.replaced:
         lines.append(f"  replaced in place on {len(result.replaced)} attachment(s)")

@@ -23,19 +23,11 @@ def register(add) -> None:
     p.set_defaults(handler=cmd_monitor)
 
 
-class _Stop(Exception):
-    """SIGTERM, turned into a clean end like Ctrl-C."""
-
-
-def _stop(signum, frame):
-    raise _Stop()
-
-
 def cmd_monitor(args) -> None:
     source = backend(args).events(args.units or None)
     out = sys.stdout
     shown = 0
-    previous = signal.signal(signal.SIGTERM, _stop)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # ends it as Ctrl-C does
     try:
         lost_before = source.lost()
         try:
@@ -47,7 +39,7 @@ def cmd_monitor(args) -> None:
                 shown += len(events)
                 out.write(text)
                 out.flush()
-        except (KeyboardInterrupt, _Stop):
+        except KeyboardInterrupt:
             lost = sum(n - lost_before.get(k, 0) for k, n in source.lost().items())
             print(f"bpfwall monitor: {shown} events shown, {lost} lost (rate limit or full buffer) meanwhile",
                   file=sys.stderr)

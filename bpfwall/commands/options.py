@@ -91,6 +91,7 @@ def filter_options(p, command: str) -> None:
                    help="enforce drops what the filter refuses; audit passes everything and counts what it "
                         "would drop (default: enforce; a reload keeps the unit's mode)")
     capacity_options(p)
+    log_options(p)
 
 
 def value_options(p, reload: bool = False) -> None:
@@ -129,3 +130,19 @@ def log_value(name: str, text: str) -> int:
     if not 0 <= value <= LOG_LIMIT_MAX:
         raise UsageError(f"{name}={text}: a whole number 0..{LOG_LIMIT_MAX} (log_rate=0 turns drop events off)")
     return value
+
+
+def log_options(p) -> None:
+    from ..program_contract import LOG_BURST_DEFAULT, LOG_RATE_DEFAULT
+
+    p.add_argument("--log-rate", metavar="N", type=lambda t: log_value("--log-rate", t), default=None,
+                   help=f"drop events per second and direction, at most (0: none; default {LOG_RATE_DEFAULT}, "
+                        "or what a loaded unit has; `bpfwall set UNIT log_rate=N` changes it live)")
+    p.add_argument("--log-burst", metavar="N", type=lambda t: log_value("--log-burst", t), default=None,
+                   help=f"drop events allowed at once above the rate (default {LOG_BURST_DEFAULT})")
+
+
+def log_limit(args) -> dict[str, int] | None:
+    """{log_rate, log_burst} as given on the command line (either may be left out), or None."""
+    out = {k: v for k in ("log_rate", "log_burst") if (v := getattr(args, k, None)) is not None}
+    return out or None

@@ -30,6 +30,9 @@ class Entry:
     cgroup: str | None        # glob on the cgroup path (see bpfwall.policy.match), or None
     file: str
     line: int
+    # The drop events' limit written in the policy ({log_rate, log_burst}, either may be missing:
+    # the unit's current value is kept, or the default on a new load).
+    log: dict[str, int] = field(default_factory=dict)
     # The checked expressions, kept from validation so program() does not parse twice.
     checked: tuple = field(default=(None, None), compare=False, repr=False)
 
@@ -70,6 +73,8 @@ class Entry:
             "mode": self.mode,
             "backend": self.backend,
             "set_capacity": self.set_capacity,
+            # only when written: units without it keep their fingerprints (no reload on upgrade)
+            **({"log": dict(sorted(self.log.items()))} if self.log else {}),
         }
 
     def fingerprint(self) -> str:

@@ -25,8 +25,10 @@ from .locate import defined_twice, line_of, scan, syntax_error_line
 from .match import UNIT_SUFFIXES
 
 TOP_KEYS = ("defaults", "units")
-DEFAULT_KEYS = ("backend", "mode", "set_capacity", "force_capacity")
-UNIT_KEYS = ("ingress", "egress", "params", "sets", "mode", "backend", "set_capacity", "force_capacity", "cgroup")
+DEFAULT_KEYS = ("backend", "mode", "set_capacity", "force_capacity", "log_rate", "log_burst")
+UNIT_KEYS = ("ingress", "egress", "params", "sets", "mode", "backend", "set_capacity", "force_capacity", "cgroup",
+             "log_rate", "log_burst")
+LOG_KEYS = ("log_rate", "log_burst")  # the drop events' limit: only those written are set (see Entry.log)
 CHOICES = {"backend": ("bpf", "nft"), "mode": ("enforce", "audit")}
 BUILTIN_DEFAULTS = {"backend": "bpf", "mode": "enforce", "set_capacity": DEFAULT_SET_CAPACITY,
                     "force_capacity": False}
@@ -140,6 +142,17 @@ class _File:
             return value
         return None
 
+    def log_limit(self, value, path: tuple) -> int | None:
+        from ..program_contract import LOG_LIMIT_MAX
+
+        if not _is_int(value):
+            self.error(path, f"expected an integer (drop events per second / at once), got {type_name(value)}")
+        elif not 0 <= value <= LOG_LIMIT_MAX:
+            self.error(path, f"{value} is out of range (0..{LOG_LIMIT_MAX}; log_rate = 0 turns drop events off)")
+        else:
+            return value
+        return None
+
     def flag(self, value, path: tuple) -> bool | None:
         if isinstance(value, bool):
             return value
@@ -164,6 +177,7 @@ class _File:
             if key in table:
                 value = (self.capacity(table[key], path + (key,)) if key == "set_capacity"
                          else self.flag(table[key], path + (key,)) if key == "force_capacity"
+                         else self.log_limit(table[key], path + (key,)) if key in LOG_KEYS
                          else self.choice(table[key], path + (key,), key))
                 if value is not None:
                     out[key] = value
@@ -174,7 +188,8 @@ class _File:
         self.known_keys(self.data, (), TOP_KEYS)
         defaults = dict(BUILTIN_DEFAULTS)
         if "defaults" in self.data:
-            table = self.table(self.data["defaults"], ("defaults",), "backend, mode, set_capacity, force_capacity")
+            table = self.table(self.data["defaults"], ("defaults",),
+                               "backend, mode, set_capacity, force_capacity, log_rate, log_burst")
             if table is not None:
                 self.known_keys(table, ("defaults",), DEFAULT_KEYS)
                 defaults = self.settings(table, ("defaults",), defaults)
@@ -199,7 +214,8 @@ class _File:
             if not unitkey.is_pattern(name) and not name.endswith(UNIT_SUFFIXES):
                 self.error(path, f"'{name}' is not a unit name: it must end in "
                            + ", ".join(UNIT_SUFFIXES[:-1]) + f" or {UNIT_SUFFIXES[-1]}")
-        body = self.table(body, path, "ingress, egress, params, sets, mode, backend, set_capacity, force_capacity, cgroup")
+        body = self.table(body, path, "ingress, egress, params, sets, mode, backend, set_capacity, force_capacity, "
+                                      "cgroup, log_rate, log_burst")
         if body is None:
             return None
         self.known_keys(body, path, UNIT_KEYS)
@@ -224,6 +240,7 @@ class _File:
         return Entry(name=name, ingress=texts.get("ingress"), egress=texts.get("egress"),
                      params=params, sets=sets, mode=settings["mode"], backend=settings["backend"],
                      set_capacity=settings["set_capacity"], cgroup=cgroup, file=self.file,
+                     log={k: settings[k] for k in LOG_KEYS if k in settings},
                      line=self.line(path), checked=checked)
 
     def cgroup(self, value, path: tuple, name: str) -> str | None:
