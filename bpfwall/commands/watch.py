@@ -16,6 +16,9 @@ def register(add) -> None:
     p.add_argument("--state-dir", metavar="DIR",
                    help="where the watcher remembers what it loaded (default $BPFWALL_STATE_DIR or /run/bpfwall)")
     p.add_argument("--once", action="store_true", help="load, reconcile once and exit (e.g. ExecStartPre=)")
+    p.add_argument("--drop-events", type=int, metavar="N", default=None,
+                   help="forward at most N drop events per unit and second to the journal, count the rest "
+                        "(default 50; 0: none)")
     p.add_argument("-v", "--verbose", action="store_true", help="also log debug records (vanished cgroups)")
     p.set_defaults(handler=run)
 
@@ -32,7 +35,7 @@ def run(args) -> None:
     # The backends are built from the global options: --pin-root, --cache-dir, and --table
     # (default $BPFWALL_NFT_TABLE or "bpfwall"): where nft entries go.
     watcher = Watcher(getattr(args, "policy_dir", None), pin_root(args), root, state_dir, Log(args.verbose),
-                      Notifier(), cache_dir(args), table=table(args))
+                      Notifier(), cache_dir(args), table=table(args), drop_events=args.drop_events)
     try:
         watcher.start(once=args.once)
         if not args.once:
