@@ -145,6 +145,10 @@ def cmd_stats(args) -> None:
         lines.append(f"  ${name} = {value}")
     for name, elements in s["sets"].items():
         lines.append(f"  @{name} = {{{', '.join(elements)}}}")
+    if "events" in s:
+        ev = s["events"]
+        state = f"up to {ev['log_rate']}/s, burst {ev['log_burst']}" if ev["log_rate"] else "off"
+        lines.append(f"  drop events: {state}; lost: ingress {ev['lost']['ingress']}, egress {ev['lost']['egress']}")
     lines.append(f"  attached: {describe_attachments(s['attached'])}")
     emit(args, s, "\n".join(lines))
 

@@ -182,3 +182,29 @@ def test_monitor_ends_cleanly_on_a_closed_pipe(pin_root):
     assert mon.returncode == 0, err
     assert err == ""
     assert len(lines) == 3 and all(" DROP udp " in line for line in lines)
+
+
+def test_audit_mode_reports_would_be_drops(pin_root):
+    load(pin_root)
+    assert bpfwall("set", UNIT, "mode=audit").returncode == 0
+    with BpfEvents(pin_root, [UNIT]) as source:
+        flood(pin_root, 3)
+        got = read_all(source)
+    assert [(e.verdict, e.direction, e.proto_name, e.dport) for e in got] == [("audit", "ingress", "udp", 53)] * 3
+    assert " AUDIT udp " in got[0].line()
+
+
+def test_egress_drops_are_events_of_the_egress_direction(pin_root, temp_cgroup):
+    bpf.load(pin_root, UNIT, UnitProgram(None, analyze("tcp")))
+    bpf.attach(pin_root, UNIT, temp_cgroup.path)
+    with BpfEvents(pin_root, [UNIT]) as source, temp_cgroup.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+        for _ in range(4):
+            with pytest.raises(PermissionError):
+                tx.sendto(b"z", ("127.0.0.1", 9))
+        got = read_all(source)
+        lost = source.lost()
+    assert [(e.direction, e.verdict, e.dport, e.length) for e in got] == [("egress", "drop", 9, 29)] * 4
+    assert {e.cgroup_id for e in got} == {cgroup.cgroup_id(temp_cgroup.path)}
+    assert lost == {(UNIT, "ingress"): 0, (UNIT, "egress"): 0}
+    r = bpfwall("stats", UNIT)
+    assert "  drop events: up to 100/s, burst 200; lost: ingress 0, egress 0" in r.stdout, r.stdout
