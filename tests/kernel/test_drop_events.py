@@ -208,3 +208,27 @@ def test_egress_drops_are_events_of_the_egress_direction(pin_root, temp_cgroup):
     assert lost == {(UNIT, "ingress"): 0, (UNIT, "egress"): 0}
     r = bpfwall("stats", UNIT)
     assert "  drop events: up to 100/s, burst 200; lost: ingress 0, egress 0" in r.stdout, r.stdout
+
+
+def test_load_options_set_the_limit_and_a_reload_without_them_keeps_it(pin_root):
+    r = bpfwall("load", UNIT, "--ingress", "tcp", "--log-rate", "7", "--log-burst", "9")
+    assert r.returncode == 0, r.stderr
+    assert bpf.stats(pin_root, UNIT)["events"]["log_rate"] == 7
+    assert bpfwall("load", UNIT, "--ingress", "udp", "--log-burst", "11").returncode == 0
+    events = bpf.stats(pin_root, UNIT)["events"]
+    assert (events["log_rate"], events["log_burst"]) == (7, 11)
+    r = bpfwall("load", UNIT, "--ingress", "udp", "--log-rate", "2000000")
+    assert r.returncode == 2 and "--log-rate=2000000" in r.stderr
+    assert bpf.stats(pin_root, UNIT)["events"]["log_rate"] == 7
+
+
+def test_apply_takes_the_limit_from_the_policy(pin_root, trusted_tmp_path):
+    policy = trusted_tmp_path / "policy"
+    policy.mkdir()
+    (policy / "10-test.toml").write_text(f'[defaults]\nlog_burst = 40\n[units."{UNIT}"]\ningress = "tcp"\nlog_rate = 3\n')
+    r = bpfwall("apply", UNIT, "--policy-dir", str(policy))
+    assert r.returncode == 0, r.stderr
+    events = bpf.stats(pin_root, UNIT)["events"]
+    assert (events["log_rate"], events["log_burst"]) == (3, 40)
+    assert bpfwall("apply", UNIT, "--policy-dir", str(policy), "--log-rate", "5").returncode == 0
+    assert bpf.stats(pin_root, UNIT)["events"]["log_rate"] == 5  # the command line over the policy
