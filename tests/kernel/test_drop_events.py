@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -19,7 +20,8 @@ from bpfwall.build import UnitProgram
 from bpfwall.kernel import cgroup, progs
 from bpfwall.lang.checker import analyze
 from tests.kernel.invoke import PYTHON, REPO, bpfwall
-from tests.kernel.sockets import V4, V6, bound, receive_all
+from tests.kernel.sockets import V4, V6, arrived, bound, receive_all
+from tests.kernel.watcher import attached_id, inside, mkcg, unit, wait_for, write_policy
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("no_leaks")]
 
@@ -232,3 +234,23 @@ def test_apply_takes_the_limit_from_the_policy(pin_root, trusted_tmp_path):
     assert (events["log_rate"], events["log_burst"]) == (3, 40)
     assert bpfwall("apply", UNIT, "--policy-dir", str(policy), "--log-rate", "5").returncode == 0
     assert bpf.stats(pin_root, UNIT)["events"]["log_rate"] == 5  # the command line over the policy
+
+
+def test_the_watcher_forwards_drop_events_capped_per_second(daemon, policy_dir, pin_root, subtree):
+    """With its log on stderr (no journal here: the systemd tier checks journalctl -u), the watcher
+    writes each drop event's line, at most --drop-events a unit and second, then a summary."""
+    write_policy(policy_dir, unit("a.service", ingress="tcp", extra="log_rate = 1000\nlog_burst = 1000"))
+    a = mkcg(subtree, "a.service")
+    plain = daemon.args
+    daemon.args = lambda *extra: plain(*extra, "--drop-events", "5")  # what start() runs, with a cap of 5
+    daemon.start()
+    wait_for("a.service attached", lambda: attached_id(pin_root, a) is not None)
+    assert bpf.stats(pin_root, "a.service")["events"]["log_rate"] == 1000
+    with inside(a):
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with rx, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+        rx.bind(("127.0.0.1", 0))
+        assert arrived(rx, tx, rx.getsockname()[1], count=8) == 0
+    pattern = re.compile(r"\d\d:\d\d:\d\d\.\d{3} a\.service ingress DROP udp 127\.0\.0\.1:\d+ → 127\.0\.0\.1:\d+ len 32")
+    wait_for("the summary", lambda: "a.service: 3 drop events not logged (more than 5 a second)" in daemon.log())
+    assert len([line for line in daemon.log().splitlines() if pattern.fullmatch(line)]) == 5
