@@ -4,6 +4,11 @@
 Both run through BPF_PROG_TEST_RUN (repeat ≥ 1,000,000, the kernel reports the
 mean ns per run); rounds alternate the two programs so drift hits both, and the
 median over rounds is reported. Writes bench/out/per_packet.json.
+
+Then drop events (issue 10): a passing and a dropped packet through the same object loaded
+twice, events off (log_rate 0) and on, in the same rounds as the empty program. "on, limited"
+is a flood's usual case (the token bucket says no: the loss is counted); "on, written" writes
+every record (the limit never bites; runs short enough to fit the ring, drained between runs).
 """
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from packets import PACKETS  # noqa: E402
 
-from bpfwall.backends.bpf import ETH_P  # noqa: E402
+from bpfwall import program_contract as pc  # noqa: E402
+from bpfwall.backends.bpf import ETH_P, PinnedUnit  # noqa: E402
+from bpfwall.kernel.ringbuf import RingBuffer  # noqa: E402
 from bpfwall.build import UnitProgram, build  # noqa: E402
 from bpfwall.kernel import loader, progs, syscall  # noqa: E402
 from bpfwall.lang.checker import analyze  # noqa: E402
@@ -66,11 +73,68 @@ def main() -> None:
     deltas = [r["delta_ns"] for r in rows]
     summary = {"median_delta_ns": statistics.median(deltas), "max_delta_ns": max(deltas)}
     print(f"median delta over packets: {summary['median_delta_ns']:.1f} ns, max {summary['max_delta_ns']:.1f} ns")
+    summary["events"] = events_bench(obj, repeat=args.repeat, rounds=args.rounds)
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "per_packet.json"), "w") as f:
         json.dump({"filter": FILTER, "repeat": args.repeat, "rounds": args.rounds, "rows": rows,
                    **summary}, f, indent=2)
+
+
+def _set_limit(loaded, rate: int, burst: int) -> None:
+    unit = PinnedUnit("(bench)", "", {}, dict(loaded.maps), {})
+    unit.write_log_limit({"log_rate": rate, "log_burst": burst})
+
+
+def events_bench(obj, repeat: int, rounds: int) -> dict:
+    """Pass and drop, events off and on, beside the empty program, same rounds."""
+    empty = progs.prog_load(syscall.BPF_PROG_TYPE_CGROUP_SKB, EMPTY, "GPL", syscall.BPF_CGROUP_INET_INGRESS, "empty")
+    off, on = loader.load(obj), loader.load(obj)
+    ring = RingBuffer(on.maps[pc.EVENTS])
+    written_repeat = 500  # < the ring's ~900 records: every run writes all of its events
+    try:
+        _set_limit(off, 0, 0)
+        packets = {"pass": PACKETS["ipv4/tcp:80"], "drop": PACKETS["ipv4/tcp:22"]}
+        ns = {k: [] for k in ("empty", "pass/off", "pass/on", "drop/off", "drop/on-limited", "drop/on-written")}
+        for _ in range(rounds):
+            for verdict, pkt in packets.items():
+                data = b"\0" * 12 + struct.pack("!H", ETH_P[pkt[0] >> 4]) + pkt
+                if verdict == "pass":
+                    ns["empty"].append(progs.prog_test_run(empty, data, repeat)[1])
+                ns[f"{verdict}/off"].append(progs.prog_test_run(off.progs["cgroup_skb/ingress"], data, repeat)[1])
+                fd = on.progs["cgroup_skb/ingress"]
+                if verdict == "pass":
+                    _set_limit(on, pc.LOG_LIMIT_MAX, pc.LOG_LIMIT_MAX)
+                    ns["pass/on"].append(progs.prog_test_run(fd, data, repeat)[1])
+                    continue
+                _set_limit(on, 1, 1)  # one event, then the bucket is empty: the limited path
+                ns["drop/on-limited"].append(progs.prog_test_run(fd, data, repeat)[1])
+                ring.drain()
+                _set_limit(on, pc.LOG_LIMIT_MAX, pc.LOG_LIMIT_MAX)
+                runs = []
+                for _ in range(max(1, repeat // written_repeat // 20)):
+                    runs.append(progs.prog_test_run(fd, data, written_repeat)[1])
+                    ring.drain()
+                ns["drop/on-written"].append(statistics.median(runs))
+    finally:
+        ring.close()
+        os.close(empty)
+        off.close()
+        on.close()
+    med = {k: statistics.median(v) for k, v in ns.items()}
+    out = {"ns": med,
+           "pass_on_minus_off_ns": med["pass/on"] - med["pass/off"],
+           "drop_on_limited_over_off": med["drop/on-limited"] / med["drop/off"],
+           "drop_on_written_over_off": med["drop/on-written"] / med["drop/off"],
+           "ratios_to_empty": {k: v / med["empty"] for k, v in med.items()}}
+    print(f"\ndrop events (ipv4/tcp:80 passes, ipv4/tcp:22 is dropped; median of {rounds} rounds, same run):")
+    print(f"{'case':<18} {'ns':>7} {'× empty':>8}")
+    for k, v in med.items():
+        print(f"{k:<18} {v:>7.1f} {v / med['empty']:>8.2f}")
+    print(f"pass: events on − off = {out['pass_on_minus_off_ns']:+.1f} ns (goal: within 1 ns)")
+    print(f"drop: events on / off = {out['drop_on_limited_over_off']:.2f} limited, "
+          f"{out['drop_on_written_over_off']:.2f} written (goal: ≤ 2)")
+    return out
 
 
 if __name__ == "__main__":

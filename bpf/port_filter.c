@@ -30,6 +30,7 @@
 
 #define NO_PROTO 0xffff        /* proto of a packet whose L4 protocol is unknown */
 #define MAX_EXT_HEADERS 8      /* IPv6 extension headers walked before giving up */
+#define EVENTS_RING_BYTES (64 * 1024)  /* program_contract.EVENTS_RING_BYTES */
 #ifndef BPFWALL_ONLY_LOAD_BYTES
 #define DIRECT_MAX_OFF 0x7f00  /* larger offsets go through bpf_skb_load_bytes */
 #else
@@ -299,10 +300,139 @@ struct {
 	__type(value, struct bpfwall_params);
 } params SEC(".maps");
 
-static __always_inline int finish(struct __sk_buff *skb, __u32 dir, int pass)
+/* Drop events: one record per dropped (or, in audit mode, would-be dropped) packet, into the
+ * unit's ring buffer, read by `bpfwall monitor` and the watcher. Only the drop path reaches
+ * this code: a passing packet's cost does not change. */
+struct bpfwall_event {
+	__u64 time_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u64 cgroup_id;      /* the socket's cgroup (bpf_skb_cgroup_id) */
+	__u32 len;
+	__u16 proto;          /* NO_PROTO when unknown */
+	__u16 sport, dport;
+	__u8 family;
+	__u8 direction;       /* DIR_INGRESS / DIR_EGRESS */
+	__u8 verdict;         /* MODE_ENFORCE: dropped, MODE_AUDIT: would have been */
+	__u8 is_icmp;
+	__u8 icmp_type, icmp_code;
+	__u32 saddr[4];
+	__u32 daddr[4];
+};
+
+/* Per unit: records are small and a unit's own ring needs no unit identifier; see
+ * program_contract.EVENTS_RING_BYTES for the size. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, EVENTS_RING_BYTES);
+} events SEC(".maps");
+
+/* The token bucket of one direction. Shared by all CPUs, so taken under the lock; tokens are
+ * counted in events × NSEC_PER_SEC so that refilling is one multiplication. */
+#define NSEC_PER_SEC 1000000000ULL
+#define BUCKET_FULL_AFTER_NS (1ULL << 40)  /* ~18 min: refills to the full burst; keeps ns × rate < 2^64 */
+#define LOG_LIMIT_MAX 1000000              /* rate and burst: larger values are refused by Python */
+struct bpfwall_log_limit {
+	struct bpf_spin_lock lock;
+	__u32 rate;           /* events per second; 0: no events */
+	__u64 burst;          /* events the bucket holds */
+	__u64 tokens;         /* events × NSEC_PER_SEC */
+	__u64 last_ns;        /* time of the last refill; 0 after Python wrote rate/burst */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, struct bpfwall_log_limit);
+} log_limit SEC(".maps");
+
+/* Events lost to the limit or to a full ring, per direction (per CPU: no atomics). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} events_lost SEC(".maps");
+
+/* 1: log it, 0: over the limit, -1: events off.
+ *
+ * The lock costs ~50 ns (it disables interrupts), more than the rest of the drop path, so a
+ * flood's usual answer — no token — is found without it: from a racy read that can only err
+ * towards "no token" (a loss, counted) in a race with another CPU's refill, never towards an
+ * event the limit does not allow: those are granted under the lock alone. */
+static __always_inline int take_token(struct bpfwall_log_limit *l, __u64 now)
+{
+	__u64 tokens, cap, last, elapsed;
+	int ok;
+
+	last = *(volatile __u64 *)&l->last_ns;
+	if (last && now >= last && now - last < BUCKET_FULL_AFTER_NS &&
+	    *(volatile __u64 *)&l->tokens + (now - last) * l->rate < NSEC_PER_SEC)
+		return 0;
+	bpf_spin_lock(&l->lock);
+	cap = l->burst * NSEC_PER_SEC;
+	last = l->last_ns;
+	/* another CPU may have refilled at a later `now` since ours was read: no time elapsed */
+	elapsed = now > last ? now - last : 0;
+	if (!last || elapsed >= BUCKET_FULL_AFTER_NS)
+		tokens = cap;
+	else
+		tokens = l->tokens + elapsed * l->rate;
+	if (tokens > cap)
+		tokens = cap;
+	ok = tokens >= NSEC_PER_SEC;
+	if (ok)
+		tokens -= NSEC_PER_SEC;
+	l->tokens = tokens;
+	if (now > last)
+		l->last_ns = now;
+	bpf_spin_unlock(&l->lock);
+	return ok;
+}
+
+static __always_inline void log_drop(struct __sk_buff *skb, const struct pkt *p, __u32 dir, __u32 verdict)
+{
+	struct bpfwall_log_limit *l = bpf_map_lookup_elem(&log_limit, &dir);
+	struct bpfwall_event *e;
+	__u64 *lost;
+	int ok;
+
+	if (!l || !l->rate)  /* events off */
+		return;
+	/* The bucket needs no better than the tick (the coarse clock is a read, not a clock
+	 * source access); the record gets the precise time, paid only when it is written. */
+	ok = take_token(l, bpf_ktime_get_coarse_ns());
+	if (ok < 0)
+		return;
+	if (ok) {
+		e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+		if (e) {
+			e->time_ns = bpf_ktime_get_ns();
+			e->cgroup_id = bpf_skb_cgroup_id(skb);
+			e->len = p->len;
+			e->proto = p->proto;
+			e->sport = p->sport;
+			e->dport = p->dport;
+			e->family = p->family;
+			e->direction = dir;
+			e->verdict = verdict;
+			e->is_icmp = p->is_icmp;
+			e->icmp_type = p->icmp_type;
+			e->icmp_code = p->icmp_code;
+			__builtin_memcpy(e->saddr, p->saddr, sizeof(e->saddr));
+			__builtin_memcpy(e->daddr, p->daddr, sizeof(e->daddr));
+			bpf_ringbuf_submit(e, 0);
+			return;
+		}
+	}
+	lost = bpf_map_lookup_elem(&events_lost, &dir);
+	if (lost)
+		*lost += 1;
+}
+
+static __always_inline int finish(struct __sk_buff *skb, const struct pkt *p, __u32 dir, int pass)
 {
 	__u32 idx = COUNTER_SLOT(dir, !pass);
-	__u32 zero = 0;
+	__u32 zero = 0, verdict;
 	struct bpfwall_counter *c;
 	__u32 *m;
 
@@ -314,7 +444,9 @@ static __always_inline int finish(struct __sk_buff *skb, __u32 dir, int pass)
 	if (pass)
 		return 1;
 	m = bpf_map_lookup_elem(&mode, &zero);
-	return m && *m == MODE_AUDIT;
+	verdict = m && *m == MODE_AUDIT ? MODE_AUDIT : MODE_ENFORCE;
+	log_drop(skb, p, dir, verdict);
+	return verdict == MODE_AUDIT;
 }
 
 static __always_inline int run(struct __sk_buff *skb, __u32 dir)
@@ -328,13 +460,13 @@ static __always_inline int run(struct __sk_buff *skb, __u32 dir)
 	__u32 zero = 0;
 	prm = bpf_map_lookup_elem(&params, &zero);
 	if (!prm)  /* cannot happen for an array; fail closed if it ever does */
-		return finish(skb, dir, 0);
+		return finish(skb, &p, dir, 0);
 #endif
 	if (dir == DIR_INGRESS)
 		pass = bpfwall_filter_ingress(&p, prm);
 	else
 		pass = bpfwall_filter_egress(&p, prm);
-	return finish(skb, dir, pass);
+	return finish(skb, &p, dir, pass);
 }
 
 SEC("cgroup_skb/ingress")

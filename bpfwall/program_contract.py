@@ -11,6 +11,9 @@ Maps (each pinned under its name in the unit's directory):
   mode       ARRAY[1]          0 → u32: 0 enforce, 1 audit (the program drops only in enforce)
   params     ARRAY[1]          0 → struct bpfwall_params: one u64 per $param, in name order
   meta       ARRAY[1]          0 → char[meta_size]: the unit's JSON description, NUL-padded
+  events     RINGBUF[EVENTS_RING_BYTES]  struct bpfwall_event per drop (the unit's own ring: no unit id)
+  log_limit  ARRAY[2]          direction → struct bpfwall_log_limit: the events' token bucket
+  events_lost PERCPU_ARRAY[2]  direction → u64: events lost to the limit or a full ring
   set_<name> per @name         HASH u32 → u8 (numbers) or LPM_TRIE struct bpfwall_addr_key → u8
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ import functools
 import ipaddress
 from dataclasses import dataclass
 
+from . import events
 from .kernel import syscall as sc
 
 # -- the program -----------------------------------------------------------------
@@ -31,6 +35,7 @@ MODES = ("enforce", "audit")        # index = enum MODE_ENFORCE, MODE_AUDIT
 # -- map names -------------------------------------------------------------------
 
 COUNTERS, MODE, PARAMS, META = "counters", "mode", "params", "meta"
+EVENTS, LOG_LIMIT, EVENTS_LOST = "events", "log_limit", "events_lost"
 SET_PREFIX = "set_"
 
 
@@ -165,6 +170,56 @@ def decode_meta(raw: bytes) -> bytes:
     return raw.split(b"\0", 1)[0]
 
 
+# -- drop events -----------------------------------------------------------------
+
+# The ring of one unit: 64 KiB hold ~900 records (72 bytes + an 8-byte header), several
+# bursts at the default limit; per unit, so that a unit's records need no unit identifier
+# and its ring goes with its pins (see README, "Drop events").
+EVENTS_RING_BYTES = 64 * 1024
+NO_PROTO = 0xFFFF
+NSEC_PER_SEC = 1_000_000_000
+LOG_LIMIT_MAX = 1_000_000     # largest log_rate and log_burst (keeps the bucket's arithmetic in u64)
+LOG_RATE_DEFAULT = events.DEFAULT_LOG_RATE    # one default for both backends (events.py)
+LOG_BURST_DEFAULT = events.DEFAULT_LOG_BURST
+
+
+class Event(ctypes.Structure):
+    """struct bpfwall_event: one drop, as the program writes it into `events`."""
+    _fields_ = [("time_ns", ctypes.c_uint64), ("cgroup_id", ctypes.c_uint64), ("len", ctypes.c_uint32),
+                ("proto", ctypes.c_uint16), ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16),
+                ("family", ctypes.c_uint8), ("direction", ctypes.c_uint8), ("verdict", ctypes.c_uint8),
+                ("is_icmp", ctypes.c_uint8), ("icmp_type", ctypes.c_uint8), ("icmp_code", ctypes.c_uint8),
+                ("saddr", ctypes.c_uint32 * 4), ("daddr", ctypes.c_uint32 * 4)]
+
+
+class SpinLock(ctypes.Structure):
+    """struct bpf_spin_lock (the kernel's; user space never takes it but through BPF_F_LOCK)."""
+    _fields_ = [("val", ctypes.c_uint32)]
+
+
+class LogLimit(ctypes.Structure):
+    """struct bpfwall_log_limit: the token bucket of one direction."""
+    _fields_ = [("lock", SpinLock), ("rate", ctypes.c_uint32), ("burst", ctypes.c_uint64),
+                ("tokens", ctypes.c_uint64), ("last_ns", ctypes.c_uint64)]
+
+
+def log_limit_value(rate: int, burst: int) -> bytes:
+    """A new limit: last_ns 0 makes the program start from a full bucket."""
+    return bytes(LogLimit(SpinLock(0), rate, burst, 0, 0))
+
+
+def decode_log_limit(raw: bytes) -> tuple[int, int]:
+    v = LogLimit.from_buffer_copy(raw)
+    return v.rate, v.burst
+
+
+Lost = ctypes.c_uint64
+
+
+def sum_lost(per_cpu: list[bytes]) -> int:
+    return sum(Lost.from_buffer_copy(raw).value for raw in per_cpu)
+
+
 # -- the maps as a whole ---------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -184,6 +239,9 @@ def map_shapes(params: list[str], sets: dict[str, str], meta_bytes: int, set_cap
         MODE: MapShape(sc.BPF_MAP_TYPE_ARRAY, Index, Mode, 1),
         PARAMS: MapShape(sc.BPF_MAP_TYPE_ARRAY, Index, params_type(len(params)), 1),
         META: MapShape(sc.BPF_MAP_TYPE_ARRAY, Index, meta_type(meta_size(meta_bytes)), 1),
+        EVENTS: MapShape(sc.BPF_MAP_TYPE_RINGBUF, None, None, EVENTS_RING_BYTES),
+        LOG_LIMIT: MapShape(sc.BPF_MAP_TYPE_ARRAY, Index, LogLimit, len(DIRECTIONS)),
+        EVENTS_LOST: MapShape(sc.BPF_MAP_TYPE_PERCPU_ARRAY, Index, Lost, len(DIRECTIONS)),
     }
     for name, kind in sets.items():
         shapes[set_map(name)] = (

@@ -87,9 +87,9 @@ def resolve_command(command: list[str]) -> str:
 
 def run(command: list[str], program, params: dict | None = None, sets: dict | None = None,
         mode: str | None = None, *, name: str | None = None, backend: ProgramBackend | None = None,
-        systemd: bool | None = None) -> int:
+        systemd: bool | None = None, log: dict | None = None) -> int:
     """Run `command` with `program` on its cgroup (pinned by `backend`, default: the bpf
-    backend's default pin root); its exit status."""
+    backend's default pin root); its exit status. `log`: the drop events' limit."""
     backend = backend or backends.create("bpf")
     pin_root = backend.pin_root
     unit = scope_name(name)
@@ -111,7 +111,7 @@ def run(command: list[str], program, params: dict | None = None, sets: dict | No
                            "choose another --name")
         try:
             reached("run:recorded")
-            backend.load(unit, _marked(program, record.token), params, sets, mode)
+            backend.load(unit, _marked(program, record.token), params, sets, mode, log=log)
             reached("run:loaded")
             try:
                 if systemd:

@@ -73,9 +73,10 @@ class Backend(Protocol):
 
     # -- the commands ----------------------------------------------------------------------
     def load(self, unit: str, program, params: dict | None = None, sets: dict | None = None,
-             mode: str | None = None) -> Loaded:
+             mode: str | None = None, log: dict | None = None) -> Loaded:
         """Put `unit`'s filters in place; if it is loaded, replace them where they are attached
-        (counters, mode, params and compatible sets are kept). A direction left out is removed."""
+        (counters, mode, params and compatible sets are kept). A direction left out is removed.
+        `log`: the drop events' limit {log_rate, log_burst} (either may be missing; kept if not given)."""
 
     def unload(self, unit: str) -> list[tuple[str, str]]:
         """Remove the unit everywhere; the (cgroup, direction) pairs it was detached from."""

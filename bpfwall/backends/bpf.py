@@ -38,14 +38,17 @@ from ..build import UnitProgram, build
 from ..crashpoint import reached
 from ..errors import Error
 from ..kernel import cgroup, links, loader, maps, pins, progs
+from ..kernel import syscall as sc
 from ..kernel.errors import KernelError
 from ..lang.setcontents import Contents, count
 from ..lang.values import PARAM_MAX, parse_set_elements
 from ..program_contract import DIRECTIONS, MODES, PROG_SECTIONS, key_of, set_map, value_of
 
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/bpfwall"
-# Maps whose contents survive a reload when the new object's map is compatible.
-KEPT_MAPS = (pc.COUNTERS, pc.MODE)
+# Maps whose contents survive a reload when the new object's map is compatible (the events
+# ring too: a monitor reading it goes on reading across a reload).
+KEPT_MAPS = (pc.COUNTERS, pc.MODE, pc.EVENTS, pc.LOG_LIMIT, pc.EVENTS_LOST)
+LOG_KEYS = ("log_rate", "log_burst")
 ETH_P = {4: 0x0800, 6: 0x86DD}
 
 
@@ -338,6 +341,29 @@ class PinnedUnit:
     def write_mode(self, mode: str) -> None:
         self.map(pc.MODE).update(pc.ZERO, pc.mode_value(mode))
 
+    # drop events: the token bucket's settings (the same in both directions) and the losses
+    def log_limit(self) -> dict[str, int]:
+        if pc.LOG_LIMIT not in self.maps:  # pinned by a bpfwall without events
+            return {"log_rate": 0, "log_burst": 0}
+        rate, burst = pc.decode_log_limit(self.map(pc.LOG_LIMIT).lookup(pc.number_key(0)))
+        return {"log_rate": rate, "log_burst": burst}
+
+    def write_log_limit(self, limit: dict[str, int]) -> None:
+        """Under the bucket's lock (BPF_F_LOCK); the bucket starts full again."""
+        m = self.map(pc.LOG_LIMIT)
+        for i in range(len(DIRECTIONS)):
+            m.update(pc.number_key(i), pc.log_limit_value(limit["log_rate"], limit["log_burst"]), sc.BPF_F_LOCK)
+
+    def events_lost(self) -> dict[str, int]:
+        if pc.EVENTS_LOST not in self.maps:
+            return {d: 0 for d in DIRECTIONS}
+        m = self.map(pc.EVENTS_LOST)
+        return {d: pc.sum_lost(m.lookup_percpu(pc.number_key(i)) or []) for i, d in enumerate(DIRECTIONS)}
+
+    def events(self) -> dict:
+        """What `stats` shows under "events"."""
+        return {**self.log_limit(), "lost": self.events_lost()}
+
     # counters: per direction, summed over CPUs
     def counters(self) -> dict:
         counters = self.map(pc.COUNTERS)
@@ -410,7 +436,7 @@ class PinnedUnit:
         all or nothing: every change is checked (params exist and are in range, sets exist,
         elements parse, each set fits its capacity after all its changes) before the first
         write; if a kernel write fails, what was written is put back. Messages of what was done."""
-        old = _Values(self.params(), self.mode(), {})
+        old = _Values(self.params(), self.mode(), {}, self.log_limit())
         new, done = self._planned(changes, old)
         for name, contents in new.sets.items():
             _check_fits(name, len(contents), self.map(set_map(name)).info.max_entries, "; nothing was changed")
@@ -420,7 +446,7 @@ class PinnedUnit:
     def _planned(self, changes: list, old: "_Values") -> tuple["_Values", list[str]]:
         """The values after `changes` (sets as counted contents; `old.sets` gets the previous
         contents of each set changed); refuses the first change that is wrong."""
-        new, done = _Values(dict(old.params), old.mode, {}), []
+        new, done = _Values(dict(old.params), old.mode, {}, dict(old.log)), []
         for change in changes:
             if change[0] == "param":
                 _, name, value = change
@@ -436,6 +462,11 @@ class PinnedUnit:
                     raise BackendError(f"mode={change[1]}: mode is enforce or audit")
                 new.mode = change[1]
                 done.append(f"mode = {new.mode}")
+            elif change[0] == "log":
+                _, name, value = change
+                check_log_limit(name, value)
+                new.log[name] = value
+                done.append(f"{name} = {value}")
             elif change[0] == "set":
                 _, name, op, raw = change
                 kind = self.set_kind(name)
@@ -467,6 +498,9 @@ class PinnedUnit:
             if new.mode != old.mode:
                 self.write_mode(new.mode)
                 undo.append(lambda: self.write_mode(old.mode))
+            if new.log != old.log:
+                self.write_log_limit(new.log)
+                undo.append(lambda: self.write_log_limit(old.log))
             for name, contents in new.sets.items():
                 self.write_set(name, contents)  # puts its own contents back if it fails
                 undo.append(lambda name=name: self.write_set(name, old.sets[name]))
@@ -481,10 +515,26 @@ class PinnedUnit:
 
 @dataclass
 class _Values:
-    """What `bpfwall set` changes: params, mode and (changed) sets' contents."""
+    """What `bpfwall set` changes: params, mode, (changed) sets' contents, the events' limit."""
     params: dict[str, int]
     mode: str
     sets: dict[str, Contents]
+    log: dict[str, int]
+
+
+def check_log_limit(name: str, value: int) -> None:
+    if name not in LOG_KEYS:
+        raise BackendError(f"{name}: the events' limit is log_rate or log_burst")
+    if not isinstance(value, int) or not 0 <= value <= pc.LOG_LIMIT_MAX:
+        raise BackendError(f"{name}={value}: out of range (0..{pc.LOG_LIMIT_MAX}; log_rate=0 turns events off)")
+
+
+def default_log_limit(log: dict[str, int] | None = None) -> dict[str, int]:
+    """`log` (log_rate, log_burst; either may be missing) checked, with the defaults filled in."""
+    out = {"log_rate": pc.LOG_RATE_DEFAULT, "log_burst": pc.LOG_BURST_DEFAULT, **(log or {})}
+    for name, value in out.items():
+        check_log_limit(name, value)
+    return out
 
 
 def _check_fits(name: str, n: int, capacity: int, note: str = "") -> None:
@@ -557,14 +607,17 @@ def set_values(pin_root: str, unit: str, changes: list) -> list[str]:
 
 def load(pin_root: str, unit: str, program: UnitProgram, params: dict[str, int] | None = None,
          sets: dict[str, list] | None = None, mode: str | None = None, cache=None,
-         preloaded: loader.Loaded | None = None) -> LoadResult:
+         preloaded: loader.Loaded | None = None, log: dict[str, int] | None = None) -> LoadResult:
     """Build and pin `unit`'s programs; if it is loaded already, swap them in place everywhere.
     `preloaded`: the object loaded by the caller with fresh maps and the unit's program names,
     before the pin root's lock, so that the verifier works on many units side by side; used when
-    nothing of the unit is pinned (no maps to keep), else loaded again here. The caller closes it."""
+    nothing of the unit is pinned (no maps to keep), else loaded again here. The caller closes it.
+    `log`: the events' log_rate/log_burst (given: written; else kept, or the defaults when new)."""
     params, sets = params or {}, sets or {}
     unit_dir(pin_root, unit)  # a unit name that cannot be a key fails here, before anything
     check_values(program, params, sets)
+    for name, value in (log or {}).items():
+        check_log_limit(name, value)
     obj = build(program, cache) if preloaded is None else None
     names = {PROG_SECTIONS[d]: program_name(pin_root, unit, d) for d in DIRECTIONS}
     with _locked(pin_root) as root, root.sub(unitkey.encode(unit), create=True) as d:
@@ -573,7 +626,7 @@ def load(pin_root: str, unit: str, program: UnitProgram, params: dict[str, int] 
             obj = build(program, cache)  # maps to keep: the programs are loaded again, with them
         try:
             return _load_locked(pin_root, d, unit, program, obj, names, params, sets, mode, old, cut_short,
-                                preloaded if old is None else None)
+                                preloaded if old is None else None, log)
         finally:
             if old is not None:
                 old.close()
@@ -609,7 +662,7 @@ def _reusable(old: PinnedUnit | None, obj, program: UnitProgram) -> dict[str, in
 
 
 def _load_locked(pin_root, d, unit, program, obj, names, params, sets, mode, old, cut_short,
-                 preloaded=None) -> LoadResult:
+                 preloaded=None, log=None) -> LoadResult:
     """The load's steps, each a consistent state to crash in (see crashpoint.reached):
     maps pinned → new programs pinned as next_<dir> → every attachment swapped (links updated,
     systemd's replaced in place) → next_<dir> renamed over <dir> → meta pinned last."""
@@ -631,6 +684,9 @@ def _load_locked(pin_root, d, unit, program, obj, names, params, sets, mode, old
             new.write_params({**{n: v for n, v in kept.items() if n in program.params}, **params})
         if mode is not None:
             new.write_mode(mode)
+        if log or pc.LOG_LIMIT not in reuse:
+            kept_log = old.log_limit() if old is not None and pc.LOG_LIMIT in old.maps else {}
+            new.write_log_limit(default_log_limit({**kept_log, **(log or {})}))
         for name, elements in sets.items():
             new.replace_set(name, elements)
         result.reused_maps = sorted(reuse)
@@ -1076,6 +1132,7 @@ def stats(pin_root: str, unit: str) -> dict:
             "egress": u.meta["egress"],
             "programs": ids,
             "counters": u.counters(),
+            "events": u.events(),
             "params": u.params(),
             "sets": {name: u.set_elements(name) for name in sorted(u.meta["sets"])},
             "attached": [_attachment(cg, dr, pid, ids) for cg, dr, pid in sorted(_attached_anywhere(known, where))],

@@ -147,8 +147,8 @@ class BpfBackend:
 
     # -- the commands --------------------------------------------------------------------------
 
-    def load(self, unit: str, program, params=None, sets=None, mode=None) -> Loaded:
-        r = bpf.load(self.pin_root, unit, program, params, sets, mode, self.cache)
+    def load(self, unit: str, program, params=None, sets=None, mode=None, log=None) -> Loaded:
+        r = bpf.load(self.pin_root, unit, program, params, sets, mode, self.cache, log=log)
         places = {d: f"{r.path}/{d}" for d in bpf.DIRECTIONS if getattr(program, d) is not None}
         return Loaded(unit, places, r.replaced, r.attached, r.detached,
                       {"path": r.path, "kept_maps": r.reused_maps})
@@ -170,6 +170,11 @@ class BpfBackend:
 
     def set_values(self, unit: str, changes: list) -> list[str]:
         return bpf.set_values(self.pin_root, unit, changes)
+
+    def events(self, units: list[str] | None = None):
+        from .bpf_events import BpfEvents
+
+        return BpfEvents(self.pin_root, units)
 
     def explain(self, checked, direction: str | None = None) -> tuple[dict, str]:
         """The C emitted for the expression (the header bpf/port_filter.c includes)."""
@@ -232,7 +237,7 @@ class BpfBackend:
             program = entry.program()
             with (self._verified(entry, program) if not pinned else contextlib.nullcontext()) as early:
                 bpf.load(self.pin_root, entry.name, program, entry.params, entry.sets, entry.mode, self.cache,
-                         preloaded=early)
+                         preloaded=early, log=entry.log or None)
             how = "loaded"
         return UnitHandle.open(self.pin_root, entry.name, fingerprint), how
 

@@ -90,8 +90,10 @@ class NftBackend:
 
     # -- the commands --------------------------------------------------------------------------
 
-    def load(self, unit: str, program, params=None, sets=None, mode=None) -> Loaded:
-        r = nft.load(self.table, unit, program, params, sets, mode, log_group=self.log_group)
+    def load(self, unit: str, program, params=None, sets=None, mode=None, log=None) -> Loaded:
+        log = log or {}
+        r = nft.load(self.table, unit, program, params, sets, mode, log_group=self.log_group,
+                     log_rate=log.get("log_rate"), log_burst=log.get("log_burst"))
         places = {d: f"table inet {r.table} chain {c}" for d, c in r.chains.items()}
         return Loaded(unit, places, r.replaced, r.attached, r.detached, {"table": r.table, "chains": r.chains})
 
@@ -111,6 +113,8 @@ class NftBackend:
         return nft.summary(self.table)
 
     def set_values(self, unit: str, changes: list) -> list[str]:
+        # ("log", name, n) is how `set` says log_rate=/log_burst=; nft.set_values takes (name, n)
+        changes = [(c[1], c[2]) if c[0] == "log" else c for c in changes]
         return nft.set_values(self.table, unit, changes)
 
     def events(self, units: list[str] | None = None) -> NftEvents:

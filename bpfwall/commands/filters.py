@@ -6,7 +6,7 @@ import argparse
 
 from ..errors import UsageError
 from .common import emit, filter_program, param_values, set_values
-from .options import backend, filter_options, unit_argument
+from .options import backend, filter_options, log_limit, log_value, unit_argument
 
 DIRECTION_CHOICES = ("ingress", "egress")
 CGROUP_HELP = "a cgroup: absolute, or relative to the cgroup2 mount (e.g. system.slice/nginx.service)"
@@ -54,7 +54,7 @@ def register(add) -> None:
     p = add("set", "change params, sets or mode live: name=VALUE, @set+E,.., @set-E,.., @set=E,.., mode=audit", True)
     unit_argument(p, "a loaded unit")
     p.add_argument("changes", nargs="+", metavar="CHANGE",
-                   help="NAME=VALUE (a $param), mode=enforce|audit, @SET+E1,E2 (add), @SET-E1,E2 (remove), "
+                   help="NAME=VALUE (a $param), mode=enforce|audit, log_rate=N, log_burst=N (drop events per second, burst), @SET+E1,E2 (add), @SET-E1,E2 (remove), "
                         "@SET=E1,E2 (replace); all are checked before the first is made")
     p.set_defaults(handler=cmd_set)
 
@@ -62,11 +62,7 @@ def register(add) -> None:
 def cmd_load(args) -> None:
     unit_program = filter_program(args, "load")
     params, sets = param_values(args), set_values(args, unit_program)
-    chosen = backend(args)
-    result = chosen.load(args.unit, unit_program, params, sets, args.mode)
-    log = [(k, getattr(args, k)) for k in ("log_rate", "log_burst") if getattr(args, k, None) is not None]
-    if log:  # the unit's event settings, as `set` changes them
-        chosen.set_values(args.unit, log)
+    result = backend(args).load(args.unit, unit_program, params, sets, args.mode, log=log_limit(args))
     lines = [f"loaded {args.unit}"] + [f"  {d}: {place}" for d, place in result.places.items()]
     if result.replaced:
         lines.append(f"  replaced in place on {len(result.replaced)} attachment(s)")
@@ -168,6 +164,10 @@ def cmd_stats(args) -> None:
         lines.append(f"  ${name} = {value}")
     for name, elements in s["sets"].items():
         lines.append(f"  @{name} = {{{', '.join(elements)}}}")
+    if "events" in s:
+        ev = s["events"]
+        state = f"up to {ev['log_rate']}/s, burst {ev['log_burst']}" if ev["log_rate"] else "off"
+        lines.append(f"  drop events: {state}; lost: ingress {ev['lost']['ingress']}, egress {ev['lost']['egress']}")
     lines.append(f"  attached: {describe_attachments(s['attached'])}")
     emit(args, s, "\n".join(lines))
 
@@ -187,13 +187,7 @@ def parse_change(text: str):
             raise UsageError(f"mode={value}: mode is enforce or audit")
         return ("mode", value)
     if name in ("log_rate", "log_burst"):
-        from ..events import check_log_setting
-
-        try:
-            return (name, check_log_setting(name, int(value)))
-        except ValueError:
-            lo = 0 if name == "log_rate" else 1
-            raise UsageError(f"{text}: {name} is an integer {lo}..1000000") from None
+        return ("log", name, log_value(name, value))
     from ..lang.values import parse_param_assignment
 
     return ("param",) + parse_param_assignment(text)

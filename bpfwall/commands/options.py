@@ -93,19 +93,9 @@ def filter_options(p, command: str) -> None:
     p.add_argument("--mode", choices=("enforce", "audit"),
                    help="enforce drops what the filter refuses; audit passes everything and counts what it "
                         "would drop (default: enforce; a reload keeps the unit's mode)")
-    if command == "load":  # `run` (bpf) takes them once its backend does
-        event_options(p)
     capacity_options(p)
+    log_options(p)
 
-
-def event_options(p) -> None:
-    """--log-rate, --log-burst: the unit's drop events (per direction, a token bucket)."""
-    from ..events import DEFAULT_LOG_BURST, DEFAULT_LOG_RATE
-
-    p.add_argument("--log-rate", type=int, metavar="N",
-                   help=f"drop events a second at most, 0: none (default {DEFAULT_LOG_RATE}; a reload keeps the unit's)")
-    p.add_argument("--log-burst", type=int, metavar="N",
-                   help=f"drop events at once at most (default {DEFAULT_LOG_BURST})")
 
 
 def value_options(p, reload: bool = False) -> None:
@@ -129,3 +119,34 @@ def capacity_options(p) -> None:
 
 def unit_argument(p, what: str = "the unit") -> None:
     p.add_argument("unit", help=f"{what}: a systemd unit name, e.g. nginx.service")
+
+
+# -- drop events' limit: `set log_rate=N`, load/apply/run --log-rate/--log-burst ----------------
+
+def log_value(name: str, text: str) -> int:
+    """A log_rate/log_burst value: a whole number in range (log_rate 0 turns events off)."""
+    from ..program_contract import LOG_LIMIT_MAX
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= LOG_LIMIT_MAX:
+        raise UsageError(f"{name}={text}: a whole number 0..{LOG_LIMIT_MAX} (log_rate=0 turns drop events off)")
+    return value
+
+
+def log_options(p) -> None:
+    from ..program_contract import LOG_BURST_DEFAULT, LOG_RATE_DEFAULT
+
+    p.add_argument("--log-rate", metavar="N", type=lambda t: log_value("--log-rate", t), default=None,
+                   help=f"drop events per second and direction, at most (0: none; default {LOG_RATE_DEFAULT}, "
+                        "or what a loaded unit has; `bpfwall set UNIT log_rate=N` changes it live)")
+    p.add_argument("--log-burst", metavar="N", type=lambda t: log_value("--log-burst", t), default=None,
+                   help=f"drop events allowed at once above the rate (default {LOG_BURST_DEFAULT})")
+
+
+def log_limit(args) -> dict[str, int] | None:
+    """{log_rate, log_burst} as given on the command line (either may be left out), or None."""
+    out = {k: v for k in ("log_rate", "log_burst") if (v := getattr(args, k, None)) is not None}
+    return out or None

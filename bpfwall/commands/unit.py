@@ -12,7 +12,8 @@ import subprocess
 from .. import dropin
 from ..errors import Error
 from .common import emit, filter_program, param_values, set_values
-from .options import backend, filter_options, policy_dir, policy_dir_option, unit_argument
+from .options import (backend, filter_options, log_limit, log_options, policy_dir, policy_dir_option,
+                      unit_argument)
 
 
 class ApplyError(Error):
@@ -23,6 +24,7 @@ def register(add) -> None:
     p = add("apply", "load and pin UNIT's filters from the policy (the ExecStart of bpfwall@UNIT.service)", True)
     unit_argument(p, "the unit whose policy entry to load (its name as it is, not systemd-escape'd)")
     policy_dir_option(p)
+    log_options(p)
     p.set_defaults(handler=cmd_apply)
 
     p = add("dropin", "write UNIT's drop-in: require bpfwall@UNIT.service and hand systemd the pinned filters")
@@ -86,7 +88,9 @@ def _escaping_hint(unit: str, policy) -> str:
 
 def cmd_apply(args) -> None:
     entry = policy_entry(args.unit, policy_dir(args))
-    result = backend(args, entry.backend).load(args.unit, entry.program(), entry.params, entry.sets, entry.mode)
+    log = {**entry.log, **(log_limit(args) or {})}  # the command line over the policy
+    result = backend(args, entry.backend).load(args.unit, entry.program(), entry.params, entry.sets, entry.mode,
+                                               log=log or None)
     lines = [f"applied {entry.name} ({entry.where}) to {args.unit} [{entry.mode}]"]
     lines += [f"  {d}: {place}" for d, place in result.places.items()]
     if result.replaced:
@@ -152,5 +156,6 @@ def cmd_run(args) -> None:
     program = filter_program(args, "run")
     params, sets = param_values(args), set_values(args, program)
     # Pinned programs: systemd-run hands them to the scope (IP*FilterPath=).
-    status = run.run(args.command, program, params, sets, args.mode, name=args.name, backend=backend(args, "bpf"))
+    status = run.run(args.command, program, params, sets, args.mode, name=args.name, backend=backend(args, "bpf"),
+                     log=log_limit(args))
     raise SystemExit(status)

@@ -19,6 +19,9 @@ def register(add) -> None:
     p.add_argument("--metrics-listen", metavar="ADDR:PORT",
                    help="serve every unit's counters and the reaction-time histogram as Prometheus metrics "
                         "over HTTP (PORT alone: on 127.0.0.1; IPv6 as [ADDR]:PORT); off by default")
+    p.add_argument("--drop-events", type=int, metavar="N", default=None,
+                   help="forward at most N drop events per unit and second to the journal, count the rest "
+                        "(default 50; 0: none)")
     p.add_argument("-v", "--verbose", action="store_true", help="also log debug records (vanished cgroups)")
     p.set_defaults(handler=run)
 
@@ -40,7 +43,7 @@ def run(args) -> None:
     # The backends are built from the global options: --pin-root, --cache-dir, and --table
     # (default $BPFWALL_NFT_TABLE or "bpfwall"): where nft entries go.
     watcher = Watcher(getattr(args, "policy_dir", None), pin_root(args), root, state_dir, Log(args.verbose),
-                      Notifier(), cache_dir(args), table=table(args))
+                      Notifier(), cache_dir(args), table=table(args), drop_events=args.drop_events)
     try:
         if listen is not None:
             serve_metrics(watcher, listen, pin_root(args), table(args))

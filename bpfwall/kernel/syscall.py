@@ -55,8 +55,10 @@ BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LPM_TRIE = 11
+BPF_MAP_TYPE_RINGBUF = 27
 MAP_TYPE_NAMES = {BPF_MAP_TYPE_HASH: "HASH", BPF_MAP_TYPE_ARRAY: "ARRAY",
-                  BPF_MAP_TYPE_PERCPU_ARRAY: "PERCPU_ARRAY", BPF_MAP_TYPE_LPM_TRIE: "LPM_TRIE"}
+                  BPF_MAP_TYPE_PERCPU_ARRAY: "PERCPU_ARRAY", BPF_MAP_TYPE_LPM_TRIE: "LPM_TRIE",
+                  BPF_MAP_TYPE_RINGBUF: "RINGBUF"}
 
 # Map creation flag: elements are allocated on update, not up front (LPM tries require it).
 BPF_F_NO_PREALLOC = 1 << 0
@@ -65,6 +67,7 @@ BPF_F_NO_PREALLOC = 1 << 0
 BPF_ANY = 0      # create or replace
 BPF_NOEXIST = 1  # create only
 BPF_EXIST = 2    # replace only
+BPF_F_LOCK = 4   # a value with a bpf_spin_lock: written under its lock
 
 # Program and attach types.
 BPF_PROG_TYPE_CGROUP_SKB = 8

@@ -31,14 +31,24 @@ class Entry:
     cgroup: str | None        # glob on the cgroup path (see bpfwall.policy.match), or None
     file: str
     line: int
+    # The drop events' limit written in the policy ({log_rate, log_burst}, either may be missing:
+    # the unit's current value is kept, or the default on a new load).
+    log: dict[str, int] = field(default_factory=dict)
     # The checked expressions, kept from validation so program() does not parse twice.
     checked: tuple = field(default=(None, None), compare=False, repr=False)
-    log_rate: int = DEFAULT_LOG_RATE    # drop events a second per direction (0: none)
-    log_burst: int = DEFAULT_LOG_BURST
 
     def __hash__(self) -> int:
         # The generated hash would hash the dicts and fail; equal entries share name and place.
         return hash((self.name, self.file, self.line))
+
+    @property
+    def log_rate(self) -> int:
+        """The drop events' rate this entry asks for (the default when it writes none)."""
+        return self.log.get("log_rate", DEFAULT_LOG_RATE)
+
+    @property
+    def log_burst(self) -> int:
+        return self.log.get("log_burst", DEFAULT_LOG_BURST)
 
     @property
     def where(self) -> str:
@@ -73,14 +83,9 @@ class Entry:
             "mode": self.mode,
             "backend": self.backend,
             "set_capacity": self.set_capacity,
-        } | self._events_spec()
-
-    def _events_spec(self) -> dict:
-        """The event settings, when not the defaults (so the fingerprints of entries that leave
-        them out stay what they were before events existed)."""
-        if (self.log_rate, self.log_burst) == (DEFAULT_LOG_RATE, DEFAULT_LOG_BURST):
-            return {}
-        return {"log_rate": self.log_rate, "log_burst": self.log_burst}
+            # only when written: units without it keep their fingerprints (no reload on upgrade)
+            **({"log": dict(sorted(self.log.items()))} if self.log else {}),
+        }
 
     def fingerprint(self) -> str:
         """A stable hash of the filter: equal when only spelling (spaces, element order) differs."""

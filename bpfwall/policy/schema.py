@@ -14,7 +14,6 @@ import tomllib
 
 from .. import unitkey
 from ..build import DEFAULT_SET_CAPACITY
-from ..events import DEFAULT_LOG_BURST, DEFAULT_LOG_RATE, check_log_setting
 from ..capacity import CAPACITY_MAX as SET_CAPACITY_MAX, CapacityError, check as check_capacity
 from ..lang.checker import analyze_pair
 from ..lang.errors import LangError
@@ -29,9 +28,10 @@ TOP_KEYS = ("defaults", "units")
 DEFAULT_KEYS = ("backend", "mode", "set_capacity", "force_capacity", "log_rate", "log_burst")
 UNIT_KEYS = ("ingress", "egress", "params", "sets", "mode", "backend", "set_capacity", "force_capacity", "cgroup",
              "log_rate", "log_burst")
+LOG_KEYS = ("log_rate", "log_burst")  # the drop events' limit: only those written are set (see Entry.log)
 CHOICES = {"backend": ("bpf", "nft"), "mode": ("enforce", "audit")}
 BUILTIN_DEFAULTS = {"backend": "bpf", "mode": "enforce", "set_capacity": DEFAULT_SET_CAPACITY,
-                    "force_capacity": False, "log_rate": DEFAULT_LOG_RATE, "log_burst": DEFAULT_LOG_BURST}
+                    "force_capacity": False}
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -142,13 +142,16 @@ class _File:
             return value
         return None
 
-    def log_setting(self, value, path: tuple, key: str) -> int | None:
-        """log_rate (drop events a second, 0: none) or log_burst."""
-        try:
-            return check_log_setting(key, value)
-        except ValueError as e:
-            self.error(path, str(e).partition(": ")[2] + f", got {value!r}")
-            return None
+    def log_limit(self, value, path: tuple) -> int | None:
+        from ..program_contract import LOG_LIMIT_MAX
+
+        if not _is_int(value):
+            self.error(path, f"expected an integer (drop events per second / at once), got {type_name(value)}")
+        elif not 0 <= value <= LOG_LIMIT_MAX:
+            self.error(path, f"{value} is out of range (0..{LOG_LIMIT_MAX}; log_rate = 0 turns drop events off)")
+        else:
+            return value
+        return None
 
     def flag(self, value, path: tuple) -> bool | None:
         if isinstance(value, bool):
@@ -174,7 +177,7 @@ class _File:
             if key in table:
                 value = (self.capacity(table[key], path + (key,)) if key == "set_capacity"
                          else self.flag(table[key], path + (key,)) if key == "force_capacity"
-                         else self.log_setting(table[key], path + (key,), key) if key.startswith("log_")
+                         else self.log_limit(table[key], path + (key,)) if key in LOG_KEYS
                          else self.choice(table[key], path + (key,), key))
                 if value is not None:
                     out[key] = value
@@ -185,7 +188,8 @@ class _File:
         self.known_keys(self.data, (), TOP_KEYS)
         defaults = dict(BUILTIN_DEFAULTS)
         if "defaults" in self.data:
-            table = self.table(self.data["defaults"], ("defaults",), "backend, mode, set_capacity, force_capacity, log_rate, log_burst")
+            table = self.table(self.data["defaults"], ("defaults",),
+                               "backend, mode, set_capacity, force_capacity, log_rate, log_burst")
             if table is not None:
                 self.known_keys(table, ("defaults",), DEFAULT_KEYS)
                 defaults = self.settings(table, ("defaults",), defaults)
@@ -210,7 +214,8 @@ class _File:
             if not unitkey.is_pattern(name) and not name.endswith(UNIT_SUFFIXES):
                 self.error(path, f"'{name}' is not a unit name: it must end in "
                            + ", ".join(UNIT_SUFFIXES[:-1]) + f" or {UNIT_SUFFIXES[-1]}")
-        body = self.table(body, path, "ingress, egress, params, sets, mode, backend, set_capacity, force_capacity, cgroup, log_rate, log_burst")
+        body = self.table(body, path, "ingress, egress, params, sets, mode, backend, set_capacity, force_capacity, "
+                                      "cgroup, log_rate, log_burst")
         if body is None:
             return None
         self.known_keys(body, path, UNIT_KEYS)
@@ -235,8 +240,8 @@ class _File:
         return Entry(name=name, ingress=texts.get("ingress"), egress=texts.get("egress"),
                      params=params, sets=sets, mode=settings["mode"], backend=settings["backend"],
                      set_capacity=settings["set_capacity"], cgroup=cgroup, file=self.file,
-                     line=self.line(path), checked=checked,
-                     log_rate=settings["log_rate"], log_burst=settings["log_burst"])
+                     log={k: settings[k] for k in LOG_KEYS if k in settings},
+                     line=self.line(path), checked=checked)
 
     def cgroup(self, value, path: tuple, name: str) -> str | None:
         if value is None:

@@ -28,6 +28,7 @@ from .. import backends
 from ..errors import Error
 from ..kernel.errors import KernelError
 from . import inotify as ino
+from .dropevents import DEFAULT_CAP, EventForwarder
 from .log import DEBUG, ERROR, INFO, Log
 from .notify import Notifier
 from .state import State, WatchError
@@ -67,7 +68,8 @@ def load_policy_checked(policy_dir: str | None):
 
 class Watcher:
     def __init__(self, policy_dir: str | None, pin_root: str, cgroup_root: str, state_dir: str,
-                 log: Log, notifier: Notifier | None = None, cache=None, table: str | None = None):
+                 log: Log, notifier: Notifier | None = None, cache=None, table: str | None = None,
+                 drop_events: int | None = None):
         self.policy_dir = policy_dir
         self.root = cgroup_root
         self.log = log
@@ -90,6 +92,8 @@ class Watcher:
         self._retry_at: float | None = None    # when to retry those (monotonic)
         self._signals: tuple[int, int, dict, int] | None = None  # pipe fds, previous handlers, wakeup fd
         self.reaction = None  # told the seconds from a new cgroup's IN_CREATE read to its attach (metrics)
+        cap = DEFAULT_CAP if drop_events is None else drop_events
+        self.events = EventForwarder(log, cap) if cap > 0 else None  # drop events → the journal
 
     # -- helpers --------------------------------------------------------------
 
@@ -553,15 +557,22 @@ class Watcher:
         poller.register(self.inotify.fd, select.POLLIN)
         poller.register(rfd, select.POLLIN)
         guarded: dict = {}  # fd → guard, once registered (a SIGHUP may bring the first entry of a backend)
+        forwarded: dict = {}  # fd → drop event source, once registered
         self.notifier.ready(self.status)
         while True:
             for guard in self.guards.values():
                 if guard.fd not in guarded:
                     guarded[guard.fd] = guard
                     poller.register(guard.fd, select.POLLIN)
+            sources = self._event_sources()
+            for fd in sources.keys() - forwarded.keys():
+                poller.register(fd, select.POLLIN)
+            forwarded = sources
             for fd, _ in poller.poll(self._timeout_ms()):
                 if fd in guarded:
                     guarded[fd].readable()
+                elif fd in forwarded:
+                    self.events.readable(forwarded[fd])
                 elif fd == rfd:
                     for signum in _drain(rfd):
                         if signum in STOP_SIGNALS:
@@ -576,6 +587,8 @@ class Watcher:
                     self.handle(self.inotify.read())
             for guard in self.guards.values():
                 guard.tick()
+            if self.events is not None:
+                self.events.tick()
             if time.monotonic() >= self._next_pin_check:
                 self.check_pins()
             due = self.cleanup_due()
@@ -588,12 +601,24 @@ class Watcher:
     def _timeout_ms(self) -> int | None:
         """How long poll(2) may wait: until a guard's next check or the cleanup, else forever."""
         waits = [guard.timeout_ms() for guard in self.guards.values()]
+        if self.events is not None and (wait := self.events.timeout_ms()) is not None:
+            waits.append(wait)
         for due in (self.cleanup_due(), self._retry_at, self._next_pin_check):
             if due is not None:
                 waits.append(max(0, int((due - time.monotonic()) * 1000) + 1))
         return min(waits) if waits else None
 
+    def _event_sources(self) -> dict:
+        """fd → source of the drop events of each backend the watcher has units of."""
+        if self.events is None:
+            return {}
+        for name in {handle.backend for handle in self.units.values()}:
+            self.events.follow(name, self.backends[name])
+        return self.events.fds()
+
     def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
         if self._unrecorded:
             self.retry_records()  # a last try; what is still unwritten was logged
         for backend in self.backends.values():

@@ -89,6 +89,16 @@ class Log:
                 pass  # journald gone: say it on stderr instead
         print(f"{_LABELS.get(priority, '')}{action}: {message}", file=self._stream, flush=True)
 
+    def record(self, message: str, fields: dict[str, str], priority: int = INFO) -> None:
+        """One record with exactly these journal fields (drop events); the message alone on stderr."""
+        if self._send is not None:
+            try:
+                self._send(message, PRIORITY=str(priority), SYSLOG_IDENTIFIER="bpfwall", **fields)
+                return
+            except OSError:
+                pass
+        print(message, file=self._stream, flush=True)
+
     def debug(self, action: str, message: str, **kw) -> None:
         self.event(action, message, DEBUG, **kw)
 

@@ -76,7 +76,7 @@ def test_full_lifecycle(capsys, pin_root, temp_cgroup):
     key_dir = os.path.join(pin_root, "web-1+service")
     assert f"{key_dir}/ingress" in out
     assert {os.path.basename(p) for p in pins_of(pin_root)} == {
-        "ingress", "egress", "counters", "mode", "params", "meta", "set_more"}
+        "ingress", "egress", "counters", "mode", "params", "meta", "set_more", "events", "log_limit", "events_lost"}
     assert ok(capsys, "path", unit, "egress").strip() == f"{key_dir}/egress"
     assert json.loads(ok(capsys, "path", unit, "ingress", "--json"))["path"] == f"{key_dir}/ingress"
 

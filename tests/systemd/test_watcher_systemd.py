@@ -8,7 +8,9 @@ filter enforced, and the restarted watcher must attach nothing twice.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
 
 import pytest
@@ -281,3 +283,32 @@ def test_sigkill_leaves_filters_enforced_and_the_restart_attaches_nothing_twice(
             assert len(ids) == len(set(ids)), f"{path} carries {ids}"
     finally:
         c.systemctl("stop", "wkill.service")
+
+
+def drop_records(c, unit: str, port: int) -> list[dict]:
+    """`journalctl -u UNIT` records of drop events to `port`, as JSON."""
+    out = c.exec(["journalctl", "--no-pager", "--quiet", "-o", "json", "-u", unit], check=True).stdout
+    records = [json.loads(line) for line in out.splitlines()]
+    return [r for r in records if r.get("BPFWALL_ACTION") == "drop-event" and r.get("DPT") == str(port)]
+
+
+def test_dropped_packets_show_up_in_the_units_journal(c):
+    install_unit(c, "wsvc.service", receiver_unit("wsvc.service", [6001, 6003]))
+    c.systemctl("start", "wsvc.service", check=True)
+    try:
+        wait_attached(c.unit_cgroup("wsvc.service"), policy_prog(c, "wsvc.service"))
+        send_udp(c, {6003: N})
+        wait_until(lambda: len(drop_records(c, "wsvc.service", 6003)) >= N,
+                   f"{N} drop events in journalctl -u wsvc.service", timeout=10)
+        records = drop_records(c, "wsvc.service", 6003)
+        assert len(records) == N
+        for r in records:
+            assert {k: r[k] for k in ("UNIT", "OBJECT_SYSTEMD_UNIT", "BPFWALL_DIRECTION", "BPFWALL_VERDICT", "PROTO",
+                                      "SRC", "DST", "DPT")} == {
+                "UNIT": "wsvc.service", "OBJECT_SYSTEMD_UNIT": "wsvc.service", "BPFWALL_DIRECTION": "ingress",
+                "BPFWALL_VERDICT": "DROP", "PROTO": "udp", "SRC": "127.0.0.1", "DST": "127.0.0.1", "DPT": "6003"}
+            assert int(r["SPT"]) > 0 and r["_SYSTEMD_UNIT"] == "bpfwall.service"
+            assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3} wsvc\.service ingress DROP udp 127\.0\.0\.1:\d+ → "
+                                r"127\.0\.0\.1:6003 len \d+", r["MESSAGE"]), r["MESSAGE"]
+    finally:
+        c.systemctl("stop", "wsvc.service")

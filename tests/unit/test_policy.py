@@ -698,3 +698,37 @@ def test_entries_are_hashable_and_compare_by_value(trusted_tmp_path):
 ])
 def test_same_unit_twice_in_one_file(trusted_tmp_path, text, expected):
     assert one_error(trusted_tmp_path, text) == expected
+
+
+def test_log_limit_from_defaults_and_unit(trusted_tmp_path):
+    file = write(trusted_tmp_path, "p.toml", """
+        [defaults]
+        log_rate = 10
+        [units."a.service"]
+        ingress = "tcp"
+        log_burst = 30
+        [units."b.service"]
+        ingress = "tcp"
+        log_rate = 0
+    """)
+    policy, errors = check_policy(files=[file])
+    assert errors == []
+    assert policy.entry("a.service").log == {"log_rate": 10, "log_burst": 30}
+    assert policy.entry("b.service").log == {"log_rate": 0}
+
+
+def test_log_limit_errors(trusted_tmp_path):
+    base = '[units."a.service"]\ningress = "tcp"\n'
+    assert one_error(trusted_tmp_path, base + "log_rate = -1\n") == \
+        'p.toml:3: units."a.service".log_rate: -1 is out of range (0..1000000; log_rate = 0 turns drop events off)'
+    assert one_error(trusted_tmp_path, base + 'log_burst = "5"\n') == \
+        'p.toml:3: units."a.service".log_burst: expected an integer (drop events per second / at once), got a string'
+
+
+def test_log_limit_changes_the_fingerprint_only_when_written(trusted_tmp_path):
+    def entry(extra: str):
+        policy, errors = check_policy(files=[write(trusted_tmp_path, "p.toml", '[units."a.service"]\ningress = "tcp"\n' + extra)])
+        return policy.entry("a.service")
+    plain, limited = entry(""), entry("log_rate = 5\n")
+    assert "log" not in plain.filter_spec() and plain.log == {}
+    assert plain.fingerprint() != limited.fingerprint() != entry("log_rate = 6\n").fingerprint()

@@ -186,13 +186,41 @@ def test_python_and_c_agree(tmp_path, name):
     for map_name, shape in shapes.items():
         d = mapdefs[map_name]
         c_def = (d.type, d.max_entries, d.flags, d.key_size, d.value_size)
-        py_def = (shape.type, shape.max_entries, shape.flags, ctypes.sizeof(shape.key), ctypes.sizeof(shape.value))
+        py_def = (shape.type, shape.max_entries, shape.flags, _sizeof(shape.key), _sizeof(shape.value))
         assert c_def == py_def, f"map {map_name} (type, max_entries, flags, key size, value size)"
+        if shape.key is None:  # a ring buffer: its records are checked below
+            continue
         for part, type_id, py in (("key", d.btf_key_type_id, ctypes_layout(shape.key)),
                                   ("value", d.btf_value_type_id, params_layout(program.params)
                                    if map_name == pc.PARAMS else ctypes_layout(shape.value))):
             c = btf_layout(btf, type_id)
             assert c == py, f"map {map_name}, {part}: C {c} ≠ Python {py}"
+
+
+def _sizeof(t) -> int:
+    return 0 if t is None else ctypes.sizeof(t)
+
+
+@pytest.mark.skipif(shutil.which("clang") is None, reason="clang not installed")
+def test_event_record_and_limits_agree(tmp_path):
+    """The ring's record (no map declares its type: offsetof/sizeof of each member) and the
+    event constants."""
+    program = _unit(*PROGRAMS["plain"])
+    constants = {"EVENTS_RING_BYTES": pc.EVENTS_RING_BYTES, "NO_PROTO": pc.NO_PROTO,
+                 "LOG_LIMIT_MAX": pc.LOG_LIMIT_MAX, "NSEC_PER_SEC": pc.NSEC_PER_SEC,
+                 "sizeof(struct bpfwall_event)": ctypes.sizeof(pc.Event)}
+    for name, *_ in pc.Event._fields_:
+        constants[f"__builtin_offsetof(struct bpfwall_event, {name})"] = getattr(pc.Event, name).offset
+        constants[f"sizeof(((struct bpfwall_event *)0)->{name})"] = getattr(pc.Event, name).size
+    _, _, values = compile_probe(program, list(constants), tmp_path)
+    assert dict(zip(constants, values, strict=True)) == constants
+
+
+def test_log_limit_value_round_trip():
+    raw = pc.log_limit_value(100, 200)
+    assert len(raw) == ctypes.sizeof(pc.LogLimit) == 32
+    assert pc.decode_log_limit(raw) == (100, 200)
+    assert pc.sum_lost([bytes(pc.Lost(3)), bytes(pc.Lost(4))]) == 7
 
 
 def test_the_probe_sees_a_change_on_either_side(tmp_path):
