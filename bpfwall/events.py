@@ -99,7 +99,7 @@ LOG_BURST_MAX = 1_000_000
 
 def check_log_setting(name: str, value) -> int:
     """`value` as log_rate (0..LOG_RATE_MAX) or log_burst (1..LOG_BURST_MAX); ValueError naming it."""
-    lo, hi = (0, LOG_RATE_MAX) if name == "log_rate" else (0, LOG_BURST_MAX)
+    lo, hi = (0, LOG_RATE_MAX) if name == "log_rate" else (1, LOG_BURST_MAX)
     if type(value) is not int or not lo <= value <= hi:
         raise ValueError(f"{name}={value}: expected an integer {lo}..{hi}")
     return value

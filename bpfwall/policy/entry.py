@@ -83,8 +83,11 @@ class Entry:
             "mode": self.mode,
             "backend": self.backend,
             "set_capacity": self.set_capacity,
-            # only when written: units without it keep their fingerprints (no reload on upgrade)
-            **({"log": dict(sorted(self.log.items()))} if self.log else {}),
+            # only values other than the defaults: entries that write none, or write the defaults,
+            # keep the fingerprints they had before drop events existed (no reload on upgrade)
+            **({"log": changed} if (changed := {k: v for k, v in sorted(self.log.items())
+                                                if v != {"log_rate": DEFAULT_LOG_RATE,
+                                                         "log_burst": DEFAULT_LOG_BURST}[k]}) else {}),
         }
 
     def fingerprint(self) -> str:
