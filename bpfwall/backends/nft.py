@@ -646,7 +646,9 @@ def stats(table: str, unit: str) -> dict:
         "sets": {n: list(s.elements) for n, s in sorted(u.sets.items())},
         "attached": _attached(u),
         "events": {"log_rate": u.log_rate, "log_burst": u.log_burst, "log_group": state.log_group,
-                   "lost": {d: live.get(names.counter(d, "lost"), zero)["packets"] for d in u.directions}},
+                   # both directions, as the interface says (0 for one the unit does not filter)
+                   "lost": {d: live.get(names.counter(d, "lost"), zero)["packets"] if d in u.directions else 0
+                            for d in DIRECTIONS}},
     }
 
 

@@ -132,7 +132,7 @@ def test_events_are_exactly_the_dropped_packets(world, table, direction, host, f
         assert (e.saddr, e.daddr, e.sport, e.dport) == (host, host, sport, DENIED)
         assert (e.icmp_type, e.icmp_code, e.length, e.cgroup_id) == (None, None, header + 8 + 33, 0)
         assert abs(e.time - time.time()) < 30
-    assert nft.stats(table, UNIT)["events"]["lost"] == {direction: 0}
+    assert nft.stats(table, UNIT)["events"]["lost"] == {"ingress": 0, "egress": 0}
 
 
 def test_the_rate_limit_holds_and_the_rest_is_counted_lost(world, table):
@@ -154,7 +154,7 @@ def test_the_rate_limit_holds_and_the_rest_is_counted_lost(world, table):
     assert lost[(UNIT, "egress")] + len(got) == flood
     assert sum(lost.values()) == lost[(UNIT, "egress")]  # nothing lost to a full socket buffer
     assert nft.stats(table, UNIT)["events"] == {"log_rate": rate, "log_burst": burst, "log_group": state_group(table),
-                                                "lost": {"egress": flood - len(got)}}
+                                                "lost": {"ingress": 0, "egress": flood - len(got)}}
 
 
 def state_group(table) -> int:
@@ -252,7 +252,7 @@ def test_the_cli_sets_events_and_refuses_bad_values(world, table, capsys):
     ok(capsys, *nft_args, "--log-group", str(g), "load", UNIT, "--egress", EXPR["egress"],
        "--log-rate", "7", "--log-burst", "9")
     events = json.loads(ok(capsys, *nft_args, "stats", UNIT, "--json"))["events"]
-    assert events == {"log_rate": 7, "log_burst": 9, "log_group": g, "lost": {"egress": 0}}
+    assert events == {"log_rate": 7, "log_burst": 9, "log_group": g, "lost": {"ingress": 0, "egress": 0}}
     assert "limit rate over 7/second burst 9 packets" in listing(table) and f"group {g}" in listing(table)
     ok(capsys, *nft_args, "set", UNIT, "log_rate=0")
     assert json.loads(ok(capsys, *nft_args, "stats", UNIT, "--json"))["events"]["log_rate"] == 0
