@@ -525,8 +525,9 @@ class _Values:
 def check_log_limit(name: str, value: int) -> None:
     if name not in LOG_KEYS:
         raise BackendError(f"{name}: the events' limit is log_rate or log_burst")
-    if not isinstance(value, int) or not 0 <= value <= pc.LOG_LIMIT_MAX:
-        raise BackendError(f"{name}={value}: out of range (0..{pc.LOG_LIMIT_MAX}; log_rate=0 turns events off)")
+    lo = 0 if name == "log_rate" else 1  # one bound for both backends (events.check_log_setting)
+    if not isinstance(value, int) or not lo <= value <= pc.LOG_LIMIT_MAX:
+        raise BackendError(f"{name}={value}: out of range ({lo}..{pc.LOG_LIMIT_MAX}; log_rate=0 turns events off)")
 
 
 def default_log_limit(log: dict[str, int] | None = None) -> dict[str, int]:

@@ -131,8 +131,9 @@ def log_value(name: str, text: str) -> int:
         value = int(text)
     except ValueError:
         value = -1
-    if not 0 <= value <= LOG_LIMIT_MAX:
-        raise UsageError(f"{name}={text}: a whole number 0..{LOG_LIMIT_MAX} (log_rate=0 turns drop events off)")
+    lo = 0 if "rate" in name else 1  # a burst of 0 would let no event through: log_rate=0 says that
+    if not lo <= value <= LOG_LIMIT_MAX:
+        raise UsageError(f"{name}={text}: a whole number {lo}..{LOG_LIMIT_MAX} (log_rate=0 turns drop events off)")
     return value
 
 

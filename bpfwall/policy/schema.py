@@ -147,8 +147,8 @@ class _File:
 
         if not _is_int(value):
             self.error(path, f"expected an integer (drop events per second / at once), got {type_name(value)}")
-        elif not 0 <= value <= LOG_LIMIT_MAX:
-            self.error(path, f"{value} is out of range (0..{LOG_LIMIT_MAX}; log_rate = 0 turns drop events off)")
+        elif not (lo := 0 if path[-1] == "log_rate" else 1) <= value <= LOG_LIMIT_MAX:
+            self.error(path, f"{value} is out of range ({lo}..{LOG_LIMIT_MAX}; log_rate = 0 turns drop events off)")
         else:
             return value
         return None
