@@ -95,6 +95,20 @@ def parse_link_name(name: str) -> tuple[str, int] | None:
     return direction, int(cgid)
 
 
+def pinned_links(d: pins.PinDir) -> list[tuple[str, str, int, links.LinkInfo]]:
+    """(pin name, direction, cgroup id, the link's info) of every link pinned in the unit's directory."""
+    out = []
+    for name in d.names():
+        if (key := parse_link_name(name)) is None:
+            continue
+        lfd = d.get(name)
+        try:
+            out.append((name, key[0], key[1], links.info(lfd)))
+        finally:
+            os.close(lfd)
+    return out
+
+
 def program_name(pin_root: str, unit: str, direction: str) -> str:
     """The kernel name of the unit's program (15 characters): 'bpfw_i_' or 'bpfw_e_' and a hash of
     (pin root, unit). Found attached anywhere, a program is known as this unit's by its name alone."""
@@ -144,12 +158,8 @@ class UnitPrograms:
                 direction = name[len(NEXT_PREFIX):] if name.startswith(NEXT_PREFIX) else name
                 if direction in DIRECTIONS:
                     self.add(direction, d.get(name), owned=True)
-                elif (key := parse_link_name(name)) is not None:
-                    lfd = d.get(name)
-                    try:
-                        self.ids[links.info(lfd).prog_id] = key[0]
-                    finally:
-                        os.close(lfd)
+            for _, direction, _, info in pinned_links(d) if d is not None else ():
+                self.ids[info.prog_id] = direction
         except BaseException:
             self.close()
             raise
@@ -747,16 +757,7 @@ def where_to_look(unit: str, d: pins.PinDir | None, deep: bool = False) -> list[
     if deep or d is None or d.exists(MARK_ELSEWHERE):
         return None
     paths = set(cgroup.unit_cgroups(unit))
-    live = []
-    for name in d.names():
-        if (key := parse_link_name(name)) is None:
-            continue
-        lfd = d.get(name)
-        try:
-            if not links.info(lfd).defunct:
-                live.append(key[1])
-        finally:
-            os.close(lfd)
+    live = [cgid for _, _, cgid, info in pinned_links(d) if not info.defunct]
     for path in cgroup.paths_of_ids(live).values():
         if path is None:
             return None  # not allowed to resolve ids to paths (no CAP_DAC_READ_SEARCH), or racing a removal
@@ -789,28 +790,22 @@ def _swap_attachments(d, new: PinnedUnit, known: UnitPrograms, where: list[str] 
     unit no longer filters is detached, and one it newly filters reaches its cgroups too."""
     new_ids = {dr: progs.prog_info(fd).id for dr, fd in new.progs.items()}
     linked_cgroups: dict[int, set[str]] = {}
-    for name in d.names():
-        if (key := parse_link_name(name)) is None:
-            continue
-        direction, cgid = key
-        lfd = d.get(name)
-        try:
-            info = links.info(lfd)
-            if info.defunct:
-                d.unpin(name)  # its cgroup is gone
-            elif direction in new.progs:
-                if info.prog_id != new_ids[direction]:
+    for name, direction, cgid, info in pinned_links(d):
+        if info.defunct:
+            d.unpin(name)  # its cgroup is gone
+        elif direction in new.progs:
+            if info.prog_id != new_ids[direction]:
+                lfd = d.get(name)
+                try:
                     links.update(lfd, new.progs[direction], None, f"the link {d.path}/{name}")
-                    undo.append(lambda name=name, old_id=info.prog_id: _link_back(d, name, old_id, known))
-                    result.replaced.append((cgid, direction))
-                    reached("load:link-updated")
-                linked_cgroups.setdefault(cgid, set()).add(direction)
-            else:
-                links.detach(lfd)
-                d.unpin(name)
-                result.detached.append((cgid, direction))
-        finally:
-            os.close(lfd)
+                finally:
+                    os.close(lfd)
+                undo.append(lambda name=name, old_id=info.prog_id: _link_back(d, name, old_id, known))
+                result.replaced.append((cgid, direction))
+                reached("load:link-updated")
+            linked_cgroups.setdefault(cgid, set()).add(direction)
+        elif _drop_link(d, name):
+            result.detached.append((cgid, direction))
     for direction, fd in new.progs.items():
         known.add(direction, fd)
     found = _attached_anywhere(known, where)
@@ -904,14 +899,8 @@ def _unload_locked(pin_root, unit, root, key, present, known) -> list:
             for name in d.names():
                 if (link_key := parse_link_name(name)) is None:
                     continue
-                lfd = d.get(name)
-                try:
-                    if not links.info(lfd).defunct:
-                        links.detach(lfd)
-                        detached.append((by_id.get(link_key[1], f"cgroup id {link_key[1]}"), link_key[0]))
-                finally:
-                    os.close(lfd)
-                d.unpin(name)
+                if _drop_link(d, name):  # detached and unpinned; False: it was defunct (unpinned too)
+                    detached.append((by_id.get(link_key[1], f"cgroup id {link_key[1]}"), link_key[0]))
                 reached("unload:link-detached")
     for cg, dr, pid in found:
         if cgroup.detach_id(cg, pid, dr, known.fd(pid)):
@@ -1049,7 +1038,7 @@ def _update_link(d, lname: str, fd: int) -> bool:
 
 
 def _drop_link(d, lname: str) -> bool:
-    """Detach and unpin one of our links; False if there was none."""
+    """Detach and unpin one of our links; whether it was attached (False: none, or defunct)."""
     try:
         lfd = d.get(lname)
     except KernelError as e:
