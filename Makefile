@@ -3,10 +3,14 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 BPFWALL := $(VENV)/bin/bpfwall
+# bcc, the second compiler (--compiler bcc), compiles against kernel headers; a kernel without a
+# headers package of its own (a cloud or custom one) gets the distribution kernel's (bcc_build.py).
+DEB_ARCH := $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
 APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 python3-venv python3-pyelftools \
                 nftables python3-nftables python3-systemd \
                 python3-prometheus-client \
-                debootstrap systemd-container iperf3 python3-matplotlib tmux
+                debootstrap systemd-container iperf3 python3-matplotlib tmux \
+                python3-bpfcc linux-headers-$(DEB_ARCH)
 
 # The well-known usage: make FILTER='icmp || (udp && dst_port == 53)' BPFNAME=x load
 FILTER ?= icmp || (udp && dst_port == 53) || (tcp && dst_port == 80)

@@ -25,7 +25,15 @@
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/in6.h>
+#ifdef BPFWALL_BCC
+/* Compiled by bcc (bpfwall/bcc_build.py): bcc includes its own helper declarations first,
+ * which libbpf's would contradict; what this file takes from libbpf's header is this. */
+#define SEC(name) __attribute__((section(name), used))
+#define __uint(name, val) int (*name)[val]
+#define __type(name, val) typeof(val) *name
+#else
 #include <bpf/bpf_helpers.h>
+#endif
 #include <bpf/bpf_endian.h>
 
 #define NO_PROTO 0xffff        /* proto of a packet whose L4 protocol is unknown */
@@ -327,6 +335,7 @@ struct {
 
 /* The token bucket of one direction. Shared by all CPUs, so taken under the lock; tokens are
  * counted in events × NSEC_PER_SEC so that refilling is one multiplication. */
+#undef NSEC_PER_SEC  /* the kernel headers bcc compiles with define it as a long */
 #define NSEC_PER_SEC 1000000000ULL
 #define BUCKET_FULL_AFTER_NS (1ULL << 40)  /* ~18 min: refills to the full burst; keeps ns × rate < 2^64 */
 #define LOG_LIMIT_MAX 1000000              /* rate and burst: larger values are refused by Python */
@@ -481,4 +490,8 @@ int bpfwall_egress(struct __sk_buff *skb)
 	return run(skb, DIR_EGRESS);
 }
 
+#ifdef BPFWALL_BCC
+#define BPF_LICENSE GPL  /* bcc writes the license section itself */
+#else
 char _license[] SEC("license") = "GPL";
+#endif

@@ -4,7 +4,8 @@ The cache key is a hash of everything that decides the object: the program
 source, the generated header, the compiler flags, the compiler's identity
 (its resolved path, device, inode, size, mtime and ctime, so a warm start runs
 no subprocess), bpfwall's ELF/BTF reader version and the cache format. The
-entries are plain data checked on every read (objcache).
+entries are plain data checked on every read (objcache). A program whose
+compiler is bcc is built by bcc_build instead (compilers.py says which).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import objcache, program_contract
@@ -41,6 +42,13 @@ class UnitProgram:
     # Tests only: read every header through bpf_skb_load_bytes, the path taken
     # for bytes outside the linear area, which BPF_PROG_TEST_RUN never produces.
     load_bytes_only: bool = False
+    compiler: str = "auto"  # compilers.CHOICES: what builds it; resolved() names the one that will
+
+    def resolved(self) -> "UnitProgram":
+        """This program with its compiler chosen (auto: the one available here; BuildError if none)."""
+        from .compilers import resolve
+
+        return self if self.compiler != "auto" else replace(self, compiler=resolve(self.compiler))
 
     @property
     def params(self) -> list[str]:
@@ -68,6 +76,7 @@ class UnitProgram:
             "params": self.params,
             "sets": self.sets,
             "set_capacity": self.set_capacity,
+            "compiler": self.compiler,
         }
 
     def meta_bytes(self) -> bytes:
@@ -120,9 +129,14 @@ def _flags(program: UnitProgram | None = None) -> list[str]:
     return flags
 
 
-def _key(clang: str, flags: list[str], source: bytes, header: str) -> str:
-    st = os.stat(clang)
-    compiler = f"{clang}\0{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+def file_identity(path: str) -> str:
+    """A file as the cache key knows it: path and stat, which change when it is replaced."""
+    st = os.stat(path)
+    return f"{path}\0{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _key(compiler: str, flags: list[str], source: bytes, header: str) -> str:
+    """`compiler`: its identity (file_identity of clang; bcc_build.identity)."""
     h = hashlib.sha256()
     for part in (f"format {objcache.FORMAT} reader {READER_VERSION}".encode(), compiler.encode(),
                  "\0".join(flags).encode(), source, header.encode()):
@@ -140,12 +154,17 @@ def compile_command(program: UnitProgram, source: Path, include_dir: str, output
 def build(program: UnitProgram, cache: Path | None = None):
     """The kernel.elf.BpfObject for `program`, compiled or from the cache."""
     cache = cache or cache_dir()
+    program = program.resolved()
+    if program.compiler == "bcc":
+        from . import bcc_build
+
+        return bcc_build.build(program, cache)
     src_dir = source_dir()
     source = (src_dir / "port_filter.c").read_bytes()
     header = program.header()
     clang = _clang()
     flags = _flags(program)
-    key = _key(clang, flags, source, header)
+    key = _key(file_identity(clang), flags, source, header)
     obj = objcache.load(cache, key)
     if obj is not None:
         return obj
@@ -172,7 +191,7 @@ def build_many(programs, cache: Path | None = None, jobs: int | None = None) -> 
     once. The first failure (in order) is raised once the compiles under way have ended; those
     not started yet are dropped."""
     programs = list(programs)
-    signatures = [(p.header(), tuple(_flags(p))) for p in programs]
+    signatures = [(p.compiler, p.header(), tuple(_flags(p))) for p in programs]
     first: dict[tuple, UnitProgram] = {}
     for sig, program in zip(signatures, programs, strict=False):
         first.setdefault(sig, program)

@@ -17,14 +17,15 @@ __all__ = ["NAMES", "Backend", "Loaded", "ProgramBackend", "create", "every", "p
 
 
 def create(name: str, *, pin_root: str | None = None, table: str | None = None, cache=None,
-           log_group: int | None = None) -> Backend:
+           log_group: int | None = None, compiler: str | None = None) -> Backend:
     """The backend `name` ("bpf" or "nft"): bpf pins under `pin_root` and compiles through
-    `cache`; nft keeps its units in table `table` (None: $BPFWALL_NFT_TABLE or "bpfwall")."""
+    `cache` with `compiler` (None: as each program says); nft keeps its units in table `table`
+    (None: $BPFWALL_NFT_TABLE or "bpfwall")."""
     if name == "bpf":
         from .bpf import DEFAULT_PIN_ROOT
         from .bpf_backend import BpfBackend
 
-        return BpfBackend(pin_root or DEFAULT_PIN_ROOT, cache)
+        return BpfBackend(pin_root or DEFAULT_PIN_ROOT, cache, compiler)
     if name == "nft":
         from .nft_backend import NftBackend
 
@@ -32,9 +33,10 @@ def create(name: str, *, pin_root: str | None = None, table: str | None = None, 
     raise ValueError(f"no backend {name!r}")
 
 
-def every(*, pin_root: str | None = None, table: str | None = None, cache=None) -> dict[str, Backend]:
+def every(*, pin_root: str | None = None, table: str | None = None, cache=None,
+          compiler: str | None = None) -> dict[str, Backend]:
     """One backend of each kind, by name."""
-    return {name: create(name, pin_root=pin_root, table=table, cache=cache) for name in NAMES}
+    return {name: create(name, pin_root=pin_root, table=table, cache=cache, compiler=compiler) for name in NAMES}
 
 
 def programs(backend: Backend, command: str) -> ProgramBackend:

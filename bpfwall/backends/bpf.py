@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from .. import program_contract as pc
 from .. import unitkey
 from ..build import UnitProgram, build
+from ..compilers import UNRECORDED as UNRECORDED_COMPILER
 from ..crashpoint import reached
 from ..errors import Error
 from ..kernel import cgroup, links, loader, maps, pins, progs
@@ -300,7 +301,8 @@ class PinnedUnit:
         raw = self.map(pc.META).lookup(pc.ZERO)
         try:
             self.meta = json.loads(pc.decode_meta(raw))
-        except ValueError:
+            self.meta.setdefault("compiler", UNRECORDED_COMPILER)  # a meta from before bcc: clang built it
+        except (ValueError, AttributeError):
             raise BackendError(f"{self.path}/meta does not hold bpfwall's description of a unit") from None
 
     def close(self) -> None:
@@ -626,6 +628,7 @@ def load(pin_root: str, unit: str, program: UnitProgram, params: dict[str, int] 
     `log`: the events' log_rate/log_burst (given: written; else kept, or the defaults when new)."""
     params, sets = params or {}, sets or {}
     unit_dir(pin_root, unit)  # a unit name that cannot be a key fails here, before anything
+    program = program.resolved()  # meta names the compiler that built it
     check_values(program, params, sets)
     for name, value in (log or {}).items():
         check_log_limit(name, value)
@@ -1120,6 +1123,7 @@ def stats(pin_root: str, unit: str) -> dict:
             "mode": u.mode(),
             "ingress": u.meta["ingress"],
             "egress": u.meta["egress"],
+            "compiler": u.meta["compiler"],
             "programs": ids,
             "counters": u.counters(),
             "events": u.events(),
@@ -1136,7 +1140,7 @@ def summary(pin_root: str) -> list[dict]:
             with PinnedUnit.open(pin_root, unit) as u:
                 ids = u.prog_ids()
                 out.append({"unit": unit, "mode": u.mode(), "ingress": u.meta["ingress"],
-                            "egress": u.meta["egress"], "programs": ids})
+                            "egress": u.meta["egress"], "compiler": u.meta["compiler"], "programs": ids})
         except (BackendError, KernelError) as e:
             out.append({"unit": unit, "error": str(e), "programs": {}})
     with contextlib.ExitStack() as stack:

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..build import UnitProgram, build, build_many
+from ..compilers import describe as describe_compiler
 from ..kernel import cgroup, loader, maps, progs
 from ..kernel.errors import KernelError
 from ..lower.c import set_map
@@ -117,7 +118,10 @@ def _pins_match_entry(pin_root: str, entry, program) -> bool:
     except (bpf.BackendError, KernelError):
         return False
     with unit:
-        if unit.meta != program.meta():
+        want = program.meta()
+        if program.compiler == "auto":  # whichever built it
+            want["compiler"] = unit.meta["compiler"]
+        if unit.meta != want:
             return False
         if set(unit.progs) != {d for d in bpf.DIRECTIONS if getattr(program, d) is not None}:
             return False
@@ -134,14 +138,16 @@ def _pins_match_entry(pin_root: str, entry, program) -> bool:
 
 
 class BpfBackend:
-    """Units pinned under `pin_root`; objects compiled through the cache at `cache`."""
+    """Units pinned under `pin_root`; objects compiled through the cache at `cache`, by
+    `compiler` when given (--compiler, $BPFWALL_COMPILER), else as each policy entry says."""
 
     name = "bpf"
     parallel = True  # ensure() of several entries may run in threads at once (see apply_policy)
 
-    def __init__(self, pin_root: str = bpf.DEFAULT_PIN_ROOT, cache=None):
+    def __init__(self, pin_root: str = bpf.DEFAULT_PIN_ROOT, cache=None, compiler: str | None = None):
         self.pin_root = pin_root
         self.cache = cache
+        self.compiler = compiler
         self._owner: dict[str, tuple[str, str]] = {}  # program name → (unit, direction)
         self._owner_ids: dict[int, tuple[str, str]] = {}  # program id → (unit, direction)
 
@@ -180,8 +186,11 @@ class BpfBackend:
         """The C emitted for the expression (the header bpf/port_filter.c includes)."""
         ingress = checked if direction in (None, "ingress") else None
         egress = checked if direction in (None, "egress") else None
-        code = UnitProgram(ingress, egress).header()
-        return {"expression": checked.text, "c": code}, code.rstrip("\n")
+        choice = self.compiler or "auto"
+        code = UnitProgram(ingress, egress, compiler=choice).header()
+        compiler = describe_compiler(choice)
+        return ({"expression": checked.text, "c": code, "compiler": compiler},
+                f"/* compiler: {compiler} */\n" + code.rstrip("\n"))
 
     # -- programs in files (ProgramBackend) ------------------------------------------------------
 
@@ -220,7 +229,7 @@ class BpfBackend:
         """prepare() every entry: all values checked, then all compiled, clang runs side by side."""
         programs = []
         for entry in entries:
-            programs.append(entry.program())
+            programs.append(entry.program(self.compiler))
             bpf.check_values(programs[-1], entry.params, entry.sets)
         build_many(programs, self.cache)
 
@@ -231,10 +240,10 @@ class BpfBackend:
         if pinned and owned is not None and owned.fingerprint == fingerprint \
                 and _program_ids(self.pin_root, entry.name) == owned.programs:
             how = "reused"
-        elif pinned and owned is None and _pins_match_entry(self.pin_root, entry, entry.program()):
+        elif pinned and owned is None and _pins_match_entry(self.pin_root, entry, entry.program(self.compiler)):
             how = "adopted"  # state lost (or loaded by hand) but identical: keep it running
         else:
-            program = entry.program()
+            program = entry.program(self.compiler).resolved()
             with (self._verified(entry, program) if not pinned else contextlib.nullcontext()) as early:
                 bpf.load(self.pin_root, entry.name, program, entry.params, entry.sets, entry.mode, self.cache,
                          preloaded=early, log=entry.log or None)

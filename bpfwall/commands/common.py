@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ..errors import UsageError
+from .options import compiler
 
 
 def emit(args, data, text: str) -> None:
@@ -25,7 +26,7 @@ def program(args, ingress: str | None, egress: str | None):
     capacity = getattr(args, "set_capacity", None)
     capacity = DEFAULT_SET_CAPACITY if capacity is None else capacity
     ingress_checked, egress_checked = analyze_pair(ingress, egress)
-    unit_program = UnitProgram(ingress_checked, egress_checked, capacity)
+    unit_program = UnitProgram(ingress_checked, egress_checked, capacity, compiler=compiler(args) or "auto")
     check(unit_program.sets, capacity, getattr(args, "force_capacity", False), f"--set-capacity {capacity}",
           "--force-capacity")
     return unit_program

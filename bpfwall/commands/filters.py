@@ -121,6 +121,8 @@ def cmd_list(args) -> None:
         for d in DIRECTION_CHOICES:
             if r[d] is not None:
                 lines.append(f"  {d}: {r[d]}")
+        if "compiler" in r:  # bpf units: what compiled the programs
+            lines.append(f"  compiler: {r['compiler']}")
     emit(args, rows, "\n".join(lines) or "no units loaded")
 
 
@@ -160,6 +162,8 @@ def cmd_stats(args) -> None:
         lines.append(f"  {d}: {s[d]}")
         lines.append(f"    pass {c['pass']['packets']} packets {c['pass']['bytes']} bytes, "
                      f"{drop} {c['drop']['packets']} packets {c['drop']['bytes']} bytes")
+    if "compiler" in s:
+        lines.append(f"  compiler: {s['compiler']}")
     for name, value in s["params"].items():
         lines.append(f"  ${name} = {value}")
     for name, elements in s["sets"].items():

@@ -10,6 +10,7 @@ import argparse
 import os
 
 from ..backends import NAMES as BACKENDS
+from ..compilers import CHOICES as COMPILERS
 from ..errors import UsageError
 
 
@@ -23,6 +24,9 @@ def common(json_output: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default=argparse.SUPPRESS,
                    help="bpf (cgroup_skb programs, the default) or nft (socket cgroupv2 verdict maps); "
                         "default $BPFWALL_BACKEND or bpf")
+    p.add_argument("--compiler", choices=COMPILERS, default=argparse.SUPPRESS,
+                   help="what compiles bpf programs: clang, bcc (python3-bpfcc), or auto (clang when found, "
+                        "else bcc); default $BPFWALL_COMPILER, else the policy's compiler, else auto")
     p.add_argument("--table", metavar="NAME", default=argparse.SUPPRESS,
                    help="nft table of the nft backend (default $BPFWALL_NFT_TABLE or bpfwall)")
     p.add_argument("--log-group", metavar="N", type=int, default=argparse.SUPPRESS,
@@ -61,12 +65,19 @@ def backend_name(args) -> str:
     return name
 
 
+def compiler(args) -> str | None:
+    """--compiler or $BPFWALL_COMPILER; None: neither says (the policy's, else auto)."""
+    from ..compilers import override
+
+    return override(getattr(args, "compiler", None))
+
+
 def backend(args, name: str | None = None):
     """The backend the global options choose (or backend `name`), built from them."""
     from ..backends import create
 
     return create(name or backend_name(args), pin_root=pin_root(args), table=table(args), cache=cache_dir(args),
-                  log_group=getattr(args, "log_group", None))
+                  log_group=getattr(args, "log_group", None), compiler=compiler(args))
 
 
 def policy_dir(args) -> str:

@@ -12,7 +12,7 @@ import subprocess
 from .. import dropin
 from ..errors import Error
 from .common import emit, filter_program, param_values, set_values
-from .options import (backend, filter_options, log_limit, log_options, policy_dir, policy_dir_option,
+from .options import (backend, compiler, filter_options, log_limit, log_options, policy_dir, policy_dir_option,
                       unit_argument)
 
 
@@ -89,7 +89,7 @@ def _escaping_hint(unit: str, policy) -> str:
 def cmd_apply(args) -> None:
     entry = policy_entry(args.unit, policy_dir(args))
     log = {**entry.log, **(log_limit(args) or {})}  # the command line over the policy
-    result = backend(args, entry.backend).load(args.unit, entry.program(), entry.params, entry.sets, entry.mode,
+    result = backend(args, entry.backend).load(args.unit, entry.program(compiler(args)), entry.params, entry.sets, entry.mode,
                                                log=log or None)
     lines = [f"applied {entry.name} ({entry.where}) to {args.unit} [{entry.mode}]"]
     lines += [f"  {d}: {place}" for d, place in result.places.items()]

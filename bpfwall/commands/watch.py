@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .options import cache_dir, pin_root, policy_dir_option, table
+from .options import cache_dir, compiler, pin_root, policy_dir_option, table
 
 
 def register(add) -> None:
@@ -40,10 +40,11 @@ def run(args) -> None:
         listen = parse_listen(args.metrics_listen)  # a bad address: refused before anything starts
     root = cgroup.resolve(args.cgroup_root) if args.cgroup_root else cgroup.cgroup2_mount()
     state_dir = args.state_dir or os.environ.get("BPFWALL_STATE_DIR") or DEFAULT_STATE_DIR
-    # The backends are built from the global options: --pin-root, --cache-dir, and --table
-    # (default $BPFWALL_NFT_TABLE or "bpfwall"): where nft entries go.
+    # The backends are built from the global options: --pin-root, --cache-dir, --compiler, and
+    # --table (default $BPFWALL_NFT_TABLE or "bpfwall"): where nft entries go.
     watcher = Watcher(getattr(args, "policy_dir", None), pin_root(args), root, state_dir, Log(args.verbose),
-                      Notifier(), cache_dir(args), table=table(args), drop_events=args.drop_events)
+                      Notifier(), cache_dir(args), table=table(args), drop_events=args.drop_events,
+                      compiler=compiler(args))
     try:
         if listen is not None:
             serve_metrics(watcher, listen, pin_root(args), table(args))

@@ -34,6 +34,7 @@ class Entry:
     # The drop events' limit written in the policy ({log_rate, log_burst}, either may be missing:
     # the unit's current value is kept, or the default on a new load).
     log: dict[str, int] = field(default_factory=dict)
+    compiler: str | None = None  # `compiler =` of the file's [defaults] (compilers.CHOICES), if written
     # The checked expressions, kept from validation so program() does not parse twice.
     checked: tuple = field(default=(None, None), compare=False, repr=False)
 
@@ -60,15 +61,16 @@ class Entry:
 
         return is_pattern(self.name)
 
-    def program(self):
-        """The checked expressions built into a UnitProgram (not compiled)."""
+    def program(self, compiler: str | None = None):
+        """The checked expressions built into a UnitProgram (not compiled), by `compiler` when
+        given (the command line's choice), else by the policy's."""
         from ..build import UnitProgram
         from ..lang.checker import analyze_pair
 
         ingress, egress = self.checked
         if (ingress, egress) == (None, None):
             ingress, egress = analyze_pair(self.ingress, self.egress)
-        return UnitProgram(ingress, egress, self.set_capacity)
+        return UnitProgram(ingress, egress, self.set_capacity, compiler=compiler or self.compiler or "auto")
 
     def filter_spec(self) -> dict:
         """Everything that defines the filter, normalized: what fingerprint() hashes.
@@ -83,6 +85,7 @@ class Entry:
             "mode": self.mode,
             "backend": self.backend,
             "set_capacity": self.set_capacity,
+            **({"compiler": self.compiler} if self.compiler is not None else {}),  # as log: no reload on upgrade
             # only values other than the defaults: entries that write none, or write the defaults,
             # keep the fingerprints they had before drop events existed (no reload on upgrade)
             **({"log": changed} if (changed := {k: v for k, v in sorted(self.log.items())

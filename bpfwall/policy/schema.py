@@ -14,6 +14,7 @@ import tomllib
 
 from .. import unitkey
 from ..build import DEFAULT_SET_CAPACITY
+from ..compilers import CHOICES as COMPILERS
 from ..capacity import CAPACITY_MAX as SET_CAPACITY_MAX, CapacityError, check as check_capacity
 from ..lang.checker import analyze_pair
 from ..lang.errors import LangError
@@ -25,11 +26,11 @@ from .locate import defined_twice, line_of, scan, syntax_error_line
 from .match import UNIT_SUFFIXES
 
 TOP_KEYS = ("defaults", "units")
-DEFAULT_KEYS = ("backend", "mode", "set_capacity", "force_capacity", "log_rate", "log_burst")
+DEFAULT_KEYS = ("backend", "mode", "set_capacity", "force_capacity", "log_rate", "log_burst", "compiler")
 UNIT_KEYS = ("ingress", "egress", "params", "sets", "mode", "backend", "set_capacity", "force_capacity", "cgroup",
-             "log_rate", "log_burst")
+             "log_rate", "log_burst", "compiler")
 LOG_KEYS = ("log_rate", "log_burst")  # the drop events' limit: only those written are set (see Entry.log)
-CHOICES = {"backend": ("bpf", "nft"), "mode": ("enforce", "audit")}
+CHOICES = {"backend": ("bpf", "nft"), "mode": ("enforce", "audit"), "compiler": COMPILERS}
 BUILTIN_DEFAULTS = {"backend": "bpf", "mode": "enforce", "set_capacity": DEFAULT_SET_CAPACITY,
                     "force_capacity": False}
 
@@ -189,7 +190,7 @@ class _File:
         defaults = dict(BUILTIN_DEFAULTS)
         if "defaults" in self.data:
             table = self.table(self.data["defaults"], ("defaults",),
-                               "backend, mode, set_capacity, force_capacity, log_rate, log_burst")
+                               "backend, mode, set_capacity, force_capacity, log_rate, log_burst, compiler")
             if table is not None:
                 self.known_keys(table, ("defaults",), DEFAULT_KEYS)
                 defaults = self.settings(table, ("defaults",), defaults)
@@ -215,7 +216,7 @@ class _File:
                 self.error(path, f"'{name}' is not a unit name: it must end in "
                            + ", ".join(UNIT_SUFFIXES[:-1]) + f" or {UNIT_SUFFIXES[-1]}")
         body = self.table(body, path, "ingress, egress, params, sets, mode, backend, set_capacity, force_capacity, "
-                                      "cgroup, log_rate, log_burst")
+                                      "cgroup, log_rate, log_burst, compiler")
         if body is None:
             return None
         self.known_keys(body, path, UNIT_KEYS)
@@ -240,7 +241,7 @@ class _File:
         return Entry(name=name, ingress=texts.get("ingress"), egress=texts.get("egress"),
                      params=params, sets=sets, mode=settings["mode"], backend=settings["backend"],
                      set_capacity=settings["set_capacity"], cgroup=cgroup, file=self.file,
-                     log={k: settings[k] for k in LOG_KEYS if k in settings},
+                     log={k: settings[k] for k in LOG_KEYS if k in settings}, compiler=settings.get("compiler"),
                      line=self.line(path), checked=checked)
 
     def cgroup(self, value, path: tuple, name: str) -> str | None:

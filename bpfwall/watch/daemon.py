@@ -69,12 +69,13 @@ def load_policy_checked(policy_dir: str | None):
 class Watcher:
     def __init__(self, policy_dir: str | None, pin_root: str, cgroup_root: str, state_dir: str,
                  log: Log, notifier: Notifier | None = None, cache=None, table: str | None = None,
-                 drop_events: int | None = None):
+                 drop_events: int | None = None, compiler: str | None = None):
         self.policy_dir = policy_dir
         self.root = cgroup_root
         self.log = log
         self.notifier = notifier or Notifier(None)
-        self.backends = backends.every(pin_root=pin_root, table=table, cache=cache)  # policy entries name theirs
+        # policy entries name theirs; `compiler` (the command line's) overrides the policy's
+        self.backends = backends.every(pin_root=pin_root, table=table, cache=cache, compiler=compiler)
         self.state = State(state_dir, pin_root)
         self.policy = None
         self.units: dict = {}  # entry name → its backend's Handle (backends/base.py)

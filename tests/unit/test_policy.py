@@ -159,7 +159,7 @@ def test_syntax_error_line_parsing():
     ('[default]\nmode = "audit"\n', "p.toml:1: default: unknown key 'default'; did you mean 'defaults'?"),
     ('[defaults]\nmdoe = "audit"\n', "p.toml:2: defaults.mdoe: unknown key 'mdoe'; did you mean 'mode'?"),
     ('[defaults]\ncolour = 1\n',
-     "p.toml:2: defaults.colour: unknown key 'colour'; allowed: backend, mode, set_capacity, force_capacity, log_rate, log_burst"),
+     "p.toml:2: defaults.colour: unknown key 'colour'; allowed: backend, mode, set_capacity, force_capacity, log_rate, log_burst, compiler"),
     ('[units."a.service"]\ningres = "tcp"\negress = "tcp"\n',
      "p.toml:2: units.\"a.service\".ingres: unknown key 'ingres'; did you mean 'ingress' or 'egress'?"),
     ('[units."a.service"]\negress = "tcp"\nparam = { x = 1 }\n',
@@ -204,7 +204,7 @@ def test_units_must_be_tables(trusted_tmp_path):
         "p.toml:1: units: expected a table (one [units.\"NAME\"] table per unit), got an integer"
     assert one_error(trusted_tmp_path, '[units]\n"a.service" = "tcp"\n') == \
         'p.toml:2: units."a.service": expected a table (ingress, egress, params, sets, mode, backend, ' \
-        'set_capacity, force_capacity, cgroup, log_rate, log_burst), got a string'
+        'set_capacity, force_capacity, cgroup, log_rate, log_burst, compiler), got a string'
 
 
 @pytest.mark.parametrize("name, expected", [
