@@ -2,6 +2,7 @@
 
 Sockets belong to the cgroup of the process that created them, so the test
 process steps into its own test cgroup to create them (TempCgroup.socket).
+Every test runs twice: with units clang builds, and with units bcc builds.
 """
 from __future__ import annotations
 
@@ -19,10 +20,20 @@ from bpfwall.lang.checker import analyze
 from tests.kernel.sockets import SO_RCVBUFFORCE, V4, V6, bound, ping, receive_all
 
 pytestmark = [pytest.mark.kernel, pytest.mark.traffic, pytest.mark.usefixtures("no_leaks")]
+COMPILER = {"name": "auto"}
+
+
+@pytest.fixture(autouse=True, params=["clang", "bcc"])
+def compiler(request, monkeypatch):
+    """The compiler of this run's units: program() below, and bpfwall commands run here."""
+    monkeypatch.setitem(COMPILER, "name", request.param)
+    monkeypatch.setenv("BPFWALL_COMPILER", request.param)
+    return request.param
 
 
 def program(ingress=None, egress=None) -> UnitProgram:
-    return UnitProgram(analyze(ingress) if ingress else None, analyze(egress) if egress else None)
+    return UnitProgram(analyze(ingress) if ingress else None, analyze(egress) if egress else None,
+                       compiler=COMPILER["name"])
 
 
 def load_attached(pin_root, cg, unit="t.service", **exprs):
@@ -219,6 +230,7 @@ def test_concurrent_loads_attach_once(pin_root, temp_cgroup):
     exe = os.path.join(os.path.dirname(sys.executable), "bpfwall")
     env = dict(os.environ, BPFWALL_PIN_ROOT=pin_root)
     unit = load_attached(pin_root, temp_cgroup, ingress="udp")
+    assert bpf.stats(pin_root, unit)["compiler"] == COMPILER["name"]
     procs = [subprocess.Popen([exe, "load", unit, "--ingress", f"udp && dst_port != {i}"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(4)]
     for p in procs:
@@ -229,6 +241,7 @@ def test_concurrent_loads_attach_once(pin_root, temp_cgroup):
     flags, ids = cgroup.query(temp_cgroup.path, "ingress")
     assert len(ids) == 1
     assert bpf.stats(pin_root, unit)["programs"]["ingress"] == ids[0]
+    assert bpf.stats(pin_root, unit)["compiler"] == COMPILER["name"]  # the loads' $BPFWALL_COMPILER
 
 
 def test_tcp_bulk_transfer_with_gso(pin_root, temp_cgroup):
