@@ -71,8 +71,12 @@ def _version(name: str) -> tuple:
 
 def kernel_headers() -> Headers:
     """The headers bcc will compile against; BuildError naming what is missing and how to fix it."""
-    if os.environ.get("BCC_KERNEL_SOURCE"):
-        return Headers(source=os.environ["BCC_KERNEL_SOURCE"])
+    given = os.environ.get("BCC_KERNEL_SOURCE")
+    if given:
+        if not _has(given, "include/linux/kconfig.h"):
+            raise BuildError(f"bcc needs kernel headers: BCC_KERNEL_SOURCE={given} holds none "
+                             "(no include/linux/kconfig.h); point it at a kernel source tree or unset it")
+        return Headers(source=given)
     release = os.uname().release
     running = os.path.join(MODULES, release)
     if _has(running, "source/include/linux/kconfig.h") or _has(running, "build/include/linux/kconfig.h") \
@@ -165,7 +169,8 @@ def build(program: UnitProgram, cache: Path):
                *flags, f"-I{tmp}"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
         if proc.returncode != 0:
-            lines = [line for line in proc.stderr.splitlines() if "error" in line] or proc.stderr.splitlines() or ["?"]
+            # clang's first diagnostic, else the first thing bcc or the worker said
+            lines = [line for line in proc.stderr.splitlines() if "error:" in line] or proc.stderr.splitlines() or ["?"]
             raise BuildError(f"bcc failed to compile the filter: {lines[0].strip()}")
         elf = obj_path.read_bytes()
         obj = read_object(str(obj_path))

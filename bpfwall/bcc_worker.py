@@ -30,7 +30,7 @@ RELOC_DEFAULT = CODE_MODEL_DEFAULT = 0
 
 
 def fail(message: str):
-    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.write(f"{message}\n")
     sys.exit(1)
 
 
@@ -48,7 +48,7 @@ def compile_module(lib, source: str, cflags: list[str], ir_path: str) -> int:
         os.close(saved)
         os.close(ir)
     if not module:
-        fail("bcc could not compile the program (its messages are above)")
+        fail("bcc could not compile the program")
     return module
 
 
