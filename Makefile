@@ -61,6 +61,7 @@ bench: venv bpffs
 	$(PY) bench/per_packet.py
 	$(PY) bench/monitor_rate.py  # drop events a second bpfwall monitor shows (~20 s)
 	$(PY) bench/load_time.py
+	$(PY) bench/compilers.py     # cold compile and per-packet cost, clang vs bcc
 	$(PY) bench/scale.py         # stats/list/reload with 100 vs 10,000 cgroups, 100 attached
 	$(PY) bench/watch_reaction.py
 	$(PY) bench/watch_rss.py
