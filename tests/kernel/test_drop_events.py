@@ -29,8 +29,8 @@ UNIT = "ev.service"
 CLOCK_MONOTONIC_COARSE = 6  # Linux; the time module does not name it
 
 
-def load(pin_root, ingress="tcp", **log):
-    bpf.load(pin_root, UNIT, UnitProgram(analyze(ingress), None), log=log or None)
+def load(pin_root, ingress="tcp", compiler="auto", **log):
+    bpf.load(pin_root, UNIT, UnitProgram(analyze(ingress), None, compiler=compiler), log=log or None)
 
 
 def monitor(*args) -> subprocess.Popen:
@@ -57,12 +57,13 @@ def read_all(source, quiet=0.3) -> list:
     return out
 
 
+@pytest.mark.parametrize("compiler", ["clang", "bcc"])  # the ring and the limit's lock: the same with both
 @pytest.mark.parametrize("host,family", [V4, V6], ids=["ipv4", "ipv6"])
-def test_monitor_shows_exactly_the_dropped_packets(pin_root, temp_cgroup, host, family):
+def test_monitor_shows_exactly_the_dropped_packets(pin_root, temp_cgroup, host, family, compiler):
     allowed, denied = bound(temp_cgroup, host, family), bound(temp_cgroup, host, family)
     with allowed, denied, socket.socket(family, socket.SOCK_DGRAM) as tx:
         pa, pd = allowed.getsockname()[1], denied.getsockname()[1]
-        load(pin_root, f"udp && local_port == {pa}")
+        load(pin_root, f"udp && local_port == {pa}", compiler)
         bpf.attach(pin_root, UNIT, temp_cgroup.path)
         mon = monitor(UNIT, "--json", "--count", "20")
         for _ in range(20):
@@ -95,8 +96,9 @@ def test_monitor_line_is_a_firewall_log_line(pin_root):
     assert r.stdout.endswith(f" {UNIT} ingress DROP udp 192.0.2.1:1234 → 192.0.2.2:53 len 28\n"), r.stdout
 
 
-def test_rate_limit_holds_and_every_loss_is_counted(pin_root):
-    load(pin_root, log_rate=1000, log_burst=50)
+@pytest.mark.parametrize("compiler", ["clang", "bcc"])
+def test_rate_limit_holds_and_every_loss_is_counted(pin_root, compiler):
+    load(pin_root, compiler=compiler, log_rate=1000, log_burst=50)
     with BpfEvents(pin_root, [UNIT]) as source:
         seconds = flood(pin_root, 100_000)
         got = read_all(source)
