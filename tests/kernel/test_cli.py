@@ -111,6 +111,8 @@ def test_full_lifecycle(capsys, pin_root, temp_cgroup):
     assert stats["mode"] == "enforce"
     assert {(a["cgroup"], a["direction"]) for a in stats["attached"]} == {
         (temp_cgroup.path, "ingress"), (temp_cgroup.path, "egress")}
+    # The text names the cgroup once, with both directions.
+    assert f"  attached: {temp_cgroup.path} (ingress, egress)" in ok(capsys, "stats", unit).splitlines()
 
     ok(capsys, "set", unit, "extra=9", "@more+10,20..22", "@more-7", "mode=audit")
     stats = json.loads(ok(capsys, "stats", unit, "--json"))
