@@ -12,7 +12,6 @@ import os
 
 NAMES = ("clang", "bcc")
 CHOICES = (*NAMES, "auto")
-ENV = "BPFWALL_COMPILER"
 UNRECORDED = "clang"  # what built a unit whose meta names no compiler: only clang did then
 
 
@@ -20,9 +19,9 @@ def override(given: str | None = None) -> str | None:
     """The choice given on the command line (`given`) or in $BPFWALL_COMPILER, or None."""
     from .errors import UsageError
 
-    value = given or os.environ.get(ENV) or None
+    value = given or os.environ.get("BPFWALL_COMPILER") or None
     if value is not None and value not in CHOICES:
-        raise UsageError(f"compiler {value!r} (from {ENV}): choose {', '.join(CHOICES)}")
+        raise UsageError(f"compiler {value!r} (from BPFWALL_COMPILER): choose {', '.join(CHOICES)}")
     return value
 
 

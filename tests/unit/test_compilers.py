@@ -77,12 +77,12 @@ def test_bcc_kernel_source_is_checked(modules, tmp_path, monkeypatch):
 
 
 def test_the_choice(monkeypatch):
-    monkeypatch.delenv(compilers.ENV, raising=False)
+    monkeypatch.delenv("BPFWALL_COMPILER", raising=False)
     assert compilers.override() is None
-    monkeypatch.setenv(compilers.ENV, "bcc")
+    monkeypatch.setenv("BPFWALL_COMPILER", "bcc")
     assert compilers.override() == "bcc"
     assert compilers.override("clang") == "clang"  # the command line's beats the environment's
-    monkeypatch.setenv(compilers.ENV, "gcc")
+    monkeypatch.setenv("BPFWALL_COMPILER", "gcc")
     with pytest.raises(UsageError, match="BPFWALL_COMPILER"):
         compilers.override()
     assert compilers.resolve("bcc") == "bcc"  # named: taken as it is, checked when it builds
