@@ -97,7 +97,8 @@ def cmd_show(args) -> None:
     for e in policy.entries:
         spec = e.filter_spec()
         lines = [f"{e.name}  ({e.where})",
-                 f"  backend {e.backend}, mode {e.mode}, set_capacity {e.set_capacity}"]
+                 f"  backend {e.backend}, mode {e.mode}, set_capacity {e.set_capacity}"
+                 + (f", compiler {e.compiler}" if e.compiler else "")]
         if e.cgroup:
             lines.append(f"  cgroup: {e.cgroup}")
         for d in ("ingress", "egress"):

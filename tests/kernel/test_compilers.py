@@ -140,3 +140,23 @@ def test_a_unit_loaded_before_bcc_reads_as_built_by_clang(pin_root, cache_dir):
     with bpf.PinnedUnit.open(pin_root, "old.service") as u:
         assert u.meta["compiler"] == "clang"
     assert bpf.stats(pin_root, "old.service")["compiler"] == "clang"
+
+
+def test_the_policys_compiler_and_the_command_lines(pin_root, cache_dir, trusted_tmp_path, capsys, monkeypatch):
+    """`compiler =` in [defaults] builds the policy's units; --compiler (or $BPFWALL_COMPILER)
+    wins over it; `bpfwall apply` (the loader unit's command, the hand-off's first half) shows it."""
+    from bpfwall.cli import main
+
+    monkeypatch.delenv("BPFWALL_COMPILER", raising=False)
+    policy = trusted_tmp_path / "policy"
+    policy.mkdir()
+    (policy / "10-test.toml").write_text('[defaults]\ncompiler = "bcc"\n\n[units."p.service"]\ningress = "tcp"\n')
+    assert main(["apply", "p.service", "--policy-dir", str(policy)]) == 0
+    assert bpf.stats(pin_root, "p.service")["compiler"] == "bcc"
+    assert main(["--compiler", "clang", "apply", "p.service", "--policy-dir", str(policy)]) == 0
+    assert bpf.stats(pin_root, "p.service")["compiler"] == "clang"
+    monkeypatch.setenv("BPFWALL_COMPILER", "bcc")
+    assert main(["apply", "p.service", "--policy-dir", str(policy)]) == 0
+    capsys.readouterr()
+    assert main(["stats", "p.service"]) == 0
+    assert "  compiler: bcc" in capsys.readouterr().out.splitlines()
