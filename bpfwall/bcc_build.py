@@ -53,12 +53,11 @@ class Headers:
                 f"-I{self.build}/include", f"-I{self.build}/include/generated/uapi"]
 
     def identity(self) -> str:
-        """For the cache key: which headers, and which version of them."""
-        parts = []
-        for tree, name in ((self.source, "include/linux/kconfig.h"), (self.build, "include/generated/autoconf.h")):
-            if tree is not None and os.path.exists(os.path.join(tree, name)):
-                parts.append(file_identity(os.path.join(tree, name)))
-        return "\0".join(parts or [f"running kernel {os.uname().release}"])
+        """For the cache key: which headers, and which version of them (their generated config)."""
+        running = os.path.join(MODULES, os.uname().release)
+        trees = [t for t in (self.source, self.build) if t] or [f"{running}/source", f"{running}/build"]
+        files = [os.path.join(t, n) for t in trees for n in ("include/generated/autoconf.h", "include/linux/kconfig.h")]
+        return "\0".join(file_identity(f) for f in [*files, KHEADERS] if os.path.isfile(f))
 
 
 def _has(tree: str, name: str) -> bool:
