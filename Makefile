@@ -9,9 +9,11 @@ APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 python3-venv python3-pyel
                 debootstrap systemd-container iperf3 python3-matplotlib tmux \
                 $(DEB_BUILD_PACKAGES)
 # `make deb` (debian/control's Build-Depends) and its checks: lintian, man (man-db) renders the
-# pages, bash drives the completion (python3-argcomplete).
+# pages, bash drives the completion (python3-argcomplete), pip builds the wheel offline in a
+# plain venv from Debian's setuptools and wheel wheels (tests/package/test_pip_venv.py).
 DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
-                      python3-argcomplete dpkg-dev fakeroot lintian man-db groff-base bash-completion
+                      python3-argcomplete dpkg-dev fakeroot lintian man-db groff-base bash-completion \
+                      python3-setuptools-whl python3-wheel-whl
 
 # The well-known usage: make FILTER='icmp || (udp && dst_port == 53)' BPFNAME=x load
 FILTER ?= icmp || (udp && dst_port == 53) || (tcp && dst_port == 80)
