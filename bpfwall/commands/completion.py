@@ -58,7 +58,7 @@ def autocomplete(parser) -> None:
     """Answer the shell's completion request and exit, when this run is one; else return."""
     import os
 
-    if "_ARGCOMPLETE" not in os.environ:
+    if "_ARGCOMPLETE" not in os.environ:  # set by the shell hook (README: Environment variables)
         return
     try:
         import argcomplete
