@@ -160,7 +160,11 @@ def bpfwall_toml_5(example: str) -> str:
     from .policy import DEFAULT_POLICY_DIR, keys, schema
     from .policy.match import UNIT_SUFFIXES
 
-    unit_keys = {k: (keys.UNIT_ONLY.get(k) or keys.SETTINGS[k]) for k in schema.UNIT_KEYS}
+    from .program_contract import LOG_BURST_DEFAULT, LOG_RATE_DEFAULT
+
+    unit_keys = {k: keys.UNIT_ONLY[k] for k in schema.UNIT_KEYS if k in keys.UNIT_ONLY}
+    shared = [k for k in schema.UNIT_KEYS if k not in keys.UNIT_ONLY]
+    defaults = {**schema.BUILTIN_DEFAULTS, "log_rate": LOG_RATE_DEFAULT, "log_burst": LOG_BURST_DEFAULT}
     suffixes = ", ".join(UNIT_SUFFIXES)
     lines = [th("bpfwall.toml", 5), ".SH NAME", "bpfwall.toml \\- bpfwall's policy: which units get which filters",
              ".SH SYNOPSIS", f".I {DEFAULT_POLICY_DIR}/*.toml",
@@ -175,10 +179,10 @@ def bpfwall_toml_5(example: str) -> str:
                        "to every matching cgroup; bpfwall@UNIT.service (`bpfwall apply UNIT`) pins one unit's "
                        "filters for the hand-off."),
              ".SH [defaults]", *key_items({k: keys.SETTINGS[k] for k in schema.DEFAULT_KEYS}, schema.CHOICES,
-                                           schema.BUILTIN_DEFAULTS),
+                                           defaults),
              '.SH [units."NAME"]',
-             paragraph("Each key of [defaults] may be set for one unit, and:"),
              *key_items(unit_keys, schema.CHOICES, {}),
+             ".PP", paragraph(f"And, for this unit alone, {', '.join(shared)}: as in [defaults]."),
              ".SH MATCHING",
              paragraph("Only a unit's own cgroup matches (its sub-cgroups inherit the programs). An entry "
                        "written with the exact unit name wins over globs; among globs the first in file "
