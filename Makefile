@@ -143,7 +143,7 @@ export LAUNCHER
 install: venv
 	rm -rf "$(DESTDIR)$(LIBDIR)"
 	@# pip builds in the source tree it is given: give it a copy, not the shared checkout.
-	stage=$$(mktemp -d) && cp -r pyproject.toml README.md bpfwall "$$stage" && \
+	stage=$$(mktemp -d) && cp -r pyproject.toml README.md bpfwall bpf "$$stage" && \
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation --no-compile \
 		--target "$(DESTDIR)$(LIBDIR)" "$$stage"; rc=$$?; rm -rf "$$stage"; exit $$rc
 	rm -rf "$(DESTDIR)$(LIBDIR)/bin" "$(DESTDIR)$(LIBDIR)/share"  # pip's script and data file: placed below
@@ -156,6 +156,10 @@ install: venv
 	install -d "$(DESTDIR)$(DOCDIR)/examples/policy" "$(DESTDIR)$(DOCDIR)/examples/units/nginx.service.d" \
 		"$(DESTDIR)$(DOCDIR)/examples/units/bpfwall.service.d"
 	install -m 0644 README.md "$(DESTDIR)$(DOCDIR)/README.md"
+	$(PY) -m bpfwall.manpage "$(DESTDIR)$(PREFIX)/share/man/pages" >/dev/null
+	install -D -m 0644 "$(DESTDIR)$(PREFIX)/share/man/pages/bpfwall.1" "$(DESTDIR)$(PREFIX)/share/man/man1/bpfwall.1"
+	install -D -m 0644 "$(DESTDIR)$(PREFIX)/share/man/pages/bpfwall.toml.5" "$(DESTDIR)$(PREFIX)/share/man/man5/bpfwall.toml.5"
+	rm -r "$(DESTDIR)$(PREFIX)/share/man/pages"
 	install -m 0644 examples/policy/*.toml "$(DESTDIR)$(DOCDIR)/examples/policy/"
 	install -m 0644 units/examples/nginx.service "$(DESTDIR)$(DOCDIR)/examples/units/"
 	install -m 0644 units/examples/nginx.service.d/bpfwall.conf "$(DESTDIR)$(DOCDIR)/examples/units/nginx.service.d/"
@@ -179,6 +183,7 @@ install-units:
 uninstall:
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl disable --now bpfwall.service || true; fi
 	rm -rf "$(DESTDIR)$(LIBDIR)" "$(DESTDIR)$(DOCDIR)"
+	rm -f "$(DESTDIR)$(PREFIX)/share/man/man1/bpfwall.1" "$(DESTDIR)$(PREFIX)/share/man/man5/bpfwall.toml.5"
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl disable --now bpfwall-metrics.timer || true; fi
 	rm -f "$(DESTDIR)$(PREFIX)/bin/bpfwall" "$(DESTDIR)$(UNITDIR)/bpfwall.service" "$(DESTDIR)$(UNITDIR)/bpfwall@.service" \
 		"$(DESTDIR)$(UNITDIR)/bpfwall-metrics.service" "$(DESTDIR)$(UNITDIR)/bpfwall-metrics.timer"
