@@ -107,7 +107,7 @@ def test_handoff_through_the_shipped_template_and_its_reload(c):
         c.bpfwall("dropin", svc, "--remove")
 
 
-def test_the_shipped_watcher_polices_and_reloads(c):
+def test_the_shipped_watcher_polices_and_reloads(c, built_deb):
     svc = unique("deb-watched")
     write_policy(c, {svc: "udp && local_port == 6001"})
     install_unit(c, svc, receiver_unit(svc, [6001, 6002]))
@@ -127,6 +127,13 @@ def test_the_shipped_watcher_polices_and_reloads(c):
         wait_attached(host_cg, new)
         send_udp(c, {6001: N, 6002: N})
         assert wait_counts(c, svc, {6001: N, 6002: N}) == {6001: N, 6002: N}
+
+        # An upgrade (here: the same version again) restarts the running watcher and unloads nothing.
+        watcher_pid = c.show("bpfwall.service", "MainPID")["MainPID"]
+        c.sh(f"cd /var/tmp && apt install -y --reinstall ./{built_deb.name}", timeout=300, check=True)
+        after = c.show("bpfwall.service", "ActiveState", "MainPID")
+        assert after["ActiveState"] == "active" and after["MainPID"] != watcher_pid
+        assert cgroup.query(host_cg, "ingress")[1] == [new] and pinned_prog_id(c, pin) == new
     finally:
         c.systemctl("stop", svc)
         c.systemctl("disable", "--now", "bpfwall.service")
