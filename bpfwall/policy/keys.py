@@ -20,6 +20,10 @@ SETTINGS = {
     "log_rate": "Drop events per second and direction, at most (0: none). `bpfwall set UNIT "
                 "log_rate=N` changes it live.",
     "log_burst": "Drop events allowed at once above log_rate.",
+    "compiler": "What compiles the unit's bpf programs: \"clang\" (the clang binary), \"bcc\" "
+                "(python3-bpfcc, with a kernel's headers) or \"auto\" (clang when found, else bcc). "
+                "The same program either way; --compiler or $BPFWALL_COMPILER wins over it. Default: "
+                "\"auto\".",
 }
 
 # Keys only a [units."NAME"] table has.
