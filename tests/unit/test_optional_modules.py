@@ -21,6 +21,7 @@ def test_extras_are_declared():
     extras = project["optional-dependencies"]
     assert extras["systemd"] == ["systemd-python"]
     assert extras["nft"] == []  # python3-nftables is not on PyPI: the extra documents it, pip cannot install it
+    assert extras["bcc"] == []  # nor is python3-bpfcc
     assert not any(d.startswith(("systemd", "nftables")) for d in project["dependencies"])
 
 
