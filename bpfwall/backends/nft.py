@@ -198,7 +198,9 @@ def healthy(table: str, state: NftState, live: set | None = None, deep=False) ->
     if not live:
         return False
     levels = _levels(state.units.values())
-    expected = {layout.base_chain(d, level): 1 for d, level in levels}  # the dispatch rule
+    expected = {layout.base_chain(d, level): 1 for d, level in levels}  # the level's one rule
+    for d in {d for d, _ in levels}:  # a jump per level in the dispatch
+        expected[layout.dispatch_chain(d)] = sum(1 for e, _ in levels if e == d)
     for u in state.units.values():
         for chain in u.objects.chains:
             expected[chain] = u.objects.rules.get(chain)
@@ -251,7 +253,12 @@ def _rebuild(table: str, state: NftState) -> None:
     runner().json(cmds, f"restoring table inet {table}")
     if levels:
         runner().text("".join(layout.level_rule_text(table, d, level) for d, level in levels),
-                      f"restoring the dispatch rules of table inet {table}")
+                      f"restoring the level rules of table inet {table}")
+        dispatch = []
+        for direction in sorted({d for d, _ in levels}):
+            dispatch += [layout.add_dispatch(table, direction)]
+            dispatch += layout.dispatch(table, direction, [lv for d, lv in levels if d == direction])
+        runner().json(dispatch, f"restoring the dispatch of table inet {table}")
 
 
 def _ensure(table: str, state: NftState) -> set:
@@ -438,12 +445,17 @@ def _live_levels(live: set) -> set[tuple[str, int]]:
 
 
 def _apply(table: str, state: NftState, live: set, cmds: list, new_levels, what: str) -> None:
-    """Create the levels `new_levels` (nft syntax: their dispatch rule), then run `cmds` in one
-    JSON transaction that also removes levels nothing is attached at any more. If that
-    transaction fails, the levels just created are removed again."""
+    """Create the levels `new_levels` (nft syntax: their chain's rule), then run `cmds` in one
+    JSON transaction that also makes the dispatch jump to exactly the levels in use, deepest
+    first, and removes levels nothing is attached at any more. If that transaction fails, the
+    levels just created are removed again (nothing jumps to them)."""
     for direction, level in sorted(new_levels):
         runner().text(layout.level_text(table, direction, level), what)
-    for direction, level in sorted(_live_levels(live) - _levels(state.units.values()) - set(new_levels)):
+    in_use = _levels(state.units.values())
+    gone = sorted(_live_levels(live) - in_use - set(new_levels))
+    for direction in sorted({d for d, _ in set(new_levels) | set(gone)}):
+        cmds += layout.dispatch(table, direction, [lv for d, lv in in_use if d == direction])
+    for direction, level in gone:
         cmds.append(layout.flush_map(table, direction, level))
         cmds += layout.remove_level(table, direction, level)
     try:

@@ -274,31 +274,55 @@ def test_zero_in_a_set_matches_packets_without_ports(table, temp_cgroup):
         assert ping(s) == 0
 
 
-def test_every_level_must_pass(table):
-    """Units attached at a parent and at a child cgroup both judge the child's sockets
-    (as cgroup_skb programs on a cgroup's path all run): a separate base chain per level."""
+def test_the_nearest_unit_judges_alone(table):
+    """Units attached at a parent and at a child cgroup: the child's sockets are judged by the
+    child's unit alone (its verdict ends the dispatch, deepest level first), whichever verdict
+    the parent's would give; a sibling without a unit of its own falls to the parent's
+    (policy/judge.py: a slice default)."""
     with TempCgroup("bpfwall-test") as parent:
-        child = os.path.join(parent.path, "child")
+        child, sibling = os.path.join(parent.path, "child"), os.path.join(parent.path, "sibling")
         os.mkdir(child)
+        os.mkdir(sibling)
         try:
-            sock = lambda: _socket_in(child)
-            x, y = sock(), sock()
-            with x, y, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
-                px, py = x.getsockname()[1], y.getsockname()[1]
-                nft.load(table, "slice.slice", program(ingress=f"udp && local_port in {{{px}, {py}}}"))
+            x, y, z = _socket_in(child), _socket_in(child), _socket_in(sibling)
+            with x, y, z, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+                px, py, pz = (s.getsockname()[1] for s in (x, y, z))
+                # the parent's default lets only y and z in, the child's unit only x
+                nft.load(table, "slice.slice", program(ingress=f"udp && local_port in {{{py}, {pz}}}"))
                 nft.load(table, "svc.service", program(ingress=f"udp && local_port == {px}"))
                 nft.attach(table, "slice.slice", parent.path)
                 nft.attach(table, "svc.service", child)
-                tx.sendto(b"x", ("127.0.0.1", px))
-                tx.sendto(b"y", ("127.0.0.1", py))
-                assert receive_all(x, 0.2) == 1 and receive_all(y, 0.2) == 0
-                assert counters(table, "slice.slice")["ingress"]["pass"]["packets"] == 2
+                for port in (px, py, pz):
+                    tx.sendto(b"x", ("127.0.0.1", port))
+                assert (receive_all(x, 0.2), receive_all(y, 0.2), receive_all(z, 0.2)) == (1, 0, 1)
+                assert counters(table, "slice.slice")["ingress"] == {
+                    "pass": {"packets": 1, "bytes": 29}, "drop": {"packets": 0, "bytes": 0}}
                 assert counters(table, "svc.service")["ingress"] == {
                     "pass": {"packets": 1, "bytes": 29}, "drop": {"packets": 1, "bytes": 29}}
+                assert _dispatch_jumps(table, "input") == [f"input_level_{_level(child)}",
+                                                             f"input_level_{_level(parent.path)}"]
+                # the child's unit gone: its sockets fall to the parent's default
                 nft.unload(table, "svc.service")
+                assert _dispatch_jumps(table, "input") == [f"input_level_{_level(parent.path)}"]
+                for port in (px, py):
+                    tx.sendto(b"x", ("127.0.0.1", port))
+                assert (receive_all(x, 0.2), receive_all(y, 0.2)) == (0, 1)
                 nft.unload(table, "slice.slice")
         finally:
             os.rmdir(child)
+            os.rmdir(sibling)
+
+
+def _level(path: str) -> int:
+    return os.path.relpath(path, cgroup.cgroup2_mount()).count("/") + 1
+
+
+def _dispatch_jumps(table: str, chain: str) -> list[str]:
+    """The level chains the dispatch jumps to, in order."""
+    out = subprocess.run(["nft", "-j", "list", "chain", "inet", table, chain], capture_output=True, text=True,
+                         check=True).stdout
+    return [e["jump"]["target"] for r in json.loads(out)["nftables"] if "rule" in r
+            for e in r["rule"]["expr"] if "jump" in e]
 
 
 def _socket_in(path: str) -> socket.socket:
