@@ -82,6 +82,12 @@ def policy_dir_option(p) -> None:
                    help="where the policy's *.toml files are (default $BPFWALL_POLICY_DIR or /etc/bpfwall)")
 
 
+def cgroup_root_option(p, help: str) -> None:
+    p.add_argument("--cgroup-root", metavar="PATH", default=None,
+                   help=f"{help} (absolute or relative to the cgroup2 mount; default: the whole mount); "
+                        "policy cgroup paths are relative to it")
+
+
 def filter_options(p, command: str) -> None:
     """--ingress, --egress, --mode: a unit's filters as `load` and `run` take them."""
     left_out = ("a direction left out is not filtered (a loaded unit's filter for it is detached and "
