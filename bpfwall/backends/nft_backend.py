@@ -45,9 +45,32 @@ class NftUnit:
     fingerprint: str
     table: str
     directions: list
+    strict: bool = False  # a strict slice default: the cgroups below it are held until classified
     backend = "nft"
     exclusive = True  # the nft backend filters a cgroup with one unit
     needs_cleanup = True  # a removed cgroup's map element stays until it is dropped
+
+    @property
+    def guards(self) -> bool:
+        """Only a strict slice default needs the watcher's classification here: the dispatch
+        already judges per level (deepest first); a strict one holds what is not classified."""
+        return self.strict
+
+    def classify(self, cgroup_id: int, below, path: str | None = None) -> bool:
+        """The descendant is classified (whatever a deeper filter judges of it): no longer held.
+        nft names cgroups by path: the watcher passes it; else it is looked up by id (root only)."""
+        path = path or cgroup.paths_of_ids([cgroup_id]).get(cgroup_id)
+        if path is None:
+            return False  # gone meanwhile: nothing to classify
+        return nft.classify(self.table, self.name, path)
+
+    def unclassify(self, cgroup_id: int) -> bool:
+        return nft.unclassify(self.table, self.name, cgroup_id)
+
+    def keep_classified(self, cgroup_ids) -> list[int]:
+        ids = list(cgroup_ids)
+        paths = {cid: p for cid, p in cgroup.paths_of_ids(ids).items() if p is not None}
+        return nft.keep_known(self.table, self.name, paths)
 
     def attach(self, path: str) -> list[str]:
         """Add the cgroup's element (a no-op when it has it); the directions newly filtered."""
@@ -185,15 +208,15 @@ class NftBackend:
         fingerprint = entry.fingerprint()
         have = StateFile(self.table).load().units.get(entry.name)
         same = have is not None and owned is not None and owned.fingerprint == fingerprint \
-            and owned.table == self.table \
+            and owned.table == self.table and have.strict == entry.strict \
             and have.ingress == (program.ingress.text if program.ingress else None) \
             and have.egress == (program.egress.text if program.egress else None)
         if not same:
             nft.load(self.table, entry.name, program, entry.params, entry.sets, entry.mode,
                      log_rate=getattr(entry, "log_rate", None), log_burst=getattr(entry, "log_burst", None),
-                     log_group=self.log_group)
+                     log_group=self.log_group, strict=entry.strict)
         directions = [d for d in nft.DIRECTIONS if getattr(program, d) is not None]
-        return NftUnit(entry.name, fingerprint, self.table, directions), "reused" if same else "loaded"
+        return NftUnit(entry.name, fingerprint, self.table, directions, entry.strict), "reused" if same else "loaded"
 
     def owned(self, handle: NftUnit) -> Owned:
         return Owned(handle.fingerprint, self.name, {}, self.table)

@@ -99,6 +99,56 @@ def remove_level(table: str, direction: str, level: int) -> list:
             {"delete": {"map": _obj(table, name=level_map(direction, level))}}]
 
 
+# -- a strict slice default's hold ------------------------------------------------------------
+#
+# A strict slice default's entry chain starts with a jump to its held chain (JSON). The held
+# chain holds one rule per level from 1 to one below the deepest cgroup it knows:
+#     socket cgroupv2 level M != @known_<digest> counter name held_<dir>_<digest> drop
+# so a packet whose socket has an ancestor (or itself) the watcher has not classified yet is
+# dropped; a known one returns to the entry chain and the default judges it. Any cgroup not
+# known has a shallowest unknown ancestor, whose parent is known, so one level below the
+# deepest known cgroup is as deep as the rules need to look. The set holds the slices the unit
+# sits on, their ancestors, and every cgroup the watcher classified below them.
+
+def held_levels(known) -> list[int]:
+    """The levels the held chain checks, from the known records (cgroup paths relative to the root)."""
+    deepest = max((k.cgroup.count("/") + 1 for k in known), default=0)
+    return list(range(1, deepest + 2))
+
+
+def held_text(table: str, names, directions, levels) -> str:
+    """The set, counters and held chains of a strict unit with their rules, in one nft-syntax
+    transaction (idempotent: the chains are flushed first)."""
+    out = [f"add table inet {table}\n", f"add set inet {table} {names.known_set()} {{ type cgroupsv2; }}\n"]
+    for d in directions:
+        chain, counter = names.held_chain(d), names.held_counter(d)
+        out.append(f"add counter inet {table} {counter}\n")
+        out.append(f"add chain inet {table} {chain}\n")
+        out.append(f"flush chain inet {table} {chain}\n")
+        out += [f"add rule inet {table} {chain} socket cgroupv2 level {m} != @{names.known_set()} "
+                f"counter name {counter} drop\n" for m in levels]
+    return "".join(out)
+
+
+def remove_held(table: str, names, directions, with_set: bool = True) -> list:
+    """Delete a strict unit's held chains and counters of these directions, and its set (JSON),
+    after nothing jumps to them."""
+    cmds = []
+    for d in directions:
+        cmds += [{"flush": {"chain": _obj(table, name=names.held_chain(d))}},
+                 {"delete": {"chain": _obj(table, name=names.held_chain(d))}},
+                 {"delete": {"counter": _obj(table, name=names.held_counter(d))}}]
+    return cmds + ([{"delete": {"set": _obj(table, name=names.known_set())}}] if with_set else [])
+
+
+def known_elements(table: str, names, paths, add: bool = True) -> dict:
+    return {("add" if add else "delete"): {"element": _obj(table, name=names.known_set(), elem=list(paths))}}
+
+
+def flush_known(table: str, names) -> dict:
+    return {"flush": {"set": _obj(table, name=names.known_set())}}
+
+
 def flush_map(table: str, direction: str, level: int) -> dict:
     return {"flush": {"map": _obj(table, name=level_map(direction, level))}}
 

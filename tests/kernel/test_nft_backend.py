@@ -313,6 +313,75 @@ def test_the_nearest_unit_judges_alone(table):
             os.rmdir(sibling)
 
 
+def test_a_strict_default_holds_what_the_watcher_has_not_classified(table):
+    """A strict slice default: a cgroup made below its slice after the attach is dropped (held)
+    until it is classified — then the default judges it — or until its own unit is attached,
+    which judges it alone; deeper cgroups too; the hold survives a restore, and unclassify or a
+    reload keep it; unload leaves no held object behind."""
+    with TempCgroup("bpfwall-test") as parent:
+        fresh, own = os.path.join(parent.path, "fresh"), os.path.join(parent.path, "own")
+        deeper = os.path.join(fresh, "deeper")
+        made = []
+        try:
+            nft.load(table, "s.slice", program(ingress="udp"), strict=True)
+            nft.attach(table, "s.slice", parent.path)
+            for path in (fresh, own, deeper):  # created after the attach: nothing classified them
+                os.mkdir(path)
+                made.append(path)
+            a, b, c, p = _socket_in(fresh), _socket_in(own), _socket_in(deeper), _socket_in(parent.path)
+            with a, b, c, p, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+                def arrived() -> tuple:
+                    for s in (a, b, c, p):
+                        tx.sendto(b"x", s.getsockname())
+                    return tuple(receive_all(s, 0.2) for s in (a, b, c, p))
+
+                assert arrived() == (0, 0, 0, 1)  # the slice itself is known from the attach
+                held = StateFile(table).load().units["s.slice"]
+                assert nft.classify(table, "s.slice", fresh) and not nft.classify(table, "s.slice", fresh)
+                assert arrived() == (1, 0, 0, 1)  # deeper: one level below the deepest known, still held
+                nft.load(table, "own.service", program(ingress="udp && local_port == 1"))
+                nft.attach(table, "own.service", own)  # its own unit judges it (and drops)
+                assert arrived() == (1, 0, 0, 1) and counters(table, "own.service")["ingress"]["drop"]["packets"] >= 1
+                assert nft.classify(table, "s.slice", deeper)
+                assert arrived() == (1, 0, 1, 1)
+                assert _held_packets(table, "s.slice") >= 3
+                nft.restore(table)  # rebuilt from the state: what is known stays known
+                assert arrived() == (1, 0, 1, 1)
+                nft.load(table, "s.slice", program(ingress="udp || tcp"), strict=True)  # a reload keeps it too
+                assert arrived() == (1, 0, 1, 1)
+                assert nft.unclassify(table, "s.slice", os.stat(fresh).st_ino)
+                assert arrived() == (0, 0, 0, 1)  # deeper too: an ancestor of it is no longer known
+                nft.load(table, "s.slice", program(ingress="udp"), strict=False)  # no longer strict: all judged
+                assert arrived() == (1, 0, 1, 1)
+                assert not any(n.startswith(("held_", "known_")) for n in _objects(table))
+                nft.load(table, "s.slice", program(ingress="udp"), strict=True)
+                assert arrived() == (0, 0, 0, 1)  # strict again: nothing below is known
+                nft.unload(table, "own.service")
+                nft.unload(table, "s.slice")
+            assert held.strict and [k.cgroup for k in held.known][-1] == os.path.relpath(parent.path,
+                                                                                        cgroup.cgroup2_mount())
+        finally:
+            for path in reversed(made):
+                os.rmdir(path)
+
+
+def _objects(table: str) -> set[str]:
+    """Names of the table's chains, sets and counters (an empty set when the table is gone)."""
+    r = subprocess.run(["nft", "-j", "list", "table", "inet", table], capture_output=True, text=True)
+    if r.returncode != 0:
+        return set()
+    return {o[k]["name"] for o in json.loads(r.stdout)["nftables"] for k in ("chain", "set", "counter") if k in o}
+
+
+def _held_packets(table: str, unit: str) -> int:
+    from bpfwall.nft.names import UnitNames
+
+    name = UnitNames(unit).held_counter("ingress")
+    out = subprocess.run(["nft", "-j", "list", "counter", "inet", table, name], capture_output=True, text=True,
+                         check=True).stdout
+    return next(o["counter"]["packets"] for o in json.loads(out)["nftables"] if "counter" in o)
+
+
 def _level(path: str) -> int:
     return os.path.relpath(path, cgroup.cgroup2_mount()).count("/") + 1
 
