@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from .options import cgroup_root_option, pin_root, policy_dir_option
+from .options import cgroup_root_option, common, pin_root, policy_dir_option
 
 CGROUP_ROOT_HELP = "the cgroup subtree the policy applies to, as `watch --cgroup-root` takes it"
 
@@ -20,7 +20,8 @@ def register(add) -> None:
     sub.required = True
 
     def nested(name, help):
-        q = sub.add_parser(name, help=help, description=help)
+        # the global options after the subcommand too (match reads --pin-root), as every command takes them
+        q = sub.add_parser(name, help=help, description=help, parents=[common()])
         policy_dir_option(q)
         q.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
         return q

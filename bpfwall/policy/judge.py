@@ -105,7 +105,10 @@ class Judgement:
         note = "".join(f"; {h.entry.name} ({h.entry.where}) on {_parts(h.cgroup)[-1]} leaves {direction} out"
                        for h in reversed(skipped))
         if j is None:
-            return f"no entry filtering {direction} sits on it or on any cgroup above it: unpoliced" + note
+            if not skipped:
+                return "unpoliced: no entry sits on it or on any cgroup above it"
+            return (f"unpoliced: no entry on the way filters {direction} ("
+                    + ", ".join(f"{h.entry.name} ({h.entry.where})" for h in reversed(skipped)) + " leave it out)")
         where = f"{j.entry.name} ({j.entry.where})"
         if j.is_slice_default:
             if j.cgroup == self.cgroup:

@@ -137,8 +137,7 @@ def test_match_explains(policy_dir):
     f = policy_dir / "10-good.toml"
     assert r.returncode == 0 and r.stdout.startswith(
         f"{user_app}/app-firefox-7.scope\n"
-        f"  ingress: no entry filtering ingress sits on it or on any cgroup above it: unpoliced; app-*.scope ({f}:9) "
-        f"on app-firefox-7.scope leaves ingress out\n"
+        f"  ingress: unpoliced: no entry on the way filters ingress (app-*.scope ({f}:9) leave it out)\n"
         f"  egress: its own entry app-*.scope ({f}:9)\n"
         f"  the entry on this cgroup: app-*.scope ({f}:9): glob 'app-*.scope', the first matching glob in file order, "
         f"cgroup glob 'user@*.service/app.slice/*' matches ({f}:9)\n"

@@ -110,7 +110,7 @@ def test_match_shows_the_judge_the_path_and_every_program_on_it(tree, policy, pi
     sshd = json.loads(bpfwall(*args, "--json", "system.slice/sshd.service").stdout)["judgement"]
     assert (sshd["egress"]["how"], sshd["egress"]["judge"]["entry"]) == ("own", "*")
     r = bpfwall(*args, "other.slice/x/y")
-    assert r.returncode == 1 and "ingress: no entry filtering ingress" in r.stdout
+    assert r.returncode == 1 and "ingress: unpoliced: no entry sits on it or on any cgroup above it" in r.stdout
     assert "does not exist here: no programs to show" in r.stdout
 
 

@@ -49,8 +49,9 @@ def test_a_cgroup_without_an_entry_falls_to_the_nearest_slice_default():
     assert judge(policy, "system.slice").reason("egress") == \
         "the slice's own default system.slice (p.toml:1), level 1"
     assert judge(policy, "init.scope").how("ingress") == "none"
-    assert judge(policy, "init.scope").reason("ingress") == \
-        "no entry filtering ingress sits on it or on any cgroup above it: unpoliced"
+    assert judge(policy, "init.scope").reason("ingress") == "unpoliced: no entry sits on it or on any cgroup above it"
+    assert judge(Policy([entry("system.slice", ingress=None)]), "system.slice/x.service").reason("ingress") == \
+        "unpoliced: no entry on the way filters ingress (system.slice (p.toml:1) leave it out)"
     assert judge(policy, "").holders == ()
 
 
