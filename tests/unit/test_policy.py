@@ -759,3 +759,22 @@ def test_strict_only_on_slice_defaults(trusted_tmp_path):
     assert one_error(trusted_tmp_path, '[units."a.slice"]\negress = "tcp"\nstrict = 1\n') == \
         'p.toml:3: units."a.slice".strict: expected true or false, got an integer'
     assert one_error(trusted_tmp_path, '[defaults]\nstrict = true\n').startswith("p.toml:2: defaults.strict: unknown key")
+
+
+def test_show_keeps_set_elements_in_the_order_written(trusted_tmp_path):
+    """`policy show` printed `{10..12, 22, 443, 80, 8080}` (sorted as strings) for what the
+    file says as `["8080", "443", "80", "22", "10..12"]`; the fingerprint ignores the order."""
+    first = write(trusted_tmp_path, "a.toml", """
+        [units."web.service"]
+        ingress = "tcp && local_port in @web"
+        sets = { web = ["8080", "443", "80", "22", "10..12", "443"] }
+        """)
+    entry = load_policy(files=[first]).entries[0]
+    assert entry.sets_as_written() == {"web": ["8080", "443", "80", "22", "10..12"]}
+    assert entry.as_dict()["sets"] == {"web": ["8080", "443", "80", "22", "10..12"]}
+    other = write(trusted_tmp_path, "b.toml", """
+        [units."web.service"]
+        ingress = "tcp && local_port in @web"
+        sets = { web = ["10..12", "22", "80", "443", "8080"] }
+        """)
+    assert load_policy(files=[other]).entries[0].fingerprint() == entry.fingerprint()
