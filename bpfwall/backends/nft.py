@@ -171,7 +171,7 @@ def _prune_vanished(state: NftState) -> None:
     mount = cg.cgroup2_mount()
     for u in state.units.values():
         u.attached = [a for a in u.attached if alive(a, mount)]
-        u.known = [k for k in u.known if alive(k, mount)]
+        _prune_vanished_known(u, mount)
 
 
 def _held_text(table: str, unit: str, u: UnitState) -> str:
@@ -179,12 +179,16 @@ def _held_text(table: str, unit: str, u: UnitState) -> str:
 
 
 def _with_ancestors(rel: str, mount: str) -> list[Known]:
-    """Known records of a cgroup (relative to the root) and every ancestor below the root."""
+    """Known records of a cgroup (relative to the root) and every ancestor below the root; one
+    removed meanwhile is left out (with what is below it: nothing there can send)."""
     parts = rel.split("/")
     out = []
     for i in range(1, len(parts) + 1):
         path = "/".join(parts[:i])
-        out.append(Known(path, os.stat(os.path.join(mount, path)).st_ino))
+        try:
+            out.append(Known(path, os.stat(os.path.join(mount, path)).st_ino))
+        except OSError:
+            break
     return out
 
 
@@ -654,8 +658,8 @@ def _refill_known(table: str, unit: str, u: UnitState, what: str) -> None:
     runner().json(cmds, what)
 
 
-def _prune_vanished_known(u: UnitState) -> None:
-    mount = cg.cgroup2_mount()
+def _prune_vanished_known(u: UnitState, mount: str | None = None) -> None:
+    mount = mount or cg.cgroup2_mount()
     u.known = [k for k in u.known if alive(k, mount)]
 
 
