@@ -449,12 +449,68 @@ static __always_inline int finish(struct __sk_buff *skb, const struct pkt *p, __
 	return verdict == MODE_AUDIT;
 }
 
+#ifdef BPFWALL_SLICE_GUARD
+/* A slice default (README, "Slice defaults in the kernel"): this program sits on a slice and
+ * judges only the descendants no deeper filter judges. `guard` (filled by the watcher) maps a
+ * descendant's cgroup id to GUARD_BELOW (its own unit filter, a hand-off or a nested slice's
+ * default judges it: pass untouched, uncounted) or GUARD_DEFAULT (this default judges it). A
+ * cgroup in neither is one the watcher has not classified yet: if its nearest classified
+ * ancestor is GUARD_BELOW it is that filter's, else this default judges it, or under
+ * BPFWALL_STRICT (a strict slice) it is dropped until it is classified. */
+#define GUARD_CAPACITY 65536   /* program_contract.GUARD_CAPACITY */
+#define GUARD_MAX_LEVELS 32    /* cgroup levels walked for an unclassified cgroup */
+enum { GUARD_UNKNOWN = 0, GUARD_BELOW = 1, GUARD_DEFAULT = 2 };
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, GUARD_CAPACITY);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, __u32);
+} guard SEC(".maps");
+
+static __always_inline __u32 guard_class(struct __sk_buff *skb)
+{
+	__u64 id = bpf_skb_cgroup_id(skb);
+	__u32 *v = bpf_map_lookup_elem(&guard, &id);
+	__u32 nearest = GUARD_UNKNOWN;
+
+	if (v)  /* the usual case: one lookup */
+		return *v;
+	/* A cgroup born since the watcher last looked: its ancestors, root first (the kernel gives
+	 * them by level); the deepest one classified wins. Entries exist only below the slices. */
+	for (int level = 1; level < GUARD_MAX_LEVELS; level++) {
+		id = bpf_skb_ancestor_cgroup_id(skb, level);
+		if (!id)
+			break;
+		v = bpf_map_lookup_elem(&guard, &id);
+		if (v)
+			nearest = *v;
+	}
+	/* unclassified itself: under a deeper filter's cgroup it is that filter's (a unit's
+	 * sub-cgroup); else this default's, or under a strict slice nobody's yet */
+	return nearest == GUARD_BELOW ? GUARD_BELOW : GUARD_UNKNOWN;
+}
+#endif
+
 static __always_inline int run(struct __sk_buff *skb, __u32 dir)
 {
 	struct pkt p = {};
 	const struct bpfwall_params *prm = 0;
 	int pass;
 
+#ifdef BPFWALL_SLICE_GUARD
+	__u32 class = guard_class(skb);
+
+	if (class == GUARD_BELOW)
+		return 1;  /* judged by a deeper filter alone */
+#ifdef BPFWALL_STRICT
+	if (class != GUARD_DEFAULT) {  /* not classified yet: nothing passes until it is */
+		parse(skb, &p);
+		return finish(skb, &p, dir, 0);
+	}
+#endif
+#endif
 	parse(skb, &p);
 #if BPFWALL_HAS_PARAMS
 	__u32 zero = 0;

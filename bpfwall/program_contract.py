@@ -15,6 +15,7 @@ Maps (each pinned under its name in the unit's directory):
   log_limit  ARRAY[2]          direction → struct bpfwall_log_limit: the events' token bucket
   events_lost PERCPU_ARRAY[2]  direction → u64: events lost to the limit or a full ring
   set_<name> per @name         HASH u32 → u8 (numbers) or LPM_TRIE struct bpfwall_addr_key → u8
+  guard      HASH[GUARD_CAPACITY]  slice defaults only: u64 cgroup id → u32 GUARD_BELOW | GUARD_DEFAULT
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ MODES = ("enforce", "audit")        # index = enum MODE_ENFORCE, MODE_AUDIT
 
 COUNTERS, MODE, PARAMS, META = "counters", "mode", "params", "meta"
 EVENTS, LOG_LIMIT, EVENTS_LOST = "events", "log_limit", "events_lost"
+GUARD = "guard"
 SET_PREFIX = "set_"
 
 
@@ -220,6 +222,29 @@ def sum_lost(per_cpu: list[bytes]) -> int:
     return sum(Lost.from_buffer_copy(raw).value for raw in per_cpu)
 
 
+# -- slice defaults: the guard's map ----------------------------------------------
+
+# Which descendants of a slice its default judges, by cgroup id (the watcher keeps it). A
+# cgroup absent from it is not classified yet (the program then asks its ancestors).
+GUARD_CAPACITY = 65536
+GUARD_BELOW = 1     # judged by a deeper filter alone (its unit's, a hand-off, a nested slice's default)
+GUARD_DEFAULT = 2   # judged by this slice default
+GuardKey, GuardValue = ctypes.c_uint64, ctypes.c_uint32
+
+
+def guard_key(cgroup_id: int) -> bytes:
+    return bytes(GuardKey(cgroup_id))
+
+
+def guard_value(below: bool) -> bytes:
+    return bytes(GuardValue(GUARD_BELOW if below else GUARD_DEFAULT))
+
+
+def decode_guard(key: bytes, value: bytes) -> tuple[int, bool]:
+    """(cgroup id, judged below) of one entry of `guard`."""
+    return GuardKey.from_buffer_copy(key).value, GuardValue.from_buffer_copy(value).value == GUARD_BELOW
+
+
 # -- the maps as a whole ---------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -232,8 +257,10 @@ class MapShape:
     flags: int = 0
 
 
-def map_shapes(params: list[str], sets: dict[str, str], meta_bytes: int, set_capacity: int) -> dict[str, MapShape]:
-    """Every map of a unit's program with these params, sets (name → kind) and meta size."""
+def map_shapes(params: list[str], sets: dict[str, str], meta_bytes: int, set_capacity: int,
+               slice_default: bool = False) -> dict[str, MapShape]:
+    """Every map of a unit's program with these params, sets (name → kind) and meta size
+    (`slice_default`: the program is a slice's guard)."""
     shapes = {
         COUNTERS: MapShape(sc.BPF_MAP_TYPE_PERCPU_ARRAY, Index, Counter, COUNTER_SLOTS),
         MODE: MapShape(sc.BPF_MAP_TYPE_ARRAY, Index, Mode, 1),
@@ -243,6 +270,8 @@ def map_shapes(params: list[str], sets: dict[str, str], meta_bytes: int, set_cap
         LOG_LIMIT: MapShape(sc.BPF_MAP_TYPE_ARRAY, Index, LogLimit, len(DIRECTIONS)),
         EVENTS_LOST: MapShape(sc.BPF_MAP_TYPE_PERCPU_ARRAY, Index, Lost, len(DIRECTIONS)),
     }
+    if slice_default:
+        shapes[GUARD] = MapShape(sc.BPF_MAP_TYPE_HASH, GuardKey, GuardValue, GUARD_CAPACITY, sc.BPF_F_NO_PREALLOC)
     for name, kind in sets.items():
         shapes[set_map(name)] = (
             MapShape(sc.BPF_MAP_TYPE_HASH, Index, SetValue, set_capacity) if kind == "number" else
