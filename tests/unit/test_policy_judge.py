@@ -1,0 +1,146 @@
+"""Which entry judges a cgroup's packets: its own (or its unit's), else the nearest slice default."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bpfwall.policy import Entry, Policy, judge
+
+USER = "user.slice/user-1000.slice/user@1000.service"
+
+
+def entry(name: str, cgroup: str | None = None, line: int = 1, file: str = "p.toml") -> Entry:
+    return Entry(name=name, ingress="true", egress=None, params={}, sets={}, mode="enforce", backend="bpf",
+                 set_capacity=16, cgroup=cgroup, file=file, line=line)
+
+
+def test_the_issue_policy_a_unit_entry_beats_the_slice_default():
+    # [units."*"] used to sit on system.slice as well, ANDed with postfix's own entry
+    star, postfix, system = entry("*", line=1), entry("postfix.service", line=5), entry("system.slice", line=9)
+    policy = Policy([star, postfix, system])
+    j = judge(policy, "system.slice/postfix.service")
+    assert (j.entry, j.how, j.judge.level, j.judge.cgroup) == (postfix, "own", 2, "system.slice/postfix.service")
+    assert [h.entry for h in j.holders] == [system, postfix]
+    assert [h.entry for h in j.shadowed] == [system]
+    assert j.reason == "its own entry postfix.service (p.toml:5)"
+    other = judge(policy, "system.slice/cron.service")
+    assert (other.entry, other.how) == (star, "own")
+    # without the slice default, the glob of units does not reach the slice
+    assert judge(Policy([star, postfix]), "system.slice").how == "none"
+
+
+def test_a_cgroup_without_an_entry_falls_to_the_nearest_slice_default():
+    system, user, user1000 = entry("system.slice"), entry("user.slice"), entry("user-1000.slice")
+    policy = Policy([system, user, user1000])
+    j = judge(policy, "system.slice/sshd.service")
+    assert (j.entry, j.how, j.judge.cgroup, j.judge.level) == (system, "default", "system.slice", 1)
+    assert j.reason == ("no entry of its own; the default of system.slice (level 1), the nearest slice with one: "
+                        "system.slice (p.toml:1)")
+    nested = judge(policy, f"{USER}/app.slice/foo.service")
+    assert (nested.entry, nested.how, nested.judge.level) == (user1000, "default", 2)
+    assert [h.entry for h in nested.defaults] == [user, user1000]
+    assert judge(policy, "system.slice").reason == "the slice's own default system.slice (p.toml:1), level 1"
+    assert judge(policy, "init.scope").how == "none"
+    assert judge(policy, "").holders == ()
+
+
+def test_sub_cgroups_are_judged_by_their_unit():
+    nginx, system = entry("nginx.service"), entry("system.slice")
+    j = judge(Policy([nginx, system]), "system.slice/nginx.service/worker/x")
+    assert (j.entry, j.how, j.judge.cgroup) == (nginx, "own", "system.slice/nginx.service")
+    assert j.reason.startswith("inside nginx.service (level 2), whose entry covers its sub-cgroups")
+    # a unit without an entry: its sub-cgroups fall to the slice with it
+    assert judge(Policy([system]), "system.slice/cron.service/sub").entry is system
+
+
+def test_globs_of_slices_and_cgroup_globs():
+    users = entry("user-*.slice", cgroup="/user.slice/*", line=1)
+    apps = entry("*.slice", cgroup="user@*.service/*", line=2)
+    policy = Policy([users, apps])
+    assert judge(policy, f"{USER}/session.slice/dbus.service").entry is apps
+    deeper = judge(policy, f"{USER}/session.slice/a.slice/x.service")  # a.slice is two below user@: no match
+    assert (deeper.entry, deeper.judge.level, [h.entry for h in deeper.defaults]) == (apps, 4, [users, apps])
+    assert judge(policy, "user.slice/user-1000.slice/x.scope").entry is users
+    assert judge(policy, "machine.slice/user-1000.slice/x.service").how == "none"
+
+
+def test_as_dict():
+    j = judge(Policy([entry("system.slice")]), "/system.slice/a.service/")
+    assert j.as_dict() == {
+        "cgroup": "system.slice/a.service", "level": 2, "how": "default", "reason": j.reason,
+        "judge": {"level": 1, "cgroup": "system.slice", "entry": "system.slice", "file": "p.toml", "line": 1,
+                  "slice_default": True},
+        "holders": [{"level": 1, "cgroup": "system.slice", "entry": "system.slice", "file": "p.toml", "line": 1,
+                     "slice_default": True}]}
+
+
+# -- the rule stated by brute force ---------------------------------------------
+
+_STEM = st.text(alphabet="ab-@", min_size=1, max_size=3)
+_SUFFIX = st.sampled_from([".service", ".scope", ".slice", ".socket"])
+_COMPONENT = st.one_of(st.builds(str.__add__, _STEM, _SUFFIX), st.sampled_from(["sub", "payload", "a.b"]))
+_PATH = st.lists(_COMPONENT, max_size=6).map("/".join)
+_NAME = st.one_of(st.builds(str.__add__, _STEM, _SUFFIX),
+                  st.sampled_from(["*", "*.slice", "a*.slice", "*.service", "a*", "?*", "*e", "b*.scope"]))
+_CGROUP = st.one_of(st.none(), st.sampled_from(["**", "/**", "a*.slice/*", "/*", "*/*", "**/sub/*", "/a.slice/**"]))
+
+
+def _regex(glob: str) -> str:
+    return "".join({"*": "[^/]*", "?": "[^/]"}.get(ch, re.escape(ch)) for ch in glob)
+
+
+def _sits_on(e: Entry, prefix: list[str]) -> bool:
+    """Does entry e apply to the cgroup at this path, by the rule as the README writes it?"""
+    last = prefix[-1]
+    looks_like_unit = re.fullmatch(r".+\.(service|scope|slice|socket|mount|swap)", last) is not None
+    if not looks_like_unit or not re.fullmatch(_regex(e.name), last):
+        return False
+    if e.name.endswith(".slice") != last.endswith(".slice"):
+        return False  # slice defaults sit on slices only, unit entries never on a slice
+    if e.cgroup is None:
+        return True
+    anchored = e.cgroup.startswith("/")
+    globs = (e.cgroup[1:] if anchored else e.cgroup).split("/")
+    body = "".join("(?:[^/]+/)*" if g == "**" else _regex(g) + "/" for g in globs)
+    return re.search(("^" if anchored else "(?:^|/)") + body + "$", "/".join(prefix) + "/") is not None
+
+
+def _brute_force(entries: list[Entry], path: str) -> tuple[int, Entry] | None:
+    """Every (level, entry) that applies anywhere on the path; the deepest wins, and at one level an
+    exact name beats globs and then the first in policy order."""
+    parts = [p for p in path.split("/") if p]
+    found = [(level, -int("*" not in e.name and "?" not in e.name), i, e)
+             for level in range(1, len(parts) + 1) for i, e in enumerate(entries) if _sits_on(e, parts[:level])]
+    if not found:
+        return None
+    level, _, _, e = min(found, key=lambda f: (-f[0], f[1], f[2]))
+    return level, e
+
+
+@settings(max_examples=600)
+@given(st.lists(st.tuples(_NAME, _CGROUP), max_size=6, unique_by=lambda t: t[0]), _PATH)
+def test_judge_agrees_with_the_brute_force_rule(specs, path):
+    entries = [entry(name, cgroup, line=i + 1) for i, (name, cgroup) in enumerate(specs)]
+    j = judge(Policy(entries), path)
+    expected = _brute_force(entries, path)
+    got = None if j.judge is None else (j.judge.level, j.judge.entry)
+    assert got == expected
+    assert j.how == ("none" if expected is None else "default" if expected[1].name.endswith(".slice") else "own")
+    # every holder on the path is one the brute force finds at its level, and levels ascend
+    parts = path.split("/")
+    for h in j.holders:
+        assert h.cgroup == "/".join(parts[:h.level]) and _brute_force(entries, h.cgroup)[1] is h.entry
+    assert [h.level for h in j.holders] == sorted({h.level for h in j.holders})
+
+
+@pytest.mark.parametrize("name", ["system.slice", "*.slice", "user-*.slice", "a?.slice", "[ab]*.slice"])
+def test_names_ending_in_slice_are_slice_defaults(name):
+    assert entry(name).is_slice_default
+
+
+@pytest.mark.parametrize("name", ["*", "*.service", "app-*", "*.s*", "*e", "x.slice.scope"])
+def test_other_names_are_unit_entries(name):
+    assert not entry(name).is_slice_default
