@@ -15,7 +15,7 @@ Maps (each pinned under its name in the unit's directory):
   log_limit  ARRAY[2]          direction → struct bpfwall_log_limit: the events' token bucket
   events_lost PERCPU_ARRAY[2]  direction → u64: events lost to the limit or a full ring
   set_<name> per @name         HASH u32 → u8 (numbers) or LPM_TRIE struct bpfwall_addr_key → u8
-  guard      HASH[GUARD_CAPACITY]  slice defaults only: u64 cgroup id → u32 GUARD_BELOW | GUARD_DEFAULT
+  guard      HASH[GUARD_CAPACITY]  slice defaults only: u64 cgroup id → u32 GUARD_CLASSIFIED | GUARD_BELOW(dir)…
 """
 from __future__ import annotations
 
@@ -224,25 +224,32 @@ def sum_lost(per_cpu: list[bytes]) -> int:
 
 # -- slice defaults: the guard's map ----------------------------------------------
 
-# Which descendants of a slice its default judges, by cgroup id (the watcher keeps it). A
+# Which descendants of a slice its default judges, by cgroup id (the watcher keeps it): a value
+# is GUARD_CLASSIFIED plus guard_below(direction) for each direction a deeper filter judges. A
 # cgroup absent from it is not classified yet (the program then asks its ancestors).
 GUARD_CAPACITY = 65536
-GUARD_BELOW = 1     # judged by a deeper filter alone (its unit's, a hand-off, a nested slice's default)
-GUARD_DEFAULT = 2   # judged by this slice default
+GUARD_CLASSIFIED = 1 << 2
 GuardKey, GuardValue = ctypes.c_uint64, ctypes.c_uint32
+
+
+def guard_below(direction: str) -> int:
+    """GUARD_BELOW(dir) of port_filter.c."""
+    return 1 << DIRECTIONS.index(direction)
 
 
 def guard_key(cgroup_id: int) -> bytes:
     return bytes(GuardKey(cgroup_id))
 
 
-def guard_value(below: bool) -> bytes:
-    return bytes(GuardValue(GUARD_BELOW if below else GUARD_DEFAULT))
+def guard_value(below) -> bytes:
+    """The value of a classified cgroup whose directions `below` a deeper filter judges."""
+    return bytes(GuardValue(GUARD_CLASSIFIED | sum(guard_below(d) for d in set(below))))
 
 
-def decode_guard(key: bytes, value: bytes) -> tuple[int, bool]:
-    """(cgroup id, judged below) of one entry of `guard`."""
-    return GuardKey.from_buffer_copy(key).value, GuardValue.from_buffer_copy(value).value == GUARD_BELOW
+def decode_guard(key: bytes, value: bytes) -> tuple[int, frozenset[str]]:
+    """(cgroup id, the directions judged below) of one entry of `guard`."""
+    v = GuardValue.from_buffer_copy(value).value
+    return GuardKey.from_buffer_copy(key).value, frozenset(d for d in DIRECTIONS if v & guard_below(d))
 
 
 # -- the maps as a whole ---------------------------------------------------------

@@ -48,6 +48,7 @@ class NftUnit:
     backend = "nft"
     exclusive = True  # the nft backend filters a cgroup with one unit
     needs_cleanup = True  # a removed cgroup's map element stays until it is dropped
+    guards = False  # slice defaults need no classification here: the dispatch judges per level
 
     def attach(self, path: str) -> list[str]:
         """Add the cgroup's element (a no-op when it has it); the directions newly filtered."""

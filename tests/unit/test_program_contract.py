@@ -106,7 +106,8 @@ def _constants(program: build.UnitProgram) -> dict[str, int]:
     out["BPFWALL_META_SIZE"] = pc.meta_size(len(program.meta_bytes()))
     out["BPFWALL_HAS_PARAMS"] = int(bool(program.params))
     if program.slice_default:
-        out.update(GUARD_CAPACITY=pc.GUARD_CAPACITY, GUARD_BELOW=pc.GUARD_BELOW, GUARD_DEFAULT=pc.GUARD_DEFAULT)
+        out.update({"GUARD_CAPACITY": pc.GUARD_CAPACITY, "GUARD_CLASSIFIED": pc.GUARD_CLASSIFIED,
+                    **{f"GUARD_BELOW(DIR_{d.upper()})": pc.guard_below(d) for d in pc.DIRECTIONS}})
     return out
 
 
@@ -223,9 +224,10 @@ def test_event_record_and_limits_agree(tmp_path):
 
 
 def test_guard_entries_round_trip():
-    assert len(pc.guard_key(7)) == 8 and len(pc.guard_value(True)) == 4
-    assert pc.decode_guard(pc.guard_key(2**40 + 3), pc.guard_value(True)) == (2**40 + 3, True)
-    assert pc.decode_guard(pc.guard_key(5), pc.guard_value(False)) == (5, False)
+    assert len(pc.guard_key(7)) == 8 and len(pc.guard_value([])) == 4
+    assert pc.decode_guard(pc.guard_key(2**40 + 3), pc.guard_value(["egress"])) == (2**40 + 3, {"egress"})
+    assert pc.decode_guard(pc.guard_key(5), pc.guard_value(pc.DIRECTIONS)) == (5, set(pc.DIRECTIONS))
+    assert pc.decode_guard(pc.guard_key(5), pc.guard_value([])) == (5, set())
 
 
 def test_log_limit_value_round_trip():
