@@ -8,29 +8,32 @@ An entry sits on cgroups in one of two ways (match.py says which entry sits on a
   optionally narrowed by `cgroup =`) sits on each slice it names and is the default of every
   cgroup below the slice that no nearer entry sits on.
 
-The rule: walk from the cgroup up to the root; the first cgroup on the way that holds an
-entry (the cgroup itself, the unit it lies in, or the nearest slice with a default) gives the
-one entry that judges its packets. Nothing on the way: unpoliced. Entries farther up never
-add their verdict (no AND of ancestors, unlike plain cgroup_skb programs, which the kernel
-runs from the socket's cgroup up to the root and all must pass).
+The rule, per direction: walk from the cgroup up to the root; the first cgroup on the way
+that holds an entry filtering that direction (the cgroup itself, the unit it lies in, or the
+nearest slice with a default) gives the one entry that judges its packets. Nothing on the
+way: unpoliced. Entries farther up never add their verdict (no AND of ancestors, unlike plain
+cgroup_skb programs, which the kernel runs from the socket's cgroup up to the root and all
+must pass). An entry that leaves a direction out does not police it: that direction falls
+to the nearest default that does (`egress = "true"` is how a unit allows everything out of
+a default-deny slice).
 
 `judge(policy, cgroup)` answers for one cgroup with everything a back-end or a display needs:
 
     j = judge(policy, "system.slice/nginx.service/worker")
-    j.entry            the judging Entry, or None
-    j.how              "own" (an entry on the cgroup itself, or on the unit it lies in),
-                       "default" (the nearest slice default), or "none"
-    j.judge            the Holder that judges: .level, .cgroup (relative path), .entry
-    j.holders          every cgroup on the path that holds an entry, root first (levels ascending)
+    j.holders          every cgroup on the path that holds an entry (any direction), root first
     j.defaults         the slice defaults among them, root first
-    j.shadowed         the holders above the judge, whose entries do not judge this cgroup
-    j.reason           one line saying why
+    j.judge("egress")  the Holder that judges egress: .level, .cgroup (relative path), .entry
+    j.entry("egress")  its Entry, or None
+    j.how("egress")    "own" (an entry on the cgroup itself, or on the unit it lies in),
+                       "default" (the nearest slice default), or "none"
+    j.reason("egress") one line saying why
+    j.shadowed("egress")  the holders filtering egress above the judge: they do not judge it
 
 Levels count path components below the root the paths are relative to: `system.slice` is
 level 1, `system.slice/nginx.service` level 2 (the kernel's cgroup level when the root is the
-cgroup2 mount; add the root's own level otherwise). The watcher uses `holders` to fill a slice
-guard's map: a descendant of slice S is policed by something nearer than S's default exactly
-when a holder lies below S on its path (`j.judge.level > S.level`).
+cgroup2 mount; add the root's own level otherwise). The watcher fills a slice guard's map
+from `holders`: a descendant of slice S is judged by something nearer than S's default in a
+direction exactly when `j.judge(direction).level > S.level`.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from .entry import Entry
 from .match import Policy
 
 OWN, DEFAULT, NONE = "own", "default", "none"
+DIRECTIONS = ("ingress", "egress")
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,15 @@ class Holder:
     def is_slice_default(self) -> bool:
         return self.entry.is_slice_default
 
+    def filters(self, direction: str) -> bool:
+        return getattr(self.entry, _checked_direction(direction)) is not None
+
+
+def _checked_direction(direction: str) -> str:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction {direction!r}: ingress or egress")
+    return direction
+
 
 @dataclass(frozen=True)
 class Judgement:
@@ -60,56 +73,59 @@ class Judgement:
     holders: tuple[Holder, ...]   # root first
 
     @property
-    def judge(self) -> Holder | None:
-        return self.holders[-1] if self.holders else None
-
-    @property
-    def entry(self) -> Entry | None:
-        return self.holders[-1].entry if self.holders else None
-
-    @property
     def level(self) -> int:
         """The level of the cgroup asked about."""
         return len(_parts(self.cgroup))
 
     @property
-    def how(self) -> str:
-        if not self.holders:
-            return NONE
-        return DEFAULT if self.holders[-1].is_slice_default else OWN
-
-    @property
     def defaults(self) -> tuple[Holder, ...]:
         return tuple(h for h in self.holders if h.is_slice_default)
 
-    @property
-    def shadowed(self) -> tuple[Holder, ...]:
-        return self.holders[:-1]
+    def judge(self, direction: str) -> Holder | None:
+        for h in reversed(self.holders):
+            if h.filters(direction):
+                return h
+        return None
 
-    @property
-    def reason(self) -> str:
-        j = self.judge
+    def entry(self, direction: str) -> Entry | None:
+        j = self.judge(direction)
+        return None if j is None else j.entry
+
+    def how(self, direction: str) -> str:
+        j = self.judge(direction)
+        return NONE if j is None else DEFAULT if j.is_slice_default else OWN
+
+    def shadowed(self, direction: str) -> tuple[Holder, ...]:
+        j = self.judge(direction)
+        return () if j is None else tuple(h for h in self.holders if h.level < j.level and h.filters(direction))
+
+    def reason(self, direction: str) -> str:
+        j = self.judge(direction)
+        skipped = [h for h in self.holders if not h.filters(direction) and (j is None or h.level > j.level)]
+        note = "".join(f"; {h.entry.name} ({h.entry.where}) on {_parts(h.cgroup)[-1]} leaves {direction} out"
+                       for h in reversed(skipped))
         if j is None:
-            return "no entry sits on it or on any cgroup above it: unpoliced"
+            return f"no entry filtering {direction} sits on it or on any cgroup above it: unpoliced" + note
         where = f"{j.entry.name} ({j.entry.where})"
         if j.is_slice_default:
-            slice_name = _parts(j.cgroup)[-1]
             if j.cgroup == self.cgroup:
-                return f"the slice's own default {where}, level {j.level}"
-            return (f"no entry of its own; the default of {slice_name} (level {j.level}), the nearest slice "
-                    f"with one: {where}")
+                return f"the slice's own default {where}, level {j.level}" + note
+            return (f"no entry of its own; the default of {_parts(j.cgroup)[-1]} (level {j.level}), the nearest "
+                    f"slice with one: {where}" + note)
         if j.cgroup == self.cgroup:
             return f"its own entry {where}"
-        return f"inside {_parts(j.cgroup)[-1]} (level {j.level}), whose entry covers its sub-cgroups: {where}"
+        return f"inside {_parts(j.cgroup)[-1]} (level {j.level}), whose entry covers its sub-cgroups: {where}" + note
 
     def as_dict(self) -> dict:
-        def holder(h: Holder) -> dict:
-            return {"level": h.level, "cgroup": h.cgroup, "entry": h.entry.name, "file": h.entry.file,
-                    "line": h.entry.line, "slice_default": h.is_slice_default}
+        def holder(h: Holder | None) -> dict | None:
+            return None if h is None else {
+                "level": h.level, "cgroup": h.cgroup, "entry": h.entry.name, "file": h.entry.file,
+                "line": h.entry.line, "slice_default": h.is_slice_default,
+                "directions": [d for d in DIRECTIONS if h.filters(d)]}
 
-        return {"cgroup": self.cgroup, "level": self.level, "how": self.how, "reason": self.reason,
-                "judge": None if self.judge is None else holder(self.judge),
-                "holders": [holder(h) for h in self.holders]}
+        return {"cgroup": self.cgroup, "level": self.level, "holders": [holder(h) for h in self.holders],
+                **{d: {"how": self.how(d), "reason": self.reason(d), "judge": holder(self.judge(d))}
+                   for d in DIRECTIONS}}
 
 
 def _parts(path: str) -> list[str]:
@@ -117,8 +133,8 @@ def _parts(path: str) -> list[str]:
 
 
 def judge(policy: Policy, cgroup_rel: str) -> Judgement:
-    """Which entry judges the packets of sockets in this cgroup (path relative to the root), and
-    every entry on its path; pure (reads no file, asks no kernel)."""
+    """Which entry judges the packets of sockets in this cgroup (path relative to the root), per
+    direction, and every entry on its path; pure (reads no file, asks no kernel)."""
     parts = _parts(cgroup_rel)
     holders = []
     for level in range(1, len(parts) + 1):
