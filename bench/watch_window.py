@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from watchbench import Bench, bpf, bpffs, percentile, write_json  # noqa: E402
 
 from bpfwall.kernel import pins  # noqa: E402
+from bpfwall.sandbox import clone_into  # noqa: E402
 
 ENTRY = "app-*.scope"        # the policy entry: a glob, as for desktop scopes
 UNIT = "app-window.scope"    # the unit restarted
@@ -55,27 +56,6 @@ SO_RCVBUFFORCE = 33
 CLONE_NEWNET = 0x40000000
 DATAGRAM = struct.Struct("=QQ")  # sequence number, send time (ns, CLOCK_MONOTONIC)
 REPORT = struct.Struct("=QQqq")  # sent, refused, first refused (ns or -1), first send (ns)
-CLONE_INTO_CGROUP = 0x200000000
-SYS_CLONE3 = 435  # the same number on every architecture
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class CloneArgs(ctypes.Structure):  # struct clone_args, CLONE_ARGS_SIZE_VER2
-    _fields_ = [(n, ctypes.c_uint64) for n in ("flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack",
-                                                "stack_size", "tls", "set_tid", "set_tid_size", "cgroup")]
-
-
-def clone_into(cgroup_fd: int) -> int:
-    """fork(), the child born in the cgroup `cgroup_fd`: its pid in the parent, 0 in the child.
-    (Raw clone3: Python's fork hooks do not run; fine for this single-threaded bench's child.)"""
-    args = CloneArgs(flags=CLONE_INTO_CGROUP, exit_signal=17, cgroup=cgroup_fd)  # SIGCHLD
-    _libc.syscall.restype = ctypes.c_long
-    pid = _libc.syscall(SYS_CLONE3, ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))
-    if pid < 0:
-        raise OSError(ctypes.get_errno(), "clone3(CLONE_INTO_CGROUP)")
-    return pid
-
-
 def policy(port: int, backend: str) -> str:
     return (f'[units."{ENTRY}"]\negress = "!(udp && remote_port == {port})"\n'
             + ('backend = "nft"\n' if backend == "nft" else ""))
