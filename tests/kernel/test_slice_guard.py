@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from bpfwall import program_contract as pc
 from bpfwall.backends import bpf
+from bpfwall.backends.bpf_guard import GuardMap
 from bpfwall.kernel import cgroup, pins
 from tests.kernel.flood import Flood
 from tests.kernel.sockets import SO_RCVBUFFORCE, receive_all
@@ -22,20 +22,13 @@ pytestmark = [pytest.mark.kernel, pytest.mark.traffic, pytest.mark.usefixtures("
 
 
 def guard_entries(pin_root, entry) -> dict[int, frozenset]:
-    """{cgroup id: directions judged below} of the slice default's pinned guard map."""
-    fd = pins.get(os.path.join(bpf.unit_dir(pin_root, entry), pc.GUARD))
-    try:
-        from bpfwall.backends.bpf_guard import GuardMap
-
-        g = GuardMap(fd)
-        fd = -1
+    """{cgroup id: directions judged below} of the slice default's pinned guard maps."""
+    with pins.PinDir.open(bpf.unit_dir(pin_root, entry)) as d:
+        g = GuardMap.open(d)
         try:
             return g.entries()
         finally:
             g.close()
-    finally:
-        if fd >= 0:
-            os.close(fd)
 
 
 def udp_in(path):

@@ -106,7 +106,8 @@ def _constants(program: build.UnitProgram) -> dict[str, int]:
     out["BPFWALL_META_SIZE"] = pc.meta_size(len(program.meta_bytes()))
     out["BPFWALL_HAS_PARAMS"] = int(bool(program.params))
     if program.slice_default:
-        out.update({"GUARD_CAPACITY": pc.GUARD_CAPACITY, "GUARD_CLASSIFIED": pc.GUARD_CLASSIFIED,
+        out.update({"GUARD_SLOTS": pc.GUARD_SLOTS, "GUARD_CAPACITY": pc.GUARD_CAPACITY,
+                    "GUARD_CLASSIFIED": pc.GUARD_CLASSIFIED, "sizeof(struct guard_slot)": ctypes.sizeof(pc.GuardSlot),
                     **{f"GUARD_BELOW(DIR_{d.upper()})": pc.guard_below(d) for d in pc.DIRECTIONS}})
     return out
 
@@ -224,6 +225,10 @@ def test_event_record_and_limits_agree(tmp_path):
 
 
 def test_guard_entries_round_trip():
+    assert pc.GUARD_SLOTS & (pc.GUARD_SLOTS - 1) == 0  # the program masks the id's low bits
+    assert pc.guard_index(pc.GUARD_SLOTS + 3) == pc.guard_index(3) == pc.number_key(3)
+    assert pc.decode_guard_slot(pc.guard_slot(2**40 + 9, ["ingress"])) == (2**40 + 9, {"ingress"})
+    assert pc.decode_guard_slot(pc.FREE_SLOT) == (0, set())
     assert len(pc.guard_key(7)) == 8 and len(pc.guard_value([])) == 4
     assert pc.decode_guard(pc.guard_key(2**40 + 3), pc.guard_value(["egress"])) == (2**40 + 3, {"egress"})
     assert pc.decode_guard(pc.guard_key(5), pc.guard_value(pc.DIRECTIONS)) == (5, set(pc.DIRECTIONS))
