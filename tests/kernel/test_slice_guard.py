@@ -241,3 +241,51 @@ def test_strict_watcher_killed_new_cgroups_stay_dropped_until_it_is_back(
     assert o_own[1] == o_own[0] and a_none[1] == a_none[0]  # to the port each may not: all refused
     assert a_own[1] < a_own[0] and o_none[1] < o_none[0]
     assert "error" not in daemon.log()
+
+
+# -- the guard's maps and program, without a watcher --------------------------------------------
+
+def test_a_class_whose_slot_is_taken_goes_to_the_hash_and_the_program_finds_it(tmp_path):
+    """Another id holds the slot of this cgroup's id: its class lives in guard_more, the program
+    finds it there; freed, the slot is taken by the next id that needs it. Packets run through the
+    loaded guard (BPF_PROG_TEST_RUN: its socket is this process's, in a cgroup of the test's own)."""
+    from bpfwall.build import UnitProgram, build
+    from bpfwall.kernel import loader, maps, progs
+    from bpfwall.lang.checker import analyze
+    from bpfwall.sandbox import TempCgroup
+    from bpfwall import program_contract as pc
+
+    udp53 = bytes.fromhex("4500001c00000000401100000a0000010a0000029c40003500080000")
+    data = b"\0" * 12 + b"\x08\x00" + udp53
+    obj = build(UnitProgram(analyze("false"), analyze("false"), slice_default=True, strict=True), cache=tmp_path)
+    loaded = loader.load(obj)
+    try:
+        g = GuardMap(os.dup(loaded.maps[pc.GUARD]), os.dup(loaded.maps[pc.GUARD_MORE]))
+        egress = loaded.progs["cgroup_skb/egress"]
+        with TempCgroup("bpfwall-test", suffix=".slice") as sl, TempCgroup(name="x.service", parent=sl.path) as x:
+            cgid = cgroup.cgroup_id(x.path)
+            squatter = cgid + pc.GUARD_SLOTS  # the same slot
+            with x.entered():
+                assert progs.prog_test_run(egress, data)[0] == 0  # strict, unclassified: dropped
+                g.classify(squatter, [])
+                g.classify(cgid, ["egress"])
+                assert cgid in dict(pc.decode_guard(k, v) for k, v in maps.Map(loaded.maps[pc.GUARD_MORE]).items())
+                assert progs.prog_test_run(egress, data)[0] == 1  # judged below, found in the hash
+                g.classify(cgid, [])
+                assert progs.prog_test_run(egress, data)[0] == 0  # judged by the default: false
+                assert g.forget(squatter) and g.forget(cgid)
+                assert g.entries() == {}
+                g.classify(cgid, ["ingress", "egress"])  # the freed slot
+                assert pc.decode_guard_slot(maps.Map(loaded.maps[pc.GUARD]).lookup(pc.guard_index(cgid))) \
+                    == (cgid, {"ingress", "egress"})
+                assert progs.prog_test_run(egress, data)[0] == 1
+                g.classify(cgid, ["ingress"])
+                assert progs.prog_test_run(egress, data)[0] == 0
+                # a sub-cgroup the watcher has not seen: its parent's class speaks for it
+                with TempCgroup(name="worker", parent=x.path) as w, w.entered():
+                    assert progs.prog_test_run(egress, data)[0] == 0  # strict: egress not below → dropped
+                    g.classify(cgid, ["egress"])
+                    assert progs.prog_test_run(egress, data)[0] == 1  # inside a unit judged below
+            g.close()
+    finally:
+        loaded.close()
