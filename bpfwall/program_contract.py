@@ -15,6 +15,8 @@ Maps (each pinned under its name in the unit's directory):
   log_limit  ARRAY[2]          direction → struct bpfwall_log_limit: the events' token bucket
   events_lost PERCPU_ARRAY[2]  direction → u64: events lost to the limit or a full ring
   set_<name> per @name         HASH u32 → u8 (numbers) or LPM_TRIE struct bpfwall_addr_key → u8
+  guard      ARRAY[GUARD_SLOTS]  slice defaults only: id & (GUARD_SLOTS-1) → struct guard_slot {id, class}
+  guard_more HASH[GUARD_CAPACITY] slice defaults only: u64 cgroup id → u32 class (ids whose slot is taken)
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ MODES = ("enforce", "audit")        # index = enum MODE_ENFORCE, MODE_AUDIT
 
 COUNTERS, MODE, PARAMS, META = "counters", "mode", "params", "meta"
 EVENTS, LOG_LIMIT, EVENTS_LOST = "events", "log_limit", "events_lost"
+GUARD, GUARD_MORE = "guard", "guard_more"
 SET_PREFIX = "set_"
 
 
@@ -220,6 +223,70 @@ def sum_lost(per_cpu: list[bytes]) -> int:
     return sum(Lost.from_buffer_copy(raw).value for raw in per_cpu)
 
 
+# -- slice defaults: the guard's map ----------------------------------------------
+
+# How a slice default's guard knows its descendants, by cgroup id (the watcher keeps it): a class
+# is GUARD_CLASSIFIED plus guard_below(direction) for each direction a deeper filter judges. It is
+# kept in `guard`, an array slot chosen by the id's low bits that holds the id (a free slot holds
+# 0), or, when another id holds that slot, in the hash `guard_more`. A cgroup in neither is not
+# classified yet (the program then asks its ancestors).
+GUARD_SLOTS = 16384       # a power of 2
+GUARD_CAPACITY = 65536    # guard_more
+GUARD_CLASSIFIED = 1 << 2
+GuardKey, GuardValue = ctypes.c_uint64, ctypes.c_uint32
+
+
+class GuardSlot(ctypes.Structure):
+    """struct guard_slot: one slot of `guard`."""
+    _fields_ = [("cgroup_id", ctypes.c_uint64), ("class_bits", ctypes.c_uint32), ("unused", ctypes.c_uint32)]
+
+
+def guard_below(direction: str) -> int:
+    """GUARD_BELOW(dir) of port_filter.c."""
+    return 1 << DIRECTIONS.index(direction)
+
+
+def guard_class(below) -> int:
+    """The class of a classified cgroup whose directions `below` a deeper filter judges."""
+    return GUARD_CLASSIFIED | sum(guard_below(d) for d in set(below))
+
+
+def below_of(value: int) -> frozenset[str]:
+    return frozenset(d for d in DIRECTIONS if value & guard_below(d))
+
+
+def guard_index(cgroup_id: int) -> bytes:
+    """The key of the cgroup's slot in `guard`."""
+    return number_key(cgroup_id & (GUARD_SLOTS - 1))
+
+
+def guard_slot(cgroup_id: int, below) -> bytes:
+    return bytes(GuardSlot(cgroup_id, guard_class(below), 0))
+
+
+FREE_SLOT = bytes(GuardSlot(0, 0, 0))
+
+
+def decode_guard_slot(raw: bytes) -> tuple[int, frozenset[str]]:
+    """(cgroup id or 0 when free, the directions judged below) of one slot."""
+    slot = GuardSlot.from_buffer_copy(raw)
+    return slot.cgroup_id, below_of(slot.class_bits)
+
+
+def guard_key(cgroup_id: int) -> bytes:
+    """The key of `guard_more`."""
+    return bytes(GuardKey(cgroup_id))
+
+
+def guard_value(below) -> bytes:
+    return bytes(GuardValue(guard_class(below)))
+
+
+def decode_guard(key: bytes, value: bytes) -> tuple[int, frozenset[str]]:
+    """(cgroup id, the directions judged below) of one entry of `guard_more`."""
+    return GuardKey.from_buffer_copy(key).value, below_of(GuardValue.from_buffer_copy(value).value)
+
+
 # -- the maps as a whole ---------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -232,8 +299,10 @@ class MapShape:
     flags: int = 0
 
 
-def map_shapes(params: list[str], sets: dict[str, str], meta_bytes: int, set_capacity: int) -> dict[str, MapShape]:
-    """Every map of a unit's program with these params, sets (name → kind) and meta size."""
+def map_shapes(params: list[str], sets: dict[str, str], meta_bytes: int, set_capacity: int,
+               slice_default: bool = False) -> dict[str, MapShape]:
+    """Every map of a unit's program with these params, sets (name → kind) and meta size
+    (`slice_default`: the program is a slice's guard)."""
     shapes = {
         COUNTERS: MapShape(sc.BPF_MAP_TYPE_PERCPU_ARRAY, Index, Counter, COUNTER_SLOTS),
         MODE: MapShape(sc.BPF_MAP_TYPE_ARRAY, Index, Mode, 1),
@@ -243,6 +312,9 @@ def map_shapes(params: list[str], sets: dict[str, str], meta_bytes: int, set_cap
         LOG_LIMIT: MapShape(sc.BPF_MAP_TYPE_ARRAY, Index, LogLimit, len(DIRECTIONS)),
         EVENTS_LOST: MapShape(sc.BPF_MAP_TYPE_PERCPU_ARRAY, Index, Lost, len(DIRECTIONS)),
     }
+    if slice_default:
+        shapes[GUARD] = MapShape(sc.BPF_MAP_TYPE_ARRAY, Index, GuardSlot, GUARD_SLOTS)
+        shapes[GUARD_MORE] = MapShape(sc.BPF_MAP_TYPE_HASH, GuardKey, GuardValue, GUARD_CAPACITY, sc.BPF_F_NO_PREALLOC)
     for name, kind in sets.items():
         shapes[set_map(name)] = (
             MapShape(sc.BPF_MAP_TYPE_HASH, Index, SetValue, set_capacity) if kind == "number" else

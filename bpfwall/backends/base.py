@@ -33,6 +33,9 @@ class Handle(Protocol):
     backend: str      # the name of the backend that made it
     exclusive: bool   # a cgroup carries at most one unit of this backend: detach the other first
     needs_cleanup: bool  # a removed cgroup leaves something of the unit behind: call gone()
+    # A slice default that judges only the descendants the watcher classifies for it (bpf: the
+    # slice's guard program and its map); then classify/unclassify/keep_classified exist.
+    guards: bool
 
     @property
     def directions(self) -> list[str]: ...

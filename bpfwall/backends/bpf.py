@@ -46,8 +46,9 @@ from ..program_contract import DIRECTIONS, MODES, PROG_SECTIONS, key_of, set_map
 
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/bpfwall"
 # Maps whose contents survive a reload when the new object's map is compatible (the events
-# ring too: a monitor reading it goes on reading across a reload).
-KEPT_MAPS = (pc.COUNTERS, pc.MODE, pc.EVENTS, pc.LOG_LIMIT, pc.EVENTS_LOST)
+# ring too: a monitor reading it goes on reading across a reload; a slice default's guard: the
+# watcher's classification of its descendants).
+KEPT_MAPS = (pc.COUNTERS, pc.MODE, pc.EVENTS, pc.LOG_LIMIT, pc.EVENTS_LOST, pc.GUARD, pc.GUARD_MORE)
 LOG_KEYS = ("log_rate", "log_burst")
 ETH_P = {4: 0x0800, 6: 0x86DD}
 

@@ -79,7 +79,7 @@ class Entry:
         ingress, egress = self.checked
         if (ingress, egress) == (None, None):
             ingress, egress = analyze_pair(self.ingress, self.egress)
-        return UnitProgram(ingress, egress, self.set_capacity)
+        return UnitProgram(ingress, egress, self.set_capacity, slice_default=self.is_slice_default, strict=self.strict)
 
     def filter_spec(self) -> dict:
         """Everything that defines the filter, normalized: what fingerprint() hashes.
