@@ -435,7 +435,7 @@ class Watcher:
         j = judge(self.policy, self.rel(path))
         for name in names:
             below = [d for d in DIRECTIONS if self._judged_below(j, d, name)]
-            if self.units[name].classify(cgid, below):
+            if self.units[name].classify(cgid, below, path):
                 self.log.debug("classify", f"{path} under {name}: "
                                            f"{', '.join(below) + ' judged below' if below else 'judged by it'}",
                                cgroup=path, entry=name)
@@ -468,7 +468,7 @@ class Watcher:
         for name, handle in self.units.items():
             if not handle.guards:
                 continue
-            wanted = [cgid for cgid, names in self.classified.values() if name in names]
+            wanted = {cgid: path for path, (cgid, names) in self.classified.items() if name in names}
             try:
                 handle.keep_classified(wanted)
             except BACKEND_ERRORS as e:
