@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import ipaddress
+import struct
 from dataclasses import dataclass
 
 from . import events
@@ -181,6 +182,10 @@ NSEC_PER_SEC = 1_000_000_000
 LOG_LIMIT_MAX = 1_000_000     # largest log_rate and log_burst (keeps the bucket's arithmetic in u64)
 LOG_RATE_DEFAULT = events.DEFAULT_LOG_RATE    # one default for both backends (events.py)
 LOG_BURST_DEFAULT = events.DEFAULT_LOG_BURST
+# The program wakes a ring's reader at most this often (a wakeup costs microseconds); a reader
+# keeps polling on its own for longer than this plus a tick after its last record
+# (backends/bpf_events.py).
+WAKE_EVERY_NS = 10_000_000
 
 
 class Event(ctypes.Structure):
@@ -192,23 +197,27 @@ class Event(ctypes.Structure):
                 ("saddr", ctypes.c_uint32 * 4), ("daddr", ctypes.c_uint32 * 4)]
 
 
-class SpinLock(ctypes.Structure):
-    """struct bpf_spin_lock (the kernel's; user space never takes it but through BPF_F_LOCK)."""
-    _fields_ = [("val", ctypes.c_uint32)]
-
-
 class LogLimit(ctypes.Structure):
-    """struct bpfwall_log_limit: the token bucket of one direction."""
-    _fields_ = [("lock", SpinLock), ("rate", ctypes.c_uint32), ("burst", ctypes.c_uint64),
-                ("tokens", ctypes.c_uint64), ("last_ns", ctypes.c_uint64)]
+    """struct bpfwall_log_limit: the rate limit of one direction (a GCRA, see port_filter.c)."""
+    _fields_ = [("rate", ctypes.c_uint32), ("burst", ctypes.c_uint32), ("interval_ns", ctypes.c_uint64),
+                ("tolerance_ns", ctypes.c_uint64), ("tat", ctypes.c_uint64), ("woken_ns", ctypes.c_uint64)]
 
 
 def log_limit_value(rate: int, burst: int) -> bytes:
-    """A new limit: last_ns 0 makes the program start from a full bucket."""
-    return bytes(LogLimit(SpinLock(0), rate, burst, 0, 0))
+    """A new limit, from a full bucket (tat 0). The interval is rounded up, so that the program
+    never grants more than `rate` events a second."""
+    interval = -(-NSEC_PER_SEC // rate) if rate else 0
+    return bytes(LogLimit(rate, burst, interval, (burst - 1) * interval if burst else 0, 0, 0))
+
+
+# struct bpfwall_log_limit before the GCRA (a spin lock, the rate, the burst, a token bucket):
+# a unit loaded by that bpfwall keeps it pinned until it is loaded again.
+_OLD_LOG_LIMIT = struct.Struct("=4xIQ16x")
 
 
 def decode_log_limit(raw: bytes) -> tuple[int, int]:
+    if len(raw) == _OLD_LOG_LIMIT.size:
+        return _OLD_LOG_LIMIT.unpack(raw)
     v = LogLimit.from_buffer_copy(raw)
     return v.rate, v.burst
 
