@@ -1,17 +1,22 @@
 """The bpf backend's drop events: each unit's `events` ring buffer, read as DropEvents.
 
-Every unit has its own ring (program_contract.EVENTS_RING_BYTES), kept across reloads, so a
-reader holds one RingBuffer per unit; the rings' epoll fds sit in one outer epoll, which is
-the source's fileno(). With no units named, the pin root is looked at again every RESCAN
-seconds for units loaded (or loaded anew) since.
+Every unit has its own ring (program_contract.EVENTS_RING_BYTES), kept across reloads. A ring
+has one consumer, so readers share it through bpfwall/fanout.py: the first reader of a ring
+owns it (named by its map id) and the others subscribe; every reader sees every record. With
+no units named, the pin root is looked at again every RESCAN seconds for units loaded (or
+loaded anew) since.
+
+The program wakes a ring's reader at most every program_contract.WAKE_EVERY_NS (a wakeup is
+an IPI, microseconds), so after a record the owner drains its ring every LINGER_PERIOD for
+LINGER seconds without being woken: longer than that interval plus a tick of the coarse clock
+the program decides by (≤ 10 ms at HZ ≥ 100), so a record never waits unseen: one that did
+not wake the reader came within the interval of one that did.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import os
-import select
 import struct
 import time
 
@@ -23,8 +28,11 @@ from ..kernel.errors import KernelError
 from ..kernel.fd import Fd
 from ..kernel.ringbuf import RingBuffer
 from ..program_contract import DIRECTIONS
+from ..fanout import Hub
 
 RESCAN = 1.0  # seconds between looks for new units, when reading every unit
+LINGER = 0.05  # > WAKE_EVERY_NS (10 ms) + one tick (≤ 10 ms)
+LINGER_PERIOD = 0.002  # at 100,000 events/s, 200 of the ring's ~800 records
 
 
 # pc.Event as a struct format: decoding is most of a reader's work at 100,000 events/s, and
@@ -51,29 +59,36 @@ def decode(unit: str, raw: bytes, offset: float) -> DropEvent:
         length=length, cgroup_id=cgroup_id)
 
 
-class _UnitRing:
-    """One unit's ring and loss counters, held open (they outlive an unload while held)."""
+DIRECTION_AT = pc.Event.direction.offset
 
-    def __init__(self, unit: str, d: pins.PinDir):
+
+def direction_of(record: bytes) -> str:
+    return DIRECTIONS[record[DIRECTION_AT]]
+
+
+class _UnitRing:
+    """One unit's ring (owned or subscribed to) and loss counters, held open (they outlive an
+    unload while held)."""
+
+    def __init__(self, unit: str, d: pins.PinDir, hub: Hub):
         self.unit = unit
         self.ring_fd = d.get(pc.EVENTS)
-        self.lost_map = None
+        self.lost_map = self.channel = None
         try:
             self.map_id = maps.map_info(self.ring_fd).id
-            self.ring = RingBuffer(self.ring_fd)
             self.lost_map = maps.Map(Fd(d.get(pc.EVENTS_LOST)))
+            self.channel = hub.join(f"ring-{self.map_id}", lambda: RingBuffer(self.ring_fd), direction_of,
+                                    (LINGER, LINGER_PERIOD))
         except BaseException:
             self.close()
             raise
 
     def lost(self) -> dict[str, int]:
-        return {d: pc.sum_lost(self.lost_map.lookup_percpu(pc.number_key(i)) or [])
+        """The kernel's count (rate limit, full ring) and what an owner dropped for us."""
+        return {d: pc.sum_lost(self.lost_map.lookup_percpu(pc.number_key(i)) or []) + self.channel.dropped[d]
                 for i, d in enumerate(DIRECTIONS)}
 
     def close(self) -> None:
-        if getattr(self, "ring", None) is not None:
-            self.ring.close()
-            self.ring = None
         if self.lost_map is not None:
             self.lost_map.close()
             self.lost_map = None
@@ -85,15 +100,15 @@ class _UnitRing:
 class BpfEvents:
     """Backend.events() of the bpf backend (base.EventSource)."""
 
-    def __init__(self, pin_root: str, units: list[str] | None = None):
+    def __init__(self, pin_root: str, units: list[str] | None = None, state_dir: str | None = None):
         from .bpf import BackendError, units as loaded_units
 
         self.pin_root = pin_root
         self.wanted = units
         self._units = loaded_units
-        self._epoll = select.epoll()
         self._rings: dict[str, _UnitRing] = {}
         self._next_scan = 0.0
+        self._hub = Hub(state_dir)
         try:
             self._scan()
             for unit in units or ():
@@ -130,39 +145,38 @@ class BpfEvents:
                         finally:
                             os.close(fd)
                         self._drop(unit)
-                    ring = _UnitRing(unit, d)
-                    self._rings[unit] = ring
-                    self._epoll.register(ring.ring.fileno(), select.EPOLLIN)
+                    self._rings[unit] = _UnitRing(unit, d, self._hub)
 
     def _drop(self, unit: str) -> None:
         ring = self._rings.pop(unit)
-        with contextlib.suppress(OSError):
-            self._epoll.unregister(ring.ring.fileno())
+        self._hub.leave(ring.channel)
+        ring.channel = None
         ring.close()
 
     def fileno(self) -> int:
-        return self._epoll.fileno()
+        return self._hub.fileno()
 
-    def _drain(self) -> list[DropEvent]:
-        offset = time.time() - time.monotonic()
-        return [decode(unit, raw, offset) for unit, ring in self._rings.items() for raw in ring.ring.drain()]
+    def timeout(self) -> float | None:
+        """Seconds until read(0) has work without an fd becoming ready (a ring drained on a timer)."""
+        return self._hub.timeout()
 
     def read(self, timeout: float | None = None) -> list[DropEvent]:
-        out = self._drain()
-        if out:
-            return out
         deadline = None if timeout is None else time.monotonic() + timeout
+        units = {ring.channel: unit for unit, ring in self._rings.items()}
         while True:
             now = time.monotonic()
             if now >= self._next_scan:
                 self._scan()
+                units = {ring.channel: unit for unit, ring in self._rings.items()}
             wait = self._next_scan - now
             if deadline is not None:
                 wait = min(wait, deadline - now)
-            self._epoll.poll(max(wait, 0))
-            out = self._drain()
-            if out or (deadline is not None and time.monotonic() >= deadline):
-                return out
+            got = self._hub.poll(max(wait, 0))
+            if got:
+                offset = time.time() - time.monotonic()
+                return [decode(units[ch], raw, offset) for ch, records in got for raw in records]
+            if deadline is not None and time.monotonic() >= deadline:
+                return []
 
     def lost(self) -> dict[tuple[str, str], int]:
         return {(unit, d): n for unit, ring in self._rings.items() for d, n in ring.lost().items()}
@@ -170,7 +184,7 @@ class BpfEvents:
     def close(self) -> None:
         for unit in list(self._rings):
             self._drop(unit)
-        self._epoll.close()
+        self._hub.close()
 
     def __enter__(self) -> "BpfEvents":
         return self
