@@ -23,7 +23,7 @@ from tests.kernel.invoke import PYTHON, REPO, bpfwall
 from tests.kernel.sockets import V4, V6, arrived, bound, receive_all
 from tests.kernel.watcher import attached_id, inside, mkcg, unit, wait_for, write_policy
 
-pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("no_leaks")]
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("no_leaks", "events_state_dir")]
 
 UNIT = "ev.service"
 CLOCK_MONOTONIC_COARSE = 6  # Linux; the time module does not name it

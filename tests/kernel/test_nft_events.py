@@ -18,7 +18,7 @@ from bpfwall.nft.errors import NftError
 from bpfwall.nft.state import StateFile
 from tests.kernel.sockets import V4, V6
 
-pytestmark = [pytest.mark.kernel, pytest.mark.traffic]
+pytestmark = [pytest.mark.kernel, pytest.mark.traffic, pytest.mark.usefixtures("events_state_dir")]
 
 UNIT = "ev.service"
 DENIED, ALLOWED = 4001, 4000
@@ -232,7 +232,7 @@ def test_a_new_log_group_moves_every_unit(world, table):
     nft.load(table, "other.service", UnitProgram(*analyze_pair(None, EXPR["egress"])), log_group=g)
     assert listing(table).count(f"group {g}") == 2  # both units' log rules
     with NftBackend(table).events([UNIT]) as source:
-        assert source.reader.group == g
+        assert source.group == g
         flow = Flow(cg, *V4, "egress")
         try:
             flow.send(DENIED, 2)
