@@ -135,7 +135,7 @@ class Channel:
         self.source = self.listener = self.upstream = None
         self.subscribers: dict[int, _Subscriber] = {}
         self.dropped: collections.Counter = collections.Counter()  # dropped for us by an owner
-        self.last_record = 0.0
+        self.last_record = self.last_pump = 0.0
         self.hold_until = 0.0  # a new owner waits for the old one's subscribers until then
         self.expected = 0
         self.join()
@@ -210,17 +210,25 @@ class Channel:
             return None
         if self.hold_until:
             return max(0.0, self.hold_until - now)
-        waiting = [s for s in self.subscribers.values() if s.queue or s.dropped]
-        if waiting:
-            return 0.01
-        if self.linger and now - self.last_record < self.linger[0]:
-            return self.linger[1]
-        return None
+        if any(s.queue or s.dropped for s in self.subscribers.values()):
+            period = 0.01  # a subscriber's socket was full: try again soon
+        elif self.linger and now - self.last_record < self.linger[0]:
+            period = self.linger[1]
+        else:
+            return None
+        return max(0.0, self.last_pump + period - now)
+
+    def busy(self, now: float) -> bool:
+        """Worth a pump at every wake-up: holding, sending, or lingering after records."""
+        return self.owner and bool(self.hold_until and now >= self.hold_until or
+                                   any(s.queue or s.dropped for s in self.subscribers.values()) or
+                                   self.linger and now - self.last_record < self.linger[0])
 
     def pump(self) -> list[bytes]:
         """Everything that can be done now without waiting; the records for this process."""
         if not self.owner:
             return self._receive()
+        self.last_pump = time.monotonic()
         self._accept()
         records = []
         if self.hold_until and (time.monotonic() >= self.hold_until or len(self.subscribers) >= self.expected):
@@ -396,8 +404,7 @@ class Hub:
             else:
                 due.add(ch)
         now = time.monotonic()
-        due |= {ch for ch in self.channels if (t := ch.timeout(now)) is not None and t <= 0.0 or
-                ch.owner and ch.linger and now - ch.last_record < ch.linger[0]}
+        due |= {ch for ch in self.channels if ch.busy(now)}
         return [(ch, records) for ch in due if (records := ch.pump())]
 
     def close(self) -> None:

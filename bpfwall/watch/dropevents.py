@@ -10,6 +10,7 @@ is over (the kernel's own limit, log_rate/log_burst, comes first).
 """
 from __future__ import annotations
 
+import math
 import time
 
 from ..errors import Error
@@ -74,7 +75,7 @@ class EventForwarder:
 
     def timeout_ms(self) -> int | None:
         """Until a source wants reading on its timer, or the end of the second while a summary is due."""
-        waits = [int(wait * 1000) for s in self.sources.values() if s is not None and (wait := s.timeout()) is not None]
+        waits = [math.ceil(wait * 1000) for s in self.sources.values() if s is not None and (wait := s.timeout()) is not None]
         if self._held:
             waits.append(max(1, int((self._second + 1 - time.monotonic()) * 1000) + 1))
         return min(waits) if waits else None
