@@ -338,7 +338,7 @@ class Channel:
         self.source = self.listener = None
 
 
-class _Busy(Exception):
+class _Busy(FanoutError):
     """The owner's listen backlog is full (connect: EAGAIN): it lives; try again shortly."""
 
 

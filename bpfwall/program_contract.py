@@ -173,7 +173,7 @@ def decode_meta(raw: bytes) -> bytes:
 
 # -- drop events -----------------------------------------------------------------
 
-# The ring of one unit: 64 KiB hold ~900 records (72 bytes + an 8-byte header), several
+# The ring of one unit: 64 KiB hold ~900 records (64 bytes + an 8-byte header), several
 # bursts at the default limit; per unit, so that a unit's records need no unit identifier
 # and its ring goes with its pins (see README, "Drop events").
 EVENTS_RING_BYTES = 64 * 1024
