@@ -304,7 +304,7 @@ struct {
  * unit's ring buffer, read by `bpfwall monitor` and the watcher. Only the drop path reaches
  * this code: a passing packet's cost does not change. */
 struct bpfwall_event {
-	__u64 time_ns;        /* bpf_ktime_get_coarse_ns(): CLOCK_MONOTONIC_COARSE, the tick's */
+	__u64 time_ns;        /* jiffies × jiffy_ns; + log_limit's clock_offset_ns: CLOCK_MONOTONIC_COARSE */
 	__u64 cgroup_id;      /* the socket's cgroup (bpf_skb_cgroup_id) */
 	__u32 len;
 	__u16 proto;          /* NO_PROTO when unknown */
@@ -328,16 +328,24 @@ struct {
 /* The rate limit of one direction, a GCRA (the token bucket as one time, so that one
  * compare-and-swap takes a token: no lock). `tat` runs ahead of now by interval_ns per event
  * granted and may lead it by at most tolerance_ns: at most burst events at once, then one per
- * interval. Python writes rate, burst, interval_ns = ceil(1e9 / rate) and tolerance_ns =
- * (burst - 1) × interval_ns, and tat = 0 (a full bucket); see program_contract.LogLimit. */
+ * interval. Python writes rate, burst, interval_ns = ceil(1e9 / rate), tolerance_ns =
+ * (burst - 1) × interval_ns and jiffy_ns, and zeroes the rest (a full bucket); see
+ * program_contract.LogLimit.
+ *
+ * The clock is bpf_jiffies64() × jiffy_ns (the tick's length): ~1 ns, where even the coarse
+ * clock costs ~13 ns here and bpf_ktime_get_ns() ~30, most of an event's cost. Records carry
+ * that time; when the program wakes the reader (at most every WAKE_EVERY_NS) it also stores
+ * CLOCK_MONOTONIC_COARSE minus it, which user space adds. */
 #define LOG_LIMIT_MAX 1000000  /* rate and burst: larger values are refused by Python (tolerance_ns < 2^60) */
 struct bpfwall_log_limit {
 	__u32 rate;           /* events per second; 0: no events */
 	__u32 burst;          /* events at once */
 	__u64 interval_ns;
 	__u64 tolerance_ns;
+	__u64 jiffy_ns;
 	__u64 tat;            /* the earliest time the bucket is full again */
 	__u64 woken_ns;       /* when the program last woke the ring's reader */
+	__u64 clock_offset_ns;  /* CLOCK_MONOTONIC_COARSE − this clock, at woken_ns */
 };
 
 struct {
@@ -387,9 +395,7 @@ static __always_inline void log_drop(struct __sk_buff *skb, const struct pkt *p,
 
 	if (!l || !l->rate)  /* events off */
 		return;
-	/* The coarse clock (the tick's: a read, not a clock source access) for the limit and the
-	 * record: bpf_ktime_get_ns() would cost ~30 ns more a record here, half the rest. */
-	now = bpf_ktime_get_coarse_ns();
+	now = bpf_jiffies64() * l->jiffy_ns;
 	if (take_token(l, now)) {
 		e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 		if (e) {
@@ -408,6 +414,7 @@ static __always_inline void log_drop(struct __sk_buff *skb, const struct pkt *p,
 			__builtin_memcpy(e->saddr, p->saddr, sizeof(e->saddr));
 			__builtin_memcpy(e->daddr, p->daddr, sizeof(e->daddr));
 			if (now - l->woken_ns >= WAKE_EVERY_NS) {
+				l->clock_offset_ns = bpf_ktime_get_coarse_ns() - now;  /* one store: read whole */
 				l->woken_ns = now;
 				flags = BPF_RB_FORCE_WAKEUP;
 			}

@@ -22,6 +22,7 @@ import ctypes
 import functools
 import ipaddress
 import struct
+import time
 from dataclasses import dataclass
 
 from . import events
@@ -200,14 +201,27 @@ class Event(ctypes.Structure):
 class LogLimit(ctypes.Structure):
     """struct bpfwall_log_limit: the rate limit of one direction (a GCRA, see port_filter.c)."""
     _fields_ = [("rate", ctypes.c_uint32), ("burst", ctypes.c_uint32), ("interval_ns", ctypes.c_uint64),
-                ("tolerance_ns", ctypes.c_uint64), ("tat", ctypes.c_uint64), ("woken_ns", ctypes.c_uint64)]
+                ("tolerance_ns", ctypes.c_uint64), ("jiffy_ns", ctypes.c_uint64), ("tat", ctypes.c_uint64),
+                ("woken_ns", ctypes.c_uint64), ("clock_offset_ns", ctypes.c_uint64)]
+
+
+# The program's clock ticks in jiffies; a jiffy is the coarse clock's resolution (the tick).
+CLOCK_MONOTONIC_COARSE = 6  # Linux; the time module does not name it
+JIFFY_NS = round(time.clock_getres(CLOCK_MONOTONIC_COARSE) * NSEC_PER_SEC)
 
 
 def log_limit_value(rate: int, burst: int) -> bytes:
     """A new limit, from a full bucket (tat 0). The interval is rounded up, so that the program
     never grants more than `rate` events a second."""
     interval = -(-NSEC_PER_SEC // rate) if rate else 0
-    return bytes(LogLimit(rate, burst, interval, (burst - 1) * interval if burst else 0, 0, 0))
+    return bytes(LogLimit(rate, burst, interval, (burst - 1) * interval if burst else 0, JIFFY_NS, 0, 0, 0))
+
+
+def clock_offset_ns(raw: bytes) -> tuple[int, int]:
+    """(woken_ns, clock_offset_ns) of a log_limit value: record times + the offset are
+    CLOCK_MONOTONIC_COARSE (u64 arithmetic: the offset may be "negative")."""
+    v = LogLimit.from_buffer_copy(raw)
+    return v.woken_ns, v.clock_offset_ns
 
 
 # struct bpfwall_log_limit before the GCRA (a spin lock, the rate, the burst, a token bucket):

@@ -39,6 +39,7 @@ LINGER_PERIOD = 0.002  # at 100,000 events/s, 200 of the ring's ~800 records
 # struct is several times faster than ctypes here (tests/unit/test_bpf_events.py checks the two agree).
 RECORD = struct.Struct("=QQIHHHBBBBBB16s16s")
 AUDIT = pc.MODES.index("audit")
+U64 = (1 << 64) - 1
 
 
 @functools.lru_cache(maxsize=4096)
@@ -46,12 +47,13 @@ def _address(family: int, raw: bytes) -> str | None:
     return address(family, raw)  # a flood comes from few addresses
 
 
-def decode(unit: str, raw: bytes, offset: float) -> DropEvent:
-    """One record of the ring; `offset`: wall clock minus CLOCK_MONOTONIC, in seconds."""
+def decode(unit: str, raw: bytes, offset: float, clock_offset_ns: int = 0) -> DropEvent:
+    """One record of the ring; `offset`: wall clock minus CLOCK_MONOTONIC, in seconds;
+    `clock_offset_ns`: CLOCK_MONOTONIC_COARSE minus the program's clock (log_limit's)."""
     (time_ns, cgroup_id, length, proto, sport, dport, family, direction, verdict, is_icmp, icmp_type, icmp_code,
      saddr, daddr) = RECORD.unpack_from(raw)
     return DropEvent(
-        time=time_ns / 1e9 + offset, unit=unit, direction=DIRECTIONS[direction],
+        time=((time_ns + clock_offset_ns) & U64) / 1e9 + offset, unit=unit, direction=DIRECTIONS[direction],
         verdict="audit" if verdict == AUDIT else "drop", family=family,
         proto=None if proto == pc.NO_PROTO else proto, saddr=_address(family, saddr),
         daddr=_address(family, daddr), sport=sport, dport=dport,
@@ -73,15 +75,22 @@ class _UnitRing:
     def __init__(self, unit: str, d: pins.PinDir, hub: Hub):
         self.unit = unit
         self.ring_fd = d.get(pc.EVENTS)
-        self.lost_map = self.channel = None
+        self.lost_map = self.limit_map = self.channel = None
         try:
             self.map_id = maps.map_info(self.ring_fd).id
             self.lost_map = maps.Map(Fd(d.get(pc.EVENTS_LOST)))
+            self.limit_map = maps.Map(Fd(d.get(pc.LOG_LIMIT)))
             self.channel = hub.join(f"ring-{self.map_id}", lambda: RingBuffer(self.ring_fd), direction_of,
                                     (LINGER, LINGER_PERIOD))
         except BaseException:
             self.close()
             raise
+
+    def clock_offset_ns(self) -> int:
+        """What turns the records' times into CLOCK_MONOTONIC_COARSE: the latest the program
+        stored (at a wakeup, which comes before the first record after a pause)."""
+        latest = max(pc.clock_offset_ns(self.limit_map.lookup(pc.number_key(i))) for i in range(len(DIRECTIONS)))
+        return latest[1]
 
     def lost(self) -> dict[str, int]:
         """The kernel's count (rate limit, full ring) and what an owner dropped for us."""
@@ -89,9 +98,10 @@ class _UnitRing:
                 for i, d in enumerate(DIRECTIONS)}
 
     def close(self) -> None:
-        if self.lost_map is not None:
-            self.lost_map.close()
-            self.lost_map = None
+        for m in (self.lost_map, self.limit_map):
+            if m is not None:
+                m.close()
+        self.lost_map = self.limit_map = None
         if self.ring_fd >= 0:
             os.close(self.ring_fd)
             self.ring_fd = -1
@@ -134,7 +144,7 @@ class BpfEvents:
                 if not root.exists(key):
                     continue
                 with root.sub(key) as d:
-                    if not d.exists(pc.EVENTS) or not d.exists(pc.EVENTS_LOST):
+                    if not all(d.exists(name) for name in (pc.EVENTS, pc.EVENTS_LOST, pc.LOG_LIMIT)):
                         continue
                     old = self._rings.get(unit)
                     if old is not None:
@@ -162,19 +172,24 @@ class BpfEvents:
 
     def read(self, timeout: float | None = None) -> list[DropEvent]:
         deadline = None if timeout is None else time.monotonic() + timeout
-        units = {ring.channel: unit for unit, ring in self._rings.items()}
+        rings = {ring.channel: ring for ring in self._rings.values()}
         while True:
             now = time.monotonic()
             if now >= self._next_scan:
                 self._scan()
-                units = {ring.channel: unit for unit, ring in self._rings.items()}
+                rings = {ring.channel: ring for ring in self._rings.values()}
             wait = self._next_scan - now
             if deadline is not None:
                 wait = min(wait, deadline - now)
             got = self._hub.poll(max(wait, 0))
             if got:
                 offset = time.time() - time.monotonic()
-                return [decode(units[ch], raw, offset) for ch, records in got for raw in records]
+                out = []
+                for ch, records in got:
+                    ring = rings[ch]
+                    clock = ring.clock_offset_ns()
+                    out += [decode(ring.unit, raw, offset, clock) for raw in records]
+                return out
             if deadline is not None and time.monotonic() >= deadline:
                 return []
 

@@ -254,3 +254,21 @@ def test_the_watcher_forwards_drop_events_capped_per_second(daemon, policy_dir, 
     pattern = re.compile(r"\d\d:\d\d:\d\d\.\d{3} a\.service ingress DROP udp 127\.0\.0\.1:\d+ → 127\.0\.0\.1:\d+ len 32")
     wait_for("the summary", lambda: "a.service: 3 drop events not logged (more than 5 a second)" in daemon.log())
     assert len([line for line in daemon.log().splitlines() if pattern.fullmatch(line)]) == 5
+
+
+def test_event_times_are_the_clock_s_to_the_tick(pin_root):
+    """The program stamps records with jiffies (cheap); the offset it stores at each wakeup makes
+    them CLOCK_MONOTONIC_COARSE, which lags the wall clock by at most a tick."""
+    load(pin_root, log_rate=1_000_000, log_burst=1_000_000)
+    tick = time.clock_getres(CLOCK_MONOTONIC_COARSE)
+    with BpfEvents(pin_root, [UNIT]) as source:
+        times = []
+        for _ in range(5):
+            before = time.time()
+            flood(pin_root, 3)
+            after = time.time()
+            times += [(before, e.time, after) for e in read_all(source, 0.1)]
+            time.sleep(0.05)  # past the program's wakeup interval: each flood wakes the reader anew
+    assert len(times) == 15
+    for before, t, after in times:
+        assert before - 2 * tick <= t <= after + tick, (before, t, after)

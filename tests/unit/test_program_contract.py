@@ -218,10 +218,12 @@ def test_event_record_and_limits_agree(tmp_path):
 
 def test_log_limit_value_round_trip():
     raw = pc.log_limit_value(100, 200)
-    assert len(raw) == ctypes.sizeof(pc.LogLimit) == 40
+    assert len(raw) == ctypes.sizeof(pc.LogLimit) == 56
     assert pc.decode_log_limit(raw) == (100, 200)
     v = pc.LogLimit.from_buffer_copy(pc.log_limit_value(3, 5))
     assert (v.interval_ns, v.tolerance_ns, v.tat) == (333_333_334, 4 * 333_333_334, 0)  # rounded up: ≤ 3 a second
+    assert v.jiffy_ns == pc.JIFFY_NS and 1_000_000 <= pc.JIFFY_NS <= 10_000_000  # HZ 100..1000
+    assert pc.clock_offset_ns(raw) == (0, 0)
     assert pc.LogLimit.from_buffer_copy(pc.log_limit_value(0, 5)).interval_ns == 0
     # a unit loaded before the GCRA still has the spin-lock layout pinned
     assert pc.decode_log_limit(struct.pack("=IIQQQ", 0, 7, 9, 0, 0)) == (7, 9)
