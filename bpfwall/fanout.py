@@ -224,12 +224,14 @@ class Channel:
                                    any(s.queue or s.dropped for s in self.subscribers.values()) or
                                    self.linger and now - self.last_record < self.linger[0])
 
-    def pump(self) -> list[bytes]:
-        """Everything that can be done now without waiting; the records for this process."""
+    def pump(self, accept: bool = False) -> list[bytes]:
+        """Everything that can be done now without waiting (`accept`: the listener is readable);
+        the records for this process."""
         if not self.owner:
             return self._receive()
         self.last_pump = time.monotonic()
-        self._accept()
+        if accept:
+            self._accept()
         records = []
         if self.hold_until and (time.monotonic() >= self.hold_until or len(self.subscribers) >= self.expected):
             self.hold_until = 0.0
@@ -314,7 +316,7 @@ class Channel:
             self.upstream = None
         if not self.owner:
             return
-        self.pump()
+        self.pump(accept=True)
         deadline = time.monotonic() + flush_for
         bye = b"B" + _LEN.pack(len(self.subscribers))
         for sub in self.subscribers.values():
@@ -394,7 +396,7 @@ class Hub:
         own = self.timeout()
         wait = own if timeout is None else timeout if own is None else min(own, timeout)
         ready = self.epoll.poll(-1 if wait is None else max(wait, 0))
-        due = set()
+        due, accepting = set(), set()
         for fd, _ in ready:
             ch = self.by_fd.get(fd)
             if ch is None:
@@ -403,9 +405,11 @@ class Hub:
                 ch.subscriber_readable(fd)
             else:
                 due.add(ch)
+                if ch.owner and fd == ch.listener.fileno():
+                    accepting.add(ch)
         now = time.monotonic()
         due |= {ch for ch in self.channels if ch.busy(now)}
-        return [(ch, records) for ch in due if (records := ch.pump())]
+        return [(ch, records) for ch in due if (records := ch.pump(ch in accepting))]
 
     def close(self) -> None:
         for ch in list(self.channels):
