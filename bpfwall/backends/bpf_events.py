@@ -47,13 +47,15 @@ def _address(family: int, raw: bytes) -> str | None:
     return address(family, raw)  # a flood comes from few addresses
 
 
-def decode(unit: str, raw: bytes, offset: float, clock_offset_ns: int = 0) -> DropEvent:
+def decode(unit: str, raw: bytes, offset: float, clock_offset_ns: int | None = 0) -> DropEvent:
     """One record of the ring; `offset`: wall clock minus CLOCK_MONOTONIC, in seconds;
-    `clock_offset_ns`: CLOCK_MONOTONIC_COARSE minus the program's clock (log_limit's)."""
+    `clock_offset_ns`: CLOCK_MONOTONIC_COARSE minus the program's clock (log_limit's; None: not
+    known, the time is now's)."""
     (time_ns, cgroup_id, length, proto, sport, dport, family, direction, verdict, is_icmp, icmp_type, icmp_code,
      saddr, daddr) = RECORD.unpack_from(raw)
+    when = time.time() if clock_offset_ns is None else ((time_ns + clock_offset_ns) & U64) / 1e9 + offset
     return DropEvent(
-        time=((time_ns + clock_offset_ns) & U64) / 1e9 + offset, unit=unit, direction=DIRECTIONS[direction],
+        time=when, unit=unit, direction=DIRECTIONS[direction],
         verdict="audit" if verdict == AUDIT else "drop", family=family,
         proto=None if proto == pc.NO_PROTO else proto, saddr=_address(family, saddr),
         daddr=_address(family, daddr), sport=sport, dport=dport,
@@ -76,6 +78,7 @@ class _UnitRing:
         self.unit = unit
         self.ring_fd = d.get(pc.EVENTS)
         self.lost_map = self.limit_map = self.channel = None
+        self._clock: int | None = None
         try:
             self.map_id = maps.map_info(self.ring_fd).id
             self.lost_map = maps.Map(Fd(d.get(pc.EVENTS_LOST)))
@@ -86,11 +89,14 @@ class _UnitRing:
             self.close()
             raise
 
-    def clock_offset_ns(self) -> int:
+    def clock_offset_ns(self) -> int | None:
         """What turns the records' times into CLOCK_MONOTONIC_COARSE: the latest the program
-        stored (at a wakeup, which comes before the first record after a pause)."""
-        latest = max(pc.clock_offset_ns(self.limit_map.lookup(pc.number_key(i))) for i in range(len(DIRECTIONS)))
-        return latest[1]
+        stored (at a wakeup, which comes before the first record after a pause). `set` of the
+        limit zeroes it until the next wakeup: meanwhile the last one seen holds."""
+        woken, offset = max(pc.clock_offset_ns(self.limit_map.lookup(pc.number_key(i))) for i in range(len(DIRECTIONS)))
+        if woken:
+            self._clock = offset
+        return self._clock
 
     def lost(self) -> dict[str, int]:
         """The kernel's count (rate limit, full ring) and what an owner dropped for us."""

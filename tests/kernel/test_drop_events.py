@@ -272,3 +272,20 @@ def test_event_times_are_the_clock_s_to_the_tick(pin_root):
     assert len(times) == 15
     for before, t, after in times:
         assert before - 2 * tick <= t <= after + tick, (before, t, after)
+
+
+def test_times_stay_right_across_a_change_of_the_limit(pin_root):
+    """`set log_rate=` writes a fresh limit (its clock offset zeroed until the next wakeup):
+    records written before it and read after keep their times."""
+    load(pin_root, log_rate=1_000_000, log_burst=1_000_000)
+    tick = time.clock_getres(CLOCK_MONOTONIC_COARSE)
+    with BpfEvents(pin_root, [UNIT]) as source:
+        before = time.time()
+        flood(pin_root, 2)
+        first = read_all(source, 0.1)
+        flood(pin_root, 2)
+        assert bpfwall("set", UNIT, "log_rate=999999").returncode == 0
+        second = read_all(source, 0.1)
+        after = time.time()
+    assert len(first) == len(second) == 2
+    assert all(before - 2 * tick <= e.time <= after + tick for e in first + second), (before, first + second, after)

@@ -96,10 +96,13 @@ def test_two_monitors_and_the_watcher_each_see_every_drop(daemon, policy_dir, pi
             time.sleep(0.3)  # and nothing more
         probe = (sport, port, 128)
         watcher = [tuple(map(int, m.groups())) for m in logged.finditer(daemon.log())]
-        assert [e for e in watcher if e != probe] == expected
+        seen = {"watcher": [e[2] for e in watcher if e != probe]}  # lengths, to say what differs
+        for i, o in enumerate(outs):
+            seen[f"monitor {i}"] = [json.loads(line)["length"] for line in o.poll()]
+        assert [e for e in watcher if e != probe] == expected, seen
         for o in outs:
             events = [json.loads(line) for line in o.poll()]
-            assert [(e["sport"], e["dport"], e["length"]) for e in events if e["length"] != 128] == expected
+            assert [(e["sport"], e["dport"], e["length"]) for e in events if e["length"] != 128] == expected, seen
             assert {(e["unit"], e["direction"], e["verdict"], e["proto"], e["saddr"], e["daddr"], e["cgroup_id"])
                     for e in events} == {("a.service", "ingress", "drop", "udp", "127.0.0.1", "127.0.0.1",
                                           cgroup.cgroup_id(a))}
