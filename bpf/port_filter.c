@@ -381,7 +381,7 @@ static __always_inline int take_token(struct bpfwall_log_limit *l, __u64 now)
 	return 0;
 }
 
-/* Waking the reader costs microseconds (an IPI: ~6 µs on a VM here, against ~100 ns for the
+/* Waking the reader costs microseconds (an IPI: ~5 µs on this VM, against ~30 ns for the
  * record), so the program wakes it at most every WAKE_EVERY_NS and the reader polls on its
  * own while events come (bpf_events.py: it stays awake longer than this plus a tick, so no
  * record waits unseen). */

@@ -23,7 +23,7 @@ from bpfwall.lang.checker import analyze
 from tests.kernel.invoke import PYTHON, REPO
 from tests.kernel.watcher import attached_id, inside, mkcg, unit, wait_for, write_policy
 
-pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("no_leaks")]
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("no_leaks", "events_state_dir")]
 
 UNIT = "fan.service"
 UDP = (struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2]))
