@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import objcache
-from .build import BuildError, UnitProgram, _key, file_identity, source_dir
+from .build import BuildError, UnitProgram, _flags as clang_flags, _key, file_identity, source_dir
 
 WORKER = Path(__file__).with_name("bcc_worker.py")
 MODULES = "/lib/modules"
@@ -135,11 +135,9 @@ def identity(headers: Headers) -> str:
 
 def _flags(program: UnitProgram, headers: Headers) -> list[str]:
     # /usr/include last: bcc puts the kernel's headers first, and only libbpf's bpf_endian.h is
-    # wanted from there.
-    flags = [*headers.cflags(), "-idirafter", "/usr/include", "-DBPFWALL_BCC"]
-    if program.load_bytes_only:
-        flags.append("-DBPFWALL_ONLY_LOAD_BYTES")
-    return flags
+    # wanted from there. The program's own -D flags are clang's (build._flags), so both build it alike.
+    defines = [f for f in clang_flags(program) if f.startswith("-D")]
+    return [*headers.cflags(), "-idirafter", "/usr/include", "-DBPFWALL_BCC", *defines]
 
 
 def build(program: UnitProgram, cache: Path):

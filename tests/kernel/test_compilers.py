@@ -44,8 +44,9 @@ def layout(obj) -> dict:
 def test_bcc_builds_the_maps_and_sections_clang_builds(cache_dir):
     clang, bcc = build(program("clang")), build(program("bcc"))
     assert layout(bcc) == layout(clang)
-    # the drop events' limit: a bpf_spin_lock the kernel finds only through the map's BTF
-    assert layout(bcc)["log_limit"][6][0] == ("lock", "bpf_spin_lock", 0)
+    # the members bpftool shows, from the map's BTF: the drop events' limit, the counters
+    assert [m[0] for m in layout(bcc)["log_limit"][6]][:2] == ["rate", "burst"]
+    assert layout(bcc)["counters"][6] == [("packets", "__u64", 0), ("bytes", "__u64", 64)]
     assert set(bcc.programs) == set(clang.programs) == set(loader.SECTIONS)
     assert bcc.license == clang.license == "GPL"
     assert {p.name for p in bcc.programs.values()} == {p.name for p in clang.programs.values()}
@@ -65,7 +66,7 @@ def test_a_bcc_unit_is_pinned_and_described_like_a_clang_one(pin_root, cache_dir
                      "set_web"]
     shown = subprocess.run(["bpftool", "-j", "map", "show", "pinned", f"{bpf.unit_dir(pin_root, 'c.service')}/log_limit"],
                            capture_output=True, text=True, check=True)
-    assert json.loads(shown.stdout)["btf_id"] > 0  # bpftool sees the lock's BTF
+    assert json.loads(shown.stdout)["btf_id"] > 0  # bpftool sees the map's BTF
 
 
 def test_the_cache_keeps_each_compilers_object(tmp_path, monkeypatch):
