@@ -46,7 +46,7 @@ def test_bcc_builds_the_maps_and_sections_clang_builds(cache_dir):
     assert layout(bcc) == layout(clang)
     # the members bpftool shows, from the map's BTF: the drop events' limit, the counters
     assert [m[0] for m in layout(bcc)["log_limit"][6]][:2] == ["rate", "burst"]
-    assert layout(bcc)["counters"][6] == [("packets", "__u64", 0), ("bytes", "__u64", 64)]
+    assert layout(bcc)["counters"][6] == [("packets", "unsigned long long", 0), ("bytes", "unsigned long long", 64)]
     assert set(bcc.programs) == set(clang.programs) == set(loader.SECTIONS)
     assert bcc.license == clang.license == "GPL"
     assert {p.name for p in bcc.programs.values()} == {p.name for p in clang.programs.values()}
