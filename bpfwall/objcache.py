@@ -2,9 +2,10 @@
 
 An entry is two files in the cache directory, named by the key (build._key):
 
-    <key>.o     the ELF object clang wrote
+    <key>.o     the ELF object clang wrote (for a unit compiled in a batch: the batch's, one
+                file hard-linked under each of its units' keys)
     <key>.json  {"format", "key", "reader", "elf_sha256", "object", "object_sha256"}, where
-                "object" is what kernel.elf.read_object made of the .o (plain JSON, so a
+                "object" is what kernel.elf.read_objects made of the .o (plain JSON, so a
                 warm start imports no pyelftools)
 
 The directory and every one above it must be root's (or the euid's) and not
@@ -26,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import secrets
 import sys
 
 from .kernel import safefs
@@ -58,22 +60,49 @@ def load(directory: str | os.PathLike, key: str) -> BpfObject | None:
 
 def store(directory: str | os.PathLike, key: str, elf: bytes, obj: BpfObject) -> None:
     """Keep `obj` (read from `elf`) for next time; a cache we cannot write only costs speed."""
-    plain = to_plain(obj)
-    meta = {"format": FORMAT, "key": key, "reader": READER_VERSION,
-            "elf_sha256": hashlib.sha256(elf).hexdigest(),
-            "object": plain, "object_sha256": _digest(plain)}
     d = _open(directory, create=True)
     if d is None:
         return
     try:
         d.write(f"{key}.o", elf)
         # Last: the metadata vouches for the object, so a reader never sees it without one.
-        d.write(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        d.write(f"{key}.json", _meta(key, hashlib.sha256(elf).hexdigest(), obj))
         os.fsync(d.fd)
     except (safefs.PathError, OSError):
         pass
     finally:
         d.close()
+
+
+def store_batch(directory: str | os.PathLike, elf: bytes, entries: list[tuple[str, BpfObject]]) -> None:
+    """store() for the units of one batch object (batch.py): `entries` are (key, object read from
+    `elf`). The ELF is written once and hard-linked as each unit's `<key>.o` (an entry's ELF is the
+    object its BpfObject was read from; a batch's holds its other units too)."""
+    d = _open(directory, create=True)
+    if d is None:
+        return
+    try:
+        shared = d.stage("batch.o", elf)
+        try:
+            digest = hashlib.sha256(elf).hexdigest()
+            for key, obj in entries:
+                link = f".{key}.o.{secrets.token_hex(8)}{safefs.TEMP_SUFFIX}"
+                os.link(shared, link, src_dir_fd=d.fd, dst_dir_fd=d.fd)
+                d.commit(link, f"{key}.o")
+                d.write(f"{key}.json", _meta(key, digest, obj))
+        finally:
+            d.discard(shared)
+        os.fsync(d.fd)
+    except (safefs.PathError, OSError):
+        pass
+    finally:
+        d.close()
+
+
+def _meta(key: str, elf_sha256: str, obj: BpfObject) -> bytes:
+    plain = to_plain(obj)
+    return json.dumps({"format": FORMAT, "key": key, "reader": READER_VERSION, "elf_sha256": elf_sha256,
+                       "object": plain, "object_sha256": _digest(plain)}, sort_keys=True).encode()
 
 
 def _open(directory: str | os.PathLike, create: bool) -> safefs.CheckedDir | None:
