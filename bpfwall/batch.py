@@ -1,8 +1,9 @@
 """Many units' objects from one clang run.
 
-A compile of port_filter.c is ~0.12 s of CPU, of which ~0.04 s is clang starting and reading
-the headers; the rest is optimizing the program body with the unit's filter inlined, which no
-batch can share (the filter is inlined for the per-packet cost). One translation unit for many
+A compile of port_filter.c alone is ~0.12 s of CPU, of which ~0.03 s is clang starting and
+reading the headers; the rest is optimizing and emitting the programs with the unit's filter
+inlined, which no batch can share (inlined for the per-packet cost: a bpf-to-bpf call to a
+separately compiled filter costs ~5 ns a packet, measured). One translation unit for many
 units saves the start-up: it includes port_filter.c once with BPFWALL_SHARED_ONLY (types and
 the header parser), then once per unit with its generated header (BPFWALL_FILTER_H) and every
 name of the unit's part (UNIT_NAMES, its @set maps) prefixed by a macro. kernel.elf then reads
@@ -28,9 +29,10 @@ UNIT_NAMES = (
 )
 UNIT_MACROS = ("BPFWALL_META_SIZE", "BPFWALL_HAS_PARAMS")  # the generated header's, per unit
 PREFIX_STEM = "bpfwall_u"
-# Units per clang run, at most: beyond a dozen the per-unit time grows again (measured: 0.075 s
-# at 10, 0.084 s at 50), and smaller groups keep every CPU busy to the end.
-MAX_UNITS = 12
+# Units per clang run, at most: clang's time per unit grows with the size of its module
+# (measured per unit: 0.083 s at 8, 0.091 s at 12, 0.098 s at 24; 0.14 s alone), and small
+# groups keep every CPU busy to the end.
+MAX_UNITS = 8
 
 
 class BatchError(Exception):

@@ -91,15 +91,6 @@ def test_a_failing_batch_reports_its_units_own_error(clang_runs, tmp_path):
         build_many(units, tmp_path / "cache", jobs=1)
 
 
-def test_groups_keep_kinds_apart_fill_the_workers_and_stay_small():
-    items = [("a", i) for i in range(30)] + [("b", 0), ("c", 0), ("c", 1)]
-    out = batch.groups(items, 2, lambda item: (item[0], item[0] != "c"))
-    assert [len(g) for g in out] == [10, 10, 10, 1, 1, 1]
-    assert [i for g in out for i in g] == items  # contiguous, in order
-    assert all(len({i[0] for i in g}) == 1 for g in out)
-    assert max(len(g) for g in batch.groups(list(range(100)), 2, lambda _: (0, True))) <= batch.MAX_UNITS
-
-
 # The oracle over batch-built objects: each example builds its units in batches (two per
 # example's kind), then runs every unit's packets through its cached object.
 @settings(max_examples=int(os.environ.get("BPFWALL_BATCH_EXAMPLES", "6")), deadline=None,
