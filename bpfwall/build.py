@@ -169,8 +169,8 @@ def build_many(programs, cache: Path | None = None, jobs: int | None = None) -> 
     """build() for each of `programs`, in order: cache hits read, misses compiled by up to `jobs`
     clang processes at once (default: one per CPU), several units per process (batch.py: a
     compile is ~0.12 s of CPU, a third of it clang's start-up, and a policy of 100 units at boot
-    waits for all of them). Identical programs compile once. The first failure (in order) is
-    raised once the compiles under way have ended; those not started yet are dropped."""
+    waits for all of them). Identical programs compile once. Once the compiles have ended, the
+    BuildError of the first program (in order) that failed is raised."""
     cache = cache or cache_dir()
     programs = list(programs)
     signatures = [(p.header(), tuple(_flags(p))) for p in programs]
@@ -196,13 +196,16 @@ def build_many(programs, cache: Path | None = None, jobs: int | None = None) -> 
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise
+    failed = next((built[sig] for sig in signatures if isinstance(built[sig], BuildError)), None)
+    if failed is not None:
+        raise failed
     return [built[sig] for sig in signatures]
 
 
 def _build_group(group: list[tuple[tuple, UnitProgram, str]], cache: Path) -> list:
-    """The objects of one group of cache misses (signature, program, key): one clang run for
-    them all, or each alone when it is one, or when the batch fails (so that an error names
-    its own unit's first line, as build() reports it)."""
+    """The objects of one group of cache misses (signature, program, key), or the BuildError of
+    those that failed: one clang run for them all, or each alone when it is one, or when the
+    batch fails (so that an error names its own unit's first line, as build() reports it)."""
     if len(group) > 1:
         program = group[0][1]
         try:
@@ -213,4 +216,10 @@ def _build_group(group: list[tuple[tuple, UnitProgram, str]], cache: Path) -> li
         else:
             objcache.store_batch(cache, elf, [(key, obj) for (_, _, key), obj in zip(group, objects, strict=True)])
             return objects
-    return [build(program, cache) for _, program, _ in group]
+    out = []
+    for _, program, _ in group:
+        try:
+            out.append(build(program, cache))
+        except BuildError as e:
+            out.append(e)
+    return out
