@@ -3,6 +3,9 @@
 What we accept: one function per program section (everything else
 __always_inline: no bpf-to-bpf calls), libbpf-style BTF-defined maps in
 `.maps`, and no global data: the only relocations are ld_imm64 of a map.
+A batch object (bpfwall/batch.py) holds several units: per program section one
+function per unit, told apart, like its maps and BTF types, by a name prefix;
+each unit is read as the object it would be alone.
 
 BpfObject and its parts are plain data, so a caller may cache one (objcache
 keeps it as JSON) and skip pyelftools (imported only by read_object) on a warm
@@ -124,7 +127,7 @@ class _Parsed:
         path = self.path
         obj = BpfObject(license=self.license)
         maps = {name: m for name, m in self.maps.items() if name.startswith(prefix)}
-        progs = []  # (section, function symbol, its first and last instruction + 1)
+        progs = []  # (section index, section, function symbol, its first instruction, last + 1)
         for idx, sec in enumerate(self.sections):
             if not sec["sh_flags"] & SH_FLAGS.SHF_EXECINSTR or not sec["sh_size"]:
                 continue
@@ -134,7 +137,8 @@ class _Parsed:
             funcs = [s for s in self.symbols if s["st_shndx"] == idx and s["st_info"]["type"] == "STT_FUNC"]
             mine = [s for s in funcs if s.name.startswith(prefix)]
             whole = not prefix and len(funcs) == 1 and funcs[0]["st_value"] == 0
-            if not whole and not (prefix and len(mine) == 1 and mine[0]["st_size"] % 8 == 0):
+            aligned = mine and mine[0]["st_value"] % 8 == 0 and mine[0]["st_size"] % 8 == 0
+            if not whole and not (prefix and len(mine) == 1 and aligned):
                 names = ", ".join(s.name for s in funcs) or "none"
                 raise _error(path, f"section {sec.name} must hold exactly one function"
                                    f"{f' named {prefix}…' if prefix else ''} (it holds: {names})")
