@@ -41,8 +41,8 @@ class BatchError(Exception):
 
 def groups(items: list, workers: int, kind) -> list[list]:
     """`items` in groups, one clang run each: only items of the same kind(item) = (flags,
-    batchable) share one; at least `workers` groups of each kind when there are enough items, at
-    most MAX_UNITS items per group, contiguous (the first failure in order is the one raised)."""
+    batchable) share one; of each kind a multiple of `workers` groups when there are enough
+    items, at most MAX_UNITS items per group, of sizes that differ by one at most, in order."""
     by_kind: dict = {}
     for item in items:
         by_kind.setdefault(kind(item), []).append(item)
@@ -52,6 +52,7 @@ def groups(items: list, workers: int, kind) -> list[list]:
             out += [[m] for m in members]
             continue
         n = max(min(workers, len(members)), -(-len(members) // MAX_UNITS))
+        n = min(len(members), -(-n // workers) * workers)  # a multiple of workers: none idles at the end
         size, extra = divmod(len(members), n)
         start = 0
         for i in range(n):

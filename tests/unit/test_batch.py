@@ -14,6 +14,8 @@ def test_groups_keep_kinds_apart_fill_the_workers_and_stay_small():
     assert max(a) <= batch.MAX_UNITS and max(a) - min(a) <= 1 and len(a) == -(-30 // batch.MAX_UNITS)
     assert [len(g) for g in out if g[0][0] != "a"] == [1, 1, 1]  # b: one item; c: not batchable
     assert [len(g) for g in batch.groups(list(range(6)), 2, lambda _: (0, True))] == [3, 3]  # both CPUs
+    hundred = [len(g) for g in batch.groups(list(range(100)), 2, lambda _: (0, True))]
+    assert len(hundred) % 2 == 0 and max(hundred) <= batch.MAX_UNITS and max(hundred) - min(hundred) <= 1
 
 
 def test_a_param_named_like_a_renamed_name_keeps_its_unit_out_of_batches():
