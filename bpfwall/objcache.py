@@ -50,12 +50,38 @@ def load(directory: str | os.PathLike, key: str) -> BpfObject | None:
         return None
     try:
         meta = d.read(f"{key}.json", MAX_META)
-        elf = d.read(f"{key}.o", MAX_ELF)
-        return _decode(meta, elf, key)
-    except (safefs.PathError, ValueError, TypeError, KeyError, RecursionError):
+        return _decode(meta, _elf_sha256(d, f"{key}.o"), key)
+    except (safefs.PathError, OSError, ValueError, TypeError, KeyError, RecursionError):
         return None  # a miss: rebuilt and rewritten by the caller
     finally:
         d.close()
+
+
+# sha256 of the batch ELFs read by this process, by (device, inode, size, mtime, ctime): the units
+# of one batch share its file (hard links), so a warm start reads and hashes it once, not once per
+# unit. Files with one link (one unit's own ELF) are read every time, as they always were.
+_shared_digests: dict[tuple, str] = {}
+
+
+def _elf_sha256(d: safefs.CheckedDir, name: str) -> str:
+    fd = d.open_file(name)
+    try:
+        st = os.fstat(fd)
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if st.st_nlink > 1 and ident in _shared_digests:
+            return _shared_digests[ident]
+        chunks, size = [], 0
+        while chunk := os.read(fd, min(1 << 20, MAX_ELF + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_ELF:
+                raise ValueError("larger than any object bpfwall builds")
+        digest = hashlib.sha256(b"".join(chunks)).hexdigest()
+        if st.st_nlink > 1:
+            _shared_digests[ident] = digest
+        return digest
+    finally:
+        os.close(fd)
 
 
 def store(directory: str | os.PathLike, key: str, elf: bytes, obj: BpfObject) -> None:
@@ -122,13 +148,13 @@ def _warn_once(directory: str, refusal: str) -> None:
     print(f"bpfwall: warning: compiling without the cache: {refusal}", file=sys.stderr)
 
 
-def _decode(meta_bytes: bytes, elf: bytes, key: str) -> BpfObject | None:
+def _decode(meta_bytes: bytes, elf_sha256: str, key: str) -> BpfObject | None:
     meta = json.loads(meta_bytes)
     if not isinstance(meta, dict):
         return None
     if (meta.get("format"), meta.get("key"), meta.get("reader")) != (FORMAT, key, READER_VERSION):
         return None
-    if meta.get("elf_sha256") != hashlib.sha256(elf).hexdigest():
+    if meta.get("elf_sha256") != elf_sha256:
         return None
     if meta.get("object_sha256") != _digest(meta.get("object")):
         return None
