@@ -42,6 +42,11 @@ class UnitProgram:
     # Tests only: read every header through bpf_skb_load_bytes, the path taken
     # for bytes outside the linear area, which BPF_PROG_TEST_RUN never produces.
     load_bytes_only: bool = False
+    # A slice default: the program is the slice's guard (port_filter.c's BPFWALL_SLICE_GUARD),
+    # judging only the descendants its `guard` map does not hand to a deeper filter; strict:
+    # it drops those the watcher has not classified yet.
+    slice_default: bool = False
+    strict: bool = False
 
     @property
     def params(self) -> list[str]:
@@ -69,6 +74,8 @@ class UnitProgram:
             "params": self.params,
             "sets": self.sets,
             "set_capacity": self.set_capacity,
+            # only for slice defaults: a unit's description stays what it was
+            **({"slice_default": {"strict": self.strict}} if self.slice_default else {}),
         }
 
     def meta_bytes(self) -> bytes:
@@ -120,6 +127,10 @@ def _flags(program: UnitProgram | None = None) -> list[str]:
     flags = ["-O2", "-g", "-target", "bpf", "-Wall", f"-I/usr/include/{platform.machine()}-linux-gnu"]
     if program is not None and program.load_bytes_only:
         flags.append("-DBPFWALL_ONLY_LOAD_BYTES")
+    if program is not None and program.slice_default:
+        flags.append("-DBPFWALL_SLICE_GUARD")
+        if program.strict:
+            flags.append("-DBPFWALL_STRICT")
     return flags
 
 

@@ -180,6 +180,16 @@ def trusted_tmp_path():
 
 
 @pytest.fixture
+def events_state_dir(trusted_tmp_path, monkeypatch):
+    """Where this test's readers of drop events meet (fanout.py: <state dir>/events), not
+    /run/bpfwall; bpfwall processes inherit the variable."""
+    path = trusted_tmp_path / "state"
+    path.mkdir(mode=0o700)
+    monkeypatch.setenv("BPFWALL_STATE_DIR", str(path))
+    return path
+
+
+@pytest.fixture
 def temp_cgroup():
     from bpfwall.sandbox import TempCgroup
 

@@ -22,12 +22,12 @@ from ..lang.setcontents import count as set_count
 from ..lang.values import PARAM_MAX, parse_set_elements
 from .entry import Entry
 from .locate import defined_twice, line_of, scan, syntax_error_line
-from .match import UNIT_SUFFIXES
+from .match import SLICE_SUFFIX, UNIT_SUFFIXES, is_slice_name
 
 TOP_KEYS = ("defaults", "units")
 DEFAULT_KEYS = ("backend", "mode", "set_capacity", "force_capacity", "log_rate", "log_burst")
 UNIT_KEYS = ("ingress", "egress", "params", "sets", "mode", "backend", "set_capacity", "force_capacity", "cgroup",
-             "log_rate", "log_burst")
+             "log_rate", "log_burst", "strict")
 LOG_KEYS = ("log_rate", "log_burst")  # the drop events' limit: only those written are set (see Entry.log)
 CHOICES = {"backend": ("bpf", "nft"), "mode": ("enforce", "audit")}
 BUILTIN_DEFAULTS = {"backend": "bpf", "mode": "enforce", "set_capacity": DEFAULT_SET_CAPACITY,
@@ -215,7 +215,7 @@ class _File:
                 self.error(path, f"'{name}' is not a unit name: it must end in "
                            + ", ".join(UNIT_SUFFIXES[:-1]) + f" or {UNIT_SUFFIXES[-1]}")
         body = self.table(body, path, "ingress, egress, params, sets, mode, backend, set_capacity, force_capacity, "
-                                      "cgroup, log_rate, log_burst")
+                                      "cgroup, log_rate, log_burst, strict")
         if body is None:
             return None
         self.known_keys(body, path, UNIT_KEYS)
@@ -230,6 +230,7 @@ class _File:
         if "ingress" not in body and "egress" not in body:
             self.error(path, "give ingress, egress or both (each a filter expression)")
         cgroup = self.cgroup(body.get("cgroup"), path + ("cgroup",), name)
+        strict = self.strict(body, path, name)
         checked = self.expressions(path, texts)
         params = self.params(body, path, checked)
         sets = self.sets(body, path, checked, settings["set_capacity"])
@@ -241,7 +242,18 @@ class _File:
                      params=params, sets=sets, mode=settings["mode"], backend=settings["backend"],
                      set_capacity=settings["set_capacity"], cgroup=cgroup, file=self.file,
                      log={k: settings[k] for k in LOG_KEYS if k in settings},
-                     line=self.line(path), checked=checked)
+                     line=self.line(path), checked=checked, strict=bool(strict))
+
+    def strict(self, body: dict, path: tuple, name: str) -> bool | None:
+        """`strict = true`: only a slice default has descendants to hold back (see judge.py)."""
+        if "strict" not in body:
+            return False
+        value = self.flag(body["strict"], path + ("strict",))
+        if value and not is_slice_name(name):
+            self.error(path + ("strict",), f"strict = true is only for slice defaults (an entry whose name ends in "
+                       f"{SLICE_SUFFIX}, e.g. [units.\"system.slice\"]); {name} names units, not slices")
+            return None
+        return value
 
     def cgroup(self, value, path: tuple, name: str) -> str | None:
         if value is None:
