@@ -20,12 +20,15 @@ from .kernel.elf import BpfObject, read_objects
 
 # The names port_filter.c's per-unit part and the generated header define: each unit of a batch
 # gets its own copy. A name missing here makes the batch fail to compile (defined twice), and
-# build_many then compiles the units alone, so a stale list costs time, never correctness.
+# build_many then compiles the units alone, so a stale list costs time, never correctness
+# (tests/kernel/test_build_batch.py fails: it counts one clang run for a batch).
 UNIT_NAMES = (
-    "counters", "mode", "meta", "params", "events", "log_limit", "events_lost",      # maps
-    "bpfwall_meta", "bpfwall_params", "bpfwall_event", "bpfwall_log_limit",         # struct tags
+    "counters", "mode", "meta", "params", "events", "log_limit", "events_lost", "guard",  # maps
+    "guard_more",
+    "bpfwall_meta", "bpfwall_params", "bpfwall_event", "bpfwall_log_limit", "guard_slot",  # struct tags
     "bpfwall_filter_ingress", "bpfwall_filter_egress", "in_number_set", "in_address_set",
-    "take_token", "log_drop", "finish", "run", "bpfwall_ingress", "bpfwall_egress", "_license",
+    "take_token", "log_drop", "finish", "guard_lookup", "guard_class", "run", "bpfwall_ingress",
+    "bpfwall_egress", "_license",
 )
 UNIT_MACROS = ("BPFWALL_META_SIZE", "BPFWALL_HAS_PARAMS")  # the generated header's, per unit
 PREFIX_STEM = "bpfwall_u"
