@@ -20,7 +20,16 @@
  *
  * No global data: everything lives in maps, so the object needs no .data /
  * .rodata relocations and one ELF loads twice into independent units.
+ *
+ * Batches (bpfwall/batch.py): to save a compiler run per unit, many units are
+ * compiled as one translation unit that includes this file first with
+ * BPFWALL_SHARED_ONLY (the part every unit shares, below up to the filter
+ * header), then once per unit with BPFWALL_FILTER_H naming the unit's header and
+ * every name of the unit's part prefixed by a macro (batch.UNIT_NAMES); the ELF
+ * reader takes each unit's programs, maps and BTF apart by that prefix.
  */
+#ifndef BPFWALL_SHARED_DONE  /* what every unit shares: once per translation unit */
+#define BPFWALL_SHARED_DONE
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -76,19 +85,6 @@ struct bpfwall_addr_key {
 /* Index = direction * 2 + dropped. Per direction so that softirq ingress and
  * process-context egress never increment the same per-CPU slot. */
 #define COUNTER_SLOT(dir, dropped) ((dir) * 2 + (dropped))
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 4);
-	__type(key, __u32);
-	__type(value, struct bpfwall_counter);
-} counters SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u32);
-} mode SEC(".maps");
 
 /* Bytes are read straight from the linear area when they are there and through
  * bpf_skb_load_bytes otherwise, so a header outside the linear part (GSO, large
@@ -283,10 +279,35 @@ static __always_inline void parse(struct __sk_buff *skb, struct pkt *p)
 	}
 }
 
+#endif /* BPFWALL_SHARED_DONE */
+#ifndef BPFWALL_SHARED_ONLY
+
+/* Everything from here on is the unit's own: in a batch it is included once per
+ * unit, each time with its names prefixed (see the top of this file). */
+
 /* The unit's filter: its params struct, its @set maps with their lookup helpers
  * (in_number_set, in_address_set: only those its sets need) and the two verdict
- * functions. */
+ * functions. A batch names each unit's header in BPFWALL_FILTER_H. */
+#ifdef BPFWALL_FILTER_H
+#include BPFWALL_FILTER_H
+#else
 #include "bpfwall_filter.h"
+#endif
+
+/* Per-CPU {packets, bytes}, indexed by COUNTER_SLOT. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 4);
+	__type(key, __u32);
+	__type(value, struct bpfwall_counter);
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} mode SEC(".maps");
 
 /* Not read by the programs: a JSON description of the unit (expressions,
  * param slots, set kinds) so that stats/set/tune work from the pins alone. */
@@ -582,3 +603,4 @@ int bpfwall_egress(struct __sk_buff *skb)
 #else
 char _license[] SEC("license") = "GPL";
 #endif
+#endif /* BPFWALL_SHARED_ONLY */

@@ -161,3 +161,17 @@ def test_the_policys_compiler_and_the_command_lines(pin_root, cache_dir, trusted
     capsys.readouterr()
     assert main(["stats", "p.service"]) == 0
     assert "  compiler: bcc" in capsys.readouterr().out.splitlines()
+
+
+def test_build_many_builds_each_program_with_its_compiler(tmp_path):
+    """clang's units batched, bcc's one a run, in one call; each object as build() makes it."""
+    from bpfwall.build import build_many
+
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    programs = [program("bcc", "udp && dst_port == 9"), program("clang", "udp && dst_port == 9"),
+                program("clang", "tcp"), program("bcc", "udp && dst_port == 9")]
+    objects = build_many(programs, cache, jobs=2)
+    for p, obj in zip(programs, objects, strict=True):
+        assert [q.insns for q in obj.programs.values()] == [q.insns for q in build(p, cache).programs.values()]
+    assert [q.insns for q in objects[0].programs.values()] != [q.insns for q in objects[1].programs.values()]
