@@ -106,6 +106,10 @@ class _Checker:
             if field_type(node.name)[0] == NUMBER:
                 return f"{text} is a number; compare it, e.g. {_EXAMPLE.get(node.name, text + ' == 53')}"
             return f"{text} is an address; compare it, e.g. {text} == 10.0.0.1 or {text} in 10.0.0.0/8"
+        if isinstance(node, ast.NumLit) and node.value in (0, 1):
+            # `FILTER=1` passes everything in C filters; here a condition is a boolean.
+            word = "true" if node.value else "false"
+            return f"{text} is a number, not a condition; write {word} (1 → true, 0 → false)"
         if isinstance(node, (ast.Param, ast.NumLit)):
             return f"{text} is a number; compare it, e.g. dst_port == {text}"
         how = "saddr in" if node.cidr else "saddr =="

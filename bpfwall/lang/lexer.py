@@ -5,7 +5,7 @@ import re
 from typing import NamedTuple
 
 from .errors import LangError
-from .values import NAME_RE, parse_network, parse_number
+from .values import NAME_RE, leading_zero, parse_network, parse_number
 
 # Token kinds. Keywords become the operator they spell ("and" → "&&"), so the
 # parser sees one vocabulary; `text` keeps the spelling for messages.
@@ -101,7 +101,10 @@ def _number(text: str, i: int) -> Token:
         m2 = _PREFIX.match(text, m.end())
         return _address(text, i, m2.end() if m2 else m.end())
     end = _check_tail(text, i, m.end(), "number")
-    return Token(NUMBER, parse_number(m.group()), i + 1, text[i:end])
+    digits = m.group()
+    if len(digits) > 1 and digits[0] == "0":
+        raise LangError(leading_zero(digits), i + 1, text)
+    return Token(NUMBER, parse_number(digits), i + 1, text[i:end])
 
 
 def _check_tail(text: str, i: int, end: int, what: str) -> int:

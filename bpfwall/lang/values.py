@@ -31,6 +31,28 @@ def parse_number(text: str) -> int:
     return value
 
 
+def read_number(text: str) -> int:
+    """A number as the language writes it: parse_number, but a decimal with a leading zero is
+    refused, since C (and `make FILTER=`) reads `053` as octal 43 and bpfwall would read 53."""
+    if len(text) > 1 and text[0] == "0" and text.isdigit():
+        raise ValueError(leading_zero(text))
+    return parse_number(text)
+
+
+def leading_zero(text: str) -> str:
+    """Why `text` (digits with a leading zero) is refused: both readings, and what to write."""
+    decimal = str(parse_number(text.lstrip("0") or "0"))
+    if len(text) > 40:
+        return f"{text[:12]}… has a leading zero: write it without, or in 0x hex"
+    if set(text) <= set("01234567"):
+        octal = int(text, 8)
+        if str(octal) == decimal:
+            return f"{text} has a leading zero; write {decimal}"
+        return (f"{text} has a leading zero: decimal {decimal}, or {octal} as C reads it (octal); "
+                f"write {decimal}, or {hex(octal)} for the octal value")
+    return f"{text} has a leading zero: decimal {decimal} (not a valid C octal number); write {decimal}"
+
+
 def show_number(value: int) -> str:
     """A number for a message; huge literals (always out of range) by their size."""
     return str(value) if value < 10**40 else f"a {value.bit_length()}-bit number"
@@ -90,7 +112,7 @@ def _number_element(item: str):
 
 
 def _set_number(text: str) -> int:
-    value = parse_number(text)
+    value = read_number(text)
     if value > SET_NUMBER_MAX:
         raise ValueError(f"{text} is out of range for a number set (0..{SET_NUMBER_MAX})")
     return value
@@ -110,7 +132,7 @@ def parse_param_assignment(text: str) -> tuple[str, int]:
     """`name=value` (a leading '$' is allowed) → (name, value in 0..2**64-1)."""
     name, value = _split_assignment(text, "$", "NAME=VALUE for a parameter")
     try:
-        number = parse_number(value)
+        number = read_number(value)
     except ValueError as e:
         raise LangError(f"param ${name}: {e}") from None
     if number > PARAM_MAX:
