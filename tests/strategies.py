@@ -11,11 +11,14 @@ import ipaddress
 from hypothesis import strategies as st
 
 from bpfwall.lang import ast
-from bpfwall.lang.fields import field_type
+from bpfwall.lang.fields import ADDRESS_NAMES, field_type
 from tests.unit import packets as pk
 
-V4_HOSTS = ["10.0.0.1", "10.0.0.2", "10.1.2.3", "192.168.1.1", "127.0.0.1", "0.0.0.0", "255.255.255.255"]
-V6_HOSTS = ["::1", "fe80::1", "2001:db8::1", "2001:db8::2", "2001:db8:1::5", "::ffff:10.0.0.1", "::"]
+# The last hosts lie at the edges of systemd's address names (link-local, multicast).
+V4_HOSTS = ["10.0.0.1", "10.0.0.2", "10.1.2.3", "192.168.1.1", "127.0.0.1", "0.0.0.0", "255.255.255.255",
+            "169.254.255.255", "224.0.0.251", "240.0.0.1"]
+V6_HOSTS = ["::1", "fe80::1", "2001:db8::1", "2001:db8::2", "2001:db8:1::5", "::ffff:10.0.0.1", "::",
+            "fe80:0:0:1::1", "ff02::fb", "::2"]
 V4_NETS = ["10.0.0.0/8", "10.0.0.0/24", "10.0.0.2/31", "10.0.0.1/32", "192.168.0.0/16", "127.0.0.0/8",
            "0.0.0.0/0"]
 V6_NETS = ["2001:db8::/32", "2001:db8::/127", "fe80::/10", "::1/128", "::ffff:0:0/96", "::/0"]
@@ -65,7 +68,8 @@ def _num(field=None):
 
 _params = st.sampled_from(PARAMS).map(lambda n: ast.Param(n, _COL))
 _hosts = st.sampled_from(V4_HOSTS + V6_HOSTS).map(lambda a: ast.AddrLit(ipaddress.ip_network(a), False, _COL))
-_nets = st.sampled_from(V4_NETS + V6_NETS).map(lambda n: ast.AddrLit(ipaddress.ip_network(n), True, _COL))
+_nets = mostly(st.sampled_from(V4_NETS + V6_NETS).map(lambda n: ast.AddrLit(ipaddress.ip_network(n), True, _COL)),
+              st.sampled_from(sorted(ADDRESS_NAMES)).map(lambda n: ast.AddrName(n, _COL)))
 
 
 def _field(names):
@@ -180,7 +184,7 @@ def spell(draw, node, parent: int = 0) -> str:
         text = "@" + node.name
     elif isinstance(node, ast.BoolConst):
         text = "true" if node.value else "false"
-    else:
+    else:  # Field, AddrName
         text = node.name
     # Conditions weaker than their context need parentheses; any condition may have them.
     if level < parent or (level < 4 and draw(st.integers(0, 5)) == 0):

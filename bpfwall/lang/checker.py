@@ -112,7 +112,9 @@ class _Checker:
             return f"{text} is a number, not a condition; write {word} (1 → true, 0 → false)"
         if isinstance(node, (ast.Param, ast.NumLit)):
             return f"{text} is a number; compare it, e.g. dst_port == {text}"
-        how = "saddr in" if node.cidr else "saddr =="
+        if isinstance(node, ast.AddrName):
+            return f"{text} is a name for networks, not a condition; e.g. remote_addr in {text}"
+        how = "saddr ==" if isinstance(node, ast.AddrLit) and not node.cidr else "saddr in"
         return f"{text} is an address; compare it, e.g. {how} {text}"
 
     # -- values ----------------------------------------------------------
@@ -128,7 +130,7 @@ class _Checker:
             return NUMBER
         if isinstance(node, ast.NumLit):
             return NUMBER
-        if isinstance(node, ast.AddrLit):
+        if isinstance(node, (ast.AddrLit, ast.AddrName)):
             return ADDR
         raise self.error(f"({unparse(node)}) is a condition, not a value; use it without comparing it", node)
 
@@ -167,11 +169,14 @@ class _Checker:
         if node.op not in ("==", "!="):
             raise self.error("addresses have no order; use ==, != or in", node)
         for net, other in ((right, left), (left, right)):
-            if isinstance(net, ast.AddrLit) and net.cidr:
+            if isinstance(net, ast.AddrName) or isinstance(net, ast.AddrLit) and net.cidr:
                 raise self.error(f"use 'in' to match a network: {_show(other)} in {unparse(net)}", net)
 
     def member(self, node: ast.In) -> None:
         subject, box = node.subject, node.container
+        if isinstance(subject, ast.AddrName):
+            raise self.error(f"{subject.name} is a name for networks; look an address up in it, "
+                             f"e.g. remote_addr in {subject.name}", subject)
         kind = self.value(subject)
         if isinstance(box, ast.SetRef):
             self.set_ref(subject, kind, box)
@@ -182,7 +187,7 @@ class _Checker:
             if not box.items:
                 raise self.error("an empty set matches nothing; add elements, or write false", box)
             items, what = box.items, None
-        elif isinstance(box, ast.AddrLit) and box.cidr:
+        elif isinstance(box, ast.AddrName) or isinstance(box, ast.AddrLit) and box.cidr:
             items, what = (box,), "a network"
         else:
             raise self.error(f"'in' needs a range, a set or a network, not {unparse(box)}", box)
@@ -209,7 +214,7 @@ class _Checker:
                     raise self.error(f"a range bound must be a number or a $param, not {unparse(bound)}", bound)
                 self.kind(bound)
             return NUMBER
-        if not isinstance(item, (ast.NumLit, ast.Param, ast.AddrLit)):
+        if not isinstance(item, (ast.NumLit, ast.Param, ast.AddrLit, ast.AddrName)):
             raise self.error(f"a set holds numbers, $params, ranges and addresses, not {unparse(item)}", item)
         return self.kind(item)
 

@@ -76,8 +76,8 @@ class _Evaluator:
         x, box = self.value(node.subject), node.container
         if isinstance(box, ast.Range):
             return self.value(box.lo) <= x <= self.value(box.hi)
-        if isinstance(box, ast.AddrLit):
-            return _in_network(x, box.net)
+        if isinstance(box, (ast.AddrLit, ast.AddrName)):
+            return _in_any(x, ast.networks(box))
         if isinstance(box, ast.SetRef):
             items = self.sets.get(box.name, ())
             if isinstance(x, int):
@@ -86,8 +86,8 @@ class _Evaluator:
         for item in box.items:
             if isinstance(item, ast.Range):
                 hit = self.value(item.lo) <= x <= self.value(item.hi)
-            elif isinstance(item, ast.AddrLit):
-                hit = _in_network(x, item.net)
+            elif isinstance(item, (ast.AddrLit, ast.AddrName)):
+                hit = _in_any(x, ast.networks(item))
             else:
                 hit = x == self.value(item)
             if hit:
@@ -107,6 +107,13 @@ def _host(value):
     if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
         value = value.network_address
     return value.version, value
+
+
+def _in_any(value, nets) -> bool:
+    for net in nets:
+        if _in_network(value, net):
+            return True
+    return False
 
 
 def _in_network(value, net) -> bool:

@@ -1,6 +1,8 @@
 """The packet fields the language knows, their types and the direction-neutral aliases."""
 from __future__ import annotations
 
+import ipaddress
+
 BOOL, NUMBER, ADDR = "bool", "number", "address"
 
 # name -> (type, bit width of the value the packet can hold; 0 for non-numbers)
@@ -48,6 +50,17 @@ MEANINGS = {
     "remote_addr": ("the peer's address: saddr on ingress, daddr on egress", "remote_addr in {10.0.0.1, fd00::/8}"),
 }
 
+# systemd's address names (IPAddressAllow=, systemd.resource-control(5); in systemd's source
+# src/shared/in-addr-prefix-util.c): each stands for one network of each family.
+ADDRESS_NAMES = {
+    name: tuple(ipaddress.ip_network(n) for n in nets) for name, nets in (
+        ("any", ("0.0.0.0/0", "::/0")),
+        ("localhost", ("127.0.0.0/8", "::1/128")),
+        ("link-local", ("169.254.0.0/16", "fe80::/64")),
+        ("multicast", ("224.0.0.0/4", "ff00::/8")),
+    )
+}
+
 DIRECTIONS = ("ingress", "egress")
 
 
@@ -64,4 +77,4 @@ def field_type(name: str) -> tuple[str, int]:
 
 
 def known_names() -> list[str]:
-    return sorted(list(FIELDS) + list(ALIASES) + ["true", "false"])
+    return sorted(list(FIELDS) + list(ALIASES) + list(ADDRESS_NAMES) + ["true", "false"])

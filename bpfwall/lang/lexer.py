@@ -5,12 +5,13 @@ import re
 from typing import NamedTuple
 
 from .errors import LangError
+from .fields import ADDRESS_NAMES
 from .values import NAME_RE, leading_zero, parse_network, parse_number
 
 # Token kinds. Keywords become the operator they spell ("and" → "&&"), so the
 # parser sees one vocabulary; `text` keeps the spelling for messages.
-NAME, PARAM, SET, NUMBER, ADDRESS, BOOL, OP, EOF = (
-    "name", "param", "set", "number", "address", "bool", "op", "eof")
+NAME, PARAM, SET, NUMBER, ADDRESS, ADDRESS_NAME, BOOL, OP, EOF = (
+    "name", "param", "set", "number", "address", "address name", "bool", "op", "eof")
 
 KEYWORDS = {"and": (OP, "&&"), "or": (OP, "||"), "not": (OP, "!"), "in": (OP, "in"),
             "true": (BOOL, True), "false": (BOOL, False)}
@@ -48,8 +49,8 @@ def tokenize(text: str) -> list[Token]:
         elif "0" <= c <= "9":
             tokens.append(_number(text, i))
         elif NAME_RE.match(c):
-            word = NAME_RE.match(text, i).group()
-            kind, value = KEYWORDS.get(word, (NAME, word))
+            word = _word(text, i)
+            kind, value = KEYWORDS.get(word, (ADDRESS_NAME, word) if word in ADDRESS_NAMES else (NAME, word))
             tokens.append(Token(kind, value, i + 1, word))
         elif c in "$@":
             m = NAME_RE.match(text, i + 1)
@@ -65,6 +66,15 @@ def tokenize(text: str) -> list[Token]:
         i = tokens[-1].col - 1 + len(tokens[-1].text)
     tokens.append(Token(EOF, None, n + 1, ""))
     return tokens
+
+
+def _word(text: str, i: int) -> str:
+    """The name at i; `link-local` (systemd's spelling) is one word, though '-' is no operator."""
+    word = NAME_RE.match(text, i).group()
+    tail = NAME_RE.match(text, i + len(word) + 1) if text.startswith("-", i + len(word)) else None
+    if tail and f"{word}-{tail.group()}" in ADDRESS_NAMES:
+        return f"{word}-{tail.group()}"
+    return word
 
 
 def _address_end(text: str, i: int) -> int:

@@ -49,7 +49,7 @@ def unparse(node, parent: int = _OR) -> str:
         text = str(node.value) if node.value < _DECIMAL_LIMIT else hex(node.value)
     elif isinstance(node, ast.AddrLit):
         text = str(node.net) if node.cidr else str(node.net.network_address)
-    elif isinstance(node, ast.Field):
+    elif isinstance(node, (ast.Field, ast.AddrName)):
         text = node.name
     elif isinstance(node, ast.BoolConst):
         text = "true" if node.value else "false"

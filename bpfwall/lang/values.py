@@ -9,6 +9,7 @@ import ipaddress
 import re
 
 from .errors import LangError
+from .fields import ADDRESS_NAMES
 
 NUMBER_RE = re.compile(r"0[xX][0-9a-fA-F]+|[0-9]+")
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -93,6 +94,9 @@ def parse_set_elements(name: str, kind: str, text: str) -> list:
         item = raw.strip()
         if not item:
             raise LangError(f"set @{name}: empty element (a stray ',' in {text.strip()!r})")
+        if kind == "address" and item in ADDRESS_NAMES:  # systemd's names: a network of each family
+            out.extend(ADDRESS_NAMES[item])
+            continue
         try:
             out.append(_number_element(item) if kind == "number" else parse_network(item)[0])
         except ValueError as e:

@@ -135,7 +135,7 @@ class _Emitter:
     def membership(self, node: ast.In) -> str:
         subject, box = node.subject, node.container
         if self.is_address(subject):
-            if isinstance(box, ast.AddrLit):
+            if isinstance(box, (ast.AddrLit, ast.AddrName)):
                 return self.addr_in(subject, box)
             if isinstance(box, ast.SetRef):
                 return f"in_address_set(&{set_map(box.name)}, p, {self.addr_words(subject)})"
@@ -153,10 +153,15 @@ class _Emitter:
                 terms.append(_relation(value, "==", self.number(item)))
         return "(" + " || ".join(terms) + ")"
 
-    def addr_in(self, subject, item: ast.AddrLit) -> str:
-        if isinstance(subject, ast.AddrLit):
-            return "1" if subject.net.version == item.net.version and subject.net.subnet_of(item.net) else "0"
-        return self.net_match(self.addr_words(subject), item.net)
+    def addr_in(self, subject, item) -> str:
+        """`subject` lies in `item`, an address literal or name."""
+        terms = []
+        for net in ast.networks(item):
+            if isinstance(subject, ast.AddrLit):
+                terms.append("1" if subject.net.version == net.version and subject.net.subnet_of(net) else "0")
+            else:
+                terms.append(self.net_match(self.addr_words(subject), net))
+        return terms[0] if len(terms) == 1 else "(" + " || ".join(terms) + ")"
 
 
 # Lookups in @set maps, emitted only when the unit has a set of that kind: a helper nobody

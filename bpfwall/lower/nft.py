@@ -268,7 +268,8 @@ class Lowering:
         if isinstance(box, ast.SetRef):
             return or_(*(atom(X.match(_addr_expr(v, name), X.set_ref(self.use_set(box.name, kt))))
                          for v, kt in ((4, "ipv4_addr"), (6, "ipv6_addr"))))
-        nets = [box.net] if isinstance(box, ast.AddrLit) else [i.net for i in box.items]
+        items = box.items if isinstance(box, ast.SetLit) else (box,)
+        nets = [net for item in items for net in ast.networks(item)]
         parts = []
         for version in (4, 6):
             mine = list(ipaddress.collapse_addresses(n for n in nets if n.version == version))
