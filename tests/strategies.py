@@ -23,6 +23,10 @@ V4_NETS = ["10.0.0.0/8", "10.0.0.0/24", "10.0.0.2/31", "10.0.0.1/32", "192.168.0
            "0.0.0.0/0"]
 V6_NETS = ["2001:db8::/32", "2001:db8::/127", "fe80::/10", "::1/128", "::ffff:0:0/96", "::/0"]
 PORTS = [0, 1, 22, 53, 80, 443, 1024, 8080, 65535]
+# Devices packets come by (the kernel tier makes them in a namespace of its own) and the names
+# and patterns expressions match them with.
+DEVICES = ["lo", "wg0", "eth0", "wlan0", "wlan10"]
+IFNAME_PATTERNS = ["lo", "l*", "wg0", "wg*", "eth0", "eth1", "wlan*", "wlan1*", "wlan0", "*"]
 ICMP4_TYPES, ICMP6_TYPES = [0, 3, 8, 11], [1, 128, 129, 135]
 ICMP_TYPES = ICMP4_TYPES + ICMP6_TYPES
 LENGTHS = [20, 28, 40, 48, 60, 64, 100, 1500]
@@ -133,7 +137,22 @@ def _address_in(draw):
     return ast.In(subject, draw(st.one_of(boxes)), _COL)
 
 
-_leaves = mostly(st.one_of(_field(BOOL_FIELDS), _number_compare(), _address_compare(), _number_in(), _address_in()),
+_patterns = st.sampled_from(IFNAME_PATTERNS).map(lambda p: ast.StrLit(p, _COL))
+
+
+@st.composite
+def _interface_compare(draw):
+    left, right = ast.Field("ifname", _COL), draw(_patterns)
+    if draw(st.booleans()):
+        left, right = right, left
+    return ast.Compare(draw(st.sampled_from(["==", "!="])), left, right, _COL)
+
+
+_interface_in = st.lists(_patterns, min_size=1, max_size=3).map(
+    lambda items: ast.In(ast.Field("ifname", _COL), ast.SetLit(tuple(items), _COL), _COL))
+
+_leaves = mostly(st.one_of(_field(BOOL_FIELDS), _number_compare(), _address_compare(), _number_in(), _address_in(),
+                           _interface_compare(), _interface_in),
                  st.booleans().map(lambda b: ast.BoolConst(b, _COL)), odds=9)
 
 
@@ -184,6 +203,8 @@ def spell(draw, node, parent: int = 0) -> str:
         text = "@" + node.name
     elif isinstance(node, ast.BoolConst):
         text = "true" if node.value else "false"
+    elif isinstance(node, ast.StrLit):
+        text = f'"{node.value}"'
     else:  # Field, AddrName
         text = node.name
     # Conditions weaker than their context need parentheses; any condition may have them.

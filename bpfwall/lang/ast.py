@@ -54,6 +54,13 @@ class AddrLit:
 
 
 @dataclass(frozen=True)
+class StrLit:
+    """`"wg0"`, `"wlan*"`: an interface name, or a pattern when it ends in `*` (values.py checks)."""
+    value: str
+    col: int
+
+
+@dataclass(frozen=True)
 class AddrName:
     """One of systemd's address names (`localhost`, …; fields.ADDRESS_NAMES): a network of each
     family, usable wherever a network is. Kept by name so that the normal form says what was written."""
@@ -125,7 +132,7 @@ class In:
 
 
 NumExpr = Union[NumLit, Param, Field]
-Value = Union[Field, Param, NumLit, AddrLit, AddrName]
+Value = Union[Field, Param, NumLit, AddrLit, AddrName, StrLit]
 
 
 def networks(node) -> tuple:

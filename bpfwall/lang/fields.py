@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 
-BOOL, NUMBER, ADDR = "bool", "number", "address"
+BOOL, NUMBER, ADDR, IFACE = "bool", "number", "address", "interface"
 
 # name -> (type, bit width of the value the packet can hold; 0 for non-numbers)
 FIELDS = {
@@ -19,6 +19,7 @@ FIELDS = {
     "icmp_code": (NUMBER, 8),
     "saddr": (ADDR, 0),
     "daddr": (ADDR, 0),
+    "ifname": (IFACE, 0),
 }
 
 # alias -> (field on ingress, field on egress): on ingress the local end is the destination.
@@ -44,6 +45,9 @@ MEANINGS = {
     "icmp_code": ("ICMP/ICMPv6 code", "icmp && icmp_code == 0"),
     "saddr": ("source address", "saddr in 10.0.0.0/8"),
     "daddr": ("destination address", "daddr == ::1"),
+    "ifname": ("the network interface the packet arrives on (ingress) or leaves by (egress), by name; "
+               "\"wlan*\" matches every name that begins with wlan; compared with == and != or "
+               "looked up in a {…} of names", 'ifname in {"wg0", "wlan*"}'),
     "local_port": ("the unit's own port: dst_port on ingress, src_port on egress", "local_port == 8080"),
     "remote_port": ("the peer's port: src_port on ingress, dst_port on egress", "remote_port == 53"),
     "local_addr": ("the unit's own address: daddr on ingress, saddr on egress", "local_addr in 127.0.0.0/8"),

@@ -6,12 +6,12 @@ from typing import NamedTuple
 
 from .errors import LangError
 from .fields import ADDRESS_NAMES
-from .values import NAME_RE, leading_zero, parse_network, parse_number
+from .values import NAME_RE, interface_pattern, leading_zero, parse_network, parse_number
 
 # Token kinds. Keywords become the operator they spell ("and" → "&&"), so the
 # parser sees one vocabulary; `text` keeps the spelling for messages.
-NAME, PARAM, SET, NUMBER, ADDRESS, ADDRESS_NAME, BOOL, OP, EOF = (
-    "name", "param", "set", "number", "address", "address name", "bool", "op", "eof")
+NAME, PARAM, SET, NUMBER, ADDRESS, ADDRESS_NAME, STRING, BOOL, OP, EOF = (
+    "name", "param", "set", "number", "address", "address name", "string", "bool", "op", "eof")
 
 KEYWORDS = {"and": (OP, "&&"), "or": (OP, "||"), "not": (OP, "!"), "in": (OP, "in"),
             "true": (BOOL, True), "false": (BOOL, False)}
@@ -52,6 +52,8 @@ def tokenize(text: str) -> list[Token]:
             word = _word(text, i)
             kind, value = KEYWORDS.get(word, (ADDRESS_NAME, word) if word in ADDRESS_NAMES else (NAME, word))
             tokens.append(Token(kind, value, i + 1, word))
+        elif c == '"':
+            tokens.append(_string(text, i))
         elif c in "$@":
             m = NAME_RE.match(text, i + 1)
             if not m:
@@ -66,6 +68,18 @@ def tokenize(text: str) -> list[Token]:
         i = tokens[-1].col - 1 + len(tokens[-1].text)
     tokens.append(Token(EOF, None, n + 1, ""))
     return tokens
+
+
+def _string(text: str, i: int) -> Token:
+    """`"wg0"`: an interface name or pattern (the only strings the language has)."""
+    end = text.find('"', i + 1)
+    if end < 0:
+        raise LangError("missing '\"' to close the interface name", i + 1, text)
+    try:
+        value = interface_pattern(text[i + 1:end])
+    except ValueError as e:
+        raise LangError(str(e), i + 1, text) from None
+    return Token(STRING, value, i + 1, text[i:end + 1])
 
 
 def _word(text: str, i: int) -> str:

@@ -10,7 +10,7 @@ import ipaddress
 from . import ast
 from .errors import LangError
 from .fields import known_names
-from .lexer import ADDRESS, ADDRESS_NAME, BOOL, EOF, NAME, NUMBER, OP, PARAM, SET, Token, tokenize
+from .lexer import ADDRESS, ADDRESS_NAME, BOOL, STRING, EOF, NAME, NUMBER, OP, PARAM, SET, Token, tokenize
 from .names import did_you_mean, suggestions, unknown_name
 from .printer import unparse
 
@@ -19,7 +19,7 @@ MAX_NODES = 20000
 MAX_DEPTH = 200
 
 COMPARE_OPS = ("==", "!=", "<", "<=", ">", ">=")
-_LITERALS = (PARAM, NUMBER, ADDRESS, ADDRESS_NAME)
+_LITERALS = (PARAM, NUMBER, ADDRESS, ADDRESS_NAME, STRING)
 _KNOWN = frozenset(known_names())
 
 
@@ -174,6 +174,8 @@ class _Parser:
             return self.make(ast.NumLit, tok.value, tok.col)
         if tok.kind == ADDRESS_NAME:
             return self.make(ast.AddrName, tok.value, tok.col)
+        if tok.kind == STRING:
+            return self.make(ast.StrLit, tok.value, tok.col)
         return self.make(ast.AddrLit, tok.value[0], tok.value[1], tok.col)
 
     def container(self, subject):
@@ -191,7 +193,7 @@ class _Parser:
             return self.range_rest(item)
         if isinstance(item, ast.AddrName) or isinstance(item, ast.AddrLit) and item.cidr:
             return item
-        kind = "address" if isinstance(item, ast.AddrLit) else "number"
+        kind = {ast.AddrLit: "address", ast.StrLit: "interface"}.get(type(item), "number")
         raise self.error(f"'in' needs a range, a set or a network; to match one {kind} write "
                          f"{unparse(subject)} == {unparse(item)}", item.col)
 
@@ -231,6 +233,8 @@ class _Parser:
 def _address_range_message(lo, hi) -> str:
     """Address ranges are not in the language: say which networks cover the range."""
     base = "address ranges are not supported; use a network"
+    if isinstance(lo, ast.StrLit) or isinstance(hi, ast.StrLit):
+        return "interface names have no ranges; match a beginning with \"name*\""
     if isinstance(lo, ast.AddrName) or isinstance(hi, ast.AddrName):
         return f"{base} or an address name such as localhost"
     if not (isinstance(lo, ast.AddrLit) and isinstance(hi, ast.AddrLit)):

@@ -49,6 +49,8 @@ def unparse(node, parent: int = _OR) -> str:
         text = str(node.value) if node.value < _DECIMAL_LIMIT else hex(node.value)
     elif isinstance(node, ast.AddrLit):
         text = str(node.net) if node.cidr else str(node.net.network_address)
+    elif isinstance(node, ast.StrLit):
+        text = f'"{node.value}"'  # interface patterns hold no '"' or '\\' (values.interface_pattern)
     elif isinstance(node, (ast.Field, ast.AddrName)):
         text = node.name
     elif isinstance(node, ast.BoolConst):

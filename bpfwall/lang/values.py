@@ -54,6 +54,36 @@ def leading_zero(text: str) -> str:
     return f"{text} has a leading zero: decimal {decimal} (not a valid C octal number); write {decimal}"
 
 
+IFNAME_MAX = 15  # IFNAMSIZ - 1
+# Linux refuses '/', ':' and white space in a device name (dev_valid_name); bpfwall also keeps
+# '"', '\\' and '*' out, so a name prints back as written and a '*' can only be the wildcard.
+_IFNAME_CHARS = re.compile(r'[!#-)+-.0-9;-\[\]-~]+')
+
+
+def interface_pattern(text: str) -> str:
+    """`text` as an interface name or pattern (a name's beginning and `*`); ValueError saying why not."""
+    name = text[:-1] if text.endswith("*") else text
+    if not name and text:
+        return text  # "*": every interface
+    if not name:
+        raise ValueError("an empty interface name")
+    bad = _IFNAME_CHARS.sub("", name)
+    if bad:
+        what = "'*' only at the end" if bad[0] == "*" else f"no {bad[0]!r}"
+        raise ValueError(f'"{text}" is not an interface name ({what}: letters, digits and . - _ @ …)')
+    if len(name) > IFNAME_MAX:
+        raise ValueError(f'"{text}" is too long for an interface name (at most {IFNAME_MAX} characters)')
+    return text
+
+
+def interface_matches(pattern: str, name: str | None) -> bool:
+    """Whether interface `name` (None: none known) matches a name or a `prefix*` pattern — as nft's
+    iifname/oifname match it."""
+    if name is None:
+        return False
+    return name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern
+
+
 def show_number(value: int) -> str:
     """A number for a message; huge literals (always out of range) by their size."""
     return str(value) if value < 10**40 else f"a {value.bit_length()}-bit number"
