@@ -1217,10 +1217,15 @@ def summary(pin_root: str) -> list[dict]:
 # -- BPF_PROG_TEST_RUN --------------------------------------------------------
 
 def test_run(program: UnitProgram, direction: str, packets: list[bytes], params: dict[str, int] | None = None,
-             sets: dict[str, list] | None = None, cache=None) -> list[bool]:
-    """Verdicts of the compiled program for raw L3 packets; nothing is pinned."""
+             sets: dict[str, list] | None = None, cache=None, devices: list[str] | None = None) -> list[bool]:
+    """Verdicts of the compiled program for raw L3 packets; nothing is pinned. `devices`: the
+    name of the device each packet comes by (one of this network namespace's; default lo)."""
     params, sets = params or {}, sets or {}
     check_values(program, params, sets)
+    index = {name: i for i, name in netdev.devices().items()}
+    for name in devices or ():
+        if name not in index:
+            raise BackendError(f"no device {name!r} here (devices: {', '.join(sorted(index))})")
     obj = build(program, cache)
     loaded = loader.load(obj)
     try:
@@ -1231,9 +1236,9 @@ def test_run(program: UnitProgram, direction: str, packets: list[bytes], params:
         unit.write_interfaces()
         fd = loaded.progs[PROG_SECTIONS[direction]]
         verdicts = []
-        for data in packets:
+        for i, data in enumerate(packets):
             eth = b"\0" * 12 + struct.pack("!H", ETH_P[data[0] >> 4])
-            retval, _ = progs.prog_test_run(fd, eth + data)
+            retval, _ = progs.prog_test_run(fd, eth + data, ifindex=index[devices[i]] if devices else 0)
             verdicts.append(retval == 1)
         return verdicts
     finally:
