@@ -229,8 +229,10 @@ class _File:
                 self.error(path + (direction,), f"expected a string (a filter expression), got {type_name(value)}")
             else:
                 texts[direction] = value
+        bad_lists = len(self.errors)
         addresses = self.addresses(body, path)
-        if "ingress" not in body and "egress" not in body and addresses is None:
+        bad_lists = len(self.errors) > bad_lists
+        if "ingress" not in body and "egress" not in body and addresses is None and not bad_lists:
             if any(k in body for k in ADDRESS_KEYS):
                 self.error(path, "ip_address_allow alone lets every packet pass (as IPAddressAllow= without "
                            "IPAddressDeny= does); add ip_address_deny (e.g. [\"any\"]), ingress or egress")
