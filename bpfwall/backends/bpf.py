@@ -1216,10 +1216,21 @@ def summary(pin_root: str) -> list[dict]:
 
 # -- BPF_PROG_TEST_RUN --------------------------------------------------------
 
+class PacketTooLong(Error):
+    """A packet the kernel will not test-run: longer than its test-run input limit."""
+
+    def __init__(self, length: int, limit: int):
+        self.length, self.limit = length, limit
+        super().__init__(f"{length} bytes is over the kernel's test-run limit of {limit} bytes "
+                         "(IP packet); not judged")
+
+
 def test_run(program: UnitProgram, direction: str, packets: list[bytes], params: dict[str, int] | None = None,
-             sets: dict[str, list] | None = None, cache=None, devices: list[str] | None = None) -> list[bool]:
-    """Verdicts of the compiled program for raw L3 packets; nothing is pinned. `devices`: the
-    name of the device each packet comes by (one of this network namespace's; default lo)."""
+             sets: dict[str, list] | None = None, cache=None, devices: list[str] | None = None) -> list:
+    """Verdicts of the compiled program for raw L3 packets (True: pass), nothing pinned; a packet
+    over the kernel's test-run limit gets a PacketTooLong instead, and the others are still run.
+    `devices`: the name of the device each packet comes by (one of this network namespace's;
+    default lo)."""
     params, sets = params or {}, sets or {}
     check_values(program, params, sets)
     index = {name: i for i, name in netdev.devices().items()}
@@ -1238,7 +1249,14 @@ def test_run(program: UnitProgram, direction: str, packets: list[bytes], params:
         verdicts = []
         for i, data in enumerate(packets):
             eth = b"\0" * 12 + struct.pack("!H", ETH_P[data[0] >> 4])
-            retval, _ = progs.prog_test_run(fd, eth + data, ifindex=index[devices[i]] if devices else 0)
+            try:
+                retval, _ = progs.prog_test_run(fd, eth + data, ifindex=index[devices[i]] if devices else 0)
+            except KernelError as e:
+                limit = progs.test_run_limit(fd, eth + data) if e.errno == errno.EINVAL else None
+                if limit is None:
+                    raise
+                verdicts.append(PacketTooLong(len(data), limit - len(eth)))
+                continue
             verdicts.append(retval == 1)
         return verdicts
     finally:

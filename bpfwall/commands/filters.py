@@ -126,14 +126,16 @@ def cmd_list(args) -> None:
 
 
 def describe_attachments(attached: list[dict]) -> str:
-    """Where a unit runs, as the kernel says: a program of the unit that is not the one its pins
-    name now (a load cut short, a crash) is shown as such, never hidden."""
-    def one(a: dict) -> str:
-        text = f"{a['cgroup']} ({a['direction']})"
+    """Where a unit runs, as the kernel says, each cgroup once with its directions:
+    `/sys/fs/cgroup/x (ingress, egress)`. A program of the unit that is not the one its pins name
+    now (a load cut short, a crash) is shown as such, never hidden."""
+    by_cgroup: dict[str, list[str]] = {}
+    for a in sorted(attached, key=lambda a: DIRECTION_CHOICES.index(a["direction"])):
+        text = a["direction"]
         if a.get("current") is False:
             text += f" [stale program id {a['program']}, not the pinned one: run bpfwall load again]"
-        return text
-    return ", ".join(one(a) for a in attached) or "not attached"
+        by_cgroup.setdefault(a["cgroup"], []).append(text)
+    return ", ".join(f"{cg} ({', '.join(ds)})" for cg, ds in by_cgroup.items()) or "not attached"
 
 
 def interval(text: str) -> float:

@@ -103,6 +103,31 @@ def prog_test_run(fd: int, data: bytes, repeat: int = 1, ifindex: int = 0) -> tu
     return attr.retval, attr.duration
 
 
+def test_run_limit(fd: int, data: bytes) -> int | None:
+    """The longest prefix of `data` (in bytes) the kernel will test-run, when `data` is refused
+    for its length alone; None when it is refused whatever its length (another reason).
+
+    The kernel caps a test-run's input at a page less its skb head- and tailroom (3,712 bytes of
+    frame on x86-64 with 4 KiB pages); the figure depends on the architecture and the kernel's
+    struct sizes, so it is measured: a binary search over prefixes, ~12 runs."""
+    def accepted(n: int) -> bool:
+        try:
+            prog_test_run(fd, data[:n])
+            return True
+        except KernelError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            return False
+
+    low, high = 34, len(data)  # Ethernet + a minimal IPv4 header: the shortest the kernel runs
+    if not accepted(low):
+        return None
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if accepted(mid) else (low, mid)
+    return low
+
+
 def _next_id(cmd: int, start: int) -> int | None:
     attr = sc.GetIdAttr(start_id=start)
     try:
