@@ -201,8 +201,9 @@ class BpfBackend:
         anywhere); the pin it was taken from."""
         return bpf.pin_elsewhere(self.pin_root, unit, direction, path)
 
-    def test_run(self, program, direction: str, packets: list[bytes], params=None, sets=None) -> list[bool]:
-        return bpf.test_run(program, direction, packets, params, sets, self.cache)
+    def test_run(self, program, direction: str, packets: list[bytes], params=None, sets=None,
+                 devices=None) -> list[bool]:
+        return bpf.test_run(program, direction, packets, params, sets, self.cache, devices)
 
     # -- the watcher -----------------------------------------------------------------------------
 

@@ -145,3 +145,17 @@ def _settle(guard: InterfaceGuard) -> None:
     """Wait for the guard's fd as the watcher's poll loop does, and let it act on what it read."""
     while select.select([guard.fd], [], [], 0.5)[0]:
         guard.readable()
+
+
+def test_bpfwall_test_takes_the_device(world, capsys):
+    """`bpfwall test --ifname D` runs the packets as if they came by D (one of the namespace's)."""
+    from tests.kernel.invoke import run
+
+    a, b = world
+    veth(a, b, "eth7")
+    udp = "4500001c00000000401100000a0000010a0000029c40003500080000"
+    expr = 'ifname in {"eth*"}'
+    assert run(capsys, "test", expr, "--hex", udp)[:2] == (0, "drop\n")  # lo by default
+    assert run(capsys, "test", expr, "--ifname", "eth7", "--hex", udp)[:2] == (0, "pass\n")
+    code, _, err = run(capsys, "test", expr, "--ifname", "wg9", "--hex", udp)
+    assert code == 2 and err.startswith("bpfwall: error: no device 'wg9' here (devices: ")
