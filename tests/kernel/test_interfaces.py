@@ -141,6 +141,47 @@ def test_a_device_made_after_loading_and_renamed_is_judged_by_its_name_now(world
         guard.close()
 
 
+@pytest.fixture(params=["bpf", "nft"])
+def backend(request, world, pin_root, tmp_path, monkeypatch):
+    """(name, load(unit, program) → None, unload()) of either backend, in namespace A."""
+    from bpfwall.backends import nft
+    from bpfwall.nft import runner as nft_runner
+
+    if request.param == "bpf":
+        yield "bpf", lambda unit, program, cg: (bpf.load(pin_root, unit, program), bpf.attach(pin_root, unit, cg))
+        return
+    monkeypatch.setenv("BPFWALL_NFT_STATE_DIR", str(tmp_path / "nft-state"))
+    table = f"bpfwall-test-{uuid.uuid4().hex[:10]}"
+    nft_runner.reset()  # the nft worker runs in this namespace: its rules are the namespace's
+    try:
+        yield "nft", lambda unit, program, cg: (nft.load(table, unit, program), nft.attach(table, unit, cg))
+    finally:
+        nft.destroy(table)
+        nft_runner.reset()
+
+
+@pytest.mark.parametrize("direction", ["ingress", "egress"])
+def test_both_backends_judge_the_device_alike(world, backend, temp_cgroup, direction):
+    """nft matches iifname/oifname itself (a trailing '*' as its prefix match), bpf through the
+    ifaces map: the same expression passes the same packets."""
+    a, b = world
+    veth(a, b, "wt0")
+    name, load = backend
+    expr = 'ifname in {"wt*"} && udp'
+    load("parity.service", UnitProgram(*(analyze(expr) if d == direction else None for d in ("ingress", "egress"))),
+         temp_cgroup.path)
+    if direction == "egress":
+        with temp_cgroup.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx, \
+                receiver(b, B_ADDR) as by_veth, receiver(None, "127.0.0.1") as by_lo:
+            assert (sent(tx, B_ADDR, by_veth), sent(tx, "127.0.0.1", by_lo)) == (5, 0), name
+    else:
+        with receiver(None, A_ADDR, temp_cgroup) as rx, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as local:
+            with b.entered():
+                remote = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with remote:
+                assert (sent(remote, A_ADDR, rx), sent(local, A_ADDR, rx)) == (5, 0), name
+
+
 def _settle(guard: InterfaceGuard) -> None:
     """Wait for the guard's fd as the watcher's poll loop does, and let it act on what it read."""
     while select.select([guard.fd], [], [], 0.5)[0]:
