@@ -141,6 +141,25 @@ def test_a_device_made_after_loading_and_renamed_is_judged_by_its_name_now(world
         guard.close()
 
 
+def test_the_watcher_follows_devices_made_and_renamed_after_it_started(world, daemon, policy_dir, subtree):
+    """`bpfwall watch` itself (in namespace A): its guard rewrites the unit's map on the link messages."""
+    from tests.kernel.watcher import inside, mkcg, wait_for, write_policy
+
+    a, b = world
+    write_policy(policy_dir, '[units."x.service"]\negress = \'ifname in {"lo", "good*"}\'\n')
+    cg = mkcg(subtree, "x.service")
+    daemon.start()
+    veth(a, b, "bad0")  # after the watcher loaded the unit
+    with inside(cg):
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with tx, receiver(b, B_ADDR) as rx:
+        assert sent(tx, B_ADDR, rx) == 0
+        rename("bad0", "good0")
+        wait_for("the watcher to match good0", lambda: sent(tx, B_ADDR, rx, 1) == 1)
+        rename("good0", "bad1")
+        wait_for("the watcher to unmatch bad1", lambda: sent(tx, B_ADDR, rx, 1) == 0)
+
+
 @pytest.fixture(params=["bpf", "nft"])
 def backend(request, world, pin_root, tmp_path, monkeypatch):
     """(name, load(unit, program) → None, unload()) of either backend, in namespace A."""
