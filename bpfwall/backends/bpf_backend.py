@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from ..build import UnitProgram, build, build_many
 from ..kernel import cgroup, loader, maps, progs
+from ..errors import Error
 from ..kernel.errors import KernelError
 from ..lower.c import set_map
 from ..watch.state import Owned
@@ -216,7 +217,12 @@ class BpfBackend:
         check_pins (intact()) notices them removed."""
         from .bpf_interfaces import InterfaceGuard
 
-        return InterfaceGuard(self.pin_root, log)
+        try:
+            return InterfaceGuard(self.pin_root, log)
+        except Error as e:  # the filters still run; only renamed devices are not followed
+            log.error("interfaces", f"cannot follow network devices: {e}; interface names are matched "
+                      "at load only (bpfwall set UNIT interfaces matches them again)")
+            return None
 
     def prepare(self, entry) -> None:
         """Compile now (cached), so a bad build stops a reload before anything changes."""
