@@ -18,6 +18,9 @@ case for the watcher; a real unit spends longer before its first packet):
 
 Configurations, same harness, same run:
   watcher, bpf   the real `bpfwall watch` attaches the pinned programs on IN_CREATE
+  watcher, bpf, strict   the same with the unit's cgroup in a slice whose default is strict:
+                 the slice's guard drops it until the watcher has attached its filter and
+                 classified it (goal: 0 datagrams, 0 ms)
   watcher, nft   the same with a backend = "nft" entry (map element added by the watcher)
   hand-off, bpf  the programs are attached before the process moves in (what systemd does with
                  IPEgressFilterPath=): window 0 by construction, measured to check the harness
@@ -45,7 +48,8 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from watchbench import Bench, bpf, bpffs, percentile, write_json  # noqa: E402
 
-from bpfwall.kernel import pins  # noqa: E402
+from bpfwall.kernel import cgroup, pins  # noqa: E402
+from bpfwall.sandbox import clone_into  # noqa: E402
 
 ENTRY = "app-*.scope"        # the policy entry: a glob, as for desktop scopes
 UNIT = "app-window.scope"    # the unit restarted
@@ -55,30 +59,13 @@ SO_RCVBUFFORCE = 33
 CLONE_NEWNET = 0x40000000
 DATAGRAM = struct.Struct("=QQ")  # sequence number, send time (ns, CLOCK_MONOTONIC)
 REPORT = struct.Struct("=QQqq")  # sent, refused, first refused (ns or -1), first send (ns)
-CLONE_INTO_CGROUP = 0x200000000
-SYS_CLONE3 = 435  # the same number on every architecture
-_libc = ctypes.CDLL(None, use_errno=True)
+STRICT_SLICE = "window.slice"  # the strict row: the unit's cgroup lies in a strict slice
 
 
-class CloneArgs(ctypes.Structure):  # struct clone_args, CLONE_ARGS_SIZE_VER2
-    _fields_ = [(n, ctypes.c_uint64) for n in ("flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack",
-                                                "stack_size", "tls", "set_tid", "set_tid_size", "cgroup")]
-
-
-def clone_into(cgroup_fd: int) -> int:
-    """fork(), the child born in the cgroup `cgroup_fd`: its pid in the parent, 0 in the child.
-    (Raw clone3: Python's fork hooks do not run; fine for this single-threaded bench's child.)"""
-    args = CloneArgs(flags=CLONE_INTO_CGROUP, exit_signal=17, cgroup=cgroup_fd)  # SIGCHLD
-    _libc.syscall.restype = ctypes.c_long
-    pid = _libc.syscall(SYS_CLONE3, ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))
-    if pid < 0:
-        raise OSError(ctypes.get_errno(), "clone3(CLONE_INTO_CGROUP)")
-    return pid
-
-
-def policy(port: int, backend: str) -> str:
+def policy(port: int, backend: str, strict: bool = False) -> str:
     return (f'[units."{ENTRY}"]\negress = "!(udp && remote_port == {port})"\n'
-            + ('backend = "nft"\n' if backend == "nft" else ""))
+            + ('backend = "nft"\n' if backend == "nft" else "")
+            + (f'[units."{STRICT_SLICE}"]\negress = "true"\nstrict = true\n' if strict else ""))
 
 
 # -- the restarted unit's process ----------------------------------------------------------
@@ -200,14 +187,16 @@ def receiver() -> socket.socket:
     return rx
 
 
-def watcher_runs(backend: str, n: int, hows) -> dict[str, list[dict]]:
-    """The real watcher running; {how: runs}."""
+def watcher_runs(backend: str, n: int, hows, strict: bool = False) -> dict[str, list[dict]]:
+    """The real watcher running; {how: runs}. `strict`: the unit's cgroup lies in a strict slice
+    (whose default lets everything out once a cgroup is classified)."""
     with receiver() as rx:
         port = rx.getsockname()[1]
-        with Bench(f"window-{backend}", policy(port, backend)) as b:
-            os.mkdir(os.path.join(b.root, STEADY))
+        with Bench(f"window-{backend}{'-strict' if strict else ''}", policy(port, backend, strict)) as b:
+            parent = os.path.join(b.root, STRICT_SLICE) if strict else b.root
+            os.makedirs(os.path.join(parent, STEADY))
             b.start()
-            path = os.path.join(b.root, UNIT)
+            path = os.path.join(parent, UNIT)
             return {how: [restart(path, port, rx, how) for _ in range(n)] for how in hows}
 
 
@@ -220,7 +209,8 @@ def unwatched_runs(n: int, hows, attach: bool) -> dict[str, list[dict]]:
             b.start()  # only to load and pin the unit's programs, as bpfwall@.service would
             b.stop()
             fds = {"egress": pins.get(bpf.prog_path(b.pin_root, ENTRY, "egress"))}
-            before = (lambda p: bpf.attach_programs(p, fds)) if attach else None
+            # what systemd does for IPEgressFilterPath=: BPF_PROG_ATTACH (multi) before the process starts
+            before = (lambda p: cgroup.attach(p, fds["egress"], "egress")) if attach else None
             try:
                 path = os.path.join(b.root, UNIT)
                 return {how: [restart(path, port, rx, how, before) for _ in range(n)] for how in hows}
@@ -246,14 +236,14 @@ def enter_new_netns() -> str:
 
 def show(label: str, s: dict) -> None:
     w, k, f = s["window_ms"], s["leaked"], s["first_send_ms"]
-    print(f"  {label:<21} window p50 {w['p50']:6.2f} ms, p99 {w['p99']:6.2f} ms, max {w['max']:6.2f} ms | "
+    print(f"  {label:<24} window p50 {w['p50']:6.2f} ms, p99 {w['p99']:6.2f} ms, max {w['max']:6.2f} ms | "
           f"leaked p50 {k['p50']:5.0f}, p99 {k['p99']:5.0f}, max {k['max']:5} "
           f"({s['restarts_with_leak']:3}/{s['restarts']} restarts) | first send p50 {f['p50']:.2f} ms")
     problems = [f"{s[key]} {what}" for key, what in (("never_refused", f"restarts never filtered within {SEND_MS} ms"),
                                                       ("leaks_after_first_refusal", "restarts leaked after a refusal"),
                                                       ("lost_elsewhere", "datagrams lost elsewhere")) if s[key]]
     if problems and not label.startswith("control"):
-        print(f"  {'':<21} !! " + ", ".join(problems))
+        print(f"  {'':<24} !! " + ", ".join(problems))
 
 
 HOWS = ("born", "join")
@@ -269,6 +259,8 @@ def main(n: int = 100) -> None:
     try:
         for how, r in watcher_runs("bpf", n, HOWS).items():
             runs[f"watcher_bpf_{how}"] = r
+        for how, r in watcher_runs("bpf", n, HOWS, strict=True).items():
+            runs[f"watcher_bpf_strict_{how}"] = r
         for how, r in watcher_runs("nft", n, HOWS).items():
             runs[f"watcher_nft_{how}"] = r
         for how, r in unwatched_runs(n, HOWS, attach=True).items():

@@ -15,6 +15,8 @@ Maps (each pinned under its name in the unit's directory):
   log_limit  ARRAY[2]          direction → struct bpfwall_log_limit: the events' token bucket
   events_lost PERCPU_ARRAY[2]  direction → u64: events lost to the limit or a full ring
   set_<name> per @name         HASH u32 → u8 (numbers) or LPM_TRIE struct bpfwall_addr_key → u8
+  guard      ARRAY[GUARD_SLOTS]  slice defaults only: id & (GUARD_SLOTS-1) → struct guard_slot {id, class}
+  guard_more HASH[GUARD_CAPACITY] slice defaults only: u64 cgroup id → u32 class (ids whose slot is taken)
   ifaces     HASH[IFACES_CAPACITY]  struct bpfwall_iface_key → u64 (only when a filter reads ifname):
              the bits of the unit's interface names (meta "interfaces", bit i = name i) that the
              link's name matches, for each link that matches one; user space keeps it current
@@ -24,6 +26,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import ipaddress
+import struct
+import time
 from dataclasses import dataclass
 
 from . import events
@@ -40,6 +44,7 @@ MODES = ("enforce", "audit")        # index = enum MODE_ENFORCE, MODE_AUDIT
 
 COUNTERS, MODE, PARAMS, META = "counters", "mode", "params", "meta"
 EVENTS, LOG_LIMIT, EVENTS_LOST = "events", "log_limit", "events_lost"
+GUARD, GUARD_MORE = "guard", "guard_more"
 IFACES = "ifaces"
 SET_PREFIX = "set_"
 
@@ -196,7 +201,7 @@ def decode_meta(raw: bytes) -> bytes:
 
 # -- drop events -----------------------------------------------------------------
 
-# The ring of one unit: 64 KiB hold ~900 records (72 bytes + an 8-byte header), several
+# The ring of one unit: 64 KiB hold ~900 records (64 bytes + an 8-byte header), several
 # bursts at the default limit; per unit, so that a unit's records need no unit identifier
 # and its ring goes with its pins (see README, "Drop events").
 EVENTS_RING_BYTES = 64 * 1024
@@ -205,6 +210,10 @@ NSEC_PER_SEC = 1_000_000_000
 LOG_LIMIT_MAX = 1_000_000     # largest log_rate and log_burst (keeps the bucket's arithmetic in u64)
 LOG_RATE_DEFAULT = events.DEFAULT_LOG_RATE    # one default for both backends (events.py)
 LOG_BURST_DEFAULT = events.DEFAULT_LOG_BURST
+# The program wakes a ring's reader at most this often (a wakeup costs microseconds); a reader
+# keeps polling on its own for longer than this plus a tick after its last record
+# (backends/bpf_events.py).
+WAKE_EVERY_NS = 10_000_000
 
 
 class Event(ctypes.Structure):
@@ -216,23 +225,40 @@ class Event(ctypes.Structure):
                 ("saddr", ctypes.c_uint32 * 4), ("daddr", ctypes.c_uint32 * 4)]
 
 
-class SpinLock(ctypes.Structure):
-    """struct bpf_spin_lock (the kernel's; user space never takes it but through BPF_F_LOCK)."""
-    _fields_ = [("val", ctypes.c_uint32)]
-
-
 class LogLimit(ctypes.Structure):
-    """struct bpfwall_log_limit: the token bucket of one direction."""
-    _fields_ = [("lock", SpinLock), ("rate", ctypes.c_uint32), ("burst", ctypes.c_uint64),
-                ("tokens", ctypes.c_uint64), ("last_ns", ctypes.c_uint64)]
+    """struct bpfwall_log_limit: the rate limit of one direction (a GCRA, see port_filter.c)."""
+    _fields_ = [("rate", ctypes.c_uint32), ("burst", ctypes.c_uint32), ("interval_ns", ctypes.c_uint64),
+                ("tolerance_ns", ctypes.c_uint64), ("jiffy_ns", ctypes.c_uint64), ("tat", ctypes.c_uint64),
+                ("woken_ns", ctypes.c_uint64), ("clock_offset_ns", ctypes.c_uint64)]
+
+
+# The program's clock ticks in jiffies; a jiffy is the coarse clock's resolution (the tick).
+CLOCK_MONOTONIC_COARSE = 6  # Linux; the time module does not name it
+JIFFY_NS = round(time.clock_getres(CLOCK_MONOTONIC_COARSE) * NSEC_PER_SEC)
 
 
 def log_limit_value(rate: int, burst: int) -> bytes:
-    """A new limit: last_ns 0 makes the program start from a full bucket."""
-    return bytes(LogLimit(SpinLock(0), rate, burst, 0, 0))
+    """A new limit, from a full bucket (tat 0). The interval is rounded up, so that the program
+    never grants more than `rate` events a second."""
+    interval = -(-NSEC_PER_SEC // rate) if rate else 0
+    return bytes(LogLimit(rate, burst, interval, (burst - 1) * interval if burst else 0, JIFFY_NS, 0, 0, 0))
+
+
+def clock_offset_ns(raw: bytes) -> tuple[int, int]:
+    """(woken_ns, clock_offset_ns) of a log_limit value: record times + the offset are
+    CLOCK_MONOTONIC_COARSE (u64 arithmetic: the offset may be "negative")."""
+    v = LogLimit.from_buffer_copy(raw)
+    return v.woken_ns, v.clock_offset_ns
+
+
+# struct bpfwall_log_limit before the GCRA (a spin lock, the rate, the burst, a token bucket):
+# a unit loaded by that bpfwall keeps it pinned until it is loaded again.
+_OLD_LOG_LIMIT = struct.Struct("=4xIQ16x")
 
 
 def decode_log_limit(raw: bytes) -> tuple[int, int]:
+    if len(raw) == _OLD_LOG_LIMIT.size:
+        return _OLD_LOG_LIMIT.unpack(raw)
     v = LogLimit.from_buffer_copy(raw)
     return v.rate, v.burst
 
@@ -242,6 +268,70 @@ Lost = ctypes.c_uint64
 
 def sum_lost(per_cpu: list[bytes]) -> int:
     return sum(Lost.from_buffer_copy(raw).value for raw in per_cpu)
+
+
+# -- slice defaults: the guard's map ----------------------------------------------
+
+# How a slice default's guard knows its descendants, by cgroup id (the watcher keeps it): a class
+# is GUARD_CLASSIFIED plus guard_below(direction) for each direction a deeper filter judges. It is
+# kept in `guard`, an array slot chosen by the id's low bits that holds the id (a free slot holds
+# 0), or, when another id holds that slot, in the hash `guard_more`. A cgroup in neither is not
+# classified yet (the program then asks its ancestors).
+GUARD_SLOTS = 16384       # a power of 2
+GUARD_CAPACITY = 65536    # guard_more
+GUARD_CLASSIFIED = 1 << 2
+GuardKey, GuardValue = ctypes.c_uint64, ctypes.c_uint32
+
+
+class GuardSlot(ctypes.Structure):
+    """struct guard_slot: one slot of `guard`."""
+    _fields_ = [("cgroup_id", ctypes.c_uint64), ("class_bits", ctypes.c_uint32), ("unused", ctypes.c_uint32)]
+
+
+def guard_below(direction: str) -> int:
+    """GUARD_BELOW(dir) of port_filter.c."""
+    return 1 << DIRECTIONS.index(direction)
+
+
+def guard_class(below) -> int:
+    """The class of a classified cgroup whose directions `below` a deeper filter judges."""
+    return GUARD_CLASSIFIED | sum(guard_below(d) for d in set(below))
+
+
+def below_of(value: int) -> frozenset[str]:
+    return frozenset(d for d in DIRECTIONS if value & guard_below(d))
+
+
+def guard_index(cgroup_id: int) -> bytes:
+    """The key of the cgroup's slot in `guard`."""
+    return number_key(cgroup_id & (GUARD_SLOTS - 1))
+
+
+def guard_slot(cgroup_id: int, below) -> bytes:
+    return bytes(GuardSlot(cgroup_id, guard_class(below), 0))
+
+
+FREE_SLOT = bytes(GuardSlot(0, 0, 0))
+
+
+def decode_guard_slot(raw: bytes) -> tuple[int, frozenset[str]]:
+    """(cgroup id or 0 when free, the directions judged below) of one slot."""
+    slot = GuardSlot.from_buffer_copy(raw)
+    return slot.cgroup_id, below_of(slot.class_bits)
+
+
+def guard_key(cgroup_id: int) -> bytes:
+    """The key of `guard_more`."""
+    return bytes(GuardKey(cgroup_id))
+
+
+def guard_value(below) -> bytes:
+    return bytes(GuardValue(guard_class(below)))
+
+
+def decode_guard(key: bytes, value: bytes) -> tuple[int, frozenset[str]]:
+    """(cgroup id, the directions judged below) of one entry of `guard_more`."""
+    return GuardKey.from_buffer_copy(key).value, below_of(GuardValue.from_buffer_copy(value).value)
 
 
 # -- the maps as a whole ---------------------------------------------------------
@@ -257,9 +347,9 @@ class MapShape:
 
 
 def map_shapes(params: list[str], sets: dict[str, str], meta_bytes: int, set_capacity: int,
-               interfaces: bool = False) -> dict[str, MapShape]:
-    """Every map of a unit's program with these params, sets (name → kind) and meta size;
-    `interfaces`: whether a filter reads ifname."""
+               slice_default: bool = False, interfaces: bool = False) -> dict[str, MapShape]:
+    """Every map of a unit's program with these params, sets (name → kind) and meta size
+    (`slice_default`: the program is a slice's guard; `interfaces`: a filter reads ifname)."""
     shapes = {
         COUNTERS: MapShape(sc.BPF_MAP_TYPE_PERCPU_ARRAY, Index, Counter, COUNTER_SLOTS),
         MODE: MapShape(sc.BPF_MAP_TYPE_ARRAY, Index, Mode, 1),
@@ -269,6 +359,9 @@ def map_shapes(params: list[str], sets: dict[str, str], meta_bytes: int, set_cap
         LOG_LIMIT: MapShape(sc.BPF_MAP_TYPE_ARRAY, Index, LogLimit, len(DIRECTIONS)),
         EVENTS_LOST: MapShape(sc.BPF_MAP_TYPE_PERCPU_ARRAY, Index, Lost, len(DIRECTIONS)),
     }
+    if slice_default:
+        shapes[GUARD] = MapShape(sc.BPF_MAP_TYPE_ARRAY, Index, GuardSlot, GUARD_SLOTS)
+        shapes[GUARD_MORE] = MapShape(sc.BPF_MAP_TYPE_HASH, GuardKey, GuardValue, GUARD_CAPACITY, sc.BPF_F_NO_PREALLOC)
     for name, kind in sets.items():
         shapes[set_map(name)] = (
             MapShape(sc.BPF_MAP_TYPE_HASH, Index, SetValue, set_capacity) if kind == "number" else

@@ -6,6 +6,7 @@ made while this process sits in cgroup X stays X's after we move back.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 import uuid
@@ -81,3 +82,28 @@ class TempCgroup:
 def _join(path: str) -> None:
     with open(os.path.join(path, "cgroup.procs"), "w") as f:
         f.write("0")
+
+
+# -- a process born inside a cgroup ----------------------------------------------
+
+CLONE_INTO_CGROUP = 0x200000000
+SYS_CLONE3 = 435  # the same number on every architecture
+SIGCHLD = 17
+
+
+class _CloneArgs(ctypes.Structure):  # struct clone_args, CLONE_ARGS_SIZE_VER2
+    _fields_ = [(n, ctypes.c_uint64) for n in ("flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack",
+                                                "stack_size", "tls", "set_tid", "set_tid_size", "cgroup")]
+
+
+def clone_into(cgroup_fd: int) -> int:
+    """fork(), the child born in the cgroup `cgroup_fd` (clone3 CLONE_INTO_CGROUP: it never runs
+    outside it, unlike a process that moves in): its pid in the parent, 0 in the child. Raw
+    clone3, so Python's fork hooks do not run: for single-threaded callers (tests, benches)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    args = _CloneArgs(flags=CLONE_INTO_CGROUP, exit_signal=SIGCHLD, cgroup=cgroup_fd)
+    pid = libc.syscall(SYS_CLONE3, ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))
+    if pid < 0:
+        raise OSError(ctypes.get_errno(), "clone3(CLONE_INTO_CGROUP)")
+    return pid

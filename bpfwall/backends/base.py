@@ -33,6 +33,10 @@ class Handle(Protocol):
     backend: str      # the name of the backend that made it
     exclusive: bool   # a cgroup carries at most one unit of this backend: detach the other first
     needs_cleanup: bool  # a removed cgroup leaves something of the unit behind: call gone()
+    # A slice default that judges only the descendants the watcher classifies for it (bpf: the
+    # slice's guard program and its map; nft: a strict default's set of known cgroups); then
+    # classify(cgroup_id, below, path), unclassify(cgroup_id) and keep_classified({id: path}) exist.
+    guards: bool
 
     @property
     def directions(self) -> list[str]: ...
@@ -60,6 +64,10 @@ class EventSource(Protocol):
 
     def read(self, timeout: float | None = None) -> list:
         """The DropEvents waiting, after waiting up to `timeout` seconds (None: forever) for one."""
+
+    def timeout(self) -> float | None:
+        """Seconds until read(0) has work though fileno() is not readable (None: not before it is);
+        a poll loop waits at most this long."""
 
     def lost(self) -> dict[tuple[str, str], int]:
         """(unit, direction) → events lost so far: to the rate limit or a full buffer, never silently."""
@@ -100,8 +108,10 @@ class Backend(Protocol):
     def explain(self, checked, direction: str | None = None) -> tuple[dict, str]:
         """What the expression becomes here (nothing is loaded): (JSON data, text)."""
 
-    def events(self, units: list[str] | None = None) -> "EventSource":
-        """Drop events of these units (None: every unit loaded now or later), as they happen.
+    def events(self, units: list[str] | None = None, state_dir: str | None = None) -> "EventSource":
+        """Drop events of these units (None: every unit loaded now or later), as they happen;
+        every reader sees every event (they meet in `state_dir`/events, default $BPFWALL_STATE_DIR
+        or /run/bpfwall: fanout.py).
         `stats` reports each unit's event settings and losses as
         {"events": {"log_rate": N, "log_burst": N, "lost": {"ingress": N, "egress": N}}}."""
 

@@ -38,7 +38,6 @@ from ..build import UnitProgram, build
 from ..crashpoint import reached
 from ..errors import Error
 from ..kernel import cgroup, links, loader, maps, netdev, pins, progs
-from ..kernel import syscall as sc
 from ..kernel.errors import KernelError
 from ..lang.setcontents import Contents, count
 from ..lang.values import PARAM_MAX, parse_set_elements
@@ -46,8 +45,9 @@ from ..program_contract import DIRECTIONS, MODES, PROG_SECTIONS, key_of, set_map
 
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/bpfwall"
 # Maps whose contents survive a reload when the new object's map is compatible (the events
-# ring too: a monitor reading it goes on reading across a reload).
-KEPT_MAPS = (pc.COUNTERS, pc.MODE, pc.EVENTS, pc.LOG_LIMIT, pc.EVENTS_LOST)
+# ring too: a monitor reading it goes on reading across a reload; a slice default's guard: the
+# watcher's classification of its descendants).
+KEPT_MAPS = (pc.COUNTERS, pc.MODE, pc.EVENTS, pc.LOG_LIMIT, pc.EVENTS_LOST, pc.GUARD, pc.GUARD_MORE)
 LOG_KEYS = ("log_rate", "log_burst")
 ETH_P = {4: 0x0800, 6: 0x86DD}
 
@@ -359,10 +359,11 @@ class PinnedUnit:
         return {"log_rate": rate, "log_burst": burst}
 
     def write_log_limit(self, limit: dict[str, int]) -> None:
-        """Under the bucket's lock (BPF_F_LOCK); the bucket starts full again."""
+        """The bucket starts full again. A program may take a token meanwhile (a compare-and-swap
+        on `tat`) and so keep one event's worth of the old bucket: the limit holds either way."""
         m = self.map(pc.LOG_LIMIT)
         for i in range(len(DIRECTIONS)):
-            m.update(pc.number_key(i), pc.log_limit_value(limit["log_rate"], limit["log_burst"]), sc.BPF_F_LOCK)
+            m.update(pc.number_key(i), pc.log_limit_value(limit["log_rate"], limit["log_burst"]))
 
     def events_lost(self) -> dict[str, int]:
         if pc.EVENTS_LOST not in self.maps:

@@ -23,6 +23,7 @@ from ..lower.c import set_map
 from ..watch.state import Owned
 from . import bpf
 from .base import Loaded
+from .bpf_guard import GuardMap
 
 
 @dataclass
@@ -34,9 +35,27 @@ class UnitHandle:
     progs: dict[str, int] = field(default_factory=dict)  # direction → fd
     ids: dict[str, int] = field(default_factory=dict)    # direction → program id
     inodes: dict[str, int] = field(default_factory=dict)  # direction → the pin's inode
+    guard: GuardMap | None = None  # a slice default's: which descendants a deeper filter judges
     backend = "bpf"
     exclusive = False  # programs of several units run side by side on a cgroup (ALLOW_MULTI)
     needs_cleanup = False  # a removed cgroup takes its programs with it
+
+    @property
+    def guards(self) -> bool:
+        """A slice default whose programs judge only what classify() leaves them (bpf: the guard map)."""
+        return self.guard is not None
+
+    def classify(self, cgroup_id: int, below, path: str) -> bool:
+        """The descendant `cgroup_id` (at `path`) is classified: `below` are the directions a deeper
+        filter judges (its packets pass this default untouched), the others this default judges."""
+        return self.guard.classify(cgroup_id, below)
+
+    def unclassify(self, cgroup_id: int) -> bool:
+        return self.guard.forget(cgroup_id)
+
+    def keep_classified(self, classified: dict) -> list[int]:
+        """Keep exactly these ({cgroup id: path}); the ids dropped."""
+        return self.guard.keep_only(classified)
 
     @property
     def directions(self) -> list[str]:
@@ -57,6 +76,7 @@ class UnitHandle:
                         self.progs[direction] = fd
                         self.ids[direction] = progs.prog_info(fd).id
                         self.inodes[direction] = st.st_ino
+                self.guard = GuardMap.open(d)
         except BaseException:
             self.close()
             raise
@@ -66,6 +86,8 @@ class UnitHandle:
         for fd in self.progs.values():
             os.close(fd)
         self.progs.clear()
+        if self.guard is not None:
+            self.guard.close()
 
     def attach(self, path: str) -> list[str]:
         """Attach every program to the cgroup (all or nothing); the directions newly attached.
@@ -172,10 +194,10 @@ class BpfBackend:
     def set_values(self, unit: str, changes: list) -> list[str]:
         return bpf.set_values(self.pin_root, unit, changes)
 
-    def events(self, units: list[str] | None = None):
+    def events(self, units: list[str] | None = None, state_dir: str | None = None):
         from .bpf_events import BpfEvents
 
-        return BpfEvents(self.pin_root, units)
+        return BpfEvents(self.pin_root, units, state_dir)
 
     def explain(self, checked, direction: str | None = None) -> tuple[dict, str]:
         """The C emitted for the expression (the header bpf/port_filter.c includes)."""

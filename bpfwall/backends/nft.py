@@ -32,7 +32,8 @@ from ..nft import layout
 from ..nft.dump import cgroup_keys, chain_names, count_rules
 from ..nft.errors import NftError
 from ..nft.names import UnitNames, check_table, level_map
-from ..nft.records import Attachment, NftState, Objects, SetRecord, UnitState
+from ..nft import expr as X
+from ..nft.records import Attachment, Known, NftState, Objects, SetRecord, UnitState
 from ..nft.runner import runner
 from ..nft.state import StateFile
 
@@ -137,6 +138,9 @@ def _render(unit: str, ustate: UnitState, group: int, checked: dict | None = Non
         low = lower.lower(c.expr, direction, names, ustate.mode, ustate.params, sets, log)
         for name in low.chains.names:
             out["chains"][name] = low.chains.rules[name]
+        if ustate.strict:  # first the hold: what the watcher has not classified yet is dropped
+            entry = names.chain(direction)
+            out["chains"][entry] = [[X.jump(names.held_chain(direction))]] + list(out["chains"][entry])
         for nft_name, (set_name, key_type) in low.sets.items():
             out["sets"][nft_name] = (lower.SET_TYPES[key_type], lower.set_elements(key_type, sets[set_name]))
         out["counters"] += [names.counter(direction, v) for v in kinds]
@@ -167,6 +171,33 @@ def _prune_vanished(state: NftState) -> None:
     mount = cg.cgroup2_mount()
     for u in state.units.values():
         u.attached = [a for a in u.attached if alive(a, mount)]
+        _prune_vanished_known(u, mount)
+
+
+def _held_text(table: str, unit: str, u: UnitState) -> str:
+    return layout.held_text(table, UnitNames(unit), u.directions, layout.held_levels(u.known))
+
+
+def _with_ancestors(rel: str, mount: str) -> list[Known]:
+    """Known records of a cgroup (relative to the root) and every ancestor below the root; one
+    removed meanwhile is left out (with what is below it: nothing there can send)."""
+    parts = rel.split("/")
+    out = []
+    for i in range(1, len(parts) + 1):
+        path = "/".join(parts[:i])
+        try:
+            out.append(Known(path, os.stat(os.path.join(mount, path)).st_ino))
+        except OSError:
+            break
+    return out
+
+
+def _learn(u: UnitState, records: list[Known]) -> list[Known]:
+    """Add the records the unit does not know yet (by cgroup id); the ones added."""
+    have = {k.id for k in u.known}
+    new = [k for k in records if k.id not in have]
+    u.known += new
+    return new
 
 
 # -- health and restore ---------------------------------------------------------------------
@@ -198,10 +229,15 @@ def healthy(table: str, state: NftState, live: set | None = None, deep=False) ->
     if not live:
         return False
     levels = _levels(state.units.values())
-    expected = {layout.base_chain(d, level): 1 for d, level in levels}  # the dispatch rule
-    for u in state.units.values():
+    expected = {layout.base_chain(d, level): 1 for d, level in levels}  # the level's one rule
+    for d in {d for d, _ in levels}:  # a jump per level in the dispatch
+        expected[layout.dispatch_chain(d)] = sum(1 for e, _ in levels if e == d)
+    for unit, u in state.units.items():
         for chain in u.objects.chains:
             expected[chain] = u.objects.rules.get(chain)
+        if u.strict:
+            for d in u.directions:
+                expected[UnitNames(unit).held_chain(d)] = len(layout.held_levels(u.known))
     if not set(expected) <= live:
         return False
     mount = None
@@ -238,7 +274,14 @@ def _rebuild(table: str, state: NftState) -> None:
     if _live_chains(table) is not None:
         cmds.append(layout.delete_table(table))
     cmds.append(layout.add_table(table))
+    if any(u.strict for u in state.units.values()):  # the holds first: the entry chains jump to them
+        runner().json(cmds, f"restoring table inet {table}")
+        cmds = []
+        runner().text("".join(_held_text(table, unit, u) for unit, u in state.units.items() if u.strict),
+                      f"restoring the holds of table inet {table}")
     for unit, u in state.units.items():
+        if u.strict and u.known:
+            cmds.append(layout.known_elements(table, UnitNames(unit), [k.cgroup for k in u.known]))
         rendered = _render(unit, u, state.log_group)
         cmds += layout.render_unit(table, rendered, Objects())
         u.objects = layout.objects_of(rendered)
@@ -251,7 +294,12 @@ def _rebuild(table: str, state: NftState) -> None:
     runner().json(cmds, f"restoring table inet {table}")
     if levels:
         runner().text("".join(layout.level_rule_text(table, d, level) for d, level in levels),
-                      f"restoring the dispatch rules of table inet {table}")
+                      f"restoring the level rules of table inet {table}")
+        dispatch = []
+        for direction in sorted({d for d, _ in levels}):
+            dispatch += [layout.add_dispatch(table, direction)]
+            dispatch += layout.dispatch(table, direction, [lv for d, lv in levels if d == direction])
+        runner().json(dispatch, f"restoring the dispatch of table inet {table}")
 
 
 def _ensure(table: str, state: NftState) -> set:
@@ -346,10 +394,12 @@ def check_log_group(group: int | None) -> int | None:
 
 def load(table: str, unit: str, program, params: dict | None = None, sets: dict | None = None,
          mode: str | None = None, cache=None, log_rate: int | None = None, log_burst: int | None = None,
-         log_group: int | None = None) -> LoadResult:
+         log_group: int | None = None, strict: bool = False) -> LoadResult:
     """Render `unit`'s filters into the table; if it is loaded, replace them in one transaction
     (its attachments keep working, counters, params, mode, event settings and compatible sets
-    are kept). A `log_group` other than the table's moves every unit's events to it."""
+    are kept). A `log_group` other than the table's moves every unit's events to it. `strict`
+    (a strict slice default): packets of cgroups below its slices that are not known (the
+    watcher classifies them: classify()) are dropped before the filter runs."""
     check_table(table)
     names = UnitNames(unit)  # validates the unit name
     params, sets = dict(params or {}), dict(sets or {})
@@ -375,6 +425,8 @@ def load(table: str, unit: str, program, params: dict | None = None, sets: dict 
             attached=old.attached if old else [])
         if old:
             new.log_rate, new.log_burst = old.log_rate, old.log_burst
+        new.strict = bool(strict)
+        new.known = list(old.known) if old and old.strict and strict else []
         for key, value in log.items():
             setattr(new, key, value)
         for name, kind in program.sets.items():
@@ -406,6 +458,15 @@ def load(table: str, unit: str, program, params: dict | None = None, sets: dict 
                 cmds += layout.render_unit(table, moved, o.objects)
                 o.objects = layout.objects_of(moved)
         new_levels = set()
+        if new.strict:  # the slices it sits on, and their ancestors, are known from the start
+            mount = cg.cgroup2_mount()
+            for a in new.attached:
+                learned = _learn(new, _with_ancestors(a.cgroup, mount))
+                if learned:
+                    cmds.append(layout.known_elements(table, names, [k.cgroup for k in learned]))
+        # an old hold's chains no longer jumped to (and its set, when the unit is no longer strict)
+        held_gone = layout.remove_held(table, names, sorted(set(old.directions) - (after if new.strict else set())),
+                                       with_set=not new.strict) if old and old.strict else []
         for a in new.attached:
             for d in sorted(after):
                 where = (os.path.join(cg.cgroup2_mount(), a.cgroup), d)
@@ -418,7 +479,10 @@ def load(table: str, unit: str, program, params: dict | None = None, sets: dict 
             a.directions = sorted(after)
         result.detached = [(os.path.join(cg.cgroup2_mount(), c), d) for c, d in result.detached]
         new.objects = layout.objects_of(rendered)
+        cmds += held_gone  # after the entry chains stopped jumping to them
         with sf.recording(state):
+            if new.strict:  # the hold exists before an entry chain jumps to it
+                runner().text(_held_text(table, unit, new), f"loading {unit}")
             _apply(table, state, live, cmds, new_levels - _levels_without(state, unit), f"loading {unit}")
     return result
 
@@ -438,12 +502,17 @@ def _live_levels(live: set) -> set[tuple[str, int]]:
 
 
 def _apply(table: str, state: NftState, live: set, cmds: list, new_levels, what: str) -> None:
-    """Create the levels `new_levels` (nft syntax: their dispatch rule), then run `cmds` in one
-    JSON transaction that also removes levels nothing is attached at any more. If that
-    transaction fails, the levels just created are removed again."""
+    """Create the levels `new_levels` (nft syntax: their chain's rule), then run `cmds` in one
+    JSON transaction that also makes the dispatch jump to exactly the levels in use, deepest
+    first, and removes levels nothing is attached at any more. If that transaction fails, the
+    levels just created are removed again (nothing jumps to them)."""
     for direction, level in sorted(new_levels):
         runner().text(layout.level_text(table, direction, level), what)
-    for direction, level in sorted(_live_levels(live) - _levels(state.units.values()) - set(new_levels)):
+    in_use = _levels(state.units.values())
+    gone = sorted(_live_levels(live) - in_use - set(new_levels))
+    for direction in sorted({d for d, _ in set(new_levels) | set(gone)}):
+        cmds += layout.dispatch(table, direction, [lv for d, lv in in_use if d == direction])
+    for direction, level in gone:
         cmds.append(layout.flush_map(table, direction, level))
         cmds += layout.remove_level(table, direction, level)
     try:
@@ -470,6 +539,8 @@ def unload(table: str, unit: str) -> list:
             else:
                 cmds = _element_removals(table, state, u.attached)
                 cmds += layout.remove_unit_objects(table, u.objects)
+                if u.strict:
+                    cmds += layout.remove_held(table, UnitNames(unit), u.directions)
                 _apply(table, state, live, cmds, set(), f"unloading {unit}")
     return detached
 
@@ -516,6 +587,11 @@ def attach(table: str, unit: str, cgroup_path: str) -> dict[str, bool]:
             cmds.append(layout.add_elements(table, d, level, [(rel, names.chain(d))]))
         new_levels = {(d, level) for d in directions} - _levels(state.units.values())
         record = Attachment(rel, level, cid, directions)
+        if u.strict:  # the slice and its ancestors are known: its own sockets are judged, not held
+            learned = _learn(u, _with_ancestors(rel, cg.cgroup2_mount()))
+            if learned:
+                cmds.insert(0, layout.known_elements(table, names, [k.cgroup for k in learned]))
+                runner().text(_held_text(table, unit, u), f"attaching {unit} to {absolute}")
         what = f"attaching {unit} to {absolute}"
         # The watcher's hot path: no health check first (an attach only adds, so no level can
         # empty). If the table was damaged the transaction fails: restore, then run it again.
@@ -548,6 +624,72 @@ def detach(table: str, unit: str, cgroup_path: str) -> dict[str, bool]:
         with sf.recording(state):
             _apply(table, state, live, _element_removals(table, state, records), set(), f"detaching {unit}")
     return {d: any(d in a.directions for a in records) for d in u.directions}
+
+
+# -- a strict slice default's known cgroups ----------------------------------------------------
+
+def classify(table: str, unit: str, cgroup_path: str) -> bool:
+    """The watcher has classified this cgroup below the strict unit's slice: its packets that
+    reach the default are judged by it from now on, no longer held. Whether it was new."""
+    with _changing(table, unit) as (sf, state, u):
+        if not u.strict:
+            return False
+        _, rel, _, cid = _resolve(cgroup_path)
+        deeper = layout.held_levels(u.known + [Known(rel, cid)]) != layout.held_levels(u.known)
+        learned = _learn(u, [Known(rel, cid)])
+        if not learned:
+            return False
+        with sf.recording(state):
+            if deeper:  # one more level to look at: its cgroups are held until they are known too
+                runner().text(_held_text(table, unit, u), f"classifying {cgroup_path} for {unit}")
+            runner().json([layout.known_elements(table, UnitNames(unit), [rel])],
+                          f"classifying {cgroup_path} for {unit}")
+    return True
+
+
+def _refill_known(table: str, unit: str, u: UnitState, what: str) -> None:
+    """Make the unit's known set hold exactly its live records (a vanished cgroup's element can
+    only be dropped so: nft names elements by path)."""
+    _prune_vanished_known(u)
+    names = UnitNames(unit)
+    cmds = [layout.flush_known(table, names)]
+    if u.known:
+        cmds.append(layout.known_elements(table, names, [k.cgroup for k in u.known]))
+    runner().json(cmds, what)
+
+
+def _prune_vanished_known(u: UnitState, mount: str | None = None) -> None:
+    mount = mount or cg.cgroup2_mount()
+    u.known = [k for k in u.known if alive(k, mount)]
+
+
+def unclassify(table: str, unit: str, cgroup_id: int) -> bool:
+    """Forget a cgroup (removed, or no longer below the unit's slices); whether it was known."""
+    with _changing(table, unit) as (sf, state, u):
+        if not any(k.id == cgroup_id for k in u.known):
+            return False
+        u.known = [k for k in u.known if k.id != cgroup_id]
+        with sf.recording(state):
+            _refill_known(table, unit, u, f"forgetting cgroup {cgroup_id} for {unit}")
+    return True
+
+
+def keep_known(table: str, unit: str, paths: dict[int, str]) -> list[int]:
+    """After the watcher's full rescan: the unit knows exactly these cgroups ({id: path}) and its
+    slices with their ancestors; the ids it forgot."""
+    with _changing(table, unit) as (sf, state, u):
+        if not u.strict:
+            return []
+        mount = cg.cgroup2_mount()
+        keep = {k.id: k for a in u.attached for k in _with_ancestors(a.cgroup, mount)}
+        for cid, path in paths.items():
+            keep.setdefault(cid, Known(os.path.relpath(path, mount), cid))
+        forgot = [k.id for k in u.known if k.id not in keep]
+        u.known = list(keep.values())
+        with sf.recording(state):
+            runner().text(_held_text(table, unit, u), f"rescanning what {unit} knows")
+            _refill_known(table, unit, u, f"rescanning what {unit} knows")
+    return forgot
 
 
 # -- live changes --------------------------------------------------------------------------------

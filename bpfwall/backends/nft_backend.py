@@ -45,9 +45,28 @@ class NftUnit:
     fingerprint: str
     table: str
     directions: list
+    strict: bool = False  # a strict slice default: the cgroups below it are held until classified
     backend = "nft"
     exclusive = True  # the nft backend filters a cgroup with one unit
     needs_cleanup = True  # a removed cgroup's map element stays until it is dropped
+
+    @property
+    def guards(self) -> bool:
+        """Only a strict slice default needs the watcher's classification here: the dispatch
+        already judges per level (deepest first); a strict one holds what is not classified."""
+        return self.strict
+
+    def classify(self, cgroup_id: int, below, path: str) -> bool:
+        """The descendant at `path` is classified (whatever a deeper filter judges of it): no
+        longer held. nft names cgroups by path, so the watcher gives it."""
+        return nft.classify(self.table, self.name, path)
+
+    def unclassify(self, cgroup_id: int) -> bool:
+        return nft.unclassify(self.table, self.name, cgroup_id)
+
+    def keep_classified(self, classified: dict) -> list[int]:
+        """Keep exactly these ({cgroup id: path}) and the unit's slices with their ancestors."""
+        return nft.keep_known(self.table, self.name, dict(classified))
 
     def attach(self, path: str) -> list[str]:
         """Add the cgroup's element (a no-op when it has it); the directions newly filtered."""
@@ -117,9 +136,9 @@ class NftBackend:
         changes = [(c[1], c[2]) if c[0] == "log" else c for c in changes]
         return nft.set_values(self.table, unit, changes)
 
-    def events(self, units: list[str] | None = None) -> NftEvents:
+    def events(self, units: list[str] | None = None, state_dir: str | None = None) -> NftEvents:
         """The table's drop events over its nflog group (the group the table's state names)."""
-        return NftEvents(self.table, units)
+        return NftEvents(self.table, units, state_dir)
 
     def explain(self, checked, direction: str | None = None) -> tuple[dict, str]:
         """Both directions' chains as nft text (the JSON always has both)."""
@@ -185,15 +204,15 @@ class NftBackend:
         fingerprint = entry.fingerprint()
         have = StateFile(self.table).load().units.get(entry.name)
         same = have is not None and owned is not None and owned.fingerprint == fingerprint \
-            and owned.table == self.table \
+            and owned.table == self.table and have.strict == entry.strict \
             and have.ingress == (program.ingress.text if program.ingress else None) \
             and have.egress == (program.egress.text if program.egress else None)
         if not same:
             nft.load(self.table, entry.name, program, entry.params, entry.sets, entry.mode,
                      log_rate=getattr(entry, "log_rate", None), log_burst=getattr(entry, "log_burst", None),
-                     log_group=self.log_group)
+                     log_group=self.log_group, strict=entry.strict)
         directions = [d for d in nft.DIRECTIONS if getattr(program, d) is not None]
-        return NftUnit(entry.name, fingerprint, self.table, directions), "reused" if same else "loaded"
+        return NftUnit(entry.name, fingerprint, self.table, directions, entry.strict), "reused" if same else "loaded"
 
     def owned(self, handle: NftUnit) -> Owned:
         return Owned(handle.fingerprint, self.name, {}, self.table)

@@ -69,6 +69,15 @@ def backend(args, name: str | None = None):
                   log_group=getattr(args, "log_group", None))
 
 
+def chosen_backends(args) -> dict:
+    """--backend (or $BPFWALL_BACKEND) alone when given, else both, by name."""
+    if getattr(args, "backend", None) or os.environ.get("BPFWALL_BACKEND"):
+        names = [backend_name(args)]
+    else:
+        names = list(BACKENDS)
+    return {name: backend(args, name) for name in names}
+
+
 def policy_dir(args) -> str:
     from ..policy import policy_dir as resolve
 
@@ -80,6 +89,12 @@ def policy_dir(args) -> str:
 def policy_dir_option(p) -> None:
     p.add_argument("--policy-dir", metavar="DIR", default=argparse.SUPPRESS,
                    help="where the policy's *.toml files are (default $BPFWALL_POLICY_DIR or /etc/bpfwall)")
+
+
+def cgroup_root_option(p, help: str) -> None:
+    p.add_argument("--cgroup-root", metavar="PATH", default=None,
+                   help=f"{help} (absolute or relative to the cgroup2 mount; default: the whole mount); "
+                        "policy cgroup paths are relative to it")
 
 
 def filter_options(p, command: str) -> None:

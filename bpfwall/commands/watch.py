@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import os
 
-from .options import cache_dir, pin_root, policy_dir_option, table
+from .options import cache_dir, cgroup_root_option, pin_root, policy_dir_option, table
 
 
 def register(add) -> None:
     p = add("watch", "attach the policy's filters to matching cgroups, now and as they appear (the daemon)")
     policy_dir_option(p)
-    p.add_argument("--cgroup-root", metavar="PATH",
-                   help="watch only this cgroup subtree (absolute or relative to the cgroup2 mount; "
-                        "default: the whole mount); policy cgroup paths are relative to it")
+    cgroup_root_option(p, "watch only this cgroup subtree")
     p.add_argument("--state-dir", metavar="DIR",
                    help="where the watcher remembers what it loaded (default $BPFWALL_STATE_DIR or /run/bpfwall)")
     p.add_argument("--once", action="store_true", help="load, reconcile once and exit (e.g. ExecStartPre=)")

@@ -75,3 +75,18 @@ class UnitNames:
 
     def set(self, name: str, key_type: str) -> str:
         return _bounded(f"{self.key}/s.{name}.{key_type}")
+
+    # A strict slice default's hold (see layout.held_text): named in the table's own namespace,
+    # without '/', since its rules are written in nft syntax; a digest of the unit name keeps
+    # them apart (64 bits: a collision of two units' holds is not a practical concern).
+    def _digest(self) -> str:
+        return hashlib.sha256(self.unit.encode()).hexdigest()[:16]
+
+    def held_chain(self, direction: str) -> str:
+        return f"held_{DIRECTION_TAG[direction]}_{self._digest()}"
+
+    def held_counter(self, direction: str) -> str:
+        return f"held_{DIRECTION_TAG[direction]}_{self._digest()}"
+
+    def known_set(self) -> str:
+        return f"known_{self._digest()}"

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from ..events import DEFAULT_LOG_BURST, DEFAULT_LOG_RATE
 
-VERSION = 3  # 3: log_rate/log_burst per unit, log_group per table (a version 2 state reads as log_rate 0)
+VERSION = 4  # 3: log_rate/log_burst per unit, log_group per table (a version 2 state reads as log_rate 0);
+#             4: strict and known per unit (an older state reads as not strict)
 DEFAULT_LOG_GROUP = 2120
 DIRECTIONS = ("ingress", "egress")
 
@@ -51,6 +52,17 @@ class Attachment:
 
 
 @dataclass
+class Known:
+    """A cgroup the watcher classified below a strict slice default (or the slice and its
+    ancestors): its packets that reach the default are judged, not held."""
+    cgroup: str
+    id: int
+
+    def as_json(self) -> dict:
+        return {"cgroup": self.cgroup, "id": self.id}
+
+
+@dataclass
 class UnitState:
     ingress: str | None  # normalized expressions
     egress: str | None
@@ -61,6 +73,8 @@ class UnitState:
     attached: list[Attachment] = field(default_factory=list)
     log_rate: int = DEFAULT_LOG_RATE    # drop events a second (0: none), per direction
     log_burst: int = DEFAULT_LOG_BURST
+    strict: bool = False   # a strict slice default: descendants not known are held (dropped)
+    known: list[Known] = field(default_factory=list)
 
     @property
     def directions(self) -> list[str]:
@@ -70,7 +84,8 @@ class UnitState:
         return {"ingress": self.ingress, "egress": self.egress, "params": dict(self.params), "mode": self.mode,
                 "sets": {n: s.as_json() for n, s in self.sets.items()}, "objects": self.objects.as_json(),
                 "attached": [a.as_json() for a in self.attached],
-                "log_rate": self.log_rate, "log_burst": self.log_burst}
+                "log_rate": self.log_rate, "log_burst": self.log_burst,
+                "strict": self.strict, "known": [k.as_json() for k in self.known]}
 
     @classmethod
     def from_json(cls, u: dict) -> "UnitState":
@@ -80,7 +95,8 @@ class UnitState:
                    {n: SetRecord(s["kind"], list(s["elements"])) for n, s in u["sets"].items()},
                    Objects(list(o["chains"]), list(o["sets"]), list(o["counters"]), dict(o["rules"])),
                    [Attachment(a["cgroup"], a["level"], a["id"], list(a["directions"])) for a in u["attached"]],
-                   u.get("log_rate", 0), u.get("log_burst", DEFAULT_LOG_BURST))
+                   u.get("log_rate", 0), u.get("log_burst", DEFAULT_LOG_BURST),
+                   u.get("strict", False), [Known(k["cgroup"], k["id"]) for k in u.get("known", [])])
 
 
 @dataclass

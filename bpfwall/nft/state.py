@@ -1,7 +1,7 @@
 """The state file of one bpfwall nft table: everything needed to rebuild it.
 
     {"bpfwall": "nft-state", "sha256": "<digest of the rest of the file>"}
-    {"version": 3, "table": "bpfwall", "log_group": 2120, "units": {
+    {"version": 4, "table": "bpfwall", "log_group": 2120, "units": {
         "nginx.service": {
             "ingress": "tcp && local_port == 80", "egress": null,   # normalized expressions
             "params": {"extra": 0}, "mode": "enforce", "log_rate": 10, "log_burst": 50,
@@ -9,7 +9,8 @@
             "objects": {"chains": [...], "sets": [...], "counters": [...],  # rendered now
                         "rules": {chain: number of rules}},
             "attached": [{"cgroup": "system.slice/nginx.service", "level": 2, "id": 1234,
-                          "directions": ["ingress"]}]}}}
+                          "directions": ["ingress"]}],
+            "strict": false, "known": []}}}    # a strict slice default: the cgroups classified below it
 
 It lives at `$BPFWALL_NFT_STATE_DIR/<table>.json` (default /run/bpfwall/nft), a
 directory only root can use (kernel/safefs.py), is replaced atomically (write, then
@@ -54,6 +55,7 @@ U64 = 2**64 - 1
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _UNIT_KEYS = {"ingress", "egress", "params", "mode", "sets", "objects", "attached"}
 _LOG_KEYS = {"log_rate", "log_burst"}  # since version 3
+_STRICT_KEYS = {"strict", "known"}  # since version 4
 _OBJECT_KEYS = {"chains", "sets", "counters", "rules"}
 _RECORD_KEYS = {"cgroup", "level", "id", "directions"}
 
@@ -99,7 +101,15 @@ def _cgroup_path(path, where: str) -> None:
 
 def check_unit(unit: str, u, where: str, version: int = VERSION) -> None:
     """Raise Invalid unless `u` is a unit record as bpfwall writes it for `unit`."""
-    _keys(u, _UNIT_KEYS | (_LOG_KEYS if version >= 3 else set()), where)
+    _keys(u, _UNIT_KEYS | (_LOG_KEYS if version >= 3 else set()) | (_STRICT_KEYS if version >= 4 else set()), where)
+    if version >= 4:
+        _expect(isinstance(u["strict"], bool), f"{where}.strict", "expected true or false")
+        _expect(isinstance(u["known"], list) and (u["strict"] or not u["known"]), f"{where}.known",
+                "expected a list (empty unless strict)")
+        for i, k in enumerate(u["known"]):
+            _keys(k, {"cgroup", "id"}, f"{where}.known[{i}]")
+            _cgroup_path(k["cgroup"], f"{where}.known[{i}].cgroup")
+            _expect(_is_int(k["id"], 1), f"{where}.known[{i}].id", "expected a cgroup id")
     for key in sorted(_LOG_KEYS & set(u)):
         try:
             check_log_setting(key, u[key])
@@ -157,8 +167,8 @@ def check_unit(unit: str, u, where: str, version: int = VERSION) -> None:
 
 def check_state(state, table: str) -> None:
     """Raise Invalid unless `state` is a state of `table` as bpfwall writes it."""
-    _expect(isinstance(state, dict) and state.get("version") in (2, VERSION), "version",
-            f"this bpfwall reads versions 2 and {VERSION}")
+    _expect(isinstance(state, dict) and state.get("version") in (2, 3, VERSION), "version",
+            f"this bpfwall reads versions 2 to {VERSION}")
     version = state["version"]
     _keys(state, {"version", "table", "units"} | ({"log_group"} if version >= 3 else set()), "the state")
     if version >= 3:

@@ -15,17 +15,20 @@ name order:
     params  = { admin_port = 8443 } # every $param the expressions use needs a value
     sets    = { admins = ["10.0.0.0/8"] }   # every @set they use must be listed ([] is fine)
     mode    = "audit"               # overrides [defaults]
+    strict  = true                  # slice defaults only: drop a descendant until its own filter is on
     cgroup  = "user@1000.service/app.slice/*"   # optional glob on the cgroup path
 
 Every error is one line `FILE:LINE: key.path: message`; unknown keys, wrong
 types, bad expressions, missing or unused params and sets, and a unit defined
-twice are all errors. Which entry polices which cgroup: see match.py. Files
+twice are all errors. Which entry sits on which cgroup: see match.py; which entry
+judges a cgroup's packets (its own, else the nearest slice default): judge.py. Files
 are read only where nobody but root (or the euid) can write: see load.py.
 """
 from .entry import Entry, PolicyError, show_element
 from .load import DEFAULT_POLICY_DIR, check_policy, load_policy, policy_dir, policy_files
-from .match import UNIT_SUFFIXES, MatchReport, Policy, cgroup_glob_matches, unit_component
+from .judge import Holder, Judgement, judge
+from .match import UNIT_SUFFIXES, MatchReport, Policy, cgroup_glob_matches, is_slice_name, unit_component
 
 __all__ = ["Entry", "PolicyError", "Policy", "MatchReport", "load_policy", "check_policy", "policy_dir",
            "policy_files", "DEFAULT_POLICY_DIR", "UNIT_SUFFIXES", "cgroup_glob_matches", "unit_component",
-           "show_element"]
+           "show_element", "judge", "Judgement", "Holder", "is_slice_name"]

@@ -34,6 +34,8 @@ class Entry:
     # The drop events' limit written in the policy ({log_rate, log_burst}, either may be missing:
     # the unit's current value is kept, or the default on a new load).
     log: dict[str, int] = field(default_factory=dict)
+    # A slice default only: drop the traffic of a descendant whose own filter is not on yet.
+    strict: bool = False
     # The checked expressions, kept from validation so program() does not parse twice.
     checked: tuple = field(default=(None, None), compare=False, repr=False)
 
@@ -55,6 +57,15 @@ class Entry:
         return f"{self.file}:{self.line}"
 
     @property
+    def is_slice_default(self) -> bool:
+        """Does this entry name slices only (`system.slice`, `*.slice`)? Then it sits on slice
+        cgroups and is the default of the cgroups below without an entry of their own; every other
+        entry sits on the cgroups of the units it names, never on a slice (see judge.py)."""
+        from .match import is_slice_name
+
+        return is_slice_name(self.name)
+
+    @property
     def is_glob(self) -> bool:
         from ..unitkey import is_pattern
 
@@ -68,7 +79,7 @@ class Entry:
         ingress, egress = self.checked
         if (ingress, egress) == (None, None):
             ingress, egress = analyze_pair(self.ingress, self.egress)
-        return UnitProgram(ingress, egress, self.set_capacity)
+        return UnitProgram(ingress, egress, self.set_capacity, slice_default=self.is_slice_default, strict=self.strict)
 
     def filter_spec(self) -> dict:
         """Everything that defines the filter, normalized: what fingerprint() hashes.
@@ -83,6 +94,8 @@ class Entry:
             "mode": self.mode,
             "backend": self.backend,
             "set_capacity": self.set_capacity,
+            # only when set, so the fingerprints of entries written before strict existed stay
+            **({"strict": True} if self.strict else {}),
             # only values other than the defaults: entries that write none, or write the defaults,
             # keep the fingerprints they had before drop events existed (no reload on upgrade)
             **({"log": changed} if (changed := {k: v for k, v in sorted(self.log.items())
@@ -104,7 +117,8 @@ class Entry:
     def as_dict(self) -> dict:
         spec = self.filter_spec()
         return {"name": self.name, "file": self.file, "line": self.line, "cgroup": self.cgroup,
-                "glob": self.is_glob, "fingerprint": self.fingerprint(), **spec, "sets": self.sets_as_written()}
+                "glob": self.is_glob, "fingerprint": self.fingerprint(), **spec, "sets": self.sets_as_written(),
+                "slice_default": self.is_slice_default, "strict": self.strict}
 
 
 def show_element(element) -> str:

@@ -19,10 +19,19 @@ Rules, in order:
    `…/user@1000.service/app.slice/x.service` but not `…/app.slice/a.slice/x.service`.
    `**` stands for any number of components (also none); a glob starting with
    '/' is anchored at the cgroup2 root and must match the whole path.
-4. Precedence: an exact name beats every glob; among globs the first one in
+4. Slices and other units are named apart: an entry whose name ends in
+   `.slice` (`system.slice`, `*.slice`, `user-*.slice`) is a slice default and
+   matches only slice cgroups; every other entry (`nginx.service`, `*`,
+   `app-*`) names units and never matches a slice, whatever its glob would
+   match. A slice default is the default of the cgroups below the slice that
+   have no entry of their own: judge.py says which entry judges a cgroup.
+5. Precedence: an exact name beats every glob; among globs the first one in
    file order wins (files sorted by name, entries in the order written).
    An entry whose cgroup glob does not match is no candidate, so a later
    entry can still match.
+
+`Policy.match` answers "which entry sits on this cgroup"; which entry judges
+its packets (the nearest one up the tree) is `judge.judge`.
 """
 from __future__ import annotations
 
@@ -32,6 +41,13 @@ from fnmatch import fnmatchcase
 from .entry import Entry
 
 UNIT_SUFFIXES = (".service", ".scope", ".slice", ".socket", ".mount", ".swap")
+SLICE_SUFFIX = ".slice"
+
+
+def is_slice_name(name: str) -> bool:
+    """Does this unit name, or glob, name slices only? A glob ending in `.slice` matches only names
+    ending in it (fnmatch has no escapes and a bracket ends in `]`), so the test is the suffix."""
+    return name.endswith(SLICE_SUFFIX)
 
 
 def unit_component(cgroup_rel: str) -> str | None:
@@ -85,6 +101,11 @@ def _closure(globs: list[str], states: set[int]) -> set[int]:
     return out
 
 
+# judge() asks match() for each prefix of every cgroup path; a bounded memo keeps a walk over
+# a large tree from redoing the globs for the shared slices.
+MATCH_CACHE_MAX = 65536
+
+
 @dataclass
 class MatchReport:
     """The answer to "who polices this cgroup", with the reasons."""
@@ -107,15 +128,28 @@ class Policy:
         self.entries = list(entries)
         self._by_name = {e.name: e for e in self.entries}
         self._globs = [e for e in self.entries if e.is_glob]
+        self._matched: dict[str, Entry | None] = {}  # match() per path: judge() asks for every prefix
 
     def entry(self, name: str) -> Entry | None:
         """The entry written with exactly this name (a unit name or a glob)."""
         return self._by_name.get(name)
 
     def match(self, cgroup_rel: str) -> Entry | None:
-        return self.explain(cgroup_rel).entry
+        """The entry that sits on this cgroup (a unit's entry on its cgroup, a slice default on its
+        slice), or None."""
+        path = cgroup_rel.strip("/")
+        try:
+            return self._matched[path]
+        except KeyError:
+            pass
+        if len(self._matched) >= MATCH_CACHE_MAX:
+            self._matched.clear()
+        found = self._matched[path] = self.explain(path).entry
+        return found
 
-    def explain(self, cgroup_rel: str) -> MatchReport:
+    def explain(self, cgroup_rel: str, legacy: bool = False) -> MatchReport:
+        """Which entry sits on this cgroup, and why; `legacy`: by the rule before slice defaults,
+        when a glob of units also matched slices (only `policy check`'s warnings ask)."""
         path = cgroup_rel.strip("/")
         unit = unit_component(path)
         if unit is None:
@@ -126,6 +160,10 @@ class Policy:
         exact = self._by_name.get(unit)
         candidates = ([exact] if exact is not None and not exact.is_glob else []) + \
             [e for e in self._globs if fnmatchcase(unit, e.name)]
+        if not legacy and is_slice_name(unit):
+            passed += [(e, f"'{e.name}' names units, not slices: only an entry whose name ends in "
+                           f"{SLICE_SUFFIX} is a slice default") for e in candidates if not e.is_slice_default]
+            candidates = [e for e in candidates if e.is_slice_default]
         for i, e in enumerate(candidates):
             if e.cgroup is not None and not cgroup_glob_matches(e.cgroup, path):
                 passed.append((e, f"cgroup glob '{e.cgroup}' does not match the path"))
@@ -137,5 +175,10 @@ class Policy:
                 passed.append((other, "an exact name comes first" if not e.is_glob
                                else "a glob earlier in file order matched first"))
             return MatchReport(path, unit, e, f"{how} ({e.file}:{e.line})", passed)
-        return MatchReport(path, unit, None, f"no entry names {unit}" if not passed
-                           else "every entry naming it has a cgroup glob that does not match", passed)
+        if not passed:
+            reason = f"no entry names {unit}"
+        elif candidates:
+            reason = "every entry naming it has a cgroup glob that does not match"
+        else:
+            reason = f"no slice default names {unit} (only globs of other units match its name)"
+        return MatchReport(path, unit, None, reason, passed)

@@ -22,13 +22,13 @@ from ..lang.setcontents import count as set_count
 from ..lang.values import PARAM_MAX, parse_set_elements
 from .entry import Entry
 from .locate import defined_twice, line_of, scan, syntax_error_line
-from .match import UNIT_SUFFIXES
+from .match import SLICE_SUFFIX, UNIT_SUFFIXES, is_slice_name
 from .systemd import address_filter, combine, prefixes
 
 TOP_KEYS = ("defaults", "units")
 DEFAULT_KEYS = ("backend", "mode", "set_capacity", "force_capacity", "log_rate", "log_burst")
 UNIT_KEYS = ("ingress", "egress", "params", "sets", "mode", "backend", "set_capacity", "force_capacity", "cgroup",
-             "log_rate", "log_burst", "ip_address_allow", "ip_address_deny")
+             "log_rate", "log_burst", "strict", "ip_address_allow", "ip_address_deny")
 ADDRESS_KEYS = ("ip_address_allow", "ip_address_deny")  # systemd's IPAddressAllow=/IPAddressDeny= (systemd.py)
 LOG_KEYS = ("log_rate", "log_burst")  # the drop events' limit: only those written are set (see Entry.log)
 CHOICES = {"backend": ("bpf", "nft"), "mode": ("enforce", "audit")}
@@ -217,7 +217,7 @@ class _File:
                 self.error(path, f"'{name}' is not a unit name: it must end in "
                            + ", ".join(UNIT_SUFFIXES[:-1]) + f" or {UNIT_SUFFIXES[-1]}")
         body = self.table(body, path, "ingress, egress, params, sets, mode, backend, set_capacity, force_capacity, "
-                                      "cgroup, log_rate, log_burst, ip_address_allow, ip_address_deny")
+                                      "cgroup, log_rate, log_burst, strict, ip_address_allow, ip_address_deny")
         if body is None:
             return None
         self.known_keys(body, path, UNIT_KEYS)
@@ -239,6 +239,7 @@ class _File:
             else:
                 self.error(path, "give ingress, egress or both (each a filter expression)")
         cgroup = self.cgroup(body.get("cgroup"), path + ("cgroup",), name)
+        strict = self.strict(body, path, name)
         checked = self.expressions(path, texts)
         if addresses is not None and checked is not None:
             texts, checked = self.with_addresses(path, addresses, checked)
@@ -252,7 +253,18 @@ class _File:
                      params=params, sets=sets, mode=settings["mode"], backend=settings["backend"],
                      set_capacity=settings["set_capacity"], cgroup=cgroup, file=self.file,
                      log={k: settings[k] for k in LOG_KEYS if k in settings},
-                     line=self.line(path), checked=checked)
+                     line=self.line(path), checked=checked, strict=bool(strict))
+
+    def strict(self, body: dict, path: tuple, name: str) -> bool | None:
+        """`strict = true`: only a slice default has descendants to hold back (see judge.py)."""
+        if "strict" not in body:
+            return False
+        value = self.flag(body["strict"], path + ("strict",))
+        if value and not is_slice_name(name):
+            self.error(path + ("strict",), f"strict = true is only for slice defaults (an entry whose name ends in "
+                       f"{SLICE_SUFFIX}, e.g. [units.\"system.slice\"]); {name} names units, not slices")
+            return None
+        return value
 
     def addresses(self, body: dict, path: tuple) -> str | None:
         """systemd's address lists as one expression (systemd.py), or None when they deny nothing."""

@@ -25,8 +25,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .. import backends
+from ..backends.base import DIRECTIONS
 from ..errors import Error
+from ..kernel import cgroup
 from ..kernel.errors import KernelError
+from ..policy import judge
 from . import inotify as ino
 from .dropevents import DEFAULT_CAP, EventForwarder
 from .log import DEBUG, ERROR, INFO, Log
@@ -101,6 +104,8 @@ class Watcher:
         self.watches: dict[int, str] = {}  # inotify wd → cgroup path
         self.wd_of: dict[str, int] = {}    # cgroup path → inotify wd
         self.attached: dict[str, str] = {}  # cgroup path → entry name whose filters it carries
+        self.guarded: dict[str, str] = {}   # slice path → the slice default whose guard sits on it
+        self.classified: dict[str, tuple[int, frozenset]] = {}  # path → (cgroup id, guards told about it)
         self.removed: dict[str, tuple[str, float]] = {}  # removed cgroup → (entry name, when): cleanup due
         self._last_event = 0.0
         self._next_pin_check = time.monotonic() + PIN_CHECK_INTERVAL
@@ -113,7 +118,7 @@ class Watcher:
         self._signals: tuple[int, int, dict, int] | None = None  # pipe fds, previous handlers, wakeup fd
         self.reaction = None  # told the seconds from a new cgroup's IN_CREATE read to its attach (metrics)
         cap = DEFAULT_CAP if drop_events is None else drop_events
-        self.events = EventForwarder(log, cap) if cap > 0 else None  # drop events → the journal
+        self.events = EventForwarder(log, cap, state_dir) if cap > 0 else None  # drop events → the journal
 
     # -- helpers --------------------------------------------------------------
 
@@ -315,6 +320,8 @@ class Watcher:
         self._gone(path)
 
     def _gone(self, path: str) -> None:
+        self.guarded.pop(path, None)
+        self._unclassify(path)
         name = self.attached.pop(path, None)
         handle = self.units.get(name) if name is not None else None
         if handle is not None and handle.needs_cleanup:
@@ -350,6 +357,8 @@ class Watcher:
         """
         entry = self.policy.match(self.rel(path)) if path != self.root else None
         handle = self.units.get(entry.name) if entry is not None else None
+        if handle is not None and handle.guards and self._same_default_above(path, entry):
+            handle = None  # its guard on a slice above judges this one too: one guard per path
         try:
             stale = [] if fresh else self._stale(path, handle)
             if handle is not None and handle.exclusive:
@@ -364,6 +373,13 @@ class Watcher:
                     self.log.info("attach", f"{handle.name} → {path} ({', '.join(new)})",
                                   unit=os.path.basename(path), cgroup=path, direction=",".join(new),
                                   entry=handle.name, backend=handle.backend)
+            if handle is not None and handle.guards:
+                self.guarded[path] = handle.name
+            else:
+                self.guarded.pop(path, None)
+            # Told after its own filter is on and before a filter leaving it is off: the
+            # guards above never pass what nothing else judges.
+            self._classify(path)
             self._detach(path, stale)
             if handle is None:
                 self.attached.pop(path, None)
@@ -379,6 +395,84 @@ class Watcher:
                            unit=os.path.basename(path), cgroup=path, entry=entry.name if entry is not None else None)
             self._resync[path] = str(e)
             self._schedule_retry()
+
+    # -- slice defaults: what their guards judge ----------------------------------
+
+    def _same_default_above(self, path: str, entry) -> bool:
+        """Whether the slice default `entry` judges this slice's parent already, in every direction
+        it filters (a glob like `*.slice` on nested slices): then its guard up there judges
+        this slice's cgroups too, and a second guard would judge (and count) them twice."""
+        parent = os.path.dirname(path)
+        if path == self.root or not parent.startswith(self.root) or parent == self.root:
+            return False
+        j = judge(self.policy, self.rel(parent))
+        directions = [d for d in DIRECTIONS if getattr(entry, d) is not None]
+        return all((e := j.entry(d)) is not None and e.name == entry.name for d in directions)
+
+    def _guards_over(self, path: str) -> set[str]:
+        """The slice defaults whose guards sit on this cgroup or above it."""
+        names = set()
+        p = path
+        while True:
+            name = self.guarded.get(p)
+            if name is not None and name in self.units:
+                names.add(name)
+            if p == self.root or len(p) <= len(self.root):
+                return names
+            p = os.path.dirname(p)
+
+    def _classify(self, path: str) -> None:
+        """Tell every guard above (or on) this cgroup which directions of it a deeper filter
+        judges: one that is attached, of an entry other than the guard's own (its unit's entry, a
+        hand-off unit's, a nested slice's default). The guard judges the rest."""
+        names = self._guards_over(path)
+        old = self.classified.get(path)
+        if not names:
+            if old is not None:
+                self._unclassify(path)
+            return
+        cgid = old[0] if old is not None else cgroup.cgroup_id(path)
+        j = judge(self.policy, self.rel(path))
+        for name in names:
+            below = [d for d in DIRECTIONS if self._judged_below(j, d, name)]
+            if self.units[name].classify(cgid, below, path):
+                self.log.debug("classify", f"{path} under {name}: "
+                                           f"{', '.join(below) + ' judged below' if below else 'judged by it'}",
+                               cgroup=path, entry=name)
+        for name in (old[1] - names) if old is not None else ():
+            if name in self.units:
+                self.units[name].unclassify(cgid)
+        self.classified[path] = (cgid, frozenset(names))
+
+    def _judged_below(self, j, direction: str, guard: str) -> bool:
+        holder = j.judge(direction)
+        if holder is None or holder.entry.name == guard:
+            return False
+        where = os.path.join(self.root, holder.cgroup) if holder.cgroup else self.root
+        return self.attached.get(where) == holder.entry.name
+
+    def _unclassify(self, path: str) -> None:
+        old = self.classified.pop(path, None)
+        for name in old[1] if old is not None else ():
+            handle = self.units.get(name)
+            try:
+                if handle is not None:
+                    handle.unclassify(old[0])
+            except BACKEND_ERRORS as e:
+                self.log.error("classify", f"{path} removed; dropping it from {name}'s guard: {e}",
+                               cgroup=path, entry=name)
+
+    def _prune_guards(self) -> None:
+        """After a full rescan: each guard keeps exactly the cgroups it was told about in it
+        (entries of cgroups removed while no watcher ran, or no longer below it, go)."""
+        for name, handle in self.units.items():
+            if not handle.guards:
+                continue
+            wanted = {cgid: path for path, (cgid, names) in self.classified.items() if name in names}
+            try:
+                handle.keep_classified(wanted)
+            except BACKEND_ERRORS as e:
+                self.log.error("classify", f"{name}: {e}", entry=name)
 
     def _stale(self, path: str, keep) -> list[tuple[str, str]]:
         """(unit, direction) of our filters on this cgroup that are not `keep`'s."""
@@ -448,8 +542,9 @@ class Watcher:
         old = self.watches
         self.watches, self.wd_of = {}, {}
         seen = self.scan(self.root, fresh=False)
-        for path in [p for p in self.attached if p not in seen]:
+        for path in [p for p in {*self.attached, *self.guarded, *self.classified} if p not in seen]:
             self._gone(path)
+        self._prune_guards()
         if self.inotify is not None:
             for wd in set(old) - set(self.watches):
                 self.inotify.remove(wd)

@@ -274,31 +274,124 @@ def test_zero_in_a_set_matches_packets_without_ports(table, temp_cgroup):
         assert ping(s) == 0
 
 
-def test_every_level_must_pass(table):
-    """Units attached at a parent and at a child cgroup both judge the child's sockets
-    (as cgroup_skb programs on a cgroup's path all run): a separate base chain per level."""
+def test_the_nearest_unit_judges_alone(table):
+    """Units attached at a parent and at a child cgroup: the child's sockets are judged by the
+    child's unit alone (its verdict ends the dispatch, deepest level first), whichever verdict
+    the parent's would give; a sibling without a unit of its own falls to the parent's
+    (policy/judge.py: a slice default)."""
     with TempCgroup("bpfwall-test") as parent:
-        child = os.path.join(parent.path, "child")
+        child, sibling = os.path.join(parent.path, "child"), os.path.join(parent.path, "sibling")
         os.mkdir(child)
+        os.mkdir(sibling)
         try:
-            sock = lambda: _socket_in(child)
-            x, y = sock(), sock()
-            with x, y, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
-                px, py = x.getsockname()[1], y.getsockname()[1]
-                nft.load(table, "slice.slice", program(ingress=f"udp && local_port in {{{px}, {py}}}"))
+            x, y, z = _socket_in(child), _socket_in(child), _socket_in(sibling)
+            with x, y, z, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+                px, py, pz = (s.getsockname()[1] for s in (x, y, z))
+                # the parent's default lets only y and z in, the child's unit only x
+                nft.load(table, "slice.slice", program(ingress=f"udp && local_port in {{{py}, {pz}}}"))
                 nft.load(table, "svc.service", program(ingress=f"udp && local_port == {px}"))
                 nft.attach(table, "slice.slice", parent.path)
                 nft.attach(table, "svc.service", child)
-                tx.sendto(b"x", ("127.0.0.1", px))
-                tx.sendto(b"y", ("127.0.0.1", py))
-                assert receive_all(x, 0.2) == 1 and receive_all(y, 0.2) == 0
-                assert counters(table, "slice.slice")["ingress"]["pass"]["packets"] == 2
+                for port in (px, py, pz):
+                    tx.sendto(b"x", ("127.0.0.1", port))
+                assert (receive_all(x, 0.2), receive_all(y, 0.2), receive_all(z, 0.2)) == (1, 0, 1)
+                assert counters(table, "slice.slice")["ingress"] == {
+                    "pass": {"packets": 1, "bytes": 29}, "drop": {"packets": 0, "bytes": 0}}
                 assert counters(table, "svc.service")["ingress"] == {
                     "pass": {"packets": 1, "bytes": 29}, "drop": {"packets": 1, "bytes": 29}}
+                assert _dispatch_jumps(table, "input") == [f"input_level_{_level(child)}",
+                                                             f"input_level_{_level(parent.path)}"]
+                # the child's unit gone: its sockets fall to the parent's default
                 nft.unload(table, "svc.service")
+                assert _dispatch_jumps(table, "input") == [f"input_level_{_level(parent.path)}"]
+                for port in (px, py):
+                    tx.sendto(b"x", ("127.0.0.1", port))
+                assert (receive_all(x, 0.2), receive_all(y, 0.2)) == (0, 1)
                 nft.unload(table, "slice.slice")
         finally:
             os.rmdir(child)
+            os.rmdir(sibling)
+
+
+def test_a_strict_default_holds_what_the_watcher_has_not_classified(table):
+    """A strict slice default: a cgroup made below its slice after the attach is dropped (held)
+    until it is classified — then the default judges it — or until its own unit is attached,
+    which judges it alone; deeper cgroups too; the hold survives a restore, and unclassify or a
+    reload keep it; unload leaves no held object behind."""
+    with TempCgroup("bpfwall-test") as parent:
+        fresh, own = os.path.join(parent.path, "fresh"), os.path.join(parent.path, "own")
+        deeper = os.path.join(fresh, "deeper")
+        made = []
+        try:
+            nft.load(table, "s.slice", program(ingress="udp"), strict=True)
+            nft.attach(table, "s.slice", parent.path)
+            for path in (fresh, own, deeper):  # created after the attach: nothing classified them
+                os.mkdir(path)
+                made.append(path)
+            a, b, c, p = _socket_in(fresh), _socket_in(own), _socket_in(deeper), _socket_in(parent.path)
+            with a, b, c, p, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+                def arrived() -> tuple:
+                    for s in (a, b, c, p):
+                        tx.sendto(b"x", s.getsockname())
+                    return tuple(receive_all(s, 0.2) for s in (a, b, c, p))
+
+                assert arrived() == (0, 0, 0, 1)  # the slice itself is known from the attach
+                held = StateFile(table).load().units["s.slice"]
+                assert nft.classify(table, "s.slice", fresh) and not nft.classify(table, "s.slice", fresh)
+                assert arrived() == (1, 0, 0, 1)  # deeper: one level below the deepest known, still held
+                nft.load(table, "own.service", program(ingress="udp && local_port == 1"))
+                nft.attach(table, "own.service", own)  # its own unit judges it (and drops)
+                assert arrived() == (1, 0, 0, 1) and counters(table, "own.service")["ingress"]["drop"]["packets"] >= 1
+                assert nft.classify(table, "s.slice", deeper)
+                assert arrived() == (1, 0, 1, 1)
+                assert _held_packets(table, "s.slice") >= 3
+                nft.restore(table)  # rebuilt from the state: what is known stays known
+                assert arrived() == (1, 0, 1, 1)
+                nft.load(table, "s.slice", program(ingress="udp || tcp"), strict=True)  # a reload keeps it too
+                assert arrived() == (1, 0, 1, 1)
+                assert nft.unclassify(table, "s.slice", os.stat(fresh).st_ino)
+                assert arrived() == (0, 0, 0, 1)  # deeper too: an ancestor of it is no longer known
+                nft.load(table, "s.slice", program(ingress="udp"), strict=False)  # no longer strict: all judged
+                assert arrived() == (1, 0, 1, 1)
+                assert not any(n.startswith(("held_", "known_")) for n in _objects(table))
+                nft.load(table, "s.slice", program(ingress="udp"), strict=True)
+                assert arrived() == (0, 0, 0, 1)  # strict again: nothing below is known
+                nft.unload(table, "own.service")
+                nft.unload(table, "s.slice")
+            assert held.strict and [k.cgroup for k in held.known][-1] == os.path.relpath(parent.path,
+                                                                                        cgroup.cgroup2_mount())
+        finally:
+            for path in reversed(made):
+                os.rmdir(path)
+
+
+def _objects(table: str) -> set[str]:
+    """Names of the table's chains, sets and counters (an empty set when the table is gone)."""
+    r = subprocess.run(["nft", "-j", "list", "table", "inet", table], capture_output=True, text=True)
+    if r.returncode != 0:
+        return set()
+    return {o[k]["name"] for o in json.loads(r.stdout)["nftables"] for k in ("chain", "set", "counter") if k in o}
+
+
+def _held_packets(table: str, unit: str) -> int:
+    from bpfwall.nft.names import UnitNames
+
+    name = UnitNames(unit).held_counter("ingress")
+    out = subprocess.run(["nft", "-j", "list", "counter", "inet", table, name], capture_output=True, text=True,
+                         check=True).stdout
+    return next(o["counter"]["packets"] for o in json.loads(out)["nftables"] if "counter" in o)
+
+
+def _level(path: str) -> int:
+    return os.path.relpath(path, cgroup.cgroup2_mount()).count("/") + 1
+
+
+def _dispatch_jumps(table: str, chain: str) -> list[str]:
+    """The level chains the dispatch jumps to, in order."""
+    out = subprocess.run(["nft", "-j", "list", "chain", "inet", table, chain], capture_output=True, text=True,
+                         check=True).stdout
+    return [e["jump"]["target"] for r in json.loads(out)["nftables"] if "rule" in r
+            for e in r["rule"]["expr"] if "jump" in e]
 
 
 def _socket_in(path: str) -> socket.socket:

@@ -204,7 +204,7 @@ def test_units_must_be_tables(trusted_tmp_path):
         "p.toml:1: units: expected a table (one [units.\"NAME\"] table per unit), got an integer"
     assert one_error(trusted_tmp_path, '[units]\n"a.service" = "tcp"\n') == \
         'p.toml:2: units."a.service": expected a table (ingress, egress, params, sets, mode, backend, ' \
-        'set_capacity, force_capacity, cgroup, log_rate, log_burst, ip_address_allow, ip_address_deny), got a string'
+        'set_capacity, force_capacity, cgroup, log_rate, log_burst, strict, ip_address_allow, ip_address_deny), got a string'
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -732,6 +732,33 @@ def test_log_limit_changes_the_fingerprint_only_when_written(trusted_tmp_path):
     plain, limited = entry(""), entry("log_rate = 5\n")
     assert "log" not in plain.filter_spec() and plain.log == {}
     assert plain.fingerprint() != limited.fingerprint() != entry("log_rate = 6\n").fingerprint()
+
+
+def test_strict_only_on_slice_defaults(trusted_tmp_path):
+    file = write(trusted_tmp_path, "p.toml", """
+        [units."system.slice"]
+        egress = "false"
+        strict = true
+        [units."user-*.slice"]
+        egress = "false"
+        strict = false
+        [units."a.service"]
+        egress = "tcp"
+    """)
+    policy, errors = check_policy(files=[file])
+    assert errors == []
+    assert [(e.name, e.is_slice_default, e.strict) for e in policy.entries] == [
+        ("system.slice", True, True), ("user-*.slice", True, False), ("a.service", False, False)]
+    assert policy.entry("system.slice").filter_spec()["strict"] is True
+    assert "strict" not in policy.entry("user-*.slice").filter_spec()  # fingerprints of old entries stay
+    assert policy.entry("system.slice").as_dict()["strict"] is True
+    for name in ("a.service", "*", "app-*.scope"):
+        assert one_error(trusted_tmp_path, f'[units."{name}"]\negress = "tcp"\nstrict = true\n') == (
+            f'p.toml:3: units."{name}".strict: strict = true is only for slice defaults (an entry whose name '
+            f'ends in .slice, e.g. [units."system.slice"]); {name} names units, not slices')
+    assert one_error(trusted_tmp_path, '[units."a.slice"]\negress = "tcp"\nstrict = 1\n') == \
+        'p.toml:3: units."a.slice".strict: expected true or false, got an integer'
+    assert one_error(trusted_tmp_path, '[defaults]\nstrict = true\n').startswith("p.toml:2: defaults.strict: unknown key")
 
 
 def test_show_keeps_set_elements_in_the_order_written(trusted_tmp_path):

@@ -100,6 +100,19 @@ def test_sub_cgroups_and_non_units_match_nothing():
     assert policy.explain("").reason.startswith("'(the root)' is not a unit cgroup")
 
 
+def test_globs_of_units_no_longer_sit_on_slices():
+    star, slices = entry("*", line=1), entry("*.slice", line=2)
+    assert Policy([star]).match("system.slice") is None
+    report = Policy([star]).explain("system.slice")
+    assert report.passed_over == [(star, "'*' names units, not slices: only an entry whose name ends in "
+                                         ".slice is a slice default")]
+    assert report.reason == "no slice default names system.slice (only globs of other units match its name)"
+    assert Policy([star]).explain("system.slice", legacy=True).entry is star  # the rule before
+    assert Policy([star, slices]).match("system.slice") is slices
+    assert Policy([star, slices]).match("system.slice/a.service") is star
+    assert Policy([entry("system.slice")]).match("system.slice").name == "system.slice"
+
+
 def test_no_entry_at_all():
     report = Policy([entry("a.service")]).explain("system.slice/b.service")
     assert (report.entry, report.reason, report.unit) == (None, "no entry names b.service", "b.service")
@@ -152,8 +165,8 @@ def test_every_aligned_suffix_of_the_path_matches_itself(path, data):
 
 
 @settings(max_examples=300)
-@given(_PATHS, st.lists(_UNIT, max_size=4, unique=True), st.lists(st.sampled_from(["*", "*.service", "a*", "?*"]),
-                                                                  max_size=3, unique=True))
+@given(_PATHS, st.lists(_UNIT, max_size=4, unique=True),
+       st.lists(st.sampled_from(["*", "*.service", "a*", "?*", "*.slice", "a*.slice"]), max_size=3, unique=True))
 def test_precedence(path, exact_names, globs):
     entries = [entry(g, line=i) for i, g in enumerate(globs)] + [entry(n, line=10 + i) for i, n in enumerate(exact_names)]
     policy = Policy(entries)
@@ -162,7 +175,9 @@ def test_precedence(path, exact_names, globs):
     if unit in exact_names:
         assert got is not None and got.name == unit
     else:
-        matching = [e for e in entries[:len(globs)] if re.fullmatch(_glob_regex(e.name), unit)]
+        # a slice is named only by globs ending in .slice, every other unit only by the others
+        matching = [e for e in entries[:len(globs)] if re.fullmatch(_glob_regex(e.name), unit)
+                    and e.name.endswith(".slice") == unit.endswith(".slice")]
         assert got is (matching[0] if matching else None)
     # A sub-cgroup below the unit never matches anything.
     assert policy.match(path + "/sub") is None

@@ -84,11 +84,14 @@ PROGRAMS = {
                         "remote_port == $lo"),
     "plain": ("tcp", None),
     "interfaces": ('ifname in {"wg0", "wlan*"} || udp', 'ifname != "lo"'),
+    "strict-slice-default": ("udp && remote_port == $dns", "false"),  # a slice's guard: the guard map too
 }
 
 
-def _unit(ingress: str, egress: str | None) -> build.UnitProgram:
-    return build.UnitProgram(analyze(ingress), analyze(egress) if egress else None, set_capacity=77)
+def _unit(ingress: str, egress: str | None, name: str = "") -> build.UnitProgram:
+    slice_default = name.endswith("slice-default")
+    return build.UnitProgram(analyze(ingress), analyze(egress) if egress else None, set_capacity=77,
+                             slice_default=slice_default, strict=name.startswith("strict"))
 
 
 def _constants(program: build.UnitProgram) -> dict[str, int]:
@@ -104,6 +107,10 @@ def _constants(program: build.UnitProgram) -> dict[str, int]:
     out["BPFWALL_META_SIZE"] = pc.meta_size(len(program.meta_bytes()))
     out["BPFWALL_HAS_PARAMS"] = int(bool(program.params))
     out["BPFWALL_HAS_IFNAME"] = int(bool(program.interfaces))
+    if program.slice_default:
+        out.update({"GUARD_SLOTS": pc.GUARD_SLOTS, "GUARD_CAPACITY": pc.GUARD_CAPACITY,
+                    "GUARD_CLASSIFIED": pc.GUARD_CLASSIFIED, "sizeof(struct guard_slot)": ctypes.sizeof(pc.GuardSlot),
+                    **{f"GUARD_BELOW(DIR_{d.upper()})": pc.guard_below(d) for d in pc.DIRECTIONS}})
     return out
 
 
@@ -176,7 +183,7 @@ def params_layout(names: list[str]):
 @pytest.mark.skipif(shutil.which("clang") is None, reason="clang not installed")
 @pytest.mark.parametrize("name", PROGRAMS)
 def test_python_and_c_agree(tmp_path, name):
-    program = _unit(*PROGRAMS[name])
+    program = _unit(*PROGRAMS[name], name)
     expected = _constants(program)
     mapdefs, btf, values = compile_probe(program, list(expected), tmp_path)
 
@@ -184,7 +191,7 @@ def test_python_and_c_agree(tmp_path, name):
     assert not wrong, wrong
 
     shapes = pc.map_shapes(program.params, program.sets, len(program.meta_bytes()), program.set_capacity,
-                           bool(program.interfaces))
+                           program.slice_default, bool(program.interfaces))
     assert sorted(mapdefs) == sorted(shapes)
     for map_name, shape in shapes.items():
         d = mapdefs[map_name]
@@ -210,7 +217,7 @@ def test_event_record_and_limits_agree(tmp_path):
     event constants."""
     program = _unit(*PROGRAMS["plain"])
     constants = {"EVENTS_RING_BYTES": pc.EVENTS_RING_BYTES, "NO_PROTO": pc.NO_PROTO,
-                 "LOG_LIMIT_MAX": pc.LOG_LIMIT_MAX, "NSEC_PER_SEC": pc.NSEC_PER_SEC,
+                 "LOG_LIMIT_MAX": pc.LOG_LIMIT_MAX, "WAKE_EVERY_NS": pc.WAKE_EVERY_NS,
                  "sizeof(struct bpfwall_event)": ctypes.sizeof(pc.Event)}
     for name, *_ in pc.Event._fields_:
         constants[f"__builtin_offsetof(struct bpfwall_event, {name})"] = getattr(pc.Event, name).offset
@@ -226,10 +233,28 @@ def test_interface_bits_and_keys():
     assert (key.netns, key.ifindex, key.pad) == (7, 3, 0) and ctypes.sizeof(pc.IfaceKey) == 16
 
 
+def test_guard_entries_round_trip():
+    assert pc.GUARD_SLOTS & (pc.GUARD_SLOTS - 1) == 0  # the program masks the id's low bits
+    assert pc.guard_index(pc.GUARD_SLOTS + 3) == pc.guard_index(3) == pc.number_key(3)
+    assert pc.decode_guard_slot(pc.guard_slot(2**40 + 9, ["ingress"])) == (2**40 + 9, {"ingress"})
+    assert pc.decode_guard_slot(pc.FREE_SLOT) == (0, set())
+    assert len(pc.guard_key(7)) == 8 and len(pc.guard_value([])) == 4
+    assert pc.decode_guard(pc.guard_key(2**40 + 3), pc.guard_value(["egress"])) == (2**40 + 3, {"egress"})
+    assert pc.decode_guard(pc.guard_key(5), pc.guard_value(pc.DIRECTIONS)) == (5, set(pc.DIRECTIONS))
+    assert pc.decode_guard(pc.guard_key(5), pc.guard_value([])) == (5, set())
+
+
 def test_log_limit_value_round_trip():
     raw = pc.log_limit_value(100, 200)
-    assert len(raw) == ctypes.sizeof(pc.LogLimit) == 32
+    assert len(raw) == ctypes.sizeof(pc.LogLimit) == 56
     assert pc.decode_log_limit(raw) == (100, 200)
+    v = pc.LogLimit.from_buffer_copy(pc.log_limit_value(3, 5))
+    assert (v.interval_ns, v.tolerance_ns, v.tat) == (333_333_334, 4 * 333_333_334, 0)  # rounded up: ≤ 3 a second
+    assert v.jiffy_ns == pc.JIFFY_NS and 1_000_000 <= pc.JIFFY_NS <= 10_000_000  # HZ 100..1000
+    assert pc.clock_offset_ns(raw) == (0, 0)
+    assert pc.LogLimit.from_buffer_copy(pc.log_limit_value(0, 5)).interval_ns == 0
+    # a unit loaded before the GCRA still has the spin-lock layout pinned
+    assert pc.decode_log_limit(struct.pack("=IIQQQ", 0, 7, 9, 0, 0)) == (7, 9)
     assert pc.sum_lost([bytes(pc.Lost(3)), bytes(pc.Lost(4))]) == 7
 
 

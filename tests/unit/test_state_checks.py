@@ -16,7 +16,7 @@ from bpfwall.nft import dump
 from bpfwall.nft.errors import NftError
 from bpfwall.nft.names import UnitNames
 from bpfwall.nft.records import NftState, Objects, UnitState
-from bpfwall.nft.state import StateFile, check_state, encode
+from bpfwall.nft.state import Invalid, StateFile, check_state, encode
 from bpfwall.kernel.safefs import PrivateDir
 from bpfwall.watch.state import Owned, State, WatchError
 
@@ -32,11 +32,11 @@ def unit_record() -> dict:
                         "counters": [names.counter("ingress", v) for v in ("pass", "drop", "lost")],
                         "rules": {chains[0]: 2, chains[1]: 1}},
             "attached": [{"cgroup": "system.slice/a.service", "level": 2, "id": 1234, "directions": ["ingress"]}],
-            "log_rate": 10, "log_burst": 50}
+            "log_rate": 10, "log_burst": 50, "strict": False, "known": []}
 
 
 def good_state() -> dict:
-    return {"version": 3, "table": TABLE, "log_group": 2120, "units": {"a.service": unit_record()}}
+    return {"version": 4, "table": TABLE, "log_group": 2120, "units": {"a.service": unit_record()}}
 
 
 def test_a_state_bpfwall_writes_passes():
@@ -45,18 +45,29 @@ def test_a_state_bpfwall_writes_passes():
 
 def test_a_version_2_state_reads_as_one_without_events(tmp_path):
     """Version 2 (before drop events) rendered no log rules and no lost counters: it reads as
-    log_rate 0, which renders the same, and is written back as version 3."""
+    log_rate 0, which renders the same, and is written back as version 4."""
     state = good_state()
     del state["log_group"]
     u = state["units"]["a.service"]
-    del u["log_rate"], u["log_burst"]
+    del u["log_rate"], u["log_burst"], u["strict"], u["known"]
     u["objects"]["counters"] = u["objects"]["counters"][:2]
     state["version"] = 2
     sf = StateFile(TABLE, str(tmp_path / "nft"))
     read = sf.decode(encode(state))
     assert (read.units["a.service"].log_rate, read.log_group) == (0, 2120)
-    assert read.as_json()["version"] == 3
+    assert read.as_json()["version"] == 4
     check_state(read.as_json(), TABLE)
+
+
+def test_a_version_3_state_reads_as_not_strict(tmp_path):
+    state = good_state()
+    state["version"] = 3
+    del state["units"]["a.service"]["strict"], state["units"]["a.service"]["known"]
+    read = StateFile(TABLE, str(tmp_path / "nft")).decode(encode(state))
+    assert (read.units["a.service"].strict, read.units["a.service"].known) == (False, [])
+    state["units"]["a.service"]["strict"] = True  # not a field of version 3
+    with pytest.raises(Invalid, match="unknown field strict"):
+        check_state(state, TABLE)
 
 
 @pytest.mark.parametrize("ingress,egress", [
@@ -76,10 +87,10 @@ def test_every_rendering_passes_the_check(ingress, egress):
     u["sets"] = {n: s for n, s in u["sets"].items() if f"@{n}" in (ingress or "") + (egress or "")}
     u["attached"][0]["directions"] = [d for d in ("ingress", "egress") if u[d] is not None]
     u["objects"] = Objects().as_json()  # nothing rendered yet: what from_json reads before the rendering
-    for rate in (0, 25):
-        u.update(log_rate=rate, log_burst=7)
+    for rate, strict in ((0, False), (25, False), (0, True)):
+        u.update(log_rate=rate, log_burst=7, strict=strict, known=[{"cgroup": "a.slice", "id": 76}] if strict else [])
         u["objects"] = layout.objects_of(nft._render("b.service", UnitState.from_json(u), 9)).as_json()
-        check_state({"version": 3, "table": TABLE, "log_group": 9, "units": {"b.service": u}}, TABLE)
+        check_state({"version": 4, "table": TABLE, "log_group": 9, "units": {"b.service": u}}, TABLE)
 
 
 def _set(path: str, value):
@@ -132,6 +143,12 @@ BAD = {  # what a hand edit or damage may do → the field the error must name
     "another unit's chain": (_set(f"{U}/objects/chains/1", UnitNames("b.service").chain("ingress", 0)),
                              "objects.chains"),
     "a base chain": (_set(f"{U}/objects/chains/1", "input_level_1"), "objects.chains"),
+    "strict a string": (_set(f"{U}/strict", "yes"), "units.a.service.strict"),
+    "known while not strict": (_set(f"{U}/known", [{"cgroup": "a.slice", "id": 5}]), "units.a.service.known"),
+    "known cgroup escapes": (lambda s: s["units"]["a.service"].update(
+        strict=True, known=[{"cgroup": "../x", "id": 5}]), "known[0].cgroup"),
+    "known id zero": (lambda s: s["units"]["a.service"].update(
+        strict=True, known=[{"cgroup": "a.slice", "id": 0}]), "known[0].id"),
     "rule count": (lambda s: s["units"]["a.service"]["objects"]["rules"].update(
         {s["units"]["a.service"]["objects"]["chains"][0]: 0}), "objects.rules"),
 }
