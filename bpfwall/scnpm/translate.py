@@ -4,7 +4,8 @@ Translated: `ip|ip6 saddr|daddr` (addresses, networks, ranges, sets, @named sets
 `tcp|udp sport|dport` (numbers, services, ranges, sets, @sets, comparisons),
 `meta l4proto`, `ip protocol`, `meta nfproto`, `icmp|icmpv6 type|code`,
 `meta length`, `socket cgroupv2 level N "path"` (which cgroup the rule is for),
-the verdicts accept, drop and reject (→ drop), and the statements that do not
+the verdicts accept, drop, reject (→ drop), jump, goto, return and continue
+(which flow.py follows through the chains), and the statements that do not
 change a verdict (counter, log, comment). nft adds a protocol dependency to
 every header match (`tcp dport 80` only matches TCP); the translation writes
 it out (`tcp && dst_port == 80`).
@@ -64,10 +65,8 @@ NOT_IN_LANGUAGE = {
     "ipsec": "ipsec matches are not in bpfwall's language",
     "snat": "NAT is not filtering", "dnat": "NAT is not filtering", "masquerade": "NAT is not filtering",
     "redirect": "NAT is not filtering", "tproxy": "tproxy is not filtering",
-    "return": "return hands the packet back to the calling chain; bpfwall has no chains",
-    "jump": "jump/goto to other chains has no bpfwall counterpart",
-    "goto": "jump/goto to other chains has no bpfwall counterpart",
-    "continue": "continue has no bpfwall counterpart", "queue": "queueing to user space is not filtering",
+    "queue": "queueing to user space is not filtering",
+    "vmap": "verdict maps are not followed (write one rule per element)",
 }
 _LOG_OPTIONS = ("prefix", "level", "flags", "group", "snaplen", "queue-threshold")
 
@@ -79,7 +78,8 @@ class Untranslatable(Exception):
 @dataclass
 class Translation:
     atoms: list[str] = field(default_factory=list)    # conditions, all of which must hold
-    verdict: str | None = None                         # "accept" | "drop" | None (no verdict: no effect)
+    verdict: str | None = None    # "accept" "drop" "jump" "goto" "return" "continue" | None (no verdict)
+    target: str | None = None     # the chain of jump/goto
     cgroup: tuple[int, str] | None = None              # (level, path) of `socket cgroupv2`
     sets: dict[str, tuple[str, str]] = field(default_factory=dict)  # bpfwall name -> (kind, nft name)
     notes: list[str] = field(default_factory=list)
@@ -167,6 +167,18 @@ class _Rule:
 
     def m_drop(self) -> None:
         self.out.verdict = "drop"
+
+    def m_jump(self) -> None:
+        self.out.verdict, self.out.target = "jump", self.take()
+
+    def m_goto(self) -> None:
+        self.out.verdict, self.out.target = "goto", self.take()
+
+    def m_return(self) -> None:
+        self.out.verdict = "return"
+
+    def m_continue(self) -> None:
+        self.out.verdict = "continue"
 
     def m_reject(self) -> None:
         if self.peek() == "with":
@@ -263,6 +275,8 @@ class _Rule:
     def values(self) -> tuple[list[str], bool]:
         """One value, or the elements of an anonymous set `{ a, b }`; and whether it was a set."""
         word = self.take()
+        if word == "vmap":
+            raise Untranslatable(NOT_IN_LANGUAGE["vmap"])
         if word != "{":
             if "." in (word, self.peek()):
                 raise Untranslatable("concatenations (a . b) are not in bpfwall's language")
