@@ -29,6 +29,7 @@ from .translate import Translation, Untranslatable, translate
 # prerouting then input.
 HOOKS = {"egress": ("output", "postrouting"), "ingress": ("prerouting", "input")}
 FAMILY_GUARD = {"ip": "ip", "ip6": "ipv6", "inet": None}   # which packets a table's chains see
+SOCKET_HOOKS = ("prerouting", "input", "output")  # where nft's socket expression and reject work
 MAX_DEPTH = 16          # the kernel's jump stack (NFT_JUMP_STACK_SIZE)
 MAX_EXPRESSION = 200_000  # characters: jumps copy what follows them into each way out of the chain
 
@@ -85,6 +86,7 @@ class Flow:
     policies: dict[tuple, str] = field(default_factory=dict)   # base chain key -> policy that replaces its own
     sets: dict[str, tuple] = field(default_factory=dict)       # bpfwall name -> (kind, nft name, family, table)
     notes: dict[str, list[int]] = field(default_factory=dict)
+    hook: str | None = None                                    # of the base chain being followed
 
     def bases(self, direction: str) -> list[Chain]:
         hooks = HOOKS[direction]
@@ -112,6 +114,7 @@ class Flow:
         if chain.type == "nat" and chain.rules:
             raise Refused(chain.rules[0].line, f"{chain.where} is a nat chain: it sees a connection's first "
                                                "packet only, which bpfwall cannot tell apart")
+        self.hook = chain.hook
         expr = self.run(chain, self.policy(chain), ())
         guard = FAMILY_GUARD[chain.family]
         return ite(guard, expr, TRUE) if guard else expr
@@ -154,10 +157,13 @@ class Flow:
 
     def rule(self, rule: Rule, chain: Chain) -> Translation | None:
         """The rule's translation for this unit's packets, or None when it never matches them."""
+        found = cgroup_match(rule.words)
+        if found is not None and self.hook not in SOCKET_HOOKS:
+            raise Refused(rule.line, f"socket cgroupv2 on the {self.hook} hook: nft finds no socket there "
+                                     "(it refuses the rule)")
         if rule.unit == self.unit:
             t = self.own.get(rule.line)
         else:
-            found = cgroup_match(rule.words)
             if found is not None and not self.in_cgroup(found, rule):
                 return None  # a rule for another cgroup: whatever else it says, not the unit's packets
             if rule.unit is not None:
@@ -172,6 +178,8 @@ class Flow:
                 return None
         if t is None:
             return None
+        if t.rejects and self.hook not in SOCKET_HOOKS:
+            raise Refused(rule.line, f"reject on the {self.hook} hook (nft refuses the rule)")
         for name, (kind, nft_name) in t.sets.items():
             seen = self.sets.setdefault(name, (kind, nft_name, chain.family, chain.table))
             if seen != (kind, nft_name, chain.family, chain.table):

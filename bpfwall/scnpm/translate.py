@@ -80,6 +80,7 @@ class Translation:
     atoms: list[str] = field(default_factory=list)    # conditions, all of which must hold
     verdict: str | None = None    # "accept" "drop" "jump" "goto" "return" "continue" | None (no verdict)
     target: str | None = None     # the chain of jump/goto
+    rejects: bool = False         # the drop is a reject (which nft allows on some hooks only)
     cgroup: tuple[int, str] | None = None              # (level, path) of `socket cgroupv2`
     sets: dict[str, tuple[str, str]] = field(default_factory=dict)  # bpfwall name -> (kind, nft name)
     notes: list[str] = field(default_factory=list)
@@ -190,7 +191,7 @@ class _Rule:
                 if self.peek() == "type":
                     self.pos += 1
                 self.take()
-        self.out.verdict = "drop"
+        self.out.verdict, self.out.rejects = "drop", True
         self.out.notes.append("reject became drop: bpfwall drops without an ICMP error or TCP reset")
 
     # -- matches --------------------------------------------------------------

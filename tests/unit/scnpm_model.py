@@ -20,7 +20,7 @@ CGROUP = "system.slice/a.service"
 OTHER = "system.slice/b.service"
 _V4 = ["10.0.0.0/8", "10.0.0.1", "192.168.0.0/16", "127.0.0.0/8"]
 _V6 = ["2001:db8::/32", "::1", "fe80::/10"]
-_PORTS = [22, 53, 80, 443, 1024]
+PORTS = [22, 53, 80, 443, 1024]
 
 
 @dataclass
@@ -136,10 +136,10 @@ def nft_match(draw, family: str = "inet"):
         proto, key = draw(st.sampled_from(["tcp", "udp"])), draw(st.sampled_from(["sport", "dport"]))
         attr = "src_port" if key == "sport" else "dst_port"
         if kind == "port":
-            op, n = draw(st.sampled_from(["", "!= ", "< ", ">= "])), draw(st.sampled_from(_PORTS))
+            op, n = draw(st.sampled_from(["", "!= ", "< ", ">= "])), draw(st.sampled_from(PORTS))
             test = {"": int.__eq__, "!= ": int.__ne__, "< ": int.__lt__, ">= ": int.__ge__}[op]
             return f"{proto} {key} {op}{n}", lambda f: getattr(f, proto) and test(getattr(f, attr), n)
-        spans = draw(st.lists(st.tuples(st.sampled_from(_PORTS), st.integers(0, 500)), min_size=1, max_size=3))
+        spans = draw(st.lists(st.tuples(st.sampled_from(PORTS), st.integers(0, 500)), min_size=1, max_size=3))
         spans = [(lo, min(lo + w, 65535)) for lo, w in spans]
         neg = draw(st.booleans())
         text = "{ " + ", ".join(f"{lo}-{hi}" if hi > lo else str(lo) for lo, hi in spans) + " }"
@@ -173,34 +173,61 @@ def nft_match(draw, family: str = "inet"):
     return "counter", lambda f: True
 
 
+def _layers(text: str) -> tuple[bool, int | None]:
+    """Whether a match names a transport protocol, and the IP version it implies."""
+    l4 = text.startswith(("tcp ", "udp ", "icmp ", "icmpv6 ", "meta l4proto"))
+    version = 4 if text.startswith(("ip ", "icmp ", "meta nfproto ipv4")) else \
+        6 if text.startswith(("ip6 ", "icmpv6 ", "meta nfproto ipv6")) else None
+    return l4, version
+
+
+def _loadable(matches: list) -> list:
+    """The matches nft loads together: one transport protocol and one IP version per rule
+    (nft refuses `udp dport 53 icmpv6 type …`: conflicting protocols)."""
+    kept, l4_seen, versions = [], False, set()
+    for text, predicate in matches:
+        l4, version = _layers(text)
+        if l4 and l4_seen or version is not None and versions - {version}:
+            continue
+        l4_seen |= l4
+        versions |= {version} - {None}
+        kept.append((text, predicate))
+    return kept
+
+
 _VERDICTS = ["accept", "drop", "reject", "return", "continue", "counter", "jump", "goto"]
 
 
 @st.composite
 def _rule(draw, family: str, targets: list[str], unit: str | None, cgroups: bool):
-    matches = draw(st.lists(nft_match(family), max_size=2))
+    """A rule; without `cgroups` (on postrouting) neither socket matches nor reject, which nft
+    allows on the prerouting, input and output hooks only."""
+    matches = _loadable(draw(st.lists(nft_match(family), max_size=2)))
     texts, predicates = [m for m, _ in matches], [p for _, p in matches]
     if cgroups:  # the unit's own cgroup (holds), another's (never holds), or none
         which = draw(st.sampled_from([None, CGROUP, OTHER] if unit is None else [CGROUP]))
         if which is not None:
             texts.insert(0, f'socket cgroupv2 level 2 "{which}"')
             predicates.insert(0, (lambda f: True) if which == CGROUP else (lambda f: False))
-    verdicts = [v for v in _VERDICTS if targets or v not in ("jump", "goto")]
+    verdicts = [v for v in _VERDICTS if (targets or v not in ("jump", "goto")) and (cgroups or v != "reject")]
     verdict = draw(st.sampled_from(verdicts))  # "counter": a rule without a verdict
     target = draw(st.sampled_from(targets)) if verdict in ("jump", "goto") else None
     return MRule(texts, predicates, verdict, target, unit)
 
 
 @st.composite
-def rulesets(draw, hooks: tuple[str, ...] = ("output", "postrouting")):
-    """1-2 tables, each with 1-2 base chains on `hooks` (and sometimes one on input, which must
-    not count) and 0-3 regular chains; a regular chain jumps only to later ones (nft refuses
-    loops). The unit's scnpm rules go at the ends of chains, and the first base chain gets one."""
+def rulesets(draw, other_hook: str | None = "input"):
+    """1-2 tables, each with 1-2 base chains on output (and sometimes one on `other_hook`, which
+    must not count) and 0-3 regular chains, and sometimes a table with a postrouting base chain
+    (no socket matches there: nft has no socket on that hook); a regular chain jumps only to later
+    ones (nft refuses loops). The unit's scnpm rules go at the ends of chains, and the first base
+    chain gets one."""
     tables = []
     families = draw(st.lists(st.sampled_from(["inet", "ip", "ip6"]), min_size=1, max_size=2))
     for n, family in enumerate(families):
+        hooks = ("output",)
         regular = [f"c{k}" for k in range(draw(st.integers(0, 3)))]
-        bases = [MChain(f"b{k}", draw(st.sampled_from(hooks + ("input",) if k else hooks)),
+        bases = [MChain(f"b{k}", draw(st.sampled_from(hooks + (other_hook,) if k and other_hook else hooks)),
                         draw(st.sampled_from([-10, 0, 10])), draw(st.sampled_from([None, "accept", "drop"])))
                  for k in range(draw(st.integers(1, 2)))]
         chains = bases + [MChain(name) for name in regular]
@@ -216,4 +243,13 @@ def rulesets(draw, hooks: tuple[str, ...] = ("output", "postrouting")):
         for chain in chains:  # scnpm adds the unit's rules after the file's own
             chain.rules.sort(key=lambda r: r.unit is not None)
         tables.append(MTable(family, f"t{n}", chains))
+    if draw(st.booleans()):
+        family = draw(st.sampled_from(["inet", "ip", "ip6"]))
+        regular = [f"c{k}" for k in range(draw(st.integers(0, 2)))]
+        chains = [MChain("post", "postrouting", draw(st.sampled_from([-10, 0, 10])),
+                         draw(st.sampled_from([None, "accept", "drop"])))] + [MChain(name) for name in regular]
+        for chain in chains:
+            targets = regular if chain.hook else regular[regular.index(chain.name) + 1:]
+            chain.rules = draw(st.lists(_rule(family, targets, None, False), max_size=3))
+        tables.append(MTable(family, "tp", chains))
     return tables
