@@ -14,27 +14,48 @@ BPFNAME ?= bpfwall-filter
 DIRECTION ?= ingress
 export FILTER BPFNAME DIRECTION
 
-.PHONY: setup apt venv bpffs rootfs demo test test-unit bench load unload clean install uninstall
+.PHONY: help setup apt venv bpffs rootfs demo test test-unit bench load unload clean install uninstall
+.DEFAULT_GOAL := help
 
-setup: apt venv bpffs
+# Bare `make` installs nothing: it says what the targets do.
+help:
+	@echo "bpfwall — targets (see README.md):"
+	@echo "  make setup       install what bpfwall needs (apt packages as root, .venv, bpffs mount)"
+	@echo "  make demo        a real cgroup, a real filter, real packets passing and dropping"
+	@echo "  make test        ruff, then every test tier this machine supports"
+	@echo "  make test-unit   the tests that need no root"
+	@echo "  make bench       the benchmarks (bench/)"
+	@echo "  make FILTER='icmp || udp && dst_port == 53' BPFNAME=x [DIRECTION=egress] load"
+	@echo "                   compile FILTER, pin it as /sys/fs/bpf/BPFNAME for IP*FilterPath="
+	@echo "  make BPFNAME=x unload"
+	@echo "  make install [PREFIX=/usr/local] / make uninstall"
+
+# One line per step and how long it took, then the total (apt's own output is kept quiet; its
+# errors still show).
+setup:
+	@start=$$(date +%s); $(MAKE) -s --no-print-directory apt venv bpffs && \
+	echo "setup: done in $$(( $$(date +%s) - start )) s"
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "installing: $$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	fi
+	if [ -z "$$missing" ]; then echo "setup: apt packages: all $(words $(APT_PACKAGES)) installed"; exit 0; fi; \
+	t=$$(date +%s); echo "setup: apt-get update …"; apt-get update -qq || exit $$?; \
+	echo "setup: apt-get update: $$(( $$(date +%s) - t )) s"; \
+	t=$$(date +%s); echo "setup: installing $$(echo $$missing | wc -w) packages: $$(echo $$missing) …"; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || exit $$?; \
+	echo "setup: apt-get install: $$(( $$(date +%s) - t )) s"
 
 # Debian's python3 sees the python3-* packages (nftables, systemd); pyenv's does not.
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
+	@echo "setup: building $(VENV) (pytest, hypothesis, pyelftools, ruff; bpfwall in editable mode) …"
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check 'pytest>=7' 'hypothesis>=6' 'pyelftools>=0.29' ruff
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	touch $@
 
 bpffs:
-	@mountpoint -q /sys/fs/bpf || mount -t bpf -o mode=0700 bpf /sys/fs/bpf
+	@mountpoint -q /sys/fs/bpf || { mount -t bpf -o mode=0700 bpf /sys/fs/bpf && echo "setup: mounted bpffs on /sys/fs/bpf"; }
 
 demo: venv bpffs
 	$(PY) scripts/demo.py

@@ -227,6 +227,26 @@ def remove(path: str) -> bool:
     return True
 
 
+# Where systemd finds system units (systemd.unit(5), "System Unit Search Path"; /lib on Debian).
+UNIT_SEARCH_PATH = ("/etc/systemd/system.control", "/run/systemd/system.control", "/run/systemd/transient",
+                    "/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
+                    "/usr/lib/systemd/system", "/lib/systemd/system")
+TEMPLATE = "bpfwall@.service"
+
+
+def template_installed(unit_dir: str) -> bool:
+    """Can systemd start bpfwall@UNIT.service? Asked of systemd when it runs (it knows every
+    search path, generators included), else looked up in `unit_dir` and the standard paths."""
+    import subprocess
+
+    if systemd_running():
+        proc = subprocess.run(["systemctl", "show", "--property=LoadState", "--value", loader_unit("x.service")],
+                              capture_output=True, text=True)
+        if proc.returncode == 0 and proc.stdout.strip():
+            return proc.stdout.strip() == "loaded"
+    return any(os.path.isfile(os.path.join(d, TEMPLATE)) for d in (unit_dir, *UNIT_SEARCH_PATH))
+
+
 def systemd_running() -> bool:
     """systemd is PID 1 (sd_booted(3): /run/systemd/system exists)."""
     return os.path.isdir("/run/systemd/system")

@@ -15,6 +15,9 @@ Maps (each pinned under its name in the unit's directory):
   log_limit  ARRAY[2]          direction → struct bpfwall_log_limit: the events' token bucket
   events_lost PERCPU_ARRAY[2]  direction → u64: events lost to the limit or a full ring
   set_<name> per @name         HASH u32 → u8 (numbers) or LPM_TRIE struct bpfwall_addr_key → u8
+  ifaces     HASH[IFACES_CAPACITY]  struct bpfwall_iface_key → u64 (only when a filter reads ifname):
+             the bits of the unit's interface names (meta "interfaces", bit i = name i) that the
+             link's name matches, for each link that matches one; user space keeps it current
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 
 from . import events
 from .kernel import syscall as sc
+from .lang.values import interface_matches
 
 # -- the program -----------------------------------------------------------------
 
@@ -36,6 +40,7 @@ MODES = ("enforce", "audit")        # index = enum MODE_ENFORCE, MODE_AUDIT
 
 COUNTERS, MODE, PARAMS, META = "counters", "mode", "params", "meta"
 EVENTS, LOG_LIMIT, EVENTS_LOST = "events", "log_limit", "events_lost"
+IFACES = "ifaces"
 SET_PREFIX = "set_"
 
 
@@ -147,6 +152,25 @@ def value_of(kind: str, key: bytes):
     return Index.from_buffer_copy(key).value if kind == "number" else network_of(key)
 
 
+class IfaceKey(ctypes.Structure):
+    """struct bpfwall_iface_key: a link, by the cookie of its network namespace and its ifindex
+    (ifindexes are per namespace: a packet of another one never takes a link's bits)."""
+    _fields_ = [("netns", ctypes.c_uint64), ("ifindex", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+IfaceBits = ctypes.c_uint64
+IFACES_CAPACITY = 4096  # links whose name matches one of a unit's interface names (allocated on use)
+
+
+def iface_key(netns: int, ifindex: int) -> bytes:
+    return bytes(IfaceKey(netns, ifindex, 0))
+
+
+def iface_bits(patterns: list[str], name: str) -> int:
+    """The value of a link called `name`: bit i set when it matches patterns[i]."""
+    return sum(1 << i for i, p in enumerate(patterns) if interface_matches(p, name))
+
+
 META_STEP = 256
 
 
@@ -232,8 +256,10 @@ class MapShape:
     flags: int = 0
 
 
-def map_shapes(params: list[str], sets: dict[str, str], meta_bytes: int, set_capacity: int) -> dict[str, MapShape]:
-    """Every map of a unit's program with these params, sets (name → kind) and meta size."""
+def map_shapes(params: list[str], sets: dict[str, str], meta_bytes: int, set_capacity: int,
+               interfaces: bool = False) -> dict[str, MapShape]:
+    """Every map of a unit's program with these params, sets (name → kind) and meta size;
+    `interfaces`: whether a filter reads ifname."""
     shapes = {
         COUNTERS: MapShape(sc.BPF_MAP_TYPE_PERCPU_ARRAY, Index, Counter, COUNTER_SLOTS),
         MODE: MapShape(sc.BPF_MAP_TYPE_ARRAY, Index, Mode, 1),
@@ -247,4 +273,6 @@ def map_shapes(params: list[str], sets: dict[str, str], meta_bytes: int, set_cap
         shapes[set_map(name)] = (
             MapShape(sc.BPF_MAP_TYPE_HASH, Index, SetValue, set_capacity) if kind == "number" else
             MapShape(sc.BPF_MAP_TYPE_LPM_TRIE, AddrKey, SetValue, set_capacity, sc.BPF_F_NO_PREALLOC))
+    if interfaces:
+        shapes[IFACES] = MapShape(sc.BPF_MAP_TYPE_HASH, IfaceKey, IfaceBits, IFACES_CAPACITY, sc.BPF_F_NO_PREALLOC)
     return shapes

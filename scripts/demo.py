@@ -91,18 +91,18 @@ def main() -> None:
             sh("attach", UNIT, cg.path)
             for port, sock in ((p_udp_open, udp_open), (p_udp_closed, udp_closed)):
                 send_udp(port)
-                print(f"  UDP to {port}: {drain(sock)}/5 datagrams arrived")
+                print(f"# demo: UDP to {port}: {drain(sock)}/5 datagrams arrived")
             for port in (p_tcp_open, p_tcp_closed):
-                print(f"  TCP connect to {port}: {'accepted' if tcp_connects(port) else 'no answer (SYN dropped)'}")
+                print(f"# demo: TCP connect to {port}: {'accepted' if tcp_connects(port) else 'no answer (SYN dropped)'}")
             sh("stats", UNIT)
             print(f"\n# Open UDP {p_udp_closed} live, without reloading:")
             sh("set", UNIT, f"extra={p_udp_closed}")
             send_udp(p_udp_closed)
-            print(f"  UDP to {p_udp_closed}: {drain(udp_closed)}/5 datagrams arrived")
+            print(f"# demo: UDP to {p_udp_closed}: {drain(udp_closed)}/5 datagrams arrived")
             print("\n# Reload with a new expression: swapped in place (the attachment is a pinned bpf_link: BPF_LINK_UPDATE), counters kept:")
             sh("load", UNIT, "--ingress", f"udp && local_port == {p_udp_closed}")
             send_udp(p_udp_open)
-            print(f"  UDP to {p_udp_open}: {drain(udp_open)}/5 datagrams arrived")
+            print(f"# demo: UDP to {p_udp_open}: {drain(udp_open)}/5 datagrams arrived")
             sh("stats", UNIT)
             sh("list")
         finally:

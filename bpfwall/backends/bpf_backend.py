@@ -210,7 +210,12 @@ class BpfBackend:
         """Nothing beyond the watcher's own lock, which is per pin root."""
 
     def guard(self, log):
-        return None  # the pins keep the programs; check_pins (intact()) notices them removed
+        """Keeps the units' interface names matched to the devices as links come, go and are
+        renamed (bpf_interfaces.py). The programs need no guard: the pins keep them, and
+        check_pins (intact()) notices them removed."""
+        from .bpf_interfaces import InterfaceGuard
+
+        return InterfaceGuard(self.pin_root, log)
 
     def prepare(self, entry) -> None:
         """Compile now (cached), so a bad build stops a reload before anything changes."""

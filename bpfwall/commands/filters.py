@@ -55,7 +55,8 @@ def register(add) -> None:
     unit_argument(p, "a loaded unit")
     p.add_argument("changes", nargs="+", metavar="CHANGE",
                    help="NAME=VALUE (a $param), mode=enforce|audit, log_rate=N, log_burst=N (drop events per second, burst), @SET+E1,E2 (add), @SET-E1,E2 (remove), "
-                        "@SET=E1,E2 (replace); all are checked before the first is made")
+                        "@SET=E1,E2 (replace), interfaces (look ifname's names up again among the devices now); "
+                        "all are checked before the first is made")
     p.set_defaults(handler=cmd_set)
 
 
@@ -125,14 +126,16 @@ def cmd_list(args) -> None:
 
 
 def describe_attachments(attached: list[dict]) -> str:
-    """Where a unit runs, as the kernel says: a program of the unit that is not the one its pins
-    name now (a load cut short, a crash) is shown as such, never hidden."""
-    def one(a: dict) -> str:
-        text = f"{a['cgroup']} ({a['direction']})"
+    """Where a unit runs, as the kernel says, each cgroup once with its directions:
+    `/sys/fs/cgroup/x (ingress, egress)`. A program of the unit that is not the one its pins name
+    now (a load cut short, a crash) is shown as such, never hidden."""
+    by_cgroup: dict[str, list[str]] = {}
+    for a in sorted(attached, key=lambda a: DIRECTION_CHOICES.index(a["direction"])):
+        text = a["direction"]
         if a.get("current") is False:
             text += f" [stale program id {a['program']}, not the pinned one: run bpfwall load again]"
-        return text
-    return ", ".join(one(a) for a in attached) or "not attached"
+        by_cgroup.setdefault(a["cgroup"], []).append(text)
+    return ", ".join(f"{cg} ({', '.join(ds)})" for cg, ds in by_cgroup.items()) or "not attached"
 
 
 def interval(text: str) -> float:
@@ -173,7 +176,9 @@ def cmd_stats(args) -> None:
 
 
 def parse_change(text: str):
-    """name=value | mode=M | log_rate=N | log_burst=N | @set+E,.. | @set-E,.. | @set=E,.."""
+    """name=value | mode=M | log_rate=N | log_burst=N | @set+E,.. | @set-E,.. | @set=E,.. | interfaces"""
+    if text == "interfaces":
+        return ("interfaces",)
     if text.startswith("@"):
         for i, ch in enumerate(text):
             if ch in "+-=":

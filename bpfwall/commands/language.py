@@ -66,22 +66,32 @@ def cmd_test(args) -> None:
     unit_program = program(args, args.expr if args.direction == "ingress" else None,
                            args.expr if args.direction == "egress" else None)
     params, sets = param_values(args), set_values(args, unit_program)
-    packets = read_packets(args)
-    verdicts = kernel.test_run(unit_program, args.direction, packets, params, sets)
+    named = read_packets(args)
+    verdicts = kernel.test_run(unit_program, args.direction, [data for _, data in named], params, sets)
     checked = unit_program.ingress or unit_program.egress
-    rows = []
-    for i, (data, verdict) in enumerate(zip(packets, verdicts, strict=False)):
+    rows, lines, unjudged = [], [], 0
+    for i, ((where, data), verdict) in enumerate(zip(named, verdicts, strict=True)):
         fields = parse_packet(data)
         reference = evaluate(checked.expr, fields, args.direction, params, sets)
-        rows.append({"index": i, "verdict": "pass" if verdict else "drop",
-                     "reference": "pass" if reference else "drop", "agree": verdict == reference,
-                     "fields": as_dict(fields)})
+        row = {"index": i, "where": where, "reference": "pass" if reference else "drop",
+               "fields": as_dict(fields)}
+        if isinstance(verdict, bool):
+            row.update(verdict="pass" if verdict else "drop", agree=verdict == reference)
+            lines.append(row["verdict"])
+        else:  # the kernel would not run it (PacketTooLong): say which packet and why
+            unjudged += 1
+            row.update(verdict=None, agree=None, error=str(verdict))
+            lines.append(f"error: {where}: {verdict}")
+        rows.append(row)
     emit(args, {"expression": checked.text, "direction": args.direction, "packets": rows},
-         "\n".join(r["verdict"] for r in rows))
+         "\n".join(lines))
+    if unjudged:
+        raise UsageError(f"{unjudged} of {len(rows)} packets not judged (see above)")
 
 
-def read_packets(args) -> list[bytes]:
-    """The packets of --hex or --packets, each checked to be an IPv4 or IPv6 packet."""
+def read_packets(args) -> list[tuple[str, bytes]]:
+    """The packets of --hex or --packets, each checked to be an IPv4 or IPv6 packet, with where
+    each was given (`--hex #2`, `FILE:7`)."""
     if args.hex:
         lines = [(f"--hex #{i + 1}", h) for i, h in enumerate(args.hex)]
     else:
@@ -109,7 +119,7 @@ def read_packets(args) -> list[bytes]:
             parse_packet(data)
         except PacketError as e:
             raise UsageError(f"{where}: {e}") from None
-        packets.append(data)
+        packets.append((where, data))
     return packets
 
 

@@ -107,7 +107,7 @@ def cmd_show(args) -> None:
                 lines.append(f"  {d}: {spec[d]}")
         for name, value in spec["params"].items():
             lines.append(f"  ${name} = {value}")
-        for name, elements in spec["sets"].items():
+        for name, elements in e.sets_as_written().items():
             lines.append(f"  @{name} = {{{', '.join(elements)}}}")
         blocks.append("\n".join(lines))
     print("\n\n".join(blocks) if blocks else f"{policy_dir(getattr(args, 'policy_dir', None))}: no units")

@@ -38,6 +38,8 @@ def register(add) -> None:
     what.add_argument("--dry-run", action="store_true", help="print the drop-in, write nothing")
     what.add_argument("--remove", action="store_true", help="delete the drop-in")
     p.add_argument("--no-reload", action="store_true", help="do not run systemctl daemon-reload")
+    p.add_argument("--force", action="store_true",
+                   help=f"write it even though {dropin.TEMPLATE} is not installed (the unit cannot start until it is)")
     p.set_defaults(handler=cmd_dropin)
 
     p = add("run", "run a command with filters on its cgroup from its first socket on: run [OPTIONS] -- CMD ARG…")
@@ -132,6 +134,11 @@ def cmd_dropin(args) -> None:
     if args.dry_run:
         print("\n".join(f"# {p}\n{text}" for p, text in files.items()), end="")
         return
+    if not args.force and not dropin.template_installed(args.unit_dir):
+        raise dropin.DropinError(
+            f"{dropin.TEMPLATE} is not installed, and {unit} would not start with "
+            f"Requires={dropin.loader_unit(unit)}: install bpfwall's units (the bpfwall package, or "
+            f"`make install`), or pass --force")
     changed = [p for p, text in files.items() if dropin.write(p, text)]
     if not env:
         dropin.remove(loader_path)  # an earlier non-default pin root no longer applies

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import struct
 from dataclasses import dataclass
 
 from . import syscall as sc
@@ -86,16 +87,45 @@ def prog_info(fd: int) -> ProgInfo:
                     info.btf_id, info.run_time_ns, info.run_cnt)
 
 
-def prog_test_run(fd: int, data: bytes, repeat: int = 1) -> tuple[int, int]:
+def prog_test_run(fd: int, data: bytes, repeat: int = 1, ifindex: int = 0) -> tuple[int, int]:
     """Run the program on `data` `repeat` times: (return value, mean duration in ns).
 
     cgroup_skb programs take an Ethernet frame: the kernel reads skb->protocol
     from its ethertype and hands the program the data after the 14-byte header.
+    `ifindex` (> 1): the skb's device, of this thread's network namespace; else its loopback.
     """
     buf = sc.buffer(data)
     attr = sc.TestRunAttr(prog_fd=fd, data_size_in=len(data), data_in=sc.addr(buf), repeat=repeat)
+    if ifindex:
+        ctx = sc.buffer(bytes(sc.SKB_CTX_IFINDEX_OFFSET) + struct.pack("=I", ifindex))
+        attr.ctx_size_in, attr.ctx_in = sc.SKB_CTX_SIZE, sc.addr(ctx)
     sc.bpf(sc.BPF_PROG_TEST_RUN, attr, f"cannot test-run program fd {fd}")
     return attr.retval, attr.duration
+
+
+def test_run_limit(fd: int, data: bytes) -> int | None:
+    """The longest prefix of `data` (in bytes) the kernel will test-run, when `data` is refused
+    for its length alone; None when it is refused whatever its length (another reason).
+
+    The kernel caps a test-run's input at a page less its skb head- and tailroom (3,712 bytes of
+    frame on x86-64 with 4 KiB pages); the figure depends on the architecture and the kernel's
+    struct sizes, so it is measured: a binary search over prefixes, ~12 runs."""
+    def accepted(n: int) -> bool:
+        try:
+            prog_test_run(fd, data[:n])
+            return True
+        except KernelError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            return False
+
+    low, high = 34, len(data)  # Ethernet + a minimal IPv4 header: the shortest the kernel runs
+    if not accepted(low):
+        return None
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if accepted(mid) else (low, mid)
+    return low
 
 
 def _next_id(cmd: int, start: int) -> int | None:

@@ -95,10 +95,16 @@ class Entry:
         data = json.dumps(self.filter_spec(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(data.encode()).hexdigest()
 
+    def sets_as_written(self) -> dict[str, list[str]]:
+        """Each set's elements in the order the policy writes them (repeats once): what `policy
+        show` prints. The fingerprint sorts them instead, so that order alone changes nothing."""
+        return {name: list(dict.fromkeys(show_element(e) for e in elements))
+                for name, elements in sorted(self.sets.items())}
+
     def as_dict(self) -> dict:
         spec = self.filter_spec()
         return {"name": self.name, "file": self.file, "line": self.line, "cgroup": self.cgroup,
-                "glob": self.is_glob, "fingerprint": self.fingerprint(), **spec}
+                "glob": self.is_glob, "fingerprint": self.fingerprint(), **spec, "sets": self.sets_as_written()}
 
 
 def show_element(element) -> str:

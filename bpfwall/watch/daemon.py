@@ -59,6 +59,26 @@ def is_gone(error: KernelError) -> bool:
     return error.errno == errno.ENOENT
 
 
+def plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def status_line(entries, attached: dict[str, str]) -> str:
+    """What `systemctl status bpfwall` shows, e.g. `policing 3 cgroups with 2 policy entries (1 of
+    them matches no cgroup now)`: entries (a glob covers many units) and the cgroups (path → entry)
+    the watcher attached them to."""
+    entries = set(entries)
+    if not entries:
+        return "no policy entries"
+    if not attached:
+        return f"{plural(len(entries), 'policy entry', 'policy entries')} loaded, no cgroup of theirs exists now"
+    idle = len(entries - set(attached.values()))
+    text = f"policing {plural(len(attached), 'cgroup')} with {plural(len(entries), 'policy entry', 'policy entries')}"
+    if idle:
+        text += f" ({idle} of them {'matches' if idle == 1 else 'match'} no cgroup now)"
+    return text
+
+
 def load_policy_checked(policy_dir: str | None):
     """The policy, refused as a whole if it is invalid (only reads files)."""
     from ..policy import load_policy
@@ -102,7 +122,7 @@ class Watcher:
 
     @property
     def status(self) -> str:
-        return f"policing {len(self.units)} units on {len(self.attached)} cgroups"
+        return status_line(self.units, self.attached)
 
     def update_status(self) -> None:
         status = self.status

@@ -168,12 +168,13 @@ class PacketSpec:
         return TCP_SYN_HEADER if self.kind == "tcp" else UDP_HEADER if self.kind == "udp" else ICMP_HEADER
 
     def fields(self) -> PacketFields:
-        """What the reference evaluator reads for the packet the kernel builds from this spec."""
+        """What the reference evaluator reads for the packet the kernel builds from this spec
+        (every packet goes by the namespace's loopback, both ways)."""
         ports = (self.sport, self.dport) if self.kind in ("udp", "tcp") else (0, 0)
         icmp = (self.icmp_type, self.icmp_code) if self.kind in ("ping", "icmp") else (0, 0)
         return PacketFields(self.family, self.proto, True, *ports, *icmp,
                             IP_HEADER[self.family] + self.options + self.l4_header() + self.payload,
-                            ipaddress.ip_address(self.saddr), ipaddress.ip_address(self.daddr))
+                            ipaddress.ip_address(self.saddr), ipaddress.ip_address(self.daddr), ifname="lo")
 
     def describe(self) -> str:
         where = f"{self.saddr}:{self.sport} -> {self.daddr}:{self.dport}" if self.kind in ("udp", "tcp") \

@@ -67,6 +67,24 @@ def test_test_packets_file_and_sets(capsys, pin_root, tmp_path):
     assert out.split() == ["pass", "drop", "pass"]
 
 
+def test_a_packet_over_the_test_run_limit_is_named_and_the_others_are_judged(capsys, pin_root, tmp_path):
+    # The kernel test-runs at most a page less its skb head- and tailroom (3,698 IP bytes on
+    # x86-64): the long packet's line and the limit are named, the others still get verdicts.
+    f = tmp_path / "pkts"
+    f.write_text(f"{udp4(53).hex()}\n{udp4(53, b'x' * 4000).hex()}\n{udp6(54).hex()}\n")
+    code, out, err = run(capsys, "test", "udp && dst_port == 53", "--packets", str(f))
+    assert code == 2
+    lines = out.splitlines()
+    assert lines[0] == "pass" and lines[2] == "drop"
+    assert lines[1].startswith(f"error: {f}:2: 4028 bytes is over the kernel's test-run limit of ")
+    limit = int(lines[1].split("limit of ")[1].split()[0])
+    assert 1500 <= limit < 4028
+    assert err.strip() == "bpfwall: error: 1 of 3 packets not judged (see above)"
+    # The limit is the kernel's: a packet of exactly that length is judged.
+    fits = udp4(53, b"x" * (limit - 28)).hex()
+    assert ok(capsys, "test", "udp && dst_port == 53", "--hex", fits).split() == ["pass"]
+
+
 # -- load / attach / stats / set / unload -------------------------------------
 
 def test_full_lifecycle(capsys, pin_root, temp_cgroup):
@@ -93,6 +111,8 @@ def test_full_lifecycle(capsys, pin_root, temp_cgroup):
     assert stats["mode"] == "enforce"
     assert {(a["cgroup"], a["direction"]) for a in stats["attached"]} == {
         (temp_cgroup.path, "ingress"), (temp_cgroup.path, "egress")}
+    # The text names the cgroup once, with both directions.
+    assert f"  attached: {temp_cgroup.path} (ingress, egress)" in ok(capsys, "stats", unit).splitlines()
 
     ok(capsys, "set", unit, "extra=9", "@more+10,20..22", "@more-7", "mode=audit")
     stats = json.loads(ok(capsys, "stats", unit, "--json"))

@@ -44,7 +44,7 @@ def test_reconcile_attaches_existing_matching_cgroups_only(daemon, policy_dir, s
     for path in (sub, other, os.path.join(subtree, "x.slice"), subtree):
         assert ours(pin_root, path) == [] and ours(pin_root, path, "egress") == []
     status = [m for m in daemon.messages if "READY=1" in m][0]
-    assert "STATUS=policing 3 units on 3 cgroups" in status.splitlines()
+    assert "STATUS=policing 3 cgroups with 3 policy entries" in status.splitlines()
 
 
 def test_invalid_policy_at_start_exits_2_and_changes_nothing(daemon, policy_dir, pin_root, subtree):
@@ -239,7 +239,7 @@ def test_sighup_repoints_detaches_and_unloads(daemon, policy_dir, subtree, pin_r
     assert pinned_ids(pin_root, "app-*.scope")["ingress"] == glob_id  # unchanged entry: not swapped
     assert cgroup.query(gone, "ingress")[1] == [] and "gone.service" not in bpf.units(pin_root)
     assert attached_id(pin_root, new) == pinned_ids(pin_root, "new.service")["ingress"]
-    assert "STATUS=policing 3 units on 2 cgroups" in daemon.messages[-1].splitlines()
+    assert "STATUS=policing 2 cgroups with 3 policy entries (1 of them matches no cgroup now)" in daemon.messages[-1].splitlines()
 
 
 # -- stopping and restarting ------------------------------------------------------
@@ -309,7 +309,7 @@ def test_queue_overflow_means_a_full_rescan(tmp_path, subtree, pin_root, policy_
         assert all(attached_id(pin_root, p) is None for p in paths)
         w.handle([ino.Event(-1, ino.IN_Q_OVERFLOW, 0, "")])
         assert all(attached_id(pin_root, p) == prog for p in paths)
-        assert w.status == "policing 1 units on 5 cgroups"
+        assert w.status == "policing 5 cgroups with 1 policy entry"
 
 
 def test_removed_cgroups_leave_no_watch_or_index_entry(tmp_path, subtree, pin_root, policy_dir):

@@ -77,7 +77,7 @@ def test_existing_and_new_cgroups_get_their_element(daemon, policy_dir, subtree,
     maps = elements(netns, table)
     assert cid(other) not in {k for m in maps.values() for k in m}
     assert sorted(maps) == ["egress_level_3", "ingress_level_2", "ingress_level_3"]
-    daemon.wait_status("policing 2 units on 22 cgroups")
+    daemon.wait_status("policing 22 cgroups with 2 policy entries")
     assert "error" not in daemon.log()
 
 
@@ -148,7 +148,7 @@ def test_sighup_unloads_removed_entries_and_moves_backends(daemon, policy_dir, s
     assert bpf.units(pin_root) == ["back.service"]
     assert attached_id(pin_root, move) is None
     assert attached_id(pin_root, back, "egress") == pinned_ids(pin_root, "back.service")["egress"]
-    daemon.wait_status("policing 2 units on 2 cgroups")
+    daemon.wait_status("policing 2 cgroups with 2 policy entries")
     time.sleep(0.1)
     assert "error" not in daemon.log() and "restore" not in daemon.log()
 
@@ -223,7 +223,7 @@ def test_mixed_bpf_and_nft_entries(daemon, policy_dir, subtree, netns, table, pi
         wait_for("bpf on the new b", lambda: attached_id(pin_root, c) == pinned_ids(pin_root, "b.service")["ingress"])
         wait_for("nft on the new a", lambda: has_element(netns, table, "ingress_level_3", d))
         assert attached_id(pin_root, d) is None and not has_element(netns, table, "ingress_level_3", c)
-    daemon.wait_status("policing 2 units on 4 cgroups")
+    daemon.wait_status("policing 4 cgroups with 2 policy entries")
     assert "error" not in daemon.log()
 
 

@@ -219,7 +219,13 @@ def test_remove_keeps_other_dropins(tmp_path):
 
 # -- the command ----------------------------------------------------------------------
 
+def _install_template(unit_dir):
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    (unit_dir / dropin.TEMPLATE).write_text("[Service]\nType=oneshot\nExecStart=/bin/true %i\n")
+
+
 def test_dropin_from_policy_writes_and_removes(capsys, policy_dir, unit_dir):
+    _install_template(unit_dir)
     rc, out, err = _cli(capsys, "dropin", "both.socket", "--unit-dir", str(unit_dir),
                         "--policy-dir", str(policy_dir), "--pin-root", "/sys/fs/bpf/t1", "--no-reload")
     assert rc == 0, err
@@ -311,11 +317,11 @@ def test_systemd_reads_back_exactly_what_was_asked(capsys, tmp_path, unit_dir):
     """'%', spaces, quotes, backslashes and '$' in the pin root and policy dir reach systemd intact."""
     pin_root = "/sys/fs/bpf/50% of it/a b\\c\"d'$HOME"
     policy = tmp_path / "policy %n \"q\" \\x $USER"
+    _install_template(unit_dir)
     rc, _, err = _cli(capsys, "dropin", "a-b.service", "--directions", "ingress,egress", "--pin-root", pin_root,
                       "--policy-dir", str(policy), "--unit-dir", str(unit_dir), "--no-reload")
     assert rc == 0, err
     (unit_dir / "a-b.service").write_text("[Service]\nExecStart=/bin/true\n")
-    (unit_dir / "bpfwall@.service").write_text("[Service]\nType=oneshot\nExecStart=/bin/true %i\n")
 
     unit = _systemd_reads(unit_dir / "a-b.service")
     assert unit["IPIngressFilterPath"] == [bpf.prog_path(pin_root, "a-b.service", "ingress")]
@@ -324,6 +330,24 @@ def test_systemd_reads_back_exactly_what_was_asked(capsys, tmp_path, unit_dir):
     loader = _systemd_reads(unit_dir / "bpfwall@a-b.service.service")
     assert sorted(loader["Environment"]) == [f"BPFWALL_PIN_ROOT={pin_root}", f"BPFWALL_POLICY_DIR={policy}"]
     assert loader["Command Line"] == ["/bin/true a-b.service"]
+
+
+@pytest.mark.skipif(dropin.systemd_running() or any(
+    os.path.exists(os.path.join(d, dropin.TEMPLATE)) for d in dropin.UNIT_SEARCH_PATH),
+    reason="this host has bpfwall's template unit installed")
+def test_dropin_without_the_template_unit_is_refused_unless_forced(capsys, unit_dir):
+    # Requires=bpfwall@x.service.service on a host without the template: x.service cannot start.
+    args = ("dropin", "x.service", "--directions", "ingress", "--unit-dir", str(unit_dir), "--no-reload")
+    rc, out, err = _cli(capsys, *args)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "bpfwall@.service is not installed" in err and "--force" in err and "make install" in err
+    assert not unit_dir.exists() and out == ""
+    rc, out, err = _cli(capsys, *args, "--force")
+    assert rc == 0, err
+    assert (unit_dir / "x.service.d" / "bpfwall.conf").exists()
+    _install_template(unit_dir / "elsewhere")  # one in the --unit-dir counts as installed
+    rc, _, err = _cli(capsys, *args[:-3], "--unit-dir", str(unit_dir / "elsewhere"), "--no-reload")
+    assert rc == 0, err
 
 
 @pytest.mark.parametrize("args, words", [

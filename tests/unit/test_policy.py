@@ -204,7 +204,7 @@ def test_units_must_be_tables(trusted_tmp_path):
         "p.toml:1: units: expected a table (one [units.\"NAME\"] table per unit), got an integer"
     assert one_error(trusted_tmp_path, '[units]\n"a.service" = "tcp"\n') == \
         'p.toml:2: units."a.service": expected a table (ingress, egress, params, sets, mode, backend, ' \
-        'set_capacity, force_capacity, cgroup, log_rate, log_burst), got a string'
+        'set_capacity, force_capacity, cgroup, log_rate, log_burst, ip_address_allow, ip_address_deny), got a string'
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -732,3 +732,22 @@ def test_log_limit_changes_the_fingerprint_only_when_written(trusted_tmp_path):
     plain, limited = entry(""), entry("log_rate = 5\n")
     assert "log" not in plain.filter_spec() and plain.log == {}
     assert plain.fingerprint() != limited.fingerprint() != entry("log_rate = 6\n").fingerprint()
+
+
+def test_show_keeps_set_elements_in_the_order_written(trusted_tmp_path):
+    """`policy show` printed `{10..12, 22, 443, 80, 8080}` (sorted as strings) for what the
+    file says as `["8080", "443", "80", "22", "10..12"]`; the fingerprint ignores the order."""
+    first = write(trusted_tmp_path, "a.toml", """
+        [units."web.service"]
+        ingress = "tcp && local_port in @web"
+        sets = { web = ["8080", "443", "80", "22", "10..12", "443"] }
+        """)
+    entry = load_policy(files=[first]).entries[0]
+    assert entry.sets_as_written() == {"web": ["8080", "443", "80", "22", "10..12"]}
+    assert entry.as_dict()["sets"] == {"web": ["8080", "443", "80", "22", "10..12"]}
+    other = write(trusted_tmp_path, "b.toml", """
+        [units."web.service"]
+        ingress = "tcp && local_port in @web"
+        sets = { web = ["10..12", "22", "80", "443", "8080"] }
+        """)
+    assert load_policy(files=[other]).entries[0].fingerprint() == entry.fingerprint()

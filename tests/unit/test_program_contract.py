@@ -83,6 +83,7 @@ PROGRAMS = {
     "params-and-sets": ("dst_port in @ports || saddr in @nets || len > $max || dst_port == $int",
                         "remote_port == $lo"),
     "plain": ("tcp", None),
+    "interfaces": ('ifname in {"wg0", "wlan*"} || udp', 'ifname != "lo"'),
 }
 
 
@@ -102,6 +103,7 @@ def _constants(program: build.UnitProgram) -> dict[str, int]:
         out[f"ADDR_KEY_PREFIXLEN({n.prefixlen})"] = pc.AddrKey.from_buffer_copy(pc.address_key(n)).prefixlen
     out["BPFWALL_META_SIZE"] = pc.meta_size(len(program.meta_bytes()))
     out["BPFWALL_HAS_PARAMS"] = int(bool(program.params))
+    out["BPFWALL_HAS_IFNAME"] = int(bool(program.interfaces))
     return out
 
 
@@ -181,7 +183,8 @@ def test_python_and_c_agree(tmp_path, name):
     wrong = {c: f"C {got}, Python {expected[c]}" for c, got in zip(expected, values, strict=True) if got != expected[c]}
     assert not wrong, wrong
 
-    shapes = pc.map_shapes(program.params, program.sets, len(program.meta_bytes()), program.set_capacity)
+    shapes = pc.map_shapes(program.params, program.sets, len(program.meta_bytes()), program.set_capacity,
+                           bool(program.interfaces))
     assert sorted(mapdefs) == sorted(shapes)
     for map_name, shape in shapes.items():
         d = mapdefs[map_name]
@@ -214,6 +217,13 @@ def test_event_record_and_limits_agree(tmp_path):
         constants[f"sizeof(((struct bpfwall_event *)0)->{name})"] = getattr(pc.Event, name).size
     _, _, values = compile_probe(program, list(constants), tmp_path)
     assert dict(zip(constants, values, strict=True)) == constants
+
+
+def test_interface_bits_and_keys():
+    patterns = ["eth0", "lo", "wlan*"]
+    assert [pc.iface_bits(patterns, n) for n in ("lo", "wlan0", "wlan", "eth0", "eth01", "wg0")] == [2, 4, 4, 1, 0, 0]
+    key = pc.IfaceKey.from_buffer_copy(pc.iface_key(7, 3))
+    assert (key.netns, key.ifindex, key.pad) == (7, 3, 0) and ctypes.sizeof(pc.IfaceKey) == 16
 
 
 def test_log_limit_value_round_trip():

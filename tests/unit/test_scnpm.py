@@ -199,7 +199,7 @@ def test_flat_commands_named_sets_defines_and_families():
     ingress = units["b.service"]["ingress"]
     assert "dst_port in {22, 8000..8100}" in ingress
     assert "!(ip && saddr in {10.0.0.1, 10.0.0.2/31, 10.0.0.4/31, 10.0.0.6})" in ingress
-    assert "ip && icmp && ip && icmp && !icmp_type == 8" in ingress and "len <= 1500" in ingress
+    assert "ip && icmp && ip && icmp && !(icmp_type == 8)" in ingress and "len <= 1500" in ingress
     assert "reject became drop: bpfwall drops without an ICMP error or TCP reset" in result.toml
     assert "# ingress: what nft decides for the unit's packets, through ip t4 in (hook input, priority 0, " \
            "policy drop)" in result.toml

@@ -66,6 +66,18 @@ def receiver():
         yield "@" + name, sock
 
 
+def test_the_status_line_counts_entries_and_cgroups_in_plain_words():
+    from bpfwall.watch.daemon import status_line
+
+    assert status_line([], {}) == "no policy entries"
+    assert status_line(["a.service"], {}) == "1 policy entry loaded, no cgroup of theirs exists now"
+    assert status_line(["a.service"], {"/c/a": "a.service"}) == "policing 1 cgroup with 1 policy entry"
+    assert (status_line(["a.service", "app-*.scope", "b.service"], {"/c/a": "a.service", "/c/b": "b.service"})
+            == "policing 2 cgroups with 3 policy entries (1 of them matches no cgroup now)")
+    assert (status_line(["a", "b", "c"], {"/c/a": "a"})
+            == "policing 1 cgroup with 3 policy entries (2 of them match no cgroup now)")
+
+
 def test_notify_abstract_socket(receiver):
     address, sock = receiver
     n = Notifier(address)
