@@ -87,6 +87,7 @@ class Flow:
     sets: dict[str, tuple] = field(default_factory=dict)       # bpfwall name -> (kind, nft name, family, table)
     notes: dict[str, list[int]] = field(default_factory=dict)
     hook: str | None = None                                    # of the base chain being followed
+    going: str = "egress"                                      # the direction being followed
 
     def bases(self, direction: str) -> list[Chain]:
         hooks = HOOKS[direction]
@@ -99,6 +100,7 @@ class Flow:
 
     def direction(self, direction: str) -> str:
         """The expression that holds exactly when nft lets the unit's packet through in `direction`."""
+        self.going = direction
         expr = TRUE
         for chain in self.bases(direction):
             expr = ite(expr, self.base(chain), FALSE)
@@ -129,17 +131,24 @@ class Flow:
             t = self.rule(rule, chain)
             if t is None or t.verdict in (None, "continue"):
                 continue
-            steps.append((rule, t))
-            if t.condition == TRUE and t.verdict != "jump":
+            cond = t.condition(self.going)
+            if cond == FALSE:
+                continue  # e.g. oifname on a received packet: nft finds no such device
+            for note in t.notes:
+                lines = self.notes.setdefault(note, [])
+                if rule.line not in lines:
+                    lines.append(rule.line)
+            steps.append((rule, cond, t))
+            if cond == TRUE and t.verdict != "jump":
                 break  # nothing after an unconditional verdict, return or goto runs
         expr = on_return
-        for rule, t in reversed(steps):
+        for rule, cond, t in reversed(steps):
             if t.verdict in ("jump", "goto"):
                 target = self.target(chain, t.target, rule, callers)
                 then = self.run(target, expr if t.verdict == "jump" else on_return, callers + (chain.name,))
             else:
                 then = {"accept": TRUE, "drop": FALSE, "return": on_return}[t.verdict]
-            expr = ite(t.condition, then, expr)
+            expr = ite(cond, then, expr)
             if len(expr) > MAX_EXPRESSION:
                 raise Refused(rule.line, f"the translation of {self.unit}'s packets through these chains "
                                          f"exceeds {MAX_EXPRESSION} characters")
@@ -185,10 +194,6 @@ class Flow:
             if seen != (kind, nft_name, chain.family, chain.table):
                 raise Refused(rule.line, f"set @{nft_name} is used as two kinds of set, or two sets share "
                                          f"the name @{name}")
-        for note in t.notes:
-            lines = self.notes.setdefault(note, [])
-            if rule.line not in lines:
-                lines.append(rule.line)
         return t
 
     def in_cgroup(self, match: tuple[int, str], rule: Rule) -> bool:

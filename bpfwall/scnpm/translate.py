@@ -3,7 +3,8 @@
 Translated: `ip|ip6 saddr|daddr` (addresses, networks, ranges, sets, @named sets),
 `tcp|udp sport|dport` (numbers, services, ranges, sets, @sets, comparisons),
 `meta l4proto`, `ip protocol`, `meta nfproto`, `icmp|icmpv6 type|code`,
-`meta length`, `socket cgroupv2 level N "path"` (which cgroup the rule is for),
+`meta length`, `iifname|oifname` (names, `prefix*`, sets of them: `ifname`, on the
+direction whose device nft reads), `socket cgroupv2 level N "path"` (which cgroup the rule is for),
 the verdicts accept, drop, reject (→ drop), jump, goto, return and continue
 (which flow.py follows through the chains), and the statements that do not
 change a verdict (counter, log, comment). nft adds a protocol dependency to
@@ -13,10 +14,11 @@ it out (`tcp && dst_port == 80`).
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 from dataclasses import dataclass, field
 
-from ..lang.values import NAME_RE, parse_number
+from ..lang.values import NAME_RE, interface_pattern, parse_number
 
 ICMP_TYPES = {
     "echo-reply": 0, "destination-unreachable": 3, "source-quench": 4, "redirect": 5, "echo-request": 8,
@@ -47,9 +49,8 @@ OPS = {"==": "==", "eq": "==", "!=": "!=", "ne": "!=", "<": "<", "lt": "<", ">":
 # Why common nft matches have no bpfwall counterpart.
 NOT_IN_LANGUAGE = {
     "ct": "ct (connection tracking) is not in bpfwall's language: it judges each packet on its own",
-    "iif": "interfaces (iif) are not in bpfwall's language", "oif": "interfaces (oif) are not in bpfwall's language",
-    "iifname": "interfaces (iifname) are not in bpfwall's language",
-    "oifname": "interfaces (oifname) are not in bpfwall's language",
+    "iif": "interfaces by index (iif) are not in bpfwall's language; iifname is",
+    "oif": "interfaces by index (oif) are not in bpfwall's language; oifname is",
     "mark": "packet marks are not in bpfwall's language",
     "skuid": "socket owners (skuid) are not in bpfwall's language; the unit already says whose traffic it is",
     "skgid": "socket owners (skgid) are not in bpfwall's language; the unit already says whose traffic it is",
@@ -84,10 +85,16 @@ class Translation:
     cgroup: tuple[int, str] | None = None              # (level, path) of `socket cgroupv2`
     sets: dict[str, tuple[str, str]] = field(default_factory=dict)  # bpfwall name -> (kind, nft name)
     notes: list[str] = field(default_factory=list)
+    devices: list[tuple[str, str]] = field(default_factory=list)  # ("ingress"|"egress", condition on ifname)
 
-    @property
-    def condition(self) -> str:
-        return " && ".join(f"({a})" for a in self.atoms) if self.atoms else "true"
+    def condition(self, direction: str) -> str:
+        """All the matches, for a packet going `direction`. nft's iifname is the device a packet
+        arrives on, oifname the one it leaves by; a sent packet has no input device, a received one
+        no output device, and a match on a device the packet has not fails, with == and != alike."""
+        if any(d != direction for d, _ in self.devices):
+            return "false"
+        atoms = self.atoms + [c for _, c in self.devices]
+        return " && ".join(f"({a})" for a in atoms) if atoms else "true"
 
 
 def set_name(nft_name: str) -> str:
@@ -219,8 +226,33 @@ class _Rule:
             self.match(" || ".join(names[v] for v in values), op)
         elif key == "length":
             self.numbers("len", 0, 2**32 - 1, guard=None)
+        elif key in ("iifname", "oifname"):
+            self.device("ingress" if key == "iifname" else "egress", key)
         else:
             raise Untranslatable(NOT_IN_LANGUAGE.get(key, f"meta {key} is not in bpfwall's language"))
+
+    def m_iifname(self) -> None:
+        self.device("ingress", "iifname")
+
+    def m_oifname(self) -> None:
+        self.device("egress", "oifname")
+
+    def device(self, direction: str, word: str) -> None:
+        op = self.op()
+        if op not in ("==", "!="):
+            raise Untranslatable(f"'{op}' cannot compare interface names")
+        if self.peek() and self.peek().startswith("@"):
+            raise Untranslatable(f"{word} in a named set: bpfwall lists interface names in the expression")
+        values, braced = self.values()
+        names = []
+        for v in values:
+            try:
+                names.append(interface_pattern(v[1:-1] if v.startswith('"') else v))
+            except ValueError as e:
+                raise Untranslatable(str(e)) from None
+        quoted = [json.dumps(n) for n in names]
+        text = f"ifname == {quoted[0]}" if len(names) == 1 and not braced else f"ifname in {{{', '.join(quoted)}}}"
+        self.out.devices.append((direction, text if op == "==" else f"!({text})"))
 
     def m_ip(self) -> None:
         self.header("ip", "ip", 4)

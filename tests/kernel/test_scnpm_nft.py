@@ -4,7 +4,7 @@ match; then the same packets go through the imported policy, loaded with the bpf
 attached to the same cgroup. Every packet must get the same verdict from both.
 
 The unit's side lives in namespace A (where the ruleset is), the other side in namespace B,
-joined by a veth pair: nft judges only A's half of each exchange, as bpfwall judges only the
+joined by two veth pairs (one named my-vpn, as in scnpm's README example): nft judges only A's half of each exchange, as bpfwall judges only the
 unit's, so a rule that drops everything else (the `drop` after the jump) does not also drop the
 other side's answers. The examples' cgroup paths are moved under a cgroup subtree of the test's
 own (`level N "P"` becomes `level N+1 "<subtree>/P"`) before both nft and the importer read them.
@@ -12,6 +12,7 @@ own (`level N "P"` becomes `level N+1 "<subtree>/P"`) before both nft and the im
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import re
@@ -48,6 +49,12 @@ B4, B6 = ["10.9.0.2", "10.9.0.3"], ["fd09::2", "fd09::3"]       # the other side
 # the others reached by a route.
 B4_MORE, B6_MORE = ["10.77.0.1", "192.168.77.1"], ["2001:db8:77::1"]
 ROUTES = {4: "192.168.77.0/24", 6: "2001:db8:77::/64"}
+# A second link, named as in scnpm's README example: packets to its far ends leave by my-vpn.
+VPN_A, VPN_B = ["10.66.0.1", "fd66::1"], ["10.66.0.2", "fd66::2"]
+# scnpm's README example adds rules to a table and chain the rest of nftables.conf makes.
+PREAMBLE = {"scnpm-readme.conf": "add table inet filter\n"
+                                 "add chain inet filter output { type filter hook output priority 0; }\n"
+                                 "add chain inet filter vpn.whitelist\n"}
 
 EXAMPLES = int(os.environ.get("BPFWALL_SCNPM_EXAMPLES", "25"))
 _verdicts = {True: 0, False: 0}
@@ -66,6 +73,12 @@ def _specs(direction: str) -> list[PacketSpec]:
             out.append(PacketSpec(kind, family, src, dst, 40000 + len(out), dport, payload=8 if kind == "udp" else 0))
         if direction == "egress":
             out.append(PacketSpec("ping", family, mine, theirs[0], icmp_type=8 if family == 4 else 128, payload=8))
+            vpn_mine, vpn_theirs = VPN_A[family == 6], VPN_B[family == 6]
+            out += [PacketSpec(kind, family, vpn_mine, vpn_theirs, 40000 + len(out) + k, dport,
+                               payload=8 if kind == "udp" else 0)
+                    for k, (kind, dport) in enumerate([("tcp", 25), ("tcp", 143), ("tcp", 80), ("udp", 25)])]
+            out.append(PacketSpec("ping", family, vpn_mine, vpn_theirs, icmp_type=8 if family == 4 else 128,
+                                  payload=8))
     return compatible(out)
 
 
@@ -99,24 +112,34 @@ def _ip(*args: str) -> None:
 
 
 def _link(a: NetNamespace, b: NetNamespace) -> None:
-    """A veth pair between the namespaces, addresses on both ends, neighbours known (no ARP/ND
-    traffic for the rules to judge)."""
-    _ip("-n", a.name, "link", "add", "sa", "type", "veth", "peer", "name", "sb", "netns", b.name)
-    macs = {}
-    for ns, dev, v4s, v6s in ((a, "sa", [A4], [A6]), (b, "sb", B4 + B4_MORE, B6 + B6_MORE)):
-        for addr in v4s:
-            _ip("-n", ns.name, "addr", "add", f"{addr}/{24 if addr.startswith('192.') else 8}", "dev", dev)
-        for addr in v6s:
-            _ip("-n", ns.name, "addr", "add", f"{addr}/64", "dev", dev, "nodad")
-        _ip("-n", ns.name, "link", "set", dev, "up")
-        out = subprocess.run(["ip", "-n", ns.name, "-j", "link", "show", dev], capture_output=True, text=True,
-                             check=True).stdout
-        macs[dev] = json.loads(out)[0]["address"]
+    """Two veth pairs between the namespaces (sa-sb, my-vpn-vb), addresses on both ends,
+    neighbours known (no ARP/ND traffic for the rules to judge)."""
+    ends = [("sa", "sb", [A4, A6], B4 + B4_MORE + B6 + B6_MORE), ("my-vpn", "vb", VPN_A, VPN_B)]
+    for dev_a, dev_b, addrs_a, addrs_b in ends:
+        _ip("-n", a.name, "link", "add", dev_a, "type", "veth", "peer", "name", dev_b, "netns", b.name)
+        macs = {}
+        for ns, dev, addrs in ((a, dev_a, addrs_a), (b, dev_b, addrs_b)):
+            for addr in addrs:
+                if ":" in addr:
+                    _ip("-n", ns.name, "addr", "add", f"{addr}/64", "dev", dev, "nodad")
+                else:
+                    _ip("-n", ns.name, "addr", "add", f"{addr}/{24 if addr.startswith(('192.', '10.66.')) else 8}",
+                        "dev", dev)
+            _ip("-n", ns.name, "link", "set", dev, "up")
+            out = subprocess.run(["ip", "-n", ns.name, "-j", "link", "show", dev], capture_output=True, text=True,
+                                 check=True).stdout
+            macs[dev] = json.loads(out)[0]["address"]
+        for ns, dev, peer, addrs in ((a, dev_a, dev_b, addrs_b), (b, dev_b, dev_a, addrs_a)):
+            for addr in addrs:
+                _ip("-n", ns.name, "neigh", "replace", addr, "lladdr", macs[peer], "dev", dev, "nud", "permanent")
     for route in ROUTES.values():
         _ip("-n", a.name, "route", "add", route, "dev", "sa")
-    for ns, dev, peer, addrs in ((a, "sa", "sb", B4 + B4_MORE + B6 + B6_MORE), (b, "sb", "sa", [A4, A6])):
-        for addr in addrs:
-            _ip("-n", ns.name, "neigh", "replace", addr, "lladdr", macs[peer], "dev", dev, "nud", "permanent")
+
+
+def _fields(spec: PacketSpec, direction: str):
+    """What the reference reads for the packet, with the device it crosses in namespace A."""
+    peer = spec.daddr if direction == "egress" else spec.saddr
+    return dataclasses.replace(spec.fields(), ifname="my-vpn" if peer in VPN_B else "sa")
 
 
 def _cgroup(stack: ExitStack, path: str) -> TempCgroup:
@@ -138,7 +161,7 @@ def _exchange(specs, direction, cg, other: NetNamespace) -> list[bool]:
 
 
 @pytest.mark.parametrize("example, direction", [
-    ("whitelist.conf", "egress"), ("jump-then-drop.conf", "egress"),
+    ("scnpm-readme.conf", "egress"), ("whitelist.conf", "egress"), ("jump-then-drop.conf", "egress"),
     ("egress-flow.conf", "egress"), ("ingress-flow.conf", "ingress")])
 def test_real_nft_and_the_imported_policy_agree(example, direction, pin_root, trusted_tmp_path):
     specs = _specs(direction)
@@ -146,7 +169,7 @@ def test_real_nft_and_the_imported_policy_agree(example, direction, pin_root, tr
         far = NetNamespace("bpfwall-test-scnpm").create()
         stack.callback(far.remove)
         _link(near, far)
-        text = _relocate((DATA / example).read_text(), os.path.basename(top.path))
+        text = _relocate(PREAMBLE.get(example, "") + (DATA / example).read_text(), os.path.basename(top.path))
         result = import_text(text, example)
         assert result.problems == [], result.problems
         policy_file = trusted_tmp_path / "imported.toml"
@@ -174,7 +197,7 @@ def test_real_nft_and_the_imported_policy_agree(example, direction, pin_root, tr
     for entry in entries:
         expr = analyze(getattr(entry, direction)).expr
         for spec, nft_passed, bpf_passed in zip(specs, by_nft[entry.name], by_bpf[entry.name], strict=True):
-            reference = evaluate(expr, spec.fields(), direction, {}, {})
+            reference = evaluate(expr, _fields(spec, direction), direction, {}, {})
             if not nft_passed == bpf_passed == reference:
                 mismatches.append(f"{entry.name} {spec.describe()}: nft {nft_passed}, bpfwall {bpf_passed}, "
                                   f"reference {reference}")
@@ -192,8 +215,11 @@ def _egress_specs(draw) -> list[PacketSpec]:
     for k in range(draw(st.integers(6, 10))):
         family = draw(st.sampled_from([4, 6]))
         kind = draw(st.sampled_from(["tcp", "udp", "ping"]))
-        src, dst = (A4, draw(st.sampled_from(B4 + B4_MORE))) if family == 4 else \
-            (A6, draw(st.sampled_from(B6 + B6_MORE)))
+        if draw(st.integers(0, 3)) == 0:  # by my-vpn
+            src, dst = VPN_A[family == 6], VPN_B[family == 6]
+        else:
+            src, dst = (A4, draw(st.sampled_from(B4 + B4_MORE))) if family == 4 else \
+                (A6, draw(st.sampled_from(B6 + B6_MORE)))
         if kind == "ping":
             out.append(PacketSpec("ping", family, src, dst, icmp_type=8 if family == 4 else 128,
                                   payload=draw(st.sampled_from([8, 100]))))
@@ -231,7 +257,7 @@ def test_random_rulesets_in_real_nft_and_bpfwall_agree(world, pin_root, tables, 
         bpf.detach(pin_root, UNIT, cg.path)
         bpf.unload(pin_root, UNIT)
     mismatches = [f"{spec.describe()}: nft {n}, bpfwall {b}" for spec, n, b in zip(specs, by_nft, by_bpf, strict=True)
-                  if n != b or n != evaluate(checked.expr, spec.fields(), "egress", {}, {})]
+                  if n != b or n != evaluate(checked.expr, _fields(spec, "egress"), "egress", {}, {})]
     assert not mismatches, f"{text}\n{egress}\n" + "\n".join(mismatches)
     for passed in by_nft:
         _verdicts[passed] += 1

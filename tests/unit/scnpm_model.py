@@ -15,12 +15,15 @@ from dataclasses import dataclass, field
 
 from hypothesis import strategies as st
 
+from bpfwall.lang.values import interface_matches
+
 UNIT = "a.service"
 CGROUP = "system.slice/a.service"
 OTHER = "system.slice/b.service"
 _V4 = ["10.0.0.0/8", "10.0.0.1", "192.168.0.0/16", "127.0.0.0/8"]
 _V6 = ["2001:db8::/32", "::1", "fe80::/10"]
 PORTS = [22, 53, 80, 443, 1024]
+IFNAMES = ["sa", "my-vpn", "lo", "s*", "wg0"]   # the kernel test's packets leave by sa or my-vpn
 
 
 @dataclass
@@ -126,10 +129,11 @@ def _in_ports(value, spec):
 
 
 @st.composite
-def nft_match(draw, family: str = "inet"):
-    """(nft text, predicate over PacketFields) for one match nft and bpfwall both know,
-    valid in a table of `family`."""
-    kinds = ["port", "ports", "addr", "proto", "icmp", "length", "counter"] + (["nfproto"] if family == "inet" else [])
+def nft_match(draw, family: str = "inet", direction: str = "egress"):
+    """(nft text, predicate over PacketFields) for one match nft and bpfwall both know, valid in a
+    table of `family`, for packets going `direction`."""
+    kinds = ["port", "ports", "addr", "proto", "icmp", "length", "counter", "iface"] + \
+        (["nfproto"] if family == "inet" else [])
     kind = draw(st.sampled_from(kinds))
     v6 = {"ip": False, "ip6": True}.get(family) if family != "inet" else draw(st.booleans())
     if kind in ("port", "ports"):
@@ -165,6 +169,13 @@ def nft_match(draw, family: str = "inet"):
                                             [("echo-request", 8), ("echo-reply", 0), ("time-exceeded", 11)]))
         return (f"{'icmpv6' if v6 else 'icmp'} type {name}",
                 lambda f: f.family == (6 if v6 else 4) and f.icmp and f.icmp_type == number)
+    if kind == "iface":  # a sent packet has an output device only, a received one an input device only
+        key, neg = draw(st.sampled_from(["oifname", "iifname"])), draw(st.booleans())
+        seen = "oifname" if direction == "egress" else "iifname"
+        names = draw(st.lists(st.sampled_from(IFNAMES), min_size=1, max_size=2, unique=True))
+        value = f'"{names[0]}"' if len(names) == 1 else "{ " + ", ".join(f'"{n}"' for n in names) + " }"
+        return (f"{key} {'!= ' if neg else ''}{value}",
+                lambda f: key == seen and any(interface_matches(n, f.ifname) for n in names) != neg)
     if kind == "nfproto":
         return f"meta nfproto {'ipv6' if v6 else 'ipv4'}", lambda f: f.family == (6 if v6 else 4)
     if kind == "length":
