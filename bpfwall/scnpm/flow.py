@@ -65,6 +65,41 @@ def ite(cond: str, then: str, other: str) -> str:
     return f"({cond}) && ({then}) || !({cond}) && ({other})"
 
 
+@dataclass(frozen=True, eq=False)
+class Branch:
+    """`cond ? then : other` before it is written out: what follows a jump is shared, not copied,
+    until `text` writes it, once per way it is reached."""
+    cond: str
+    then: object     # Branch | TRUE | FALSE
+    other: object
+
+
+def branch(cond: str, then, other):
+    if cond == TRUE or then is other or then == other:
+        return then
+    return other if cond == FALSE else Branch(cond, then, other)
+
+
+class TooLarge(Exception):
+    pass
+
+
+def text(node, known: dict | None = None) -> str:
+    """The expression of a Branch tree. A condition already decided on the way down (the same
+    rule condition tested again, as `oifname X jump` then `oifname X reject` do) takes its branch."""
+    if not isinstance(node, Branch):
+        return node
+    known = known or {}
+    if node.cond in known:
+        return text(node.then if known[node.cond] else node.other, known)
+    then = text(node.then, {**known, node.cond: True})
+    other = text(node.other, {**known, node.cond: False})
+    out = ite(node.cond, then, other)
+    if len(out) > MAX_EXPRESSION:
+        raise TooLarge
+    return out
+
+
 def cgroup_match(words: list[str]) -> tuple[int, str] | None:
     """The (level, path) of a `socket cgroupv2 level N [==] "PATH"` among a rule's words."""
     for k in range(len(words) - 4):
@@ -103,7 +138,11 @@ class Flow:
         self.going = direction
         expr = TRUE
         for chain in self.bases(direction):
-            expr = ite(expr, self.base(chain), FALSE)
+            try:
+                expr = ite(expr, text(self.base(chain)), FALSE)
+            except TooLarge:
+                raise Refused(chain.line, f"the translation of {self.unit}'s packets through {chain.where} "
+                                          f"exceeds {MAX_EXPRESSION} characters") from None
         return expr
 
     def policy(self, chain: Chain) -> str:
@@ -119,7 +158,7 @@ class Flow:
         self.hook = chain.hook
         expr = self.run(chain, self.policy(chain), ())
         guard = FAMILY_GUARD[chain.family]
-        return ite(guard, expr, TRUE) if guard else expr
+        return branch(guard, expr, TRUE) if guard else expr
 
     def run(self, chain: Chain, on_return: str, callers: tuple) -> str:
         """What `chain` decides; `on_return` is what happens when it ends without a verdict."""
@@ -148,10 +187,7 @@ class Flow:
                 then = self.run(target, expr if t.verdict == "jump" else on_return, callers + (chain.name,))
             else:
                 then = {"accept": TRUE, "drop": FALSE, "return": on_return}[t.verdict]
-            expr = ite(cond, then, expr)
-            if len(expr) > MAX_EXPRESSION:
-                raise Refused(rule.line, f"the translation of {self.unit}'s packets through these chains "
-                                         f"exceeds {MAX_EXPRESSION} characters")
+            expr = branch(cond, then, expr)
         return expr
 
     def target(self, chain: Chain, name: str, rule: Rule, callers: tuple) -> Chain:

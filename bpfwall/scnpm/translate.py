@@ -18,7 +18,7 @@ import json
 import socket
 from dataclasses import dataclass, field
 
-from ..lang.values import NAME_RE, interface_pattern, parse_number
+from ..lang.values import NAME_RE, interface_matches, interface_pattern, parse_number
 
 ICMP_TYPES = {
     "echo-reply": 0, "destination-unreachable": 3, "source-quench": 4, "redirect": 5, "echo-request": 8,
@@ -85,15 +85,19 @@ class Translation:
     cgroup: tuple[int, str] | None = None              # (level, path) of `socket cgroupv2`
     sets: dict[str, tuple[str, str]] = field(default_factory=dict)  # bpfwall name -> (kind, nft name)
     notes: list[str] = field(default_factory=list)
-    devices: list[tuple[str, str]] = field(default_factory=list)  # ("ingress"|"egress", condition on ifname)
+    devices: list[tuple] = field(default_factory=list)  # ("ingress"|"egress", names, negated, condition)
 
     def condition(self, direction: str) -> str:
         """All the matches, for a packet going `direction`. nft's iifname is the device a packet
-        arrives on, oifname the one it leaves by; a sent packet has no input device, a received one
-        no output device, and a match on a device the packet has not fails, with == and != alike."""
-        if any(d != direction for d, _ in self.devices):
-            return "false"
-        atoms = self.atoms + [c for _, c in self.devices]
+        arrives on, oifname the one it leaves by; a sent packet has no input device and a received
+        one no output device, and nft reads the name of a device a packet has not as "" (so
+        `iifname != "x"` holds for every sent packet, `iifname "x"` for none)."""
+        atoms = list(self.atoms)
+        for going, names, negated, text in self.devices:
+            if going == direction:
+                atoms.append(text)
+            elif any(interface_matches(n, "") for n in names) == negated:
+                return "false"
         return " && ".join(f"({a})" for a in atoms) if atoms else "true"
 
 
@@ -252,7 +256,7 @@ class _Rule:
                 raise Untranslatable(str(e)) from None
         quoted = [json.dumps(n) for n in names]
         text = f"ifname == {quoted[0]}" if len(names) == 1 and not braced else f"ifname in {{{', '.join(quoted)}}}"
-        self.out.devices.append((direction, text if op == "==" else f"!({text})"))
+        self.out.devices.append((direction, names, op == "!=", text if op == "==" else f"!({text})"))
 
     def m_ip(self) -> None:
         self.header("ip", "ip", 4)

@@ -169,13 +169,14 @@ def nft_match(draw, family: str = "inet", direction: str = "egress"):
                                             [("echo-request", 8), ("echo-reply", 0), ("time-exceeded", 11)]))
         return (f"{'icmpv6' if v6 else 'icmp'} type {name}",
                 lambda f: f.family == (6 if v6 else 4) and f.icmp and f.icmp_type == number)
-    if kind == "iface":  # a sent packet has an output device only, a received one an input device only
+    if kind == "iface":  # a sent packet has an output device only, a received one an input device only:
+        # nft reads the other one's name as ""
         key, neg = draw(st.sampled_from(["oifname", "iifname"])), draw(st.booleans())
         seen = "oifname" if direction == "egress" else "iifname"
         names = draw(st.lists(st.sampled_from(IFNAMES), min_size=1, max_size=2, unique=True))
         value = f'"{names[0]}"' if len(names) == 1 else "{ " + ", ".join(f'"{n}"' for n in names) + " }"
         return (f"{key} {'!= ' if neg else ''}{value}",
-                lambda f: key == seen and any(interface_matches(n, f.ifname) for n in names) != neg)
+                lambda f: any(interface_matches(n, f.ifname if key == seen else "") for n in names) != neg)
     if kind == "nfproto":
         return f"meta nfproto {'ipv6' if v6 else 'ipv4'}", lambda f: f.family == (6 if v6 else 4)
     if kind == "length":
