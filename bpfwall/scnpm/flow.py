@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..lang.parser import MAX_TEXT
 from .ruleset import Chain, Rule, Ruleset
 from .translate import Translation, Untranslatable, translate
 
@@ -31,7 +32,7 @@ HOOKS = {"egress": ("output", "postrouting"), "ingress": ("prerouting", "input")
 FAMILY_GUARD = {"ip": "ip", "ip6": "ipv6", "inet": None}   # which packets a table's chains see
 SOCKET_HOOKS = ("prerouting", "input", "output")  # where nft's socket expression and reject work
 MAX_DEPTH = 16          # the kernel's jump stack (NFT_JUMP_STACK_SIZE)
-MAX_EXPRESSION = 200_000  # characters: jumps copy what follows them into each way out of the chain
+MAX_EXPRESSION = MAX_TEXT  # the language's limit; jumps copy what follows them into each way out of a chain
 
 TRUE, FALSE = "true", "false"
 
@@ -84,16 +85,21 @@ class TooLarge(Exception):
     pass
 
 
-def text(node, known: dict | None = None) -> str:
+def text(node, known: dict | None = None, budget: list | None = None) -> str:
     """The expression of a Branch tree. A condition already decided on the way down (the same
-    rule condition tested again, as `oifname X jump` then `oifname X reject` do) takes its branch."""
+    rule condition tested again, as `oifname X jump` then `oifname X reject` do) takes its branch.
+    TooLarge past MAX_EXPRESSION characters, or past as many steps (shared continuations that
+    fold to little text can still be visited exponentially often)."""
     if not isinstance(node, Branch):
         return node
-    known = known or {}
+    known, budget = known or {}, budget or [MAX_EXPRESSION]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise TooLarge
     if node.cond in known:
-        return text(node.then if known[node.cond] else node.other, known)
-    then = text(node.then, {**known, node.cond: True})
-    other = text(node.other, {**known, node.cond: False})
+        return text(node.then if known[node.cond] else node.other, known, budget)
+    then = text(node.then, {**known, node.cond: True}, budget)
+    other = text(node.other, {**known, node.cond: False}, budget)
     out = ite(node.cond, then, other)
     if len(out) > MAX_EXPRESSION:
         raise TooLarge
@@ -142,7 +148,7 @@ class Flow:
                 expr = ite(expr, text(self.base(chain)), FALSE)
             except TooLarge:
                 raise Refused(chain.line, f"the translation of {self.unit}'s packets through {chain.where} "
-                                          f"exceeds {MAX_EXPRESSION} characters") from None
+                                          f"is too large (over {MAX_EXPRESSION} characters or steps)") from None
         return expr
 
     def policy(self, chain: Chain) -> str:

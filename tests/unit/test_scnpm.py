@@ -567,3 +567,73 @@ def test_a_set_used_only_by_rules_that_decide_nothing_is_not_listed():
         # b.service :: add rule inet f input socket cgroupv2 level 1 "b.service" tcp dport @s accept
         """)
     assert units == {"a.service": {"ingress": "true"}, "b.service": {"ingress": "true"}}
+
+
+# -- the ruleset as nft holds it --------------------------------------------------
+
+def test_flat_lines_flush_and_insert_build_the_chains_nft_holds():
+    rs = Ruleset(textwrap.dedent("""\
+        add table inet f
+        add chain inet f o { type filter hook output priority filter + 5; policy drop; }
+        add rule inet f o tcp dport 1 accept
+        flush ruleset
+        add table inet f
+        add chain inet f o { type filter hook output priority -150; }
+        add rule inet f o tcp dport 2 \\
+          accept
+        insert rule inet f o tcp dport 3 accept
+        table inet f {
+          chain o {
+            tcp dport 4 accept
+          }
+        }
+        add chain inet f x
+        add rule inet f x drop
+        flush chain inet f x
+    """))
+    o = rs.chain("inet", "f", "o")
+    assert (o.hook, o.priority, o.policy) == ("output", -150, None)
+    assert [(r.line, r.words) for r in o.rules] == [
+        (9, ["tcp", "dport", "3", "accept"]), (7, ["tcp", "dport", "2", "accept"]), (12, ["tcp", "dport", "4", "accept"])]
+    assert rs.chain("inet", "f", "x").rules == [] and rs.problems == []
+
+
+def test_what_changes_a_ruleset_unseen_is_a_problem():
+    _, problems = None, Ruleset(textwrap.dedent("""\
+        include "/etc/nftables.d/*.conf"
+        delete rule inet f o handle 4
+        add rule inet f o position 3 accept
+    """)).problems
+    assert [line for line, _ in problems] == [1, 2, 3]
+    assert "'include' changes the ruleset in a way the importer does not follow" in problems[0][1]
+    assert "'delete rule'" in problems[1][1] and "a rule placed by position" in problems[2][1]
+
+
+def test_a_translation_too_large_is_refused():
+    """Each jump copies what follows it into every way out of the jumped-to chain."""
+    chains = "".join(f"  chain j{k} {{ tcp dport {k} return; udp dport {k} accept; }}\n" for k in range(14))
+    jumps = "; ".join(f"jump j{k}" for k in range(14))
+    result, units = imported(f"""
+        table inet f {{
+          chain o {{ type filter hook output priority 0; {jumps}; drop; }}
+{chains}        }}
+        # a.service :: add rule inet f j0 meta l4proto icmp accept
+    """)
+    assert units == {}
+    assert [p.why for p in result.problems] == [
+        "the translation of a.service's packets through inet f o is too large (over 65536 characters or steps) "
+        "(on the path of a.service's egress packets)"]
+
+
+def test_many_jumps_that_fold_to_little_are_refused_quickly():
+    """30 jumps whose chains return two ways: 2**30 ways through, all deciding the same."""
+    chains = "".join(f"  chain j{k} {{ tcp dport {k} return; udp dport {k} return; meta length {k} drop; }}\n"
+                     for k in range(30))
+    jumps = "; ".join(f"jump j{k}" for k in range(30))
+    result, units = imported(f"""
+        table inet f {{
+          chain o {{ type filter hook output priority 0; {jumps}; accept; }}
+{chains}        }}
+        # a.service :: add rule inet f j0 meta l4proto icmp accept
+    """)
+    assert units == {} and "is too large (over 65536 characters or steps)" in result.problems[0].why
