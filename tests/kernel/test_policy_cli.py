@@ -124,7 +124,7 @@ def test_show_prints_effective_entries(policy_dir):
           backend bpf, mode enforce, set_capacity 4096
           cgroup: user@*.service/app.slice/*
           egress: udp && remote_port == 53 || tcp && remote_port in @web
-          @web = {{443, 80, 8000..8100}}
+          @web = {{80, 443, 8000..8100}}
     """)
     data = json.loads(bpfwall("policy", "show", "--json", "--policy-dir", str(policy_dir)).stdout)
     assert data[0]["params"] == {"admin_port": 8443} and len(data[0]["fingerprint"]) == 64
