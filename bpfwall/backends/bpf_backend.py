@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from ..build import UnitProgram, build, build_many
 from ..kernel import cgroup, loader, maps, progs
+from ..errors import Error
 from ..kernel.errors import KernelError
 from ..lower.c import set_map
 from ..watch.state import Owned
@@ -201,8 +202,9 @@ class BpfBackend:
         anywhere); the pin it was taken from."""
         return bpf.pin_elsewhere(self.pin_root, unit, direction, path)
 
-    def test_run(self, program, direction: str, packets: list[bytes], params=None, sets=None) -> list[bool]:
-        return bpf.test_run(program, direction, packets, params, sets, self.cache)
+    def test_run(self, program, direction: str, packets: list[bytes], params=None, sets=None,
+                 devices=None) -> list[bool]:
+        return bpf.test_run(program, direction, packets, params, sets, self.cache, devices)
 
     # -- the watcher -----------------------------------------------------------------------------
 
@@ -215,7 +217,12 @@ class BpfBackend:
         check_pins (intact()) notices them removed."""
         from .bpf_interfaces import InterfaceGuard
 
-        return InterfaceGuard(self.pin_root, log)
+        try:
+            return InterfaceGuard(self.pin_root, log)
+        except Error as e:  # the filters still run; only renamed devices are not followed
+            log.error("interfaces", f"cannot follow network devices: {e}; interface names are matched "
+                      "at load only (bpfwall set UNIT interfaces matches them again)")
+            return None
 
     def prepare(self, entry) -> None:
         """Compile now (cached), so a bad build stops a reload before anything changes."""

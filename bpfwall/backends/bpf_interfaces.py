@@ -50,7 +50,7 @@ class InterfaceGuard:
         self.last = time.monotonic()
         try:
             done = bpf.refresh_interfaces(self.pin_root)
-        except Error as e:
+        except (Error, OSError) as e:
             if str(e) != self._failing:  # once per distinct failure, not once a poll
                 self.log.error("interfaces", f"cannot update the units' interface names: {e}")
             self._failing = str(e)

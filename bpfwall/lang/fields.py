@@ -45,9 +45,8 @@ MEANINGS = {
     "icmp_code": ("ICMP/ICMPv6 code", "icmp && icmp_code == 0"),
     "saddr": ("source address", "saddr in 10.0.0.0/8"),
     "daddr": ("destination address", "daddr == ::1"),
-    "ifname": ("the network interface the packet arrives on (ingress) or leaves by (egress), by name; "
-               "\"wlan*\" matches every name that begins with wlan; compared with == and != or "
-               "looked up in a {…} of names", 'ifname in {"wg0", "wlan*"}'),
+    "ifname": ("the device the packet arrives on (ingress) or leaves by (egress); \"wlan*\" matches "
+               "every name that begins with wlan; ==, != or in a {…} of names", 'ifname in {"wg0", "wlan*"}'),
     "local_port": ("the unit's own port: dst_port on ingress, src_port on egress", "local_port == 8080"),
     "remote_port": ("the peer's port: src_port on ingress, dst_port on egress", "remote_port == 53"),
     "local_addr": ("the unit's own address: daddr on ingress, saddr on egress", "local_addr in 127.0.0.0/8"),

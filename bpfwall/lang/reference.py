@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import textwrap
 
-from .fields import ADDRESS_NAMES, ALIASES, BOOL, FIELDS, MEANINGS, NUMBER, field_type
+from .fields import ADDRESS_NAMES, ALIASES, BOOL, FIELDS, IFACE, MEANINGS, NUMBER, field_type
 
 # (syntax, meaning, example), loosest binding first.
 OPERATORS = [
@@ -42,7 +42,7 @@ def _type(name: str) -> str:
         return "boolean"
     if kind == NUMBER:
         return f"number 0..{2 ** bits - 1}"
-    return "address"
+    return "interface name" if kind == IFACE else "address"
 
 
 def _table(rows: list[tuple[str, ...]], width: int = 100) -> list[str]:

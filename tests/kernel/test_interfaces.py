@@ -141,7 +141,81 @@ def test_a_device_made_after_loading_and_renamed_is_judged_by_its_name_now(world
         guard.close()
 
 
+def test_the_watcher_follows_devices_made_and_renamed_after_it_started(world, daemon, policy_dir, subtree):
+    """`bpfwall watch` itself (in namespace A): its guard rewrites the unit's map on the link messages."""
+    from tests.kernel.watcher import inside, mkcg, wait_for, write_policy
+
+    a, b = world
+    write_policy(policy_dir, '[units."x.service"]\negress = \'ifname in {"lo", "good*"}\'\n')
+    cg = mkcg(subtree, "x.service")
+    daemon.start()
+    veth(a, b, "bad0")  # after the watcher loaded the unit
+    with inside(cg):
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with tx, receiver(b, B_ADDR) as rx:
+        assert sent(tx, B_ADDR, rx) == 0
+        rename("bad0", "good0")
+        wait_for("the watcher to match good0", lambda: sent(tx, B_ADDR, rx, 1) == 1)
+        rename("good0", "bad1")
+        wait_for("the watcher to unmatch bad1", lambda: sent(tx, B_ADDR, rx, 1) == 0)
+
+
+@pytest.fixture(params=["bpf", "nft"])
+def backend(request, world, pin_root, tmp_path, monkeypatch):
+    """(name, load(unit, program) → None, unload()) of either backend, in namespace A."""
+    from bpfwall.backends import nft
+    from bpfwall.nft import runner as nft_runner
+
+    if request.param == "bpf":
+        yield "bpf", lambda unit, program, cg: (bpf.load(pin_root, unit, program), bpf.attach(pin_root, unit, cg))
+        return
+    monkeypatch.setenv("BPFWALL_NFT_STATE_DIR", str(tmp_path / "nft-state"))
+    table = f"bpfwall-test-{uuid.uuid4().hex[:10]}"
+    nft_runner.reset()  # the nft worker runs in this namespace: its rules are the namespace's
+    try:
+        yield "nft", lambda unit, program, cg: (nft.load(table, unit, program), nft.attach(table, unit, cg))
+    finally:
+        nft.destroy(table)
+        nft_runner.reset()
+
+
+@pytest.mark.parametrize("direction", ["ingress", "egress"])
+def test_both_backends_judge_the_device_alike(world, backend, temp_cgroup, direction):
+    """nft matches iifname/oifname itself (a trailing '*' as its prefix match), bpf through the
+    ifaces map: the same expression passes the same packets."""
+    a, b = world
+    veth(a, b, "wt0")
+    name, load = backend
+    expr = 'ifname in {"wt*"} && udp'
+    load("parity.service", UnitProgram(*(analyze(expr) if d == direction else None for d in ("ingress", "egress"))),
+         temp_cgroup.path)
+    if direction == "egress":
+        with temp_cgroup.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx, \
+                receiver(b, B_ADDR) as by_veth, receiver(None, "127.0.0.1") as by_lo:
+            assert (sent(tx, B_ADDR, by_veth), sent(tx, "127.0.0.1", by_lo)) == (5, 0), name
+    else:
+        with receiver(None, A_ADDR, temp_cgroup) as rx, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as local:
+            with b.entered():
+                remote = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with remote:
+                assert (sent(remote, A_ADDR, rx), sent(local, A_ADDR, rx)) == (5, 0), name
+
+
 def _settle(guard: InterfaceGuard) -> None:
     """Wait for the guard's fd as the watcher's poll loop does, and let it act on what it read."""
     while select.select([guard.fd], [], [], 0.5)[0]:
         guard.readable()
+
+
+def test_bpfwall_test_takes_the_device(world, capsys):
+    """`bpfwall test --ifname D` runs the packets as if they came by D (one of the namespace's)."""
+    from tests.kernel.invoke import run
+
+    a, b = world
+    veth(a, b, "eth7")
+    udp = "4500001c00000000401100000a0000010a0000029c40003500080000"
+    expr = 'ifname in {"eth*"}'
+    assert run(capsys, "test", expr, "--hex", udp)[:2] == (0, "drop\n")  # lo by default
+    assert run(capsys, "test", expr, "--ifname", "eth7", "--hex", udp)[:2] == (0, "pass\n")
+    code, _, err = run(capsys, "test", expr, "--ifname", "wg9", "--hex", udp)
+    assert code == 2 and err.startswith("bpfwall: error: no device 'wg9' here (devices: ")

@@ -59,3 +59,62 @@ def test_deny_list_and_interfaces_to_avoid(c):
 def test_nothing_to_import_is_one_line_and_status_2(c, unit, message):
     proc = c.bpfwall("import-systemd", unit)
     assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"bpfwall: error: {message}\n")
+
+
+# -- the same verdicts as systemd's own firewall, on real packets ------------------------------
+
+PROBE = "/usr/local/lib/bpfwall-test/udp_probe.py"
+PROBE_SOURCE = """import json, socket, sys
+out = {}
+for target in sys.argv[1:]:
+    with socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(b"x", (target, 9))
+            out[target] = "pass"
+        except PermissionError:  # a cgroup egress drop
+            out[target] = "drop"
+print(json.dumps(out))
+"""
+TARGETS = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.1.2.3", "::1", "fd00::1", "fd00::2"]
+CASES = [  # (IPAddressAllow=, IPAddressDeny=)
+    ("127.0.0.2 fd00::/16", "any"),
+    ("", "127.0.0.0/8"),
+    ("127.0.0.0/8", "127.0.0.1 ::1"),     # allow wins over deny
+    ("localhost", "any"),
+    ("fd00::1", "fd00::/64 127.0.0.3/32"),
+]
+
+
+@pytest.fixture(scope="module")
+def probe(c):
+    c.write(PROBE, PROBE_SOURCE)
+    for addr in ("fd00::1", "fd00::2"):
+        c.exec(["ip", "-6", "addr", "add", f"{addr}/128", "dev", "lo", "nodad"], check=True)
+    return c
+
+
+def verdicts(proc) -> dict:
+    import json
+
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("allow,deny", CASES)
+def test_same_verdicts_as_systemds_firewall(probe, allow, deny):
+    from bpfwall.policy.schema import check_document
+
+    c = probe
+    unit = f"fw-case-{CASES.index((allow, deny))}.service"
+    c.write(f"/etc/systemd/system/{unit}", "[Service]\nExecStart=/usr/bin/true\n"
+            + (f"IPAddressAllow={allow}\n" if allow else "") + f"IPAddressDeny={deny}\n")
+    c.systemctl("daemon-reload", check=True)
+    systemds = verdicts(c.systemd_run("--wait", "--pipe", "-p", f"IPAddressAllow={allow}",
+                                      "-p", f"IPAddressDeny={deny}", "--", "python3", PROBE, *TARGETS))
+    imported = c.bpfwall("import-systemd", unit)
+    assert imported.returncode == 0, imported.stderr
+    egress = check_document("imported.toml", imported.stdout).entries[0].egress
+    ours = verdicts(c.systemd_run("--wait", "--pipe", "--", "bpfwall", "run", "--egress", egress, "--",
+                                  "python3", PROBE, *TARGETS))
+    assert ours == systemds, f"{egress}\nsystemd: {systemds}\nbpfwall: {ours}"
+    assert "drop" in systemds.values() and "pass" in systemds.values()  # each case decides both ways

@@ -79,3 +79,10 @@ def test_at_most_64_names_per_unit():
         analyze(many(0, MAX_INTERFACES + 1))
     with pytest.raises(LangError, match="in ingress and egress; a unit can have at most 64"):
         analyze_pair(many(0, 40), many(30, 70))
+
+
+def test_help_language_names_its_type():
+    from bpfwall.lang.reference import fields, reference
+
+    assert [(n, t) for n, t, _, _ in fields() if n == "ifname"] == [("ifname", "interface name")]
+    assert 'ifname in {"wg0", "wlan*"}' in reference()
