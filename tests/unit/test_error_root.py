@@ -19,6 +19,8 @@ INTERNAL = {
     "bpfwall.nft.dump.Interrupted",       # the dump is tried again
     "bpfwall.nft.runner._Silent",
     "bpfwall.nft.state.Invalid",          # NftError naming the state file
+    "bpfwall.scnpm.flow.Refused",         # an Untranslatable with its line: a problem line of the import
+    "bpfwall.scnpm.flow.TooLarge",        # caught by Flow.direction: a Refused naming the chain
     "bpfwall.scnpm.translate.Untranslatable",  # a problem line of the import
     "bpfwall.watch.inotify.InotifyError",  # an OSError; the watcher raises WatchError
     "bpfwall.watch.log._Missing",         # caught by Log: a warning, then plain lines
