@@ -44,9 +44,9 @@ class UnitHandle:
         """A slice default whose programs judge only what classify() leaves them (bpf: the guard map)."""
         return self.guard is not None
 
-    def classify(self, cgroup_id: int, below) -> bool:
-        """The descendant `cgroup_id` is classified: `below` are the directions a deeper filter
-        judges (its packets pass this default untouched), the others this default judges."""
+    def classify(self, cgroup_id: int, below, path: str | None = None) -> bool:
+        """The descendant `cgroup_id` (at `path`) is classified: `below` are the directions a
+        deeper filter judges (its packets pass this default untouched), the others this default judges."""
         return self.guard.classify(cgroup_id, below)
 
     def unclassify(self, cgroup_id: int) -> bool:

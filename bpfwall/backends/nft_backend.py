@@ -49,7 +49,6 @@ class NftUnit:
     backend = "nft"
     exclusive = True  # the nft backend filters a cgroup with one unit
     needs_cleanup = True  # a removed cgroup's map element stays until it is dropped
-    guards = False  # slice defaults need no classification here: the dispatch judges per level
 
     @property
     def guards(self) -> bool:

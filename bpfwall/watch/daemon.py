@@ -435,7 +435,7 @@ class Watcher:
         j = judge(self.policy, self.rel(path))
         for name in names:
             below = [d for d in DIRECTIONS if self._judged_below(j, d, name)]
-            if self.units[name].classify(cgid, below):
+            if self.units[name].classify(cgid, below, path):
                 self.log.debug("classify", f"{path} under {name}: "
                                            f"{', '.join(below) + ' judged below' if below else 'judged by it'}",
                                cgroup=path, entry=name)
