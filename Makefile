@@ -3,10 +3,17 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 BPFWALL := $(VENV)/bin/bpfwall
+# `make deb` (debian/control's Build-Depends) and its checks: lintian, man (man-db) renders the
+# pages, bash drives the completion (python3-argcomplete), pip builds the wheel offline in a
+# plain venv from Debian's setuptools and wheel wheels (tests/package/test_pip_venv.py).
+DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+                      python3-argcomplete dpkg-dev fakeroot lintian man-db groff-base bash-completion \
+                      python3-setuptools-whl python3-wheel-whl
 APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 python3-venv python3-pyelftools \
                 nftables python3-nftables python3-systemd \
                 python3-prometheus-client \
-                debootstrap systemd-container iperf3 python3-matplotlib tmux
+                debootstrap systemd-container iperf3 python3-matplotlib tmux \
+                $(DEB_BUILD_PACKAGES)
 
 # The well-known usage: make FILTER='icmp || (udp && dst_port == 53)' BPFNAME=x load
 FILTER ?= icmp || (udp && dst_port == 53) || (tcp && dst_port == 80)
@@ -14,7 +21,7 @@ BPFNAME ?= bpfwall-filter
 DIRECTION ?= ingress
 export FILTER BPFNAME DIRECTION
 
-.PHONY: help setup apt venv bpffs rootfs demo test test-unit bench load unload clean install uninstall
+.PHONY: help setup apt venv bpffs rootfs demo test test-unit bench load unload clean install install-units uninstall deb
 .DEFAULT_GOAL := help
 
 # Bare `make` installs nothing: it says what the targets do.
@@ -28,6 +35,7 @@ help:
 	@echo "  make FILTER='icmp || udp && dst_port == 53' BPFNAME=x [DIRECTION=egress] load"
 	@echo "                   compile FILTER, pin it as /sys/fs/bpf/BPFNAME for IP*FilterPath="
 	@echo "  make BPFNAME=x unload"
+	@echo "  make deb [DEB_DIR=.]   the Debian package (then: apt install ./bpfwall_*_all.deb)"
 	@echo "  make install [PREFIX=/usr/local] / make uninstall"
 
 # One line per step and how long it took, then the total (apt's own output is kept quiet; its
@@ -99,6 +107,19 @@ unload: venv
 	-$(BPFWALL) unload "$$BPFNAME"
 	rm -f "/sys/fs/bpf/$$BPFNAME"
 
+# make deb [DEB_DIR=.]: the Debian package (debian/), built from a copy of the tree (git's
+# tracked and untracked-but-not-ignored files) so the checkout stays clean, then checked by
+# lintian. Install it with `apt install ./bpfwall_*_all.deb`.
+DEB_DIR ?= .
+deb:
+	@# Debian's python3 builds it, whatever python3 comes first in PATH (pyenv's lacks its modules).
+	@stage=$$(mktemp -d) && trap 'rm -rf "$$stage"' EXIT && mkdir "$$stage/src" && \
+	git ls-files -z -co --exclude-standard | tar --null -T - --ignore-failed-read -cf - 2>/dev/null | tar -xf - -C "$$stage/src" && \
+	echo "dpkg-buildpackage -b (log: make deb V=1)" && \
+	(cd "$$stage/src" && PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b $(if $(V),,>"$$stage/build.log" 2>&1)) || { tail -40 "$$stage/build.log"; exit 1; }; \
+	lintian --fail-on error,warning --info "$$stage"/bpfwall_*.changes && \
+	cp "$$stage"/bpfwall_*_all.deb "$(DEB_DIR)/" && ls "$(DEB_DIR)"/bpfwall_*_all.deb
+
 # make install [DESTDIR=/tmp/stage] [PREFIX=/usr/local]: the package into $(PREFIX)/lib/bpfwall
 # (run by Debian's /usr/bin/python3, which sees python3-pyelftools/-nftables/-systemd; no venv,
 # so the tree is relocatable), bpf/port_filter.c inside the package where build.source_dir()
@@ -123,22 +144,23 @@ export LAUNCHER
 install: venv
 	rm -rf "$(DESTDIR)$(LIBDIR)"
 	@# pip builds in the source tree it is given: give it a copy, not the shared checkout.
-	stage=$$(mktemp -d) && cp -r pyproject.toml README.md bpfwall "$$stage" && \
+	stage=$$(mktemp -d) && cp -r pyproject.toml README.md bpfwall bpf "$$stage" && \
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation --no-compile \
 		--target "$(DESTDIR)$(LIBDIR)" "$$stage"; rc=$$?; rm -rf "$$stage"; exit $$rc
-	rm -rf "$(DESTDIR)$(LIBDIR)/bin"
+	rm -rf "$(DESTDIR)$(LIBDIR)/bin" "$(DESTDIR)$(LIBDIR)/share"  # pip's script and data file: placed below
 	install -D -m 0644 bpf/port_filter.c "$(DESTDIR)$(LIBDIR)/bpfwall/bpf/port_filter.c"
 	/usr/bin/python3 -m compileall -q -d "$(LIBDIR)" "$(DESTDIR)$(LIBDIR)" >/dev/null
 	install -d "$(DESTDIR)$(PREFIX)/bin"
 	printf '%s\n' "$$LAUNCHER" > "$(DESTDIR)$(PREFIX)/bin/bpfwall"
 	chmod 0755 "$(DESTDIR)$(PREFIX)/bin/bpfwall"
-	install -d "$(DESTDIR)$(UNITDIR)"
-	for u in bpfwall.service bpfwall@.service bpfwall-metrics.service bpfwall-metrics.timer; do \
-		sed -e 's|/usr/local/bin/bpfwall|$(PREFIX)/bin/bpfwall|g' -e 's|/usr/local/share/doc/bpfwall|$(DOCDIR)|g' \
-			"units/$$u" > "$(DESTDIR)$(UNITDIR)/$$u" && chmod 0644 "$(DESTDIR)$(UNITDIR)/$$u"; done
+	$(MAKE) --no-print-directory install-units
 	install -d "$(DESTDIR)$(DOCDIR)/examples/policy" "$(DESTDIR)$(DOCDIR)/examples/units/nginx.service.d" \
 		"$(DESTDIR)$(DOCDIR)/examples/units/bpfwall.service.d"
 	install -m 0644 README.md "$(DESTDIR)$(DOCDIR)/README.md"
+	$(PY) -m bpfwall.manpage "$(DESTDIR)$(PREFIX)/share/man/pages" >/dev/null
+	install -D -m 0644 "$(DESTDIR)$(PREFIX)/share/man/pages/bpfwall.1" "$(DESTDIR)$(PREFIX)/share/man/man1/bpfwall.1"
+	install -D -m 0644 "$(DESTDIR)$(PREFIX)/share/man/pages/bpfwall.toml.5" "$(DESTDIR)$(PREFIX)/share/man/man5/bpfwall.toml.5"
+	rm -r "$(DESTDIR)$(PREFIX)/share/man/pages"
 	install -m 0644 examples/policy/*.toml "$(DESTDIR)$(DOCDIR)/examples/policy/"
 	install -m 0644 units/examples/nginx.service "$(DESTDIR)$(DOCDIR)/examples/units/"
 	install -m 0644 units/examples/nginx.service.d/bpfwall.conf "$(DESTDIR)$(DOCDIR)/examples/units/nginx.service.d/"
@@ -150,9 +172,19 @@ install: venv
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "installed $(PREFIX)/bin/bpfwall; units in $(UNITDIR); policy in $(SYSCONFDIR)/bpfwall"
 
+# The units with this install's paths written into them (units/ says /usr/local; the Debian
+# package's build runs this with PREFIX=/usr UNITDIR=/lib/systemd/system).
+UNITS := bpfwall.service bpfwall@.service bpfwall-metrics.service bpfwall-metrics.timer
+install-units:
+	install -d "$(DESTDIR)$(UNITDIR)"
+	for u in $(UNITS); do \
+		sed -e 's|/usr/local/bin/bpfwall|$(PREFIX)/bin/bpfwall|g' -e 's|/usr/local/share/doc/bpfwall|$(DOCDIR)|g' \
+			"units/$$u" > "$(DESTDIR)$(UNITDIR)/$$u" && chmod 0644 "$(DESTDIR)$(UNITDIR)/$$u"; done
+
 uninstall:
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl disable --now bpfwall.service || true; fi
 	rm -rf "$(DESTDIR)$(LIBDIR)" "$(DESTDIR)$(DOCDIR)"
+	rm -f "$(DESTDIR)$(PREFIX)/share/man/man1/bpfwall.1" "$(DESTDIR)$(PREFIX)/share/man/man5/bpfwall.toml.5"
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl disable --now bpfwall-metrics.timer || true; fi
 	rm -f "$(DESTDIR)$(PREFIX)/bin/bpfwall" "$(DESTDIR)$(UNITDIR)/bpfwall.service" "$(DESTDIR)$(UNITDIR)/bpfwall@.service" \
 		"$(DESTDIR)$(UNITDIR)/bpfwall-metrics.service" "$(DESTDIR)$(UNITDIR)/bpfwall-metrics.timer"

@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -91,12 +92,14 @@ class UnitProgram:
 
 
 def source_dir() -> Path:
-    """Where port_filter.c lives: $BPFWALL_SOURCE, the repo's bpf/, or the installed copy."""
+    """Where port_filter.c lives: $BPFWALL_SOURCE, the repo's bpf/, `make install`'s copy in the
+    package, or the wheel's data file under the interpreter's prefix (the Debian package's
+    /usr/share/bpfwall/bpf, a venv's share/bpfwall/bpf)."""
     env = os.environ.get("BPFWALL_SOURCE")
     if env:
         return Path(env)
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "bpf", here / "bpf"):
+    for candidate in (here.parent / "bpf", here / "bpf", Path(sys.prefix) / "share" / "bpfwall" / "bpf"):
         if (candidate / "port_filter.c").is_file():
             return candidate
     raise BuildError("cannot find bpf/port_filter.c; set BPFWALL_SOURCE to the directory holding it")

@@ -51,7 +51,11 @@ def _report(lines: list[str]) -> int:
 
 def main(argv=None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        if argv is None:  # the shell's Tab (argcomplete): answers and exits
+            from .commands.completion import autocomplete
+            autocomplete(parser)
+        args = parser.parse_args(argv)
         args.handler(args)
         return 0
     except Error as e:  # every layer's errors derive from it (bpfwall/errors.py)

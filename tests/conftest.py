@@ -91,6 +91,25 @@ def clang_runs(tmp_path, monkeypatch) -> ClangRuns:
     return ClangRuns(runs)
 
 
+@pytest.fixture(scope="session")
+def built_deb(tmp_path_factory):
+    """The Debian package `make deb` builds from this tree, once per session, in a directory of
+    its own. A missing build tool fails (make setup installs them), it does not skip."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path_factory.mktemp("deb")
+    proc = subprocess.run(["make", "--no-print-directory", "-C", str(repo), "deb", f"DEB_DIR={out}"],
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"make deb failed (make setup installs what it needs):\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}",
+                    pytrace=False)
+    debs = sorted(out.glob("bpfwall_*_all.deb"))
+    assert len(debs) == 1, debs
+    return debs[0]
+
+
 def _bpffs() -> None:
     if not os.path.ismount("/sys/fs/bpf"):
         os.system("mount -t bpf -o mode=0700 bpf /sys/fs/bpf")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UsageError
+from . import completion
 from .common import emit, filter_program, param_values, set_values
 from .options import backend, filter_options, log_limit, log_value, unit_argument
 
@@ -37,8 +38,11 @@ def register(add) -> None:
     p.add_argument("path", help="the new pin, on a bpffs (replaced if it exists)")
     p.set_defaults(handler=cmd_pin)
 
-    p = add("unload", "detach a unit's filters everywhere and remove them", True)
-    unit_argument(p, "a loaded unit")
+    p = add("unload", "detach a unit's filters everywhere and remove them (--all: every unit's)", True)
+    unit_argument(p, "a loaded unit", nargs="?")
+    p.add_argument("--all", action="store_true",
+                   help="every loaded unit of both backends (of --backend, if given); the package's removal "
+                        "runs it")
     p.set_defaults(handler=cmd_unload)
 
     p = add("list", "list loaded units", True)
@@ -55,7 +59,8 @@ def register(add) -> None:
     unit_argument(p, "a loaded unit")
     p.add_argument("changes", nargs="+", metavar="CHANGE",
                    help="NAME=VALUE (a $param), mode=enforce|audit, log_rate=N, log_burst=N (drop events per second, burst), @SET+E1,E2 (add), @SET-E1,E2 (remove), "
-                        "@SET=E1,E2 (replace); all are checked before the first is made")
+                        "@SET=E1,E2 (replace); all are checked before the first is made"
+                   ).completer = completion.changes  # Tab: the loaded unit's params and sets
     p.set_defaults(handler=cmd_set)
 
 
@@ -105,9 +110,45 @@ def cmd_pin(args) -> None:
 
 
 def cmd_unload(args) -> None:
+    if args.all == (args.unit is not None):
+        raise UsageError("unload: give a UNIT or --all")
+    if args.all:
+        return unload_all(args)
     detached = backend(args).unload(args.unit)
     emit(args, {"unit": args.unit, "detached": [{"cgroup": c, "direction": d} for c, d in detached]},
          f"unloaded {args.unit}" + (f" (detached from {len(detached)} attachment(s))" if detached else ""))
+
+
+def unload_all(args) -> None:
+    """Every unit of each backend; a backend that cannot run here (nft without python3-nftables)
+    has loaded nothing and is skipped with a note, unless it was asked for by --backend."""
+    from ..backends import NAMES
+    from ..errors import Error
+
+    chosen = getattr(args, "backend", None)
+    done, failed, skipped = [], [], []
+    for name in [chosen] if chosen else NAMES:
+        b = backend(args, name)
+        try:
+            units = [row["unit"] for row in b.summary()]
+        except Error as e:
+            if chosen:
+                raise
+            skipped.append({"backend": name, "reason": str(e)})
+            continue
+        for unit in units:
+            try:
+                detached = b.unload(unit)
+            except Error as e:
+                failed.append({"backend": name, "unit": unit, "error": str(e)})
+                continue
+            done.append({"backend": name, "unit": unit, "detached": len(detached)})
+    lines = [f"unloaded {d['unit']} ({d['backend']}, detached from {d['detached']} attachment(s))" for d in done]
+    lines += [f"skipped the {s['backend']} backend: {s['reason']}" for s in skipped]
+    emit(args, {"unloaded": done, "failed": failed, "skipped": skipped}, "\n".join(lines) or "no units loaded")
+    if failed:
+        raise Error(f"could not unload {len(failed)} unit(s): "
+                    + "; ".join(f"{f['unit']} ({f['backend']}): {f['error']}" for f in failed))
 
 
 def cmd_list(args) -> None:

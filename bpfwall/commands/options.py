@@ -123,8 +123,12 @@ def capacity_options(p) -> None:
                         "of kernel memory")
 
 
-def unit_argument(p, what: str = "the unit") -> None:
-    p.add_argument("unit", help=f"{what}: a systemd unit name, e.g. nginx.service")
+def unit_argument(p, what: str = "the unit", complete: str = "loaded", **kwargs) -> None:
+    """The UNIT argument; Tab offers the loaded units, or with complete="policy" the policy's."""
+    from . import completion
+
+    action = p.add_argument("unit", help=f"{what}: a systemd unit name, e.g. nginx.service", **kwargs)
+    action.completer = completion.policy_units if complete == "policy" else completion.loaded_units
 
 
 # -- drop events' limit: `set log_rate=N`, load/apply/run --log-rate/--log-burst ----------------

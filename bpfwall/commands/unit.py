@@ -22,13 +22,13 @@ class ApplyError(Error):
 
 def register(add) -> None:
     p = add("apply", "load and pin UNIT's filters from the policy (the ExecStart of bpfwall@UNIT.service)", True)
-    unit_argument(p, "the unit whose policy entry to load (its name as it is, not systemd-escape'd)")
+    unit_argument(p, "the unit whose policy entry to load (its name as it is, not systemd-escape'd)", "policy")
     policy_dir_option(p)
     log_options(p)
     p.set_defaults(handler=cmd_apply)
 
     p = add("dropin", "write UNIT's drop-in: require bpfwall@UNIT.service and hand systemd the pinned filters")
-    unit_argument(p, "the unit to police")
+    unit_argument(p, "the unit to police", "policy")
     policy_dir_option(p)
     p.add_argument("--directions", metavar="ingress,egress",
                    help="filter these directions (default: the ones UNIT's policy entry has)")

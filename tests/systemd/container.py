@@ -94,12 +94,13 @@ def _start_time(pid: int) -> str | None:
 class Container:
     """One booted systemd in a container; use as a context manager or call start()/stop()."""
 
-    def __init__(self, rootfs: Path, repo: Path, boot_timeout: float = 60, before_boot=None):
+    def __init__(self, rootfs: Path, repo: Path | None, boot_timeout: float = 60, before_boot=None):
         """`before_boot(container)` puts files in place (write(), path()) before systemd starts,
-        e.g. units enabled at boot."""
+        e.g. units enabled at boot. repo=None: the repository is not visible inside (no
+        /opt/bpfwall, no /usr/local/bin/bpfwall), for tests of the installed package."""
         self.before_boot = before_boot
         self.rootfs = Path(rootfs)
-        self.repo = Path(repo).resolve()
+        self.repo = Path(repo).resolve() if repo is not None else None
         self.boot_timeout = boot_timeout
         self.name = f"bpfwall-test-nspawn-{uuid.uuid4().hex[:10]}"
         self.workdir = WORK_ROOT / self.name
@@ -154,7 +155,8 @@ class Container:
         self._mounted = True
         st = os.stat(self.merged)
         self.nspawn_lock = f"{NSPAWN_LOCKS}/inode-{st.st_dev}:{st.st_ino}"
-        self.write("/usr/local/bin/bpfwall", WRAPPER, mode=0o755)
+        if self.repo is not None:
+            self.write("/usr/local/bin/bpfwall", WRAPPER, mode=0o755)
         os.mkdir(self.host_cgroup)
         if not os.path.ismount(BPFFS):
             _run(["mount", "-t", "bpf", "bpf", BPFFS])
@@ -167,7 +169,9 @@ class Container:
                "--register=no", "--keep-unit", "--private-network", "--system-call-filter=bpf",
                "--capability=CAP_BPF,CAP_PERFMON",
                "--console=read-only",
-               f"--bind={self.bpffs_dir}:{BPFFS}", f"--bind-ro={self.repo}:{REPO_MOUNT}"]
+               f"--bind={self.bpffs_dir}:{BPFFS}"]
+        if self.repo is not None:
+            cmd.append(f"--bind-ro={self.repo}:{REPO_MOUNT}")
         env = {"PATH": PATH, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}
         procs = os.path.join(self.host_cgroup, "cgroup.procs")
 

@@ -63,7 +63,7 @@ def test_an_unreadable_packets_file_is_one_line(capsys, tmp_path):
 
 def test_a_drop_in_that_cannot_be_written_is_one_line(capsys, tmp_path):
     (tmp_path / "file").write_text("")
-    err = one_line(capsys, "dropin", "a.service", "--directions", "ingress", "--no-reload",
+    err = one_line(capsys, "dropin", "a.service", "--directions", "ingress", "--no-reload", "--force",
                    "--unit-dir", str(tmp_path / "file"))
     assert f"cannot write {tmp_path}/file/a.service.d/bpfwall.conf" in err
 
