@@ -34,7 +34,8 @@ class Handle(Protocol):
     exclusive: bool   # a cgroup carries at most one unit of this backend: detach the other first
     needs_cleanup: bool  # a removed cgroup leaves something of the unit behind: call gone()
     # A slice default that judges only the descendants the watcher classifies for it (bpf: the
-    # slice's guard program and its map); then classify/unclassify/keep_classified exist.
+    # slice's guard program and its map; nft: a strict default's set of known cgroups); then
+    # classify(cgroup_id, below, path), unclassify(cgroup_id) and keep_classified({id: path}) exist.
     guards: bool
 
     @property

@@ -44,16 +44,17 @@ class UnitHandle:
         """A slice default whose programs judge only what classify() leaves them (bpf: the guard map)."""
         return self.guard is not None
 
-    def classify(self, cgroup_id: int, below, path: str | None = None) -> bool:
-        """The descendant `cgroup_id` (at `path`) is classified: `below` are the directions a
-        deeper filter judges (its packets pass this default untouched), the others this default judges."""
+    def classify(self, cgroup_id: int, below, path: str) -> bool:
+        """The descendant `cgroup_id` (at `path`) is classified: `below` are the directions a deeper
+        filter judges (its packets pass this default untouched), the others this default judges."""
         return self.guard.classify(cgroup_id, below)
 
     def unclassify(self, cgroup_id: int) -> bool:
         return self.guard.forget(cgroup_id)
 
-    def keep_classified(self, cgroup_ids) -> list[int]:
-        return self.guard.keep_only(cgroup_ids)
+    def keep_classified(self, classified: dict) -> list[int]:
+        """Keep exactly these ({cgroup id: path}); the ids dropped."""
+        return self.guard.keep_only(classified)
 
     @property
     def directions(self) -> list[str]:

@@ -56,21 +56,17 @@ class NftUnit:
         already judges per level (deepest first); a strict one holds what is not classified."""
         return self.strict
 
-    def classify(self, cgroup_id: int, below, path: str | None = None) -> bool:
-        """The descendant is classified (whatever a deeper filter judges of it): no longer held.
-        nft names cgroups by path: the watcher passes it; else it is looked up by id (root only)."""
-        path = path or cgroup.paths_of_ids([cgroup_id]).get(cgroup_id)
-        if path is None:
-            return False  # gone meanwhile: nothing to classify
+    def classify(self, cgroup_id: int, below, path: str) -> bool:
+        """The descendant at `path` is classified (whatever a deeper filter judges of it): no
+        longer held. nft names cgroups by path, so the watcher gives it."""
         return nft.classify(self.table, self.name, path)
 
     def unclassify(self, cgroup_id: int) -> bool:
         return nft.unclassify(self.table, self.name, cgroup_id)
 
-    def keep_classified(self, cgroup_ids) -> list[int]:
-        ids = list(cgroup_ids)
-        paths = {cid: p for cid, p in cgroup.paths_of_ids(ids).items() if p is not None}
-        return nft.keep_known(self.table, self.name, paths)
+    def keep_classified(self, classified: dict) -> list[int]:
+        """Keep exactly these ({cgroup id: path}) and the unit's slices with their ancestors."""
+        return nft.keep_known(self.table, self.name, dict(classified))
 
     def attach(self, path: str) -> list[str]:
         """Add the cgroup's element (a no-op when it has it); the directions newly filtered."""

@@ -468,7 +468,7 @@ class Watcher:
         for name, handle in self.units.items():
             if not handle.guards:
                 continue
-            wanted = [cgid for cgid, names in self.classified.values() if name in names]
+            wanted = {cgid: path for path, (cgid, names) in self.classified.items() if name in names}
             try:
                 handle.keep_classified(wanted)
             except BACKEND_ERRORS as e:

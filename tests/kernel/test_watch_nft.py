@@ -253,3 +253,27 @@ def test_without_the_dropin_privileges_the_error_names_the_dropin(no_leaks, tmp_
         assert has_element(netns, table, "ingress_level_2", a)
     finally:
         granted.close()
+
+
+# -- slice defaults ------------------------------------------------------------------
+
+def test_slice_default_and_strict_slice_through_the_watcher(daemon, policy_dir, subtree, netns, table):
+    """A slice default judges a unit without an entry, the unit's own entry beats it; a strict
+    slice: a cgroup made while the watcher is dead (SIGKILL) stays dropped, and is judged by the
+    default once the restarted watcher has classified it."""
+    write_policy(policy_dir, '[units."s.slice"]\nbackend = "nft"\ningress = "udp"\nstrict = true\n\n'
+                 + nft_unit("own.service", ingress="udp && local_port == 1"))
+    own, plain = mkcg(subtree, "s.slice/own.service"), mkcg(subtree, "s.slice/plain.service")
+    daemon.start()
+    with udp_pair(netns, own) as (o, _, tx), udp_pair(netns, plain) as (p, _, tx2):
+        assert arrived(o, tx, o.getsockname()[1]) == 0      # its own entry drops what the default passes
+        assert arrived(p, tx2, p.getsockname()[1]) == 5     # no entry: the default passes udp
+    daemon.signal(signal.SIGKILL)
+    daemon.wait_exit()
+    late = mkcg(subtree, "s.slice/late.service")
+    with udp_pair(netns, late) as (rx, _, tx):
+        assert arrived(rx, tx, rx.getsockname()[1]) == 0    # nobody classified it: held
+        daemon.start()
+        wait_for("late.service classified",
+                 lambda: any(k.cgroup.endswith("s.slice/late.service") for k in state_units(table)["s.slice"].known))
+        assert arrived(rx, tx, rx.getsockname()[1]) == 5
