@@ -20,7 +20,16 @@
  *
  * No global data: everything lives in maps, so the object needs no .data /
  * .rodata relocations and one ELF loads twice into independent units.
+ *
+ * Batches (bpfwall/batch.py): to save a compiler run per unit, many units are
+ * compiled as one translation unit that includes this file first with
+ * BPFWALL_SHARED_ONLY (the part every unit shares, below up to the filter
+ * header), then once per unit with BPFWALL_FILTER_H naming the unit's header and
+ * every name of the unit's part prefixed by a macro (batch.UNIT_NAMES); the ELF
+ * reader takes each unit's programs, maps and BTF apart by that prefix.
  */
+#ifndef BPFWALL_SHARED_DONE  /* what every unit shares: once per translation unit */
+#define BPFWALL_SHARED_DONE
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -68,19 +77,6 @@ struct bpfwall_addr_key {
 /* Index = direction * 2 + dropped. Per direction so that softirq ingress and
  * process-context egress never increment the same per-CPU slot. */
 #define COUNTER_SLOT(dir, dropped) ((dir) * 2 + (dropped))
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 4);
-	__type(key, __u32);
-	__type(value, struct bpfwall_counter);
-} counters SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u32);
-} mode SEC(".maps");
 
 /* Bytes are read straight from the linear area when they are there and through
  * bpf_skb_load_bytes otherwise, so a header outside the linear part (GSO, large
@@ -275,10 +271,35 @@ static __always_inline void parse(struct __sk_buff *skb, struct pkt *p)
 	}
 }
 
+#endif /* BPFWALL_SHARED_DONE */
+#ifndef BPFWALL_SHARED_ONLY
+
+/* Everything from here on is the unit's own: in a batch it is included once per
+ * unit, each time with its names prefixed (see the top of this file). */
+
 /* The unit's filter: its params struct, its @set maps with their lookup helpers
  * (in_number_set, in_address_set: only those its sets need) and the two verdict
- * functions. */
+ * functions. A batch names each unit's header in BPFWALL_FILTER_H. */
+#ifdef BPFWALL_FILTER_H
+#include BPFWALL_FILTER_H
+#else
 #include "bpfwall_filter.h"
+#endif
+
+/* Per-CPU {packets, bytes}, indexed by COUNTER_SLOT. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 4);
+	__type(key, __u32);
+	__type(value, struct bpfwall_counter);
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} mode SEC(".maps");
 
 /* Not read by the programs: a JSON description of the unit (expressions,
  * param slots, set kinds) so that stats/set/tune work from the pins alone. */
@@ -304,7 +325,7 @@ struct {
  * unit's ring buffer, read by `bpfwall monitor` and the watcher. Only the drop path reaches
  * this code: a passing packet's cost does not change. */
 struct bpfwall_event {
-	__u64 time_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u64 time_ns;        /* jiffies × jiffy_ns; + log_limit's clock_offset_ns: CLOCK_MONOTONIC_COARSE */
 	__u64 cgroup_id;      /* the socket's cgroup (bpf_skb_cgroup_id) */
 	__u32 len;
 	__u16 proto;          /* NO_PROTO when unknown */
@@ -325,17 +346,27 @@ struct {
 	__uint(max_entries, EVENTS_RING_BYTES);
 } events SEC(".maps");
 
-/* The token bucket of one direction. Shared by all CPUs, so taken under the lock; tokens are
- * counted in events × NSEC_PER_SEC so that refilling is one multiplication. */
-#define NSEC_PER_SEC 1000000000ULL
-#define BUCKET_FULL_AFTER_NS (1ULL << 40)  /* ~18 min: refills to the full burst; keeps ns × rate < 2^64 */
-#define LOG_LIMIT_MAX 1000000              /* rate and burst: larger values are refused by Python */
+/* The rate limit of one direction, a GCRA (the token bucket as one time, so that one
+ * compare-and-swap takes a token: no lock). `tat` runs ahead of now by interval_ns per event
+ * granted and may lead it by at most tolerance_ns: at most burst events at once, then one per
+ * interval. Python writes rate, burst, interval_ns = ceil(1e9 / rate), tolerance_ns =
+ * (burst - 1) × interval_ns and jiffy_ns, and zeroes the rest (a full bucket); see
+ * program_contract.LogLimit.
+ *
+ * The clock is bpf_jiffies64() × jiffy_ns (the tick's length): ~1 ns, where even the coarse
+ * clock costs ~13 ns here and bpf_ktime_get_ns() ~30, most of an event's cost. Records carry
+ * that time; when the program wakes the reader (at most every WAKE_EVERY_NS) it also stores
+ * CLOCK_MONOTONIC_COARSE minus it, which user space adds. */
+#define LOG_LIMIT_MAX 1000000  /* rate and burst: larger values are refused by Python (tolerance_ns < 2^60) */
 struct bpfwall_log_limit {
-	struct bpf_spin_lock lock;
 	__u32 rate;           /* events per second; 0: no events */
-	__u64 burst;          /* events the bucket holds */
-	__u64 tokens;         /* events × NSEC_PER_SEC */
-	__u64 last_ns;        /* time of the last refill; 0 after Python wrote rate/burst */
+	__u32 burst;          /* events at once */
+	__u64 interval_ns;
+	__u64 tolerance_ns;
+	__u64 jiffy_ns;
+	__u64 tat;            /* the earliest time the bucket is full again */
+	__u64 woken_ns;       /* when the program last woke the ring's reader */
+	__u64 clock_offset_ns;  /* CLOCK_MONOTONIC_COARSE − this clock, at woken_ns */
 };
 
 struct {
@@ -353,60 +384,43 @@ struct {
 	__type(value, __u64);
 } events_lost SEC(".maps");
 
-/* 1: log it, 0: over the limit, -1: events off.
- *
- * The lock costs ~50 ns (it disables interrupts), more than the rest of the drop path, so a
- * flood's usual answer — no token — is found without it: from a racy read that can only err
- * towards "no token" (a loss, counted) in a race with another CPU's refill, never towards an
- * event the limit does not allow: those are granted under the lock alone. */
+/* 1: a token, 0: over the limit (or lost a race twice: a counted loss like the limit's). */
 static __always_inline int take_token(struct bpfwall_log_limit *l, __u64 now)
 {
-	__u64 tokens, cap, last, elapsed;
-	int ok;
+	__u64 tat = *(volatile __u64 *)&l->tat, seen, base;
 
-	last = *(volatile __u64 *)&l->last_ns;
-	if (last && now >= last && now - last < BUCKET_FULL_AFTER_NS &&
-	    *(volatile __u64 *)&l->tokens + (now - last) * l->rate < NSEC_PER_SEC)
-		return 0;
-	bpf_spin_lock(&l->lock);
-	cap = l->burst * NSEC_PER_SEC;
-	last = l->last_ns;
-	/* another CPU may have refilled at a later `now` since ours was read: no time elapsed */
-	elapsed = now > last ? now - last : 0;
-	if (!last || elapsed >= BUCKET_FULL_AFTER_NS)
-		tokens = cap;
-	else
-		tokens = l->tokens + elapsed * l->rate;
-	if (tokens > cap)
-		tokens = cap;
-	ok = tokens >= NSEC_PER_SEC;
-	if (ok)
-		tokens -= NSEC_PER_SEC;
-	l->tokens = tokens;
-	if (now > last)
-		l->last_ns = now;
-	bpf_spin_unlock(&l->lock);
-	return ok;
+#pragma unroll
+	for (int i = 0; i < 2; i++) {
+		base = tat > now ? tat : now;
+		if (base - now > l->tolerance_ns)
+			return 0;
+		seen = __sync_val_compare_and_swap(&l->tat, tat, base + l->interval_ns);
+		if (seen == tat)
+			return 1;
+		tat = seen;
+	}
+	return 0;
 }
+
+/* Waking the reader costs microseconds (an IPI: ~5 µs on this VM, against ~30 ns for the
+ * record), so the program wakes it at most every WAKE_EVERY_NS and the reader polls on its
+ * own while events come (bpf_events.py: it stays awake longer than this plus a tick, so no
+ * record waits unseen). */
+#define WAKE_EVERY_NS (10 * 1000 * 1000ULL)  /* program_contract.WAKE_EVERY_NS */
 
 static __always_inline void log_drop(struct __sk_buff *skb, const struct pkt *p, __u32 dir, __u32 verdict)
 {
 	struct bpfwall_log_limit *l = bpf_map_lookup_elem(&log_limit, &dir);
 	struct bpfwall_event *e;
-	__u64 *lost;
-	int ok;
+	__u64 *lost, now, flags = BPF_RB_NO_WAKEUP;
 
 	if (!l || !l->rate)  /* events off */
 		return;
-	/* The bucket needs no better than the tick (the coarse clock is a read, not a clock
-	 * source access); the record gets the precise time, paid only when it is written. */
-	ok = take_token(l, bpf_ktime_get_coarse_ns());
-	if (ok < 0)
-		return;
-	if (ok) {
+	now = bpf_jiffies64() * l->jiffy_ns;
+	if (take_token(l, now)) {
 		e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 		if (e) {
-			e->time_ns = bpf_ktime_get_ns();
+			e->time_ns = now;
 			e->cgroup_id = bpf_skb_cgroup_id(skb);
 			e->len = p->len;
 			e->proto = p->proto;
@@ -420,7 +434,12 @@ static __always_inline void log_drop(struct __sk_buff *skb, const struct pkt *p,
 			e->icmp_code = p->icmp_code;
 			__builtin_memcpy(e->saddr, p->saddr, sizeof(e->saddr));
 			__builtin_memcpy(e->daddr, p->daddr, sizeof(e->daddr));
-			bpf_ringbuf_submit(e, 0);
+			if (now - l->woken_ns >= WAKE_EVERY_NS) {
+				l->clock_offset_ns = bpf_ktime_get_coarse_ns() - now;  /* one store: read whole */
+				l->woken_ns = now;
+				flags = BPF_RB_FORCE_WAKEUP;
+			}
+			bpf_ringbuf_submit(e, flags);
 			return;
 		}
 	}
@@ -572,3 +591,4 @@ int bpfwall_egress(struct __sk_buff *skb)
 }
 
 char _license[] SEC("license") = "GPL";
+#endif /* BPFWALL_SHARED_ONLY */

@@ -186,7 +186,17 @@ def bpfwall_toml_5(example: str) -> str:
              ".SH MATCHING",
              paragraph("Only a unit's own cgroup matches (its sub-cgroups inherit the programs). An entry "
                        "written with the exact unit name wins over globs; among globs the first in file "
-                       "order wins. `bpfwall policy match CGROUP` says which entry polices a cgroup and why."),
+                       "order wins. An entry whose name ends in .slice (system.slice, *.slice) is a slice "
+                       "default: it matches slices only, and every other entry never matches a slice."),
+             ".SH SLICE DEFAULTS",
+             paragraph("The nearest entry judges a packet, alone: walking up from the socket's cgroup, the "
+                       "first cgroup holding an entry that filters the packet's direction (the cgroup's own, "
+                       "the unit it lies in, else the nearest slice with a default) decides; entries farther "
+                       "up are not consulted. A unit's own entry thus passes what its slice's default would "
+                       "drop (systemd's IPAddressDeny=any on a slice with IPAddressAllow= on a unit). An "
+                       "entry that leaves a direction out leaves it to the nearest default. `bpfwall policy "
+                       "match CGROUP` says which entry judges a cgroup and why; `bpfwall policy show "
+                       "--effective` lists every cgroup with its judge."),
              ".SH PERMISSIONS",
              paragraph("A policy file is read only if nobody but root could have written it: a regular file "
                        "(not a symbolic link) owned by root (or by the user running bpfwall), not writable "

@@ -2,9 +2,10 @@
 
 An entry is two files in the cache directory, named by the key (build._key):
 
-    <key>.o     the ELF object clang wrote
+    <key>.o     the ELF object clang wrote (for a unit compiled in a batch: the batch's, one
+                file hard-linked under each of its units' keys)
     <key>.json  {"format", "key", "reader", "elf_sha256", "object", "object_sha256"}, where
-                "object" is what kernel.elf.read_object made of the .o (plain JSON, so a
+                "object" is what kernel.elf.read_objects made of the .o (plain JSON, so a
                 warm start imports no pyelftools)
 
 The directory and every one above it must be root's (or the euid's) and not
@@ -26,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import secrets
 import sys
 
 from .kernel import safefs
@@ -48,32 +50,85 @@ def load(directory: str | os.PathLike, key: str) -> BpfObject | None:
         return None
     try:
         meta = d.read(f"{key}.json", MAX_META)
-        elf = d.read(f"{key}.o", MAX_ELF)
-        return _decode(meta, elf, key)
-    except (safefs.PathError, ValueError, TypeError, KeyError, RecursionError):
+        return _decode(meta, _elf_sha256(d, f"{key}.o"), key)
+    except (safefs.PathError, OSError, ValueError, TypeError, KeyError, RecursionError):
         return None  # a miss: rebuilt and rewritten by the caller
     finally:
         d.close()
 
 
+# sha256 of the batch ELFs read by this process, by (device, inode, size, mtime, ctime): the units
+# of one batch share its file (hard links), so a warm start reads and hashes it once, not once per
+# unit. Files with one link (one unit's own ELF) are read every time, as they always were.
+_shared_digests: dict[tuple, str] = {}
+
+
+def _elf_sha256(d: safefs.CheckedDir, name: str) -> str:
+    fd = d.open_file(name)
+    try:
+        st = os.fstat(fd)
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if st.st_nlink > 1 and ident in _shared_digests:
+            return _shared_digests[ident]
+        chunks, size = [], 0
+        while chunk := os.read(fd, min(1 << 20, MAX_ELF + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_ELF:
+                raise ValueError("larger than any object bpfwall builds")
+        digest = hashlib.sha256(b"".join(chunks)).hexdigest()
+        if st.st_nlink > 1:
+            _shared_digests[ident] = digest
+        return digest
+    finally:
+        os.close(fd)
+
+
 def store(directory: str | os.PathLike, key: str, elf: bytes, obj: BpfObject) -> None:
     """Keep `obj` (read from `elf`) for next time; a cache we cannot write only costs speed."""
-    plain = to_plain(obj)
-    meta = {"format": FORMAT, "key": key, "reader": READER_VERSION,
-            "elf_sha256": hashlib.sha256(elf).hexdigest(),
-            "object": plain, "object_sha256": _digest(plain)}
     d = _open(directory, create=True)
     if d is None:
         return
     try:
         d.write(f"{key}.o", elf)
         # Last: the metadata vouches for the object, so a reader never sees it without one.
-        d.write(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        d.write(f"{key}.json", _meta(key, hashlib.sha256(elf).hexdigest(), obj))
         os.fsync(d.fd)
     except (safefs.PathError, OSError):
         pass
     finally:
         d.close()
+
+
+def store_batch(directory: str | os.PathLike, elf: bytes, entries: list[tuple[str, BpfObject]]) -> None:
+    """store() for the units of one batch object (batch.py): `entries` are (key, object read from
+    `elf`). The ELF is written once and hard-linked as each unit's `<key>.o` (an entry's ELF is the
+    object its BpfObject was read from; a batch's holds its other units too)."""
+    d = _open(directory, create=True)
+    if d is None:
+        return
+    try:
+        shared = d.stage("batch.o", elf)
+        try:
+            digest = hashlib.sha256(elf).hexdigest()
+            for key, obj in entries:
+                link = f".{key}.o.{secrets.token_hex(8)}{safefs.TEMP_SUFFIX}"
+                os.link(shared, link, src_dir_fd=d.fd, dst_dir_fd=d.fd)
+                d.commit(link, f"{key}.o")
+                d.write(f"{key}.json", _meta(key, digest, obj))
+        finally:
+            d.discard(shared)
+        os.fsync(d.fd)
+    except (safefs.PathError, OSError):
+        pass
+    finally:
+        d.close()
+
+
+def _meta(key: str, elf_sha256: str, obj: BpfObject) -> bytes:
+    plain = to_plain(obj)
+    return json.dumps({"format": FORMAT, "key": key, "reader": READER_VERSION, "elf_sha256": elf_sha256,
+                       "object": plain, "object_sha256": _digest(plain)}, sort_keys=True).encode()
 
 
 def _open(directory: str | os.PathLike, create: bool) -> safefs.CheckedDir | None:
@@ -93,13 +148,13 @@ def _warn_once(directory: str, refusal: str) -> None:
     print(f"bpfwall: warning: compiling without the cache: {refusal}", file=sys.stderr)
 
 
-def _decode(meta_bytes: bytes, elf: bytes, key: str) -> BpfObject | None:
+def _decode(meta_bytes: bytes, elf_sha256: str, key: str) -> BpfObject | None:
     meta = json.loads(meta_bytes)
     if not isinstance(meta, dict):
         return None
     if (meta.get("format"), meta.get("key"), meta.get("reader")) != (FORMAT, key, READER_VERSION):
         return None
-    if meta.get("elf_sha256") != hashlib.sha256(elf).hexdigest():
+    if meta.get("elf_sha256") != elf_sha256:
         return None
     if meta.get("object_sha256") != _digest(meta.get("object")):
         return None

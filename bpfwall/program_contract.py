@@ -23,6 +23,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import ipaddress
+import struct
+import time
 from dataclasses import dataclass
 
 from . import events
@@ -175,7 +177,7 @@ def decode_meta(raw: bytes) -> bytes:
 
 # -- drop events -----------------------------------------------------------------
 
-# The ring of one unit: 64 KiB hold ~900 records (72 bytes + an 8-byte header), several
+# The ring of one unit: 64 KiB hold ~900 records (64 bytes + an 8-byte header), several
 # bursts at the default limit; per unit, so that a unit's records need no unit identifier
 # and its ring goes with its pins (see README, "Drop events").
 EVENTS_RING_BYTES = 64 * 1024
@@ -184,6 +186,10 @@ NSEC_PER_SEC = 1_000_000_000
 LOG_LIMIT_MAX = 1_000_000     # largest log_rate and log_burst (keeps the bucket's arithmetic in u64)
 LOG_RATE_DEFAULT = events.DEFAULT_LOG_RATE    # one default for both backends (events.py)
 LOG_BURST_DEFAULT = events.DEFAULT_LOG_BURST
+# The program wakes a ring's reader at most this often (a wakeup costs microseconds); a reader
+# keeps polling on its own for longer than this plus a tick after its last record
+# (backends/bpf_events.py).
+WAKE_EVERY_NS = 10_000_000
 
 
 class Event(ctypes.Structure):
@@ -195,23 +201,40 @@ class Event(ctypes.Structure):
                 ("saddr", ctypes.c_uint32 * 4), ("daddr", ctypes.c_uint32 * 4)]
 
 
-class SpinLock(ctypes.Structure):
-    """struct bpf_spin_lock (the kernel's; user space never takes it but through BPF_F_LOCK)."""
-    _fields_ = [("val", ctypes.c_uint32)]
-
-
 class LogLimit(ctypes.Structure):
-    """struct bpfwall_log_limit: the token bucket of one direction."""
-    _fields_ = [("lock", SpinLock), ("rate", ctypes.c_uint32), ("burst", ctypes.c_uint64),
-                ("tokens", ctypes.c_uint64), ("last_ns", ctypes.c_uint64)]
+    """struct bpfwall_log_limit: the rate limit of one direction (a GCRA, see port_filter.c)."""
+    _fields_ = [("rate", ctypes.c_uint32), ("burst", ctypes.c_uint32), ("interval_ns", ctypes.c_uint64),
+                ("tolerance_ns", ctypes.c_uint64), ("jiffy_ns", ctypes.c_uint64), ("tat", ctypes.c_uint64),
+                ("woken_ns", ctypes.c_uint64), ("clock_offset_ns", ctypes.c_uint64)]
+
+
+# The program's clock ticks in jiffies; a jiffy is the coarse clock's resolution (the tick).
+CLOCK_MONOTONIC_COARSE = 6  # Linux; the time module does not name it
+JIFFY_NS = round(time.clock_getres(CLOCK_MONOTONIC_COARSE) * NSEC_PER_SEC)
 
 
 def log_limit_value(rate: int, burst: int) -> bytes:
-    """A new limit: last_ns 0 makes the program start from a full bucket."""
-    return bytes(LogLimit(SpinLock(0), rate, burst, 0, 0))
+    """A new limit, from a full bucket (tat 0). The interval is rounded up, so that the program
+    never grants more than `rate` events a second."""
+    interval = -(-NSEC_PER_SEC // rate) if rate else 0
+    return bytes(LogLimit(rate, burst, interval, (burst - 1) * interval if burst else 0, JIFFY_NS, 0, 0, 0))
+
+
+def clock_offset_ns(raw: bytes) -> tuple[int, int]:
+    """(woken_ns, clock_offset_ns) of a log_limit value: record times + the offset are
+    CLOCK_MONOTONIC_COARSE (u64 arithmetic: the offset may be "negative")."""
+    v = LogLimit.from_buffer_copy(raw)
+    return v.woken_ns, v.clock_offset_ns
+
+
+# struct bpfwall_log_limit before the GCRA (a spin lock, the rate, the burst, a token bucket):
+# a unit loaded by that bpfwall keeps it pinned until it is loaded again.
+_OLD_LOG_LIMIT = struct.Struct("=4xIQ16x")
 
 
 def decode_log_limit(raw: bytes) -> tuple[int, int]:
+    if len(raw) == _OLD_LOG_LIMIT.size:
+        return _OLD_LOG_LIMIT.unpack(raw)
     v = LogLimit.from_buffer_copy(raw)
     return v.rate, v.burst
 

@@ -50,7 +50,7 @@ def cache_dir(tmp_path_factory):
 
 # Each run notes itself in $BPFWALL_TEST_RUNS; it then waits (at most ~10 s, a bound for a
 # broken test, not a timing assertion) until `$BPFWALL_TEST_TOGETHER` runs have started, and
-# notes "alone" when it gave up. A header holding 666 does not compile.
+# notes "alone" when it gave up. A header holding 666 does not compile (alone or in a batch).
 _CLANG_WRAPPER = """#!/bin/sh
 runs="$BPFWALL_TEST_RUNS"
 : > "$runs/run.$$"
@@ -61,7 +61,7 @@ while [ "$(ls "$runs" | grep -c '^run\\.')" -lt "${BPFWALL_TEST_TOGETHER:-1}" ];
     sleep 0.05
 done
 for a in "$@"; do
-    case "$a" in -I*bpfwall-build-*) if grep -q 666 "${a#-I}/bpfwall_filter.h"; then
+    case "$a" in -I*bpfwall-build-*|-I*bpfwall-batch-*) if cat "${a#-I}"/*.h | grep -q 666; then
         echo "error: planted failure" >&2; exit 1; fi;; esac
 done
 exec clang "$@"
@@ -177,6 +177,16 @@ def trusted_tmp_path():
         yield Path(path)
     finally:
         shutil.rmtree(path)
+
+
+@pytest.fixture
+def events_state_dir(trusted_tmp_path, monkeypatch):
+    """Where this test's readers of drop events meet (fanout.py: <state dir>/events), not
+    /run/bpfwall; bpfwall processes inherit the variable."""
+    path = trusted_tmp_path / "state"
+    path.mkdir(mode=0o700)
+    monkeypatch.setenv("BPFWALL_STATE_DIR", str(path))
+    return path
 
 
 @pytest.fixture

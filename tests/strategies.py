@@ -289,3 +289,24 @@ def packets(draw) -> bytes:
     if draw(st.integers(0, 9)) == 0:
         data = data[:draw(st.integers(fixed, len(data)))]
     return data
+
+
+PACKETS_PER_EXAMPLE = 24
+
+
+@st.composite
+def scenarios(draw):
+    """An oracle test case: (checked expression, direction, param values, set values, packets,
+    load_bytes_only)."""
+    from bpfwall.lang.checker import analyze
+
+    text = draw(expressions())
+    checked = analyze(text)
+    direction = draw(st.sampled_from(["ingress", "egress"]))
+    params = {name: draw(param_values()) for name in checked.params}
+    sets = {name: draw(set_values(kind)) for name, kind in checked.sets.items()}
+    batch = draw(st.lists(packets(), min_size=PACKETS_PER_EXAMPLE, max_size=PACKETS_PER_EXAMPLE))
+    # Half the programs read every header through bpf_skb_load_bytes: the path real
+    # traffic takes for bytes outside the linear area must decide the same way.
+    load_bytes_only = draw(st.booleans())
+    return checked, direction, params, sets, batch, load_bytes_only

@@ -65,6 +65,10 @@ class EventSource(Protocol):
     def read(self, timeout: float | None = None) -> list:
         """The DropEvents waiting, after waiting up to `timeout` seconds (None: forever) for one."""
 
+    def timeout(self) -> float | None:
+        """Seconds until read(0) has work though fileno() is not readable (None: not before it is);
+        a poll loop waits at most this long."""
+
     def lost(self) -> dict[tuple[str, str], int]:
         """(unit, direction) → events lost so far: to the rate limit or a full buffer, never silently."""
 
@@ -104,8 +108,10 @@ class Backend(Protocol):
     def explain(self, checked, direction: str | None = None) -> tuple[dict, str]:
         """What the expression becomes here (nothing is loaded): (JSON data, text)."""
 
-    def events(self, units: list[str] | None = None) -> "EventSource":
-        """Drop events of these units (None: every unit loaded now or later), as they happen.
+    def events(self, units: list[str] | None = None, state_dir: str | None = None) -> "EventSource":
+        """Drop events of these units (None: every unit loaded now or later), as they happen;
+        every reader sees every event (they meet in `state_dir`/events, default $BPFWALL_STATE_DIR
+        or /run/bpfwall: fanout.py).
         `stats` reports each unit's event settings and losses as
         {"events": {"log_rate": N, "log_burst": N, "lost": {"ingress": N, "egress": N}}}."""
 

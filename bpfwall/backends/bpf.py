@@ -38,7 +38,6 @@ from ..build import UnitProgram, build
 from ..crashpoint import reached
 from ..errors import Error
 from ..kernel import cgroup, links, loader, maps, pins, progs
-from ..kernel import syscall as sc
 from ..kernel.errors import KernelError
 from ..lang.setcontents import Contents, count
 from ..lang.values import PARAM_MAX, parse_set_elements
@@ -360,10 +359,11 @@ class PinnedUnit:
         return {"log_rate": rate, "log_burst": burst}
 
     def write_log_limit(self, limit: dict[str, int]) -> None:
-        """Under the bucket's lock (BPF_F_LOCK); the bucket starts full again."""
+        """The bucket starts full again. A program may take a token meanwhile (a compare-and-swap
+        on `tat`) and so keep one event's worth of the old bucket: the limit holds either way."""
         m = self.map(pc.LOG_LIMIT)
         for i in range(len(DIRECTIONS)):
-            m.update(pc.number_key(i), pc.log_limit_value(limit["log_rate"], limit["log_burst"]), sc.BPF_F_LOCK)
+            m.update(pc.number_key(i), pc.log_limit_value(limit["log_rate"], limit["log_burst"]))
 
     def events_lost(self) -> dict[str, int]:
         if pc.EVENTS_LOST not in self.maps:

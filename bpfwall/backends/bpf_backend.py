@@ -193,10 +193,10 @@ class BpfBackend:
     def set_values(self, unit: str, changes: list) -> list[str]:
         return bpf.set_values(self.pin_root, unit, changes)
 
-    def events(self, units: list[str] | None = None):
+    def events(self, units: list[str] | None = None, state_dir: str | None = None):
         from .bpf_events import BpfEvents
 
-        return BpfEvents(self.pin_root, units)
+        return BpfEvents(self.pin_root, units, state_dir)
 
     def explain(self, checked, direction: str | None = None) -> tuple[dict, str]:
         """The C emitted for the expression (the header bpf/port_filter.c includes)."""

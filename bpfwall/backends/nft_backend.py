@@ -136,9 +136,9 @@ class NftBackend:
         changes = [(c[1], c[2]) if c[0] == "log" else c for c in changes]
         return nft.set_values(self.table, unit, changes)
 
-    def events(self, units: list[str] | None = None) -> NftEvents:
+    def events(self, units: list[str] | None = None, state_dir: str | None = None) -> NftEvents:
         """The table's drop events over its nflog group (the group the table's state names)."""
-        return NftEvents(self.table, units)
+        return NftEvents(self.table, units, state_dir)
 
     def explain(self, checked, direction: str | None = None) -> tuple[dict, str]:
         """Both directions' chains as nft text (the JSON always has both)."""

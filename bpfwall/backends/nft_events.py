@@ -5,11 +5,16 @@ A unit's drop path (lower/nft.py drop_rules) logs to the table's nflog group wit
 naming the unit, direction and verdict (nft/names.py UnitNames.log_prefix); the prefixes are
 mapped back through the table's state (read again when an unknown one arrives: a unit
 loaded after the source opened). What the rate limit held back is in each unit's named
-`lost` counters; what the socket buffer could not take is counted by the reader (ENOBUFS),
-not by unit: it is reported under ("", "").
+`lost` counters; messages lost between the kernel and this reader (a full socket buffer, or a
+fan-out that could not keep up) are counted from their sequence numbers (nflog.Sequence),
+not by unit: reported under ("", "").
+
+A group has one listener, so readers share it as fanout.py says: the first binds it and sends
+the datagrams it receives to the others (channel nflog-<network namespace>-<group>).
 """
 from __future__ import annotations
 
+import os
 import struct
 import time
 
@@ -17,7 +22,8 @@ from ..events import DropEvent
 from ..lang.errors import LangError
 from ..lang.packet import parse_packet
 from ..nft.names import UnitNames
-from ..nft.nflog import NflogReader
+from ..nft.nflog import NflogReader, Sequence
+from ..fanout import Hub
 from ..nft.state import StateFile
 from .nft import counter_values
 
@@ -50,14 +56,23 @@ def drop_event(unit: str, direction: str, verdict: str, when: float, payload: by
 class NftEvents:
     """Drop events of table `table`'s units (`units`; None: all, also those loaded later)."""
 
-    def __init__(self, table: str, units: list[str] | None = None):
+    def __init__(self, table: str, units: list[str] | None = None, state_dir: str | None = None):
         self.table = table
         self.units = set(units) if units else None
         state = StateFile(table).load()
         self._prefixes: dict[str, tuple[str, str, str]] = {}
         self._learn(state)
-        self.reader = NflogReader(state.log_group)
-        self._base = self._lost_counters()  # lost() counts from now on
+        self.sequence = Sequence()
+        self.group = state.log_group
+        self._hub = Hub(state_dir)
+        try:
+            netns = os.stat("/proc/self/ns/net").st_ino  # groups are per network namespace
+            self.channel = self._hub.join(f"nflog-{netns}-{state.log_group}", lambda: NflogReader(state.log_group),
+                                          lambda record: "")
+            self._base = self._lost_counters()  # lost() counts from now on
+        except BaseException:
+            self._hub.close()
+            raise
 
     def _learn(self, state) -> None:
         self._prefixes = {UnitNames(unit).log_prefix(d, v): (unit, d, v)
@@ -74,13 +89,16 @@ class NftEvents:
         return out
 
     def fileno(self) -> int:
-        return self.reader.fileno()
+        return self._hub.fileno()
+
+    def timeout(self) -> float | None:
+        return self._hub.timeout()
 
     def read(self, timeout: float | None = None) -> list[DropEvent]:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            packets = self.reader.read(left)
+            packets = [p for _, datagrams in self._hub.poll(left) for d in datagrams for p in self.sequence.parse(d)]
             if any(p.prefix not in self._prefixes for p in packets):
                 self._learn(StateFile(self.table).load())
             out = []
@@ -89,7 +107,7 @@ class NftEvents:
                 if who is None or (self.units is not None and who[0] not in self.units):
                     continue
                 out.append(drop_event(*who, p.time, p.payload))
-            if out or not packets or (deadline is not None and time.monotonic() >= deadline):
+            if out or (deadline is not None and time.monotonic() >= deadline):
                 return out
 
     def lost(self) -> dict[tuple[str, str], int]:
@@ -99,12 +117,12 @@ class NftEvents:
         for k, n in self._lost_counters().items():
             base = self._base.get(k, 0)
             out[k] = n - base if n >= base else n  # a re-created counter (log_rate 0, then on) restarts at 0
-        if self.reader.lost:
-            out[UNATTRIBUTED] = self.reader.lost
+        if self.sequence.lost:  # also what a fan-out owner dropped for us: a gap like any other
+            out[UNATTRIBUTED] = self.sequence.lost
         return out
 
     def close(self) -> None:
-        self.reader.close()
+        self._hub.close()
 
     def __enter__(self) -> "NftEvents":
         return self

@@ -69,6 +69,15 @@ def backend(args, name: str | None = None):
                   log_group=getattr(args, "log_group", None))
 
 
+def chosen_backends(args) -> dict:
+    """--backend (or $BPFWALL_BACKEND) alone when given, else both, by name."""
+    if getattr(args, "backend", None) or os.environ.get("BPFWALL_BACKEND"):
+        names = [backend_name(args)]
+    else:
+        names = list(BACKENDS)
+    return {name: backend(args, name) for name in names}
+
+
 def policy_dir(args) -> str:
     from ..policy import policy_dir as resolve
 

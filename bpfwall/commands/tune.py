@@ -1,28 +1,16 @@
 """tune: the full-screen terminal UI (bpfwall/tune/) on every loaded unit, or on one."""
 from __future__ import annotations
 
-import os
 import sys
 
 from ..errors import Error, UsageError
-from .options import backend, backend_name
+from .options import chosen_backends
 
 
 def register(add) -> None:
     p = add("tune", "watch units live and change their params, sets and mode on one screen (a terminal UI)")
     p.add_argument("unit", nargs="?", help="open this loaded unit at once (default: the list of every unit)")
     p.set_defaults(handler=cmd_tune)
-
-
-def chosen_backends(args) -> dict:
-    """--backend (or $BPFWALL_BACKEND) alone when given, else both."""
-    from ..backends import NAMES
-
-    if getattr(args, "backend", None) or os.environ.get("BPFWALL_BACKEND"):
-        names = [backend_name(args)]
-    else:
-        names = list(NAMES)
-    return {name: backend(args, name) for name in names}
 
 
 def find_unit(backends: dict, unit: str) -> tuple[str, str]:

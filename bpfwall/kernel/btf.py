@@ -277,3 +277,91 @@ def _ext_records(data: bytes, btf: Btf, rec_size: int) -> dict[str, bytes]:
         pos += rec_size * count
     return out
 
+
+
+# -- one unit's BTF out of a batch object ------------------------------------------
+
+@dataclass
+class BtfSubset:
+    """A BTF blob of some of another's types, renumbered: `ids` maps old type ids to new ones,
+    `strings` old string offsets to new ones (for .BTF.ext records that point into either)."""
+    blob: bytes
+    ids: dict[int, int]
+    strings: dict[int, int]
+
+
+def subset(blob: bytes, roots: list[int], prefix: str, extra_strings=()) -> BtfSubset:
+    """The BTF of one unit of a batch object (batch.py): the types reachable from `roots` (its
+    FUNCs), plus the variables named `prefix`… of each DATASEC (its maps) and what they reach;
+    names lose `prefix`, DATASEC variables are packed from offset 0 (sizes kept). `blob` is
+    fixed up already (fixup_object_btf). `extra_strings` are offsets .BTF.ext records need."""
+    btf = parse(blob)
+    hdr_len, type_off, type_len = btf.header[3], btf.header[4], btf.header[5]
+    raw = blob[hdr_len + type_off:hdr_len + type_off + type_len]
+    ends = [t.offset for t in btf.types[2:]] + [type_len]
+
+    secinfo: dict[int, list[tuple[int, int, int]]] = {}
+    for t in btf.types:
+        if t.kind == KIND_DATASEC:
+            mine = [s for s in t.secinfo if btf.types[s[0]].name.startswith(prefix)]
+            if mine:
+                secinfo[t.id] = mine
+    keep: set[int] = set()
+    todo = list(roots) + list(secinfo)
+    while todo:
+        tid = todo.pop()
+        if tid == 0 or tid in keep:
+            continue
+        keep.add(tid)
+        t = btf.types[tid]
+        if t.kind not in _SIZED:
+            todo.append(t.type)
+        todo += [m[1] for m in t.members] + [s[0] for s in secinfo.get(tid, [])]
+        if t.kind == KIND_ARRAY:
+            todo.append(t.array[0])
+            todo.append(struct.unpack_from("=I", raw, t.offset + _TYPE.size + 4)[0])  # index type
+        elif t.kind == KIND_FUNC_PROTO:
+            todo += [struct.unpack_from("=I", raw, t.offset + _TYPE.size + 8 * i + 4)[0] for i in range(t.vlen)]
+    ids = {0: 0} | {old: new for new, old in enumerate(sorted(keep), 1)}
+
+    strings, offsets = bytearray(b"\0"), {0: 0}
+
+    def string(off: int) -> int:
+        if off not in offsets:
+            name = btf.name(off)
+            offsets[off] = len(strings)
+            strings.extend((name[len(prefix):] if name.startswith(prefix) else name).encode() + b"\0")
+        return offsets[off]
+
+    out = bytearray()
+    for tid in sorted(keep):
+        t = btf.types[tid]
+        rec = bytearray(raw[t.offset:ends[tid - 1]])
+        name_off, info, size_or_type = _TYPE.unpack_from(rec)
+        if t.kind == KIND_DATASEC:  # only the unit's variables, packed from 0
+            items, size_or_type = [], 0
+            for var, _, var_size in secinfo[tid]:
+                size_or_type = (size_or_type + 7) & ~7
+                items.append(struct.pack("=III", ids[var], size_or_type, var_size))
+                size_or_type += var_size
+            info = (info & ~0xFFFF) | len(items)
+            rec = bytearray(_TYPE.size) + b"".join(items)
+        elif t.kind not in _SIZED:
+            size_or_type = ids[size_or_type]
+        _TYPE.pack_into(rec, 0, string(name_off), info, size_or_type)
+        body = _TYPE.size
+        if t.kind == KIND_ARRAY:
+            elem, index = struct.unpack_from("=II", rec, body)
+            struct.pack_into("=II", rec, body, ids[elem], ids[index])
+        for i in range(t.vlen if t.kind in (KIND_STRUCT, KIND_UNION, KIND_ENUM, KIND_ENUM64, KIND_FUNC_PROTO) else 0):
+            step = 8 if t.kind in (KIND_ENUM, KIND_FUNC_PROTO) else 12
+            (m_name,) = struct.unpack_from("=I", rec, body + step * i)
+            struct.pack_into("=I", rec, body + step * i, string(m_name))
+            if t.kind in (KIND_STRUCT, KIND_UNION, KIND_FUNC_PROTO):
+                (m_type,) = struct.unpack_from("=I", rec, body + step * i + 4)
+                struct.pack_into("=I", rec, body + step * i + 4, ids[m_type])
+        out += rec
+    for off in extra_strings:
+        string(off)
+    header = _HEADER.pack(BTF_MAGIC, 1, 0, _HEADER.size, 0, len(out), len(out), len(strings))
+    return BtfSubset(header + bytes(out) + bytes(strings), ids, offsets)

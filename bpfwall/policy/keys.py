@@ -26,13 +26,17 @@ SETTINGS = {
 UNIT_ONLY = {
     "ingress": "The filter for packets the unit receives: an expression of bpfwall's filter "
                "language (see bpfwall(1), FILTER LANGUAGE). True passes the packet, false drops it. "
-               "A direction left out is not filtered; at least one of ingress and egress is needed.",
+               "A direction left out is not filtered by this entry (it falls to the nearest slice "
+               "default, if any); at least one of ingress and egress is needed.",
     "egress": "The filter for packets the unit sends.",
     "params": "Values of the $params the expressions use, a table of NAME = NUMBER. Every $param "
               "used needs one; `bpfwall set UNIT NAME=VALUE` changes it live.",
     "sets": "Elements of the @sets the expressions use, a table of NAME = [\"E1\", \"E2\", ...]: "
             "numbers, ranges \"lo..hi\", addresses or networks. Every @set used needs one "
             "(possibly empty).",
+    "strict": "Only for a slice default (a name ending in .slice): true drops the traffic of every "
+              "cgroup below the slice until bpfwall has seen it and put its own filter on, so nothing "
+              "there is unpoliced for an instant. Elsewhere an error.",
     "cgroup": "Only for a glob entry: a glob on the unit's cgroup path below the cgroup2 root "
               "(`*` stays within one path component, `**` spans several), e.g. "
               "\"user@*.service/app.slice/*\".",

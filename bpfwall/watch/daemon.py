@@ -118,7 +118,7 @@ class Watcher:
         self._signals: tuple[int, int, dict, int] | None = None  # pipe fds, previous handlers, wakeup fd
         self.reaction = None  # told the seconds from a new cgroup's IN_CREATE read to its attach (metrics)
         cap = DEFAULT_CAP if drop_events is None else drop_events
-        self.events = EventForwarder(log, cap) if cap > 0 else None  # drop events → the journal
+        self.events = EventForwarder(log, cap, state_dir) if cap > 0 else None  # drop events → the journal
 
     # -- helpers --------------------------------------------------------------
 

@@ -10,6 +10,7 @@ is over (the kernel's own limit, log_rate/log_burst, comes first).
 """
 from __future__ import annotations
 
+import math
 import time
 
 from ..errors import Error
@@ -19,9 +20,10 @@ DEFAULT_CAP = 50  # records per unit and second
 
 
 class EventForwarder:
-    def __init__(self, log, cap: int = DEFAULT_CAP):
+    def __init__(self, log, cap: int = DEFAULT_CAP, state_dir: str | None = None):
         self.log = log
         self.cap = cap
+        self.state_dir = state_dir  # where readers of the same source meet (fanout.py)
         self.sources: dict[str, object] = {}  # backend name → its EventSource
         self._second = int(time.monotonic())
         self._sent: dict[str, int] = {}       # unit → records sent this second
@@ -32,7 +34,7 @@ class EventForwarder:
         if name in self.sources:
             return
         try:
-            self.sources[name] = backend.events(None)
+            self.sources[name] = backend.events(None, state_dir=self.state_dir)
         except (Error, OSError, NotImplementedError) as e:
             self.log.warning("events", f"drop events of the {name} backend are not forwarded: {e}")
             self.sources[name] = None
@@ -55,7 +57,11 @@ class EventForwarder:
                                        "BPFWALL_ACTION": "drop-event"}, NOTICE)
 
     def tick(self) -> None:
-        """At a new second: the summary of each unit's events held back in the last one."""
+        """What is due after every wake-up: sources that read on a timer (a bpf ring drained while
+        events come), and at a new second the summary of each unit's events held back in the last."""
+        for source in self.sources.values():
+            if source is not None and (wait := source.timeout()) is not None and wait <= 0:
+                self.readable(source)
         now = int(time.monotonic())
         if now == self._second:
             return
@@ -68,8 +74,11 @@ class EventForwarder:
         self._held.clear()
 
     def timeout_ms(self) -> int | None:
-        """Until the end of the second, while a summary is due."""
-        return max(1, int((self._second + 1 - time.monotonic()) * 1000) + 1) if self._held else None
+        """Until a source wants reading on its timer, or the end of the second while a summary is due."""
+        waits = [math.ceil(wait * 1000) for s in self.sources.values() if s is not None and (wait := s.timeout()) is not None]
+        if self._held:
+            waits.append(max(1, int((self._second + 1 - time.monotonic()) * 1000) + 1))
+        return min(waits) if waits else None
 
     def close(self) -> None:
         for source in self.sources.values():

@@ -23,7 +23,7 @@ from tests.kernel.invoke import PYTHON, REPO, bpfwall
 from tests.kernel.sockets import V4, V6, arrived, bound, receive_all
 from tests.kernel.watcher import attached_id, inside, mkcg, unit, wait_for, write_policy
 
-pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("no_leaks")]
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("no_leaks", "events_state_dir")]
 
 UNIT = "ev.service"
 CLOCK_MONOTONIC_COARSE = 6  # Linux; the time module does not name it
@@ -254,3 +254,38 @@ def test_the_watcher_forwards_drop_events_capped_per_second(daemon, policy_dir, 
     pattern = re.compile(r"\d\d:\d\d:\d\d\.\d{3} a\.service ingress DROP udp 127\.0\.0\.1:\d+ → 127\.0\.0\.1:\d+ len 32")
     wait_for("the summary", lambda: "a.service: 3 drop events not logged (more than 5 a second)" in daemon.log())
     assert len([line for line in daemon.log().splitlines() if pattern.fullmatch(line)]) == 5
+
+
+def test_event_times_are_the_clock_s_to_the_tick(pin_root):
+    """The program stamps records with jiffies (cheap); the offset it stores at each wakeup makes
+    them CLOCK_MONOTONIC_COARSE, which lags the wall clock by at most a tick."""
+    load(pin_root, log_rate=1_000_000, log_burst=1_000_000)
+    tick = time.clock_getres(CLOCK_MONOTONIC_COARSE)
+    with BpfEvents(pin_root, [UNIT]) as source:
+        times = []
+        for _ in range(5):
+            before = time.time()
+            flood(pin_root, 3)
+            after = time.time()
+            times += [(before, e.time, after) for e in read_all(source, 0.1)]
+            time.sleep(0.05)  # past the program's wakeup interval: each flood wakes the reader anew
+    assert len(times) == 15
+    for before, t, after in times:
+        assert before - 2 * tick <= t <= after + tick, (before, t, after)
+
+
+def test_times_stay_right_across_a_change_of_the_limit(pin_root):
+    """`set log_rate=` writes a fresh limit (its clock offset zeroed until the next wakeup):
+    records written before it and read after keep their times."""
+    load(pin_root, log_rate=1_000_000, log_burst=1_000_000)
+    tick = time.clock_getres(CLOCK_MONOTONIC_COARSE)
+    with BpfEvents(pin_root, [UNIT]) as source:
+        before = time.time()
+        flood(pin_root, 2)
+        first = read_all(source, 0.1)
+        flood(pin_root, 2)
+        assert bpfwall("set", UNIT, "log_rate=999999").returncode == 0
+        second = read_all(source, 0.1)
+        after = time.time()
+    assert len(first) == len(second) == 2
+    assert all(before - 2 * tick <= e.time <= after + tick for e in first + second), (before, first + second, after)

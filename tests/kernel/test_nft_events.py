@@ -12,13 +12,14 @@ import pytest
 
 from bpfwall.backends import nft
 from bpfwall.backends.nft_backend import NftBackend
+from bpfwall.backends.nft_events import UNATTRIBUTED
 from bpfwall.build import UnitProgram
 from bpfwall.lang.checker import analyze_pair
 from bpfwall.nft.errors import NftError
 from bpfwall.nft.state import StateFile
 from tests.kernel.sockets import V4, V6
 
-pytestmark = [pytest.mark.kernel, pytest.mark.traffic]
+pytestmark = [pytest.mark.kernel, pytest.mark.traffic, pytest.mark.usefixtures("events_state_dir")]
 
 UNIT = "ev.service"
 DENIED, ALLOWED = 4001, 4000
@@ -232,7 +233,7 @@ def test_a_new_log_group_moves_every_unit(world, table):
     nft.load(table, "other.service", UnitProgram(*analyze_pair(None, EXPR["egress"])), log_group=g)
     assert listing(table).count(f"group {g}") == 2  # both units' log rules
     with NftBackend(table).events([UNIT]) as source:
-        assert source.reader.group == g
+        assert source.group == g
         flow = Flow(cg, *V4, "egress")
         try:
             flow.send(DENIED, 2)
@@ -262,3 +263,108 @@ def test_the_cli_sets_events_and_refuses_bad_values(world, table, capsys):
         code, _, err = run(capsys, *nft_args, *bad)
         assert code == 2 and len(err.splitlines()) == 1 and ("log_" in err or "log-group" in err), err
     assert listing(table) == before
+
+
+def drain_all(*sources, settle: float = 0.5) -> list[list]:
+    """Every event each source reads until none has come for `settle` seconds; round robin, as
+    readers in separate processes run side by side (the group's owner forwards while it runs)."""
+    out = [[] for _ in sources]
+    last = time.monotonic()
+    while time.monotonic() - last < settle:
+        for i, s in enumerate(sources):
+            if batch := s.read(timeout=0.01):
+                out[i] += batch
+                last = time.monotonic()
+    return out
+
+
+def test_two_readers_of_a_group_each_see_every_drop(world, table):
+    """A group has one listener: the first reader binds it, the second gets every event from it."""
+    _, cg = world
+    load(table, cg, "egress", log_rate=1000, log_burst=100, log_group=group())
+    flow = Flow(cg, *V4, "egress")
+    try:
+        with NftBackend(table).events() as first, NftBackend(table).events([UNIT]) as second:
+            assert (first.channel.owner, second.channel.owner) == (True, False)
+            for size in range(30):
+                flow.send(DENIED, 1, size=size)
+            got = drain_all(first, second)
+            lost = (first.lost(), second.lost())
+        sport = flow.tx.getsockname()[1]
+    finally:
+        flow.close()
+    expected = [("egress", "drop", "127.0.0.1", sport, DENIED, 28 + size) for size in range(30)]
+    for events in got:
+        assert [(e.direction, e.verdict, e.daddr, e.sport, e.dport, e.length) for e in events] == expected
+    assert lost == ({(UNIT, "egress"): 0}, {(UNIT, "egress"): 0})
+
+
+def test_messages_a_full_socket_buffer_dropped_are_counted_exactly(world, table, monkeypatch):
+    """ENOBUFS says only that something was lost; the sequence numbers say how much."""
+    from bpfwall.nft import nflog
+
+    _, cg = world
+    flood = 3000
+    load(table, cg, "egress", log_rate=1_000_000, log_burst=1_000_000, log_group=group())
+    plain = nflog.NflogReader.__init__
+    monkeypatch.setattr(nflog.NflogReader, "__init__", lambda self, g: plain(self, g, rcvbuf=4096))
+    flow = Flow(cg, *V4, "egress")
+    try:
+        with NftBackend(table).events([UNIT]) as source:
+            flow.send(DENIED, flood)  # nobody reads meanwhile: a 4 KiB buffer holds a few messages
+            got = drain(source)
+            flow.send(DENIED, 1)  # one more, into an empty buffer: the gap before it shows
+            got += drain(source)
+            lost = source.lost()
+    finally:
+        flow.close()
+    assert drops(table, "egress") == flood + 1
+    assert lost[UNATTRIBUTED] > 0 and lost[(UNIT, "egress")] == 0  # the limit never bit
+    assert len(got) + lost[UNATTRIBUTED] == flood + 1
+
+
+def test_monitor_reads_both_backends_at_once(world, table, pin_root):
+    """No --backend: one monitor shows an nft unit's drops (real packets) and a bpf unit's (test
+    runs of its pinned program) as they come."""
+    import json
+    import os
+    import struct
+
+    from bpfwall.backends import bpf
+    from bpfwall.kernel import progs
+    from tests.kernel.invoke import PYTHON, REPO
+
+    _, cg = world
+    load(table, cg, "egress", log_rate=1000, log_burst=100, log_group=group())
+    bpf.load(pin_root, "bpfev.service", UnitProgram(*analyze_pair("tcp", None)))
+    env = {k: v for k, v in os.environ.items() if k != "BPFWALL_BACKEND"}
+    mon = subprocess.Popen([PYTHON, "-m", "bpfwall", "monitor", "--json", "--table", table], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=REPO, env={**env, "BPFWALL_PIN_ROOT": pin_root})
+    flow = Flow(cg, *V4, "egress")
+    lines = []
+    try:
+        os.set_blocking(mon.stdout.fileno(), False)
+
+        def seen(n):
+            lines.extend(json.loads(line) for line in mon.stdout.readlines())
+            return len(lines) >= n
+
+        deadline = time.monotonic() + 30
+        while not seen(1) and time.monotonic() < deadline:  # nft events flow once monitor has the group
+            flow.send(DENIED, 1, size=99)
+            time.sleep(0.05)
+        udp = (struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, bytes([192, 0, 2, 1]),
+                           bytes([192, 0, 2, 2])) + struct.pack("!HHHH", 1234, 53, 8, 0))
+        with bpf.PinnedUnit.open(pin_root, "bpfev.service") as u:
+            progs.prog_test_run(u.progs["ingress"], b"\0" * 12 + b"\x08\x00" + udp, 2)
+        flow.send(DENIED, 3, size=10)
+        probes = len(lines)
+        while not seen(probes + 5) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        flow.close()
+        mon.terminate()
+        mon.communicate(timeout=30)
+    got = sorted((e["unit"], e["direction"], e["dport"], e["length"]) for e in lines if e["length"] != 127)
+    assert got == [("bpfev.service", "ingress", 53, 28)] * 2 + [(UNIT, "egress", DENIED, 38)] * 3
+    assert mon.returncode == 0

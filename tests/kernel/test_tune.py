@@ -29,11 +29,12 @@ def unit(pin_root, temp_cgroup):
 
 
 @pytest.fixture
-def tune(pin_root):
+def tune(pin_root, events_state_dir):
     panes = []
 
     def start(*args: str) -> Pane:
-        pane = Pane({"BPFWALL_PIN_ROOT": pin_root, "BPFWALL_BACKEND": "bpf"}, *args)
+        pane = Pane({"BPFWALL_PIN_ROOT": pin_root, "BPFWALL_BACKEND": "bpf", "BPFWALL_STATE_DIR": str(events_state_dir)},
+                    *args)
         panes.append(pane)
         return pane
     try:

@@ -137,3 +137,29 @@ def test_missing_object_is_one_error(tmp_path):
     with pytest.raises(KernelError, match="cannot read .*/missing.o") as e:
         read_object(str(tmp_path / "missing.o"))
     assert e.value.errno == errno.ENOENT
+
+
+def test_a_subset_of_everything_reachable_is_the_same_btf(obj):
+    """btf.subset (how a batch unit's BTF is cut out) rewrites every kind port_filter.o holds:
+    from the programs' FUNCs and all of .maps, with no prefix, it keeps every type, renumbered
+    in order, and every map still reads the same from it."""
+    whole = btf.parse(obj.btf)
+    funcs = [t.id for t in whole.types if t.kind == btf.KIND_FUNC]
+    sub = btf.subset(obj.btf, funcs, "")
+    cut = btf.parse(sub.blob)
+    reachable = {t.id for t in whole.types[1:]}
+    assert sorted(sub.ids) == [0, *sorted(reachable)] and len(cut.types) == len(whole.types)
+    assert [(t.kind, t.name, t.vlen, t.size, t.members, t.array, t.enumerators) for t in cut.types] == \
+        [(t.kind, t.name, t.vlen, t.size, [(n, sub.ids[i], o) for n, i, o in t.members],
+          (sub.ids[t.array[0]], t.array[1]) if t.kind == btf.KIND_ARRAY else t.array, t.enumerators)
+         for t in whole.types]
+    assert btf.map_definitions(cut) == {
+        name: {**d, "btf_key_type_id": sub.ids[d["btf_key_type_id"]], "btf_value_type_id": sub.ids[d["btf_value_type_id"]]}
+        for name, d in btf.map_definitions(whole).items()}
+
+
+def test_a_subset_by_prefix_keeps_one_units_maps_and_drops_the_prefix(obj):
+    whole = btf.parse(obj.btf)
+    sub = btf.parse(btf.subset(obj.btf, [], "coun").blob)  # "counters" is the one .maps variable kept
+    assert list(btf.map_definitions(sub)) == ["ters"]
+    assert btf.map_definitions(sub)["ters"]["value_size"] == btf.map_definitions(whole)["counters"]["value_size"]

@@ -15,6 +15,7 @@ from bpfwall.errors import Error, UserError
 # Exceptions that never reach the user: each is caught where it is raised and turned into one
 # of the root's (or, for inotify, is an OSError, which main reports too).
 INTERNAL = {
+    "bpfwall.batch.BatchError",           # build_many then compiles the batch's units alone
     "bpfwall.nft.dump.Interrupted",       # the dump is tried again
     "bpfwall.nft.runner._Silent",
     "bpfwall.nft.state.Invalid",          # NftError naming the state file

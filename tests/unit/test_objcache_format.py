@@ -184,14 +184,27 @@ def test_plain_form_with_a_wrong_shape_is_refused(edit):
         objcache.from_plain(plain)
 
 
-READER_SOURCES = {1: "cfa60e0f"}  # READER_VERSION → sha256 prefix of kernel/elf.py + kernel/btf.py
-# (1 also after btf.parse learned enumerators: read_object makes the same BpfObject)
+READER_SOURCES = {2: "920629b4"}  # READER_VERSION → sha256 prefix of kernel/elf.py + kernel/btf.py + batch.py
+# (1 also after btf.parse learned enumerators: read_object made the same BpfObject; 2: batches)
 
 
 def test_reader_version_moves_with_the_reader():
     """Cached objects are keyed by READER_VERSION: a changed reader must bump it (then pin the new hash)."""
     here = Path(elf.__file__).parent
-    digest = hashlib.sha256((here / "elf.py").read_bytes() + (here / "btf.py").read_bytes()).hexdigest()
+    sources = (here / "elf.py", here / "btf.py", here.parent / "batch.py")
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
     assert READER_SOURCES.get(elf.READER_VERSION) == digest[:8], (
-        f"kernel/elf.py or kernel/btf.py changed (sha256 {digest[:8]}): if read_object can now make a "
+        f"kernel/elf.py, kernel/btf.py or batch.py changed (sha256 {digest[:8]}): if they can now make a "
         f"different BpfObject from the same ELF, bump READER_VERSION; then set READER_SOURCES here")
+
+
+def test_a_batch_is_one_file_linked_under_each_key_and_checked_like_any_entry(tmp_path):
+    cache = tmp_path / "cache"
+    keys = [f"{i:02x}" * 32 for i in range(3)]
+    objcache.store_batch(cache, ELF, [(k, sample()) for k in keys])
+    assert sorted(os.listdir(cache)) == sorted(f"{k}{s}" for k in keys for s in (".json", ".o"))  # no temporaries
+    assert len({os.stat(cache / f"{k}.o").st_ino for k in keys}) == 1 and (cache / f"{keys[0]}.o").read_bytes() == ELF
+    assert all(objcache.load(cache, k) == sample() for k in keys)
+    with open(cache / f"{keys[1]}.o", "r+b") as f:  # damaged through one name: every unit of the batch misses
+        f.truncate(100)
+    assert [objcache.load(cache, k) for k in keys] == [None] * 3

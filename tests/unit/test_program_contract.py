@@ -215,7 +215,7 @@ def test_event_record_and_limits_agree(tmp_path):
     event constants."""
     program = _unit(*PROGRAMS["plain"])
     constants = {"EVENTS_RING_BYTES": pc.EVENTS_RING_BYTES, "NO_PROTO": pc.NO_PROTO,
-                 "LOG_LIMIT_MAX": pc.LOG_LIMIT_MAX, "NSEC_PER_SEC": pc.NSEC_PER_SEC,
+                 "LOG_LIMIT_MAX": pc.LOG_LIMIT_MAX, "WAKE_EVERY_NS": pc.WAKE_EVERY_NS,
                  "sizeof(struct bpfwall_event)": ctypes.sizeof(pc.Event)}
     for name, *_ in pc.Event._fields_:
         constants[f"__builtin_offsetof(struct bpfwall_event, {name})"] = getattr(pc.Event, name).offset
@@ -237,8 +237,15 @@ def test_guard_entries_round_trip():
 
 def test_log_limit_value_round_trip():
     raw = pc.log_limit_value(100, 200)
-    assert len(raw) == ctypes.sizeof(pc.LogLimit) == 32
+    assert len(raw) == ctypes.sizeof(pc.LogLimit) == 56
     assert pc.decode_log_limit(raw) == (100, 200)
+    v = pc.LogLimit.from_buffer_copy(pc.log_limit_value(3, 5))
+    assert (v.interval_ns, v.tolerance_ns, v.tat) == (333_333_334, 4 * 333_333_334, 0)  # rounded up: ≤ 3 a second
+    assert v.jiffy_ns == pc.JIFFY_NS and 1_000_000 <= pc.JIFFY_NS <= 10_000_000  # HZ 100..1000
+    assert pc.clock_offset_ns(raw) == (0, 0)
+    assert pc.LogLimit.from_buffer_copy(pc.log_limit_value(0, 5)).interval_ns == 0
+    # a unit loaded before the GCRA still has the spin-lock layout pinned
+    assert pc.decode_log_limit(struct.pack("=IIQQQ", 0, 7, 9, 0, 0)) == (7, 9)
     assert pc.sum_lost([bytes(pc.Lost(3)), bytes(pc.Lost(4))]) == 7
 
 
