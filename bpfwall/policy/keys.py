@@ -40,8 +40,4 @@ UNIT_ONLY = {
     "cgroup": "Only for a glob entry: a glob on the unit's cgroup path below the cgroup2 root "
               "(`*` stays within one path component, `**` spans several), e.g. "
               "\"user@*.service/app.slice/*\".",
-    "strict": "Only for a slice default (an entry whose name ends in .slice): true drops the traffic "
-              "of every cgroup below the slice until bpfwall watch has put its own filter on and "
-              "classified it, so nothing under the slice sends or receives before it is policed. "
-              "Default false.",
 }
