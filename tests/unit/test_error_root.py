@@ -56,6 +56,14 @@ def one_line(capsys, *argv) -> str:
     return err
 
 
+def test_usage_errors_name_bpfwall_once(capsys):
+    # It said "bpfwall: error: bpfwall: unrecognized arguments" (issue 12).
+    assert one_line(capsys, "policy", "match", "x.service", "--bogus") == \
+        "bpfwall: error: unrecognized arguments: --bogus (see --help)\n"
+    assert one_line(capsys, "stats") == \
+        "bpfwall: error: bpfwall stats: the following arguments are required: unit (see --help)\n"
+
+
 def test_an_unreadable_packets_file_is_one_line(capsys, tmp_path):
     assert "--packets /proc/self/mem: Input/output error" in one_line(capsys, "test", "udp", "--packets",
                                                                       "/proc/self/mem")
