@@ -88,6 +88,7 @@ test-unit: venv
 
 bench: venv bpffs
 	$(PY) bench/per_packet.py
+	$(PY) bench/slice_guard.py   # a slice default's guard beside a unit's program
 	$(PY) bench/monitor_rate.py  # drop events a second bpfwall monitor shows (~20 s)
 	$(PY) bench/load_time.py
 	$(PY) bench/compilers.py     # cold compile and per-packet cost, clang vs bcc

@@ -10,6 +10,8 @@
  *   struct bpfwall_params       one u64 member per $param
  *   BPFWALL_META_SIZE           bytes of the self-description kept in `meta`
  *   BPFWALL_HAS_PARAMS          1 when a filter reads $params
+ *   BPFWALL_HAS_IFNAME          1 when a filter reads ifname: the `ifaces` map and
+ *                               interfaces_of(skb), the bits of its device's names
  *   set_<name> maps             one per @set, and the helpers that look them up
  *   bpfwall_filter_ingress/egress(p, prm)  the two verdict functions
  *
@@ -66,6 +68,7 @@ struct pkt {
 	__u8 icmp_type, icmp_code;
 	__u32 saddr[4];       /* network order words; IPv4 uses [0] */
 	__u32 daddr[4];
+	__u64 ifaces;         /* bits of the unit's interface names the packet's device matches */
 };
 
 struct bpfwall_counter {
@@ -81,6 +84,14 @@ struct bpfwall_addr_key {
 	__u8 addr[16];
 } __attribute__((packed));
 #define ADDR_KEY_PREFIXLEN(bits) (8 + (bits))
+
+/* Key of the `ifaces` map (units that read ifname): a device is its network namespace's
+ * cookie and its ifindex, which is only unique within the namespace. */
+struct bpfwall_iface_key {
+	__u64 netns;
+	__u32 ifindex;
+	__u32 pad;
+};
 
 /* Index = direction * 2 + dropped. Per direction so that softirq ingress and
  * process-context egress never increment the same per-CPU slot. */
@@ -573,6 +584,9 @@ static __always_inline int run(struct __sk_buff *skb, __u32 dir)
 #endif
 #endif
 	parse(skb, &p);
+#if BPFWALL_HAS_IFNAME
+	p.ifaces = interfaces_of(skb);
+#endif
 #if BPFWALL_HAS_PARAMS
 	__u32 zero = 0;
 	prm = bpf_map_lookup_elem(&params, &zero);

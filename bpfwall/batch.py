@@ -24,13 +24,13 @@ from .kernel.elf import BpfObject, read_objects
 # (tests/kernel/test_build_batch.py fails: it counts one clang run for a batch).
 UNIT_NAMES = (
     "counters", "mode", "meta", "params", "events", "log_limit", "events_lost", "guard",  # maps
-    "guard_more",
+    "guard_more", "ifaces",
     "bpfwall_meta", "bpfwall_params", "bpfwall_event", "bpfwall_log_limit", "guard_slot",  # struct tags
     "bpfwall_filter_ingress", "bpfwall_filter_egress", "in_number_set", "in_address_set",
     "take_token", "log_drop", "finish", "guard_lookup", "guard_class", "run", "bpfwall_ingress",
-    "bpfwall_egress", "_license",
+    "bpfwall_egress", "_license", "interfaces_of",
 )
-UNIT_MACROS = ("BPFWALL_META_SIZE", "BPFWALL_HAS_PARAMS")  # the generated header's, per unit
+UNIT_MACROS = ("BPFWALL_META_SIZE", "BPFWALL_HAS_PARAMS", "BPFWALL_HAS_IFNAME")  # the generated header's, per unit
 PREFIX_STEM = "bpfwall_u"
 # Units per clang run, at most: clang's time per unit grows with the size of its module
 # (measured per unit: 0.083 s at 8, 0.091 s at 12, 0.098 s at 24; 0.14 s alone), and small

@@ -73,9 +73,21 @@ class UnitProgram:
                 kinds.update(checked.sets)
         return kinds
 
+    @property
+    def interfaces(self) -> list[str]:
+        """The interface names (and patterns) the filters name: bit i of the kernel's `ifaces`
+        values is name i, sorted so that the layout does not depend on spelling order."""
+        names = set()
+        for checked in (self.ingress, self.egress):
+            if checked is not None:
+                names.update(checked.interfaces)
+        return sorted(names)
+
     def meta(self) -> dict:
         """The self-description stored in the unit's `meta` map."""
+        extra = {"interfaces": self.interfaces} if self.interfaces else {}  # others' meta as before
         return {
+            **extra,
             "version": PROGRAM_VERSION,
             "ingress": self.ingress.text if self.ingress is not None else None,
             "egress": self.egress.text if self.egress is not None else None,
@@ -97,7 +109,7 @@ class UnitProgram:
         return lower_c.header(
             self.ingress.expr if self.ingress is not None else None,
             self.egress.expr if self.egress is not None else None,
-            self.params, self.sets, self.meta_size(), self.set_capacity)
+            self.params, self.sets, self.meta_size(), self.set_capacity, self.interfaces)
 
 
 def source_dir() -> Path:

@@ -19,7 +19,10 @@ __all__ = ["EXIT_ERROR", "UsageError", "build_parser", "main"]
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, like every other error
-        raise UsageError(f"{self.prog}: {message} (see --help)")
+        # main prints "bpfwall: error: "; a sub-command's parser adds its own name after it
+        # ("bpfwall stats: …"), the top-level one (unrecognized arguments) nothing more.
+        where = "" if self.prog == "bpfwall" else f"{self.prog}: "
+        raise UsageError(f"{where}{message} (see --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,9 @@ Maps (each pinned under its name in the unit's directory):
   set_<name> per @name         HASH u32 → u8 (numbers) or LPM_TRIE struct bpfwall_addr_key → u8
   guard      ARRAY[GUARD_SLOTS]  slice defaults only: id & (GUARD_SLOTS-1) → struct guard_slot {id, class}
   guard_more HASH[GUARD_CAPACITY] slice defaults only: u64 cgroup id → u32 class (ids whose slot is taken)
+  ifaces     HASH[IFACES_CAPACITY]  struct bpfwall_iface_key → u64 (only when a filter reads ifname):
+             the bits of the unit's interface names (meta "interfaces", bit i = name i) that the
+             link's name matches, for each link that matches one; user space keeps it current
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 
 from . import events
 from .kernel import syscall as sc
+from .lang.values import interface_matches
 
 # -- the program -----------------------------------------------------------------
 
@@ -41,6 +45,7 @@ MODES = ("enforce", "audit")        # index = enum MODE_ENFORCE, MODE_AUDIT
 COUNTERS, MODE, PARAMS, META = "counters", "mode", "params", "meta"
 EVENTS, LOG_LIMIT, EVENTS_LOST = "events", "log_limit", "events_lost"
 GUARD, GUARD_MORE = "guard", "guard_more"
+IFACES = "ifaces"
 SET_PREFIX = "set_"
 
 
@@ -150,6 +155,25 @@ def key_of(kind: str, value) -> bytes:
 def value_of(kind: str, key: bytes):
     """A set map's key back as the number or network it holds."""
     return Index.from_buffer_copy(key).value if kind == "number" else network_of(key)
+
+
+class IfaceKey(ctypes.Structure):
+    """struct bpfwall_iface_key: a link, by the cookie of its network namespace and its ifindex
+    (ifindexes are per namespace: a packet of another one never takes a link's bits)."""
+    _fields_ = [("netns", ctypes.c_uint64), ("ifindex", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+IfaceBits = ctypes.c_uint64
+IFACES_CAPACITY = 4096  # links whose name matches one of a unit's interface names (allocated on use)
+
+
+def iface_key(netns: int, ifindex: int) -> bytes:
+    return bytes(IfaceKey(netns, ifindex, 0))
+
+
+def iface_bits(patterns: list[str], name: str) -> int:
+    """The value of a link called `name`: bit i set when it matches patterns[i]."""
+    return sum(1 << i for i, p in enumerate(patterns) if interface_matches(p, name))
 
 
 META_STEP = 256
@@ -323,9 +347,9 @@ class MapShape:
 
 
 def map_shapes(params: list[str], sets: dict[str, str], meta_bytes: int, set_capacity: int,
-               slice_default: bool = False) -> dict[str, MapShape]:
+               slice_default: bool = False, interfaces: bool = False) -> dict[str, MapShape]:
     """Every map of a unit's program with these params, sets (name → kind) and meta size
-    (`slice_default`: the program is a slice's guard)."""
+    (`slice_default`: the program is a slice's guard; `interfaces`: a filter reads ifname)."""
     shapes = {
         COUNTERS: MapShape(sc.BPF_MAP_TYPE_PERCPU_ARRAY, Index, Counter, COUNTER_SLOTS),
         MODE: MapShape(sc.BPF_MAP_TYPE_ARRAY, Index, Mode, 1),
@@ -342,4 +366,6 @@ def map_shapes(params: list[str], sets: dict[str, str], meta_bytes: int, set_cap
         shapes[set_map(name)] = (
             MapShape(sc.BPF_MAP_TYPE_HASH, Index, SetValue, set_capacity) if kind == "number" else
             MapShape(sc.BPF_MAP_TYPE_LPM_TRIE, AddrKey, SetValue, set_capacity, sc.BPF_F_NO_PREALLOC))
+    if interfaces:
+        shapes[IFACES] = MapShape(sc.BPF_MAP_TYPE_HASH, IfaceKey, IfaceBits, IFACES_CAPACITY, sc.BPF_F_NO_PREALLOC)
     return shapes

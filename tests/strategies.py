@@ -11,15 +11,22 @@ import ipaddress
 from hypothesis import strategies as st
 
 from bpfwall.lang import ast
-from bpfwall.lang.fields import field_type
+from bpfwall.lang.fields import ADDRESS_NAMES, field_type
 from tests.unit import packets as pk
 
-V4_HOSTS = ["10.0.0.1", "10.0.0.2", "10.1.2.3", "192.168.1.1", "127.0.0.1", "0.0.0.0", "255.255.255.255"]
-V6_HOSTS = ["::1", "fe80::1", "2001:db8::1", "2001:db8::2", "2001:db8:1::5", "::ffff:10.0.0.1", "::"]
+# The last hosts lie at the edges of systemd's address names (link-local, multicast).
+V4_HOSTS = ["10.0.0.1", "10.0.0.2", "10.1.2.3", "192.168.1.1", "127.0.0.1", "0.0.0.0", "255.255.255.255",
+            "169.254.255.255", "224.0.0.251", "240.0.0.1"]
+V6_HOSTS = ["::1", "fe80::1", "2001:db8::1", "2001:db8::2", "2001:db8:1::5", "::ffff:10.0.0.1", "::",
+            "fe80:0:0:1::1", "ff02::fb", "::2"]
 V4_NETS = ["10.0.0.0/8", "10.0.0.0/24", "10.0.0.2/31", "10.0.0.1/32", "192.168.0.0/16", "127.0.0.0/8",
            "0.0.0.0/0"]
 V6_NETS = ["2001:db8::/32", "2001:db8::/127", "fe80::/10", "::1/128", "::ffff:0:0/96", "::/0"]
 PORTS = [0, 1, 22, 53, 80, 443, 1024, 8080, 65535]
+# Devices packets come by (the kernel tier makes them in a namespace of its own) and the names
+# and patterns expressions match them with.
+DEVICES = ["lo", "wg0", "eth0", "wlan0", "wlan10"]
+IFNAME_PATTERNS = ["lo", "l*", "wg0", "wg*", "eth0", "eth1", "wlan*", "wlan1*", "wlan0", "*"]
 ICMP4_TYPES, ICMP6_TYPES = [0, 3, 8, 11], [1, 128, 129, 135]
 ICMP_TYPES = ICMP4_TYPES + ICMP6_TYPES
 LENGTHS = [20, 28, 40, 48, 60, 64, 100, 1500]
@@ -65,7 +72,8 @@ def _num(field=None):
 
 _params = st.sampled_from(PARAMS).map(lambda n: ast.Param(n, _COL))
 _hosts = st.sampled_from(V4_HOSTS + V6_HOSTS).map(lambda a: ast.AddrLit(ipaddress.ip_network(a), False, _COL))
-_nets = st.sampled_from(V4_NETS + V6_NETS).map(lambda n: ast.AddrLit(ipaddress.ip_network(n), True, _COL))
+_nets = mostly(st.sampled_from(V4_NETS + V6_NETS).map(lambda n: ast.AddrLit(ipaddress.ip_network(n), True, _COL)),
+              st.sampled_from(sorted(ADDRESS_NAMES)).map(lambda n: ast.AddrName(n, _COL)))
 
 
 def _field(names):
@@ -129,7 +137,22 @@ def _address_in(draw):
     return ast.In(subject, draw(st.one_of(boxes)), _COL)
 
 
-_leaves = mostly(st.one_of(_field(BOOL_FIELDS), _number_compare(), _address_compare(), _number_in(), _address_in()),
+_patterns = st.sampled_from(IFNAME_PATTERNS).map(lambda p: ast.StrLit(p, _COL))
+
+
+@st.composite
+def _interface_compare(draw):
+    left, right = ast.Field("ifname", _COL), draw(_patterns)
+    if draw(st.booleans()):
+        left, right = right, left
+    return ast.Compare(draw(st.sampled_from(["==", "!="])), left, right, _COL)
+
+
+_interface_in = st.lists(_patterns, min_size=1, max_size=3).map(
+    lambda items: ast.In(ast.Field("ifname", _COL), ast.SetLit(tuple(items), _COL), _COL))
+
+_leaves = mostly(st.one_of(_field(BOOL_FIELDS), _number_compare(), _address_compare(), _number_in(), _address_in(),
+                           _interface_compare(), _interface_in),
                  st.booleans().map(lambda b: ast.BoolConst(b, _COL)), odds=9)
 
 
@@ -180,7 +203,9 @@ def spell(draw, node, parent: int = 0) -> str:
         text = "@" + node.name
     elif isinstance(node, ast.BoolConst):
         text = "true" if node.value else "false"
-    else:
+    elif isinstance(node, ast.StrLit):
+        text = f'"{node.value}"'
+    else:  # Field, AddrName
         text = node.name
     # Conditions weaker than their context need parentheses; any condition may have them.
     if level < parent or (level < 4 and draw(st.integers(0, 5)) == 0):

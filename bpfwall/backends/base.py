@@ -185,4 +185,5 @@ class ProgramBackend(Protocol):
     def pin(self, unit: str, direction: str, path: str) -> str: ...
 
     def test_run(self, program, direction: str, packets: list[bytes], params: dict | None = None,
-                 sets: dict | None = None) -> list[bool]: ...
+                 sets: dict | None = None, devices: list[str] | None = None) -> list[bool]:
+        """`devices`: the device each packet comes by (default lo), which ifname reads."""

@@ -38,7 +38,7 @@ from ..build import UnitProgram, build
 from ..compilers import UNRECORDED as UNRECORDED_COMPILER
 from ..crashpoint import reached
 from ..errors import Error
-from ..kernel import cgroup, links, loader, maps, pins, progs
+from ..kernel import cgroup, links, loader, maps, netdev, pins, progs
 from ..kernel.errors import KernelError
 from ..lang.setcontents import Contents, count
 from ..lang.values import PARAM_MAX, parse_set_elements
@@ -411,6 +411,35 @@ class PinnedUnit:
                         key=(lambda v: v) if kind == "number" else (lambda n: (n.version, n)))
         return [str(v) for v in values]
 
+    # interface names → the devices of this network namespace (`ifaces`; see kernel/netdev.py)
+    @property
+    def interfaces(self) -> list[str]:
+        return self.meta.get("interfaces", [])
+
+    def write_interfaces(self, found: dict[int, str] | None = None, cookie: int | None = None) -> int:
+        """Make `ifaces` hold, for each device whose name matches one of the unit's interface
+        names, the bits of the names it matches (`found`: {ifindex: name}, default the devices
+        now). A renamed device's value is replaced in place, a device that matches no more is
+        removed: each key changes at once, never through a state with neither value. Returns
+        how many devices match."""
+        if not self.interfaces:
+            return 0
+        found = netdev.devices() if found is None else found
+        cookie = netdev.netns_cookie() if cookie is None else cookie
+        wanted = {}
+        for index, name in found.items():
+            bits = pc.iface_bits(self.interfaces, name)
+            if bits:
+                wanted[pc.iface_key(cookie, index)] = bytes(pc.IfaceBits(bits))
+        m = self.map(pc.IFACES)
+        _check_fits("ifaces", len(wanted), m.info.max_entries, " (devices whose name matches)")
+        for key, value in wanted.items():
+            if m.lookup(key) != value:
+                m.update(key, value)
+        for key in [k for k in m.keys() if k not in wanted]:
+            m.delete(key)
+        return len(wanted)
+
     def replace_set(self, name: str, elements) -> None:
         self.write_set(name, Contents(self.set_kind(name), elements))
 
@@ -454,6 +483,9 @@ class PinnedUnit:
         for name, contents in new.sets.items():
             _check_fits(name, len(contents), self.map(set_map(name)).info.max_entries, "; nothing was changed")
         self._write(old, new)
+        if new.interfaces:  # last, and nothing to undo: it brings the devices up to date
+            n = self.write_interfaces()
+            done.append(f"interfaces: {n} device(s) match {', '.join(self.interfaces)}")
         return done
 
     def _planned(self, changes: list, old: "_Values") -> tuple["_Values", list[str]]:
@@ -480,6 +512,10 @@ class PinnedUnit:
                 check_log_limit(name, value)
                 new.log[name] = value
                 done.append(f"{name} = {value}")
+            elif change[0] == "interfaces":
+                if not self.interfaces:
+                    raise BackendError(f"unit {self.unit} names no interfaces (its filters do not read ifname)")
+                new.interfaces = True
             elif change[0] == "set":
                 _, name, op, raw = change
                 kind = self.set_kind(name)
@@ -517,6 +553,7 @@ class PinnedUnit:
             for name, contents in new.sets.items():
                 self.write_set(name, contents)  # puts its own contents back if it fails
                 undo.append(lambda name=name: self.write_set(name, old.sets[name]))
+
         except BaseException:
             for step in reversed(undo):
                 try:
@@ -533,6 +570,7 @@ class _Values:
     mode: str
     sets: dict[str, Contents]
     log: dict[str, int]
+    interfaces: bool = False  # look the interface names up again
 
 
 def check_log_limit(name: str, value: int) -> None:
@@ -704,6 +742,7 @@ def _load_locked(pin_root, d, unit, program, obj, names, params, sets, mode, old
             new.write_log_limit(default_log_limit({**kept_log, **(log or {})}))
         for name, elements in sets.items():
             new.replace_set(name, elements)
+        new.write_interfaces()
         result.reused_maps = sorted(reuse)
         reached("load:built")
 
@@ -1088,6 +1127,23 @@ def detach(pin_root: str, unit: str, cgroup_path: str) -> dict[str, bool]:
 
 # -- reading ------------------------------------------------------------------
 
+def refresh_interfaces(pin_root: str) -> dict[str, int]:
+    """Every loaded unit that names interfaces, its `ifaces` brought up to date with the devices
+    now (after a link appeared, went or was renamed): {unit: devices that match}. Under the pin
+    root's lock, so that it never writes a map a load is replacing."""
+    found, cookie = netdev.devices(), netdev.netns_cookie()
+    done = {}
+    with _locked(pin_root) as root:
+        for unit in units(pin_root):
+            try:
+                with PinnedUnit.open(pin_root, unit, root) as u:
+                    if u.interfaces:
+                        done[unit] = u.write_interfaces(found, cookie)
+            except BackendError:
+                continue  # a load cut short: the next load fills its map
+    return done
+
+
 def units(pin_root: str) -> list[str]:
     try:
         with pins.PinDir.open(pin_root) as root:
@@ -1175,11 +1231,17 @@ class PacketTooLong(Error):
 
 
 def test_run(program: UnitProgram, direction: str, packets: list[bytes], params: dict[str, int] | None = None,
-             sets: dict[str, list] | None = None, cache=None) -> list:
+             sets: dict[str, list] | None = None, cache=None, devices: list[str] | None = None) -> list:
     """Verdicts of the compiled program for raw L3 packets (True: pass), nothing pinned; a packet
-    over the kernel's test-run limit gets a PacketTooLong instead, and the others are still run."""
+    over the kernel's test-run limit gets a PacketTooLong instead, and the others are still run.
+    `devices`: the name of the device each packet comes by (one of this network namespace's;
+    default lo)."""
     params, sets = params or {}, sets or {}
     check_values(program, params, sets)
+    index = {name: i for i, name in netdev.devices().items()}
+    for name in devices or ():
+        if name not in index:
+            raise BackendError(f"no device {name!r} here (devices: {', '.join(sorted(index))})")
     obj = build(program, cache)
     loaded = loader.load(obj)
     try:
@@ -1187,12 +1249,13 @@ def test_run(program: UnitProgram, direction: str, packets: list[bytes], params:
         unit.write_params(params)
         for name, elements in sets.items():
             unit.replace_set(name, elements)
+        unit.write_interfaces()
         fd = loaded.progs[PROG_SECTIONS[direction]]
         verdicts = []
-        for data in packets:
+        for i, data in enumerate(packets):
             eth = b"\0" * 12 + struct.pack("!H", ETH_P[data[0] >> 4])
             try:
-                retval, _ = progs.prog_test_run(fd, eth + data)
+                retval, _ = progs.prog_test_run(fd, eth + data, ifindex=index[devices[i]] if devices else 0)
             except KernelError as e:
                 limit = progs.test_run_limit(fd, eth + data) if e.errno == errno.EINVAL else None
                 if limit is None:

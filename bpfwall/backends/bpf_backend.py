@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from ..build import UnitProgram, build, build_many
 from ..compilers import describe as describe_compiler
 from ..kernel import cgroup, loader, maps, progs
+from ..errors import Error
 from ..kernel.errors import KernelError
 from ..lower.c import set_map
 from ..watch.state import Owned
@@ -232,8 +233,9 @@ class BpfBackend:
         anywhere); the pin it was taken from."""
         return bpf.pin_elsewhere(self.pin_root, unit, direction, path)
 
-    def test_run(self, program, direction: str, packets: list[bytes], params=None, sets=None) -> list[bool]:
-        return bpf.test_run(program, direction, packets, params, sets, self.cache)
+    def test_run(self, program, direction: str, packets: list[bytes], params=None, sets=None,
+                 devices=None) -> list[bool]:
+        return bpf.test_run(program, direction, packets, params, sets, self.cache, devices)
 
     # -- the watcher -----------------------------------------------------------------------------
 
@@ -241,7 +243,17 @@ class BpfBackend:
         """Nothing beyond the watcher's own lock, which is per pin root."""
 
     def guard(self, log):
-        return None  # the pins keep the programs; check_pins (intact()) notices them removed
+        """Keeps the units' interface names matched to the devices as links come, go and are
+        renamed (bpf_interfaces.py). The programs need no guard: the pins keep them, and
+        check_pins (intact()) notices them removed."""
+        from .bpf_interfaces import InterfaceGuard
+
+        try:
+            return InterfaceGuard(self.pin_root, log)
+        except Error as e:  # the filters still run; only renamed devices are not followed
+            log.error("interfaces", f"cannot follow network devices: {e}; interface names are matched "
+                      "at load only (bpfwall set UNIT interfaces matches them again)")
+            return None
 
     def prepare(self, entry) -> None:
         """Compile now (cached), so a bad build stops a reload before anything changes."""

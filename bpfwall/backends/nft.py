@@ -739,6 +739,8 @@ def set_values(table: str, unit: str, changes: list) -> list[str]:
                     done.append(f"@{name}: replaced, {len(s.elements)} element(s)")
                 else:
                     raise NftError(f"@{name}{op}: write @set+ELEMENTS, @set-ELEMENTS or @set=ELEMENTS")
+            elif kind == "interfaces":
+                done.append("interfaces: nft matches device names itself (iifname/oifname); nothing to do")
             else:
                 raise NftError(f"unknown change {change!r}")
         rendered = _render(unit, new, state.log_group)

@@ -2,6 +2,7 @@
 
     language  check, explain, test, help        filters  load, attach, detach, path, pin,
     unit      apply, dropin, run                         unload, list, stats, set
+    systemd   import-systemd
     tune      tune (the terminal UI, bpfwall/tune/)
     monitor   monitor (drop events, live)
     watch     watch                             policy   policy check|show|match, import-scnpm
@@ -17,7 +18,7 @@ and `fn(args)` runs the command. Errors derive from bpfwall.errors.Error.
 """
 import importlib
 
-MODULES = ("language", "filters", "tune", "monitor", "watch", "metrics", "policy", "unit", "nft", "gc")  # in the order --help lists them
+MODULES = ("language", "filters", "tune", "monitor", "watch", "metrics", "policy", "unit", "systemd", "nft", "gc")  # in the order --help lists them
 
 
 def register_all(add) -> None:

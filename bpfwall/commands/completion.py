@@ -41,15 +41,16 @@ def changes(prefix: str, parsed_args, **_) -> list[str]:
     """`set UNIT <Tab>`: the unit's $params as NAME=, its @sets as @NAME+/-/=, mode= and the log limits."""
     from ..backends.bpf import PinnedUnit
 
-    params, sets = [], []
+    params, sets, interfaces = [], [], []
     unit = getattr(parsed_args, "unit", None)
     if unit:
         try:
             with PinnedUnit.open(pin_root(parsed_args), unit) as u:
                 params, sets = list(u.meta["params"]), list(u.meta["sets"])
+                interfaces = ["interfaces"] if u.interfaces else []  # ifname's names matched again
         except QUIET:
             pass
-    words = [f"{p}=" for p in params] + [f"@{s}{op}" for s in sets for op in "+-="]
+    words = [f"{p}=" for p in params] + [f"@{s}{op}" for s in sets for op in "+-="] + interfaces
     words += ["mode=enforce", "mode=audit", "log_rate=", "log_burst="]
     return [w for w in words if w.startswith(prefix)]
 

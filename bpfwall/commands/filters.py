@@ -59,7 +59,8 @@ def register(add) -> None:
     unit_argument(p, "a loaded unit")
     p.add_argument("changes", nargs="+", metavar="CHANGE",
                    help="NAME=VALUE (a $param), mode=enforce|audit, log_rate=N, log_burst=N (drop events per second, burst), @SET+E1,E2 (add), @SET-E1,E2 (remove), "
-                        "@SET=E1,E2 (replace); all are checked before the first is made"
+                        "@SET=E1,E2 (replace), interfaces (look ifname's names up again among the devices now); "
+                        "all are checked before the first is made"
                    ).completer = completion.changes  # Tab: the loaded unit's params and sets
     p.set_defaults(handler=cmd_set)
 
@@ -220,7 +221,9 @@ def cmd_stats(args) -> None:
 
 
 def parse_change(text: str):
-    """name=value | mode=M | log_rate=N | log_burst=N | @set+E,.. | @set-E,.. | @set=E,.."""
+    """name=value | mode=M | log_rate=N | log_burst=N | @set+E,.. | @set-E,.. | @set=E,.. | interfaces"""
+    if text == "interfaces":
+        return ("interfaces",)
     if text.startswith("@"):
         for i, ch in enumerate(text):
             if ch in "+-=":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from ..errors import UsageError
 from .common import emit, param_values, program, set_values
@@ -30,6 +31,8 @@ def register(add) -> None:
     p.add_argument("--direction", choices=("ingress", "egress"), default="ingress",
                    help="the direction the packets travel, which local_*/remote_* read (default: ingress)")
     value_options(p)
+    p.add_argument("--ifname", default="lo", metavar="DEVICE",
+                   help="the device the packets come by, which ifname reads: one of this host's (default: lo)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hex", nargs="+", metavar="HEX", help="packets: raw L3 bytes from the IP header, in hex")
     src.add_argument("--packets", metavar="FILE", help="file with one hex packet per line ('-' = stdin)")
@@ -67,12 +70,13 @@ def cmd_test(args) -> None:
                            args.expr if args.direction == "egress" else None)
     params, sets = param_values(args), set_values(args, unit_program)
     named = read_packets(args)
-    verdicts = kernel.test_run(unit_program, args.direction, [data for _, data in named], params, sets)
+    verdicts = kernel.test_run(unit_program, args.direction, [data for _, data in named], params, sets,
+                               devices=[args.ifname] * len(named))
     checked = unit_program.ingress or unit_program.egress
     rows, lines, unjudged = [], [], 0
     for i, ((where, data), verdict) in enumerate(zip(named, verdicts, strict=True)):
         fields = parse_packet(data)
-        reference = evaluate(checked.expr, fields, args.direction, params, sets)
+        reference = evaluate(checked.expr, replace(fields, ifname=args.ifname), args.direction, params, sets)
         row = {"index": i, "where": where, "reference": "pass" if reference else "drop",
                "fields": as_dict(fields)}
         if isinstance(verdict, bool):

@@ -44,14 +44,16 @@ def register(add) -> None:
     cgroup_root_option(q, CGROUP_ROOT_HELP)
     q.set_defaults(handler=cmd_match)
 
-    p = add("import-scnpm", "translate scnpm '# unit :: add rule …' comment lines into a bpfwall policy", True)
+    p = add("import-scnpm", "translate scnpm '# unit :: add rule …' comment lines and the ruleset around them into "
+            "a bpfwall policy deciding what nft decides", True)
     p.add_argument("file", metavar="FILE", help="an nftables.conf with scnpm comment rules ('-' = stdin)")
     p.add_argument("--partial", action="store_true",
                    help="exit 0 even if some lines cannot be translated (they are listed as comments)")
     p.add_argument("--default", choices=("accept", "drop"), dest="default_verdict",
-                   help="verdict when no rule matches (default: the policy of the chain's base chain)")
+                   help="the policy of the base chains that reach a unit's rules (default: as the file declares, "
+                        "else accept)")
     p.add_argument("--hook", action="append", default=[], metavar="CHAIN=input|output",
-                   help="direction of a chain whose hook the file does not declare")
+                   help="make a chain the file does not hook a base chain on that hook")
     p.set_defaults(handler=cmd_import_scnpm)
 
 

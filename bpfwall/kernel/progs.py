@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import struct
 from dataclasses import dataclass
 
 from . import syscall as sc
@@ -86,14 +87,18 @@ def prog_info(fd: int) -> ProgInfo:
                     info.btf_id, info.run_time_ns, info.run_cnt)
 
 
-def prog_test_run(fd: int, data: bytes, repeat: int = 1) -> tuple[int, int]:
+def prog_test_run(fd: int, data: bytes, repeat: int = 1, ifindex: int = 0) -> tuple[int, int]:
     """Run the program on `data` `repeat` times: (return value, mean duration in ns).
 
     cgroup_skb programs take an Ethernet frame: the kernel reads skb->protocol
     from its ethertype and hands the program the data after the 14-byte header.
+    `ifindex` (> 1): the skb's device, of this thread's network namespace; else its loopback.
     """
     buf = sc.buffer(data)
     attr = sc.TestRunAttr(prog_fd=fd, data_size_in=len(data), data_in=sc.addr(buf), repeat=repeat)
+    if ifindex:
+        ctx = sc.buffer(bytes(sc.SKB_CTX_IFINDEX_OFFSET) + struct.pack("=I", ifindex))
+        attr.ctx_size_in, attr.ctx_in = sc.SKB_CTX_SIZE, sc.addr(ctx)
     sc.bpf(sc.BPF_PROG_TEST_RUN, attr, f"cannot test-run program fd {fd}")
     return attr.retval, attr.duration
 

@@ -152,7 +152,14 @@ class AttachAttr(ctypes.Structure):
 
 class TestRunAttr(ctypes.Structure):
     _fields_ = [("prog_fd", u32), ("retval", u32), ("data_size_in", u32), ("data_size_out", u32),
-                ("data_in", u64), ("data_out", u64), ("repeat", u32), ("duration", u32)]
+                ("data_in", u64), ("data_out", u64), ("repeat", u32), ("duration", u32),
+                ("ctx_size_in", u32), ("ctx_size_out", u32), ("ctx_in", u64), ("ctx_out", u64)]
+
+
+# struct __sk_buff as BPF_PROG_TEST_RUN's ctx_in, up to the one field bpfwall sets: the kernel
+# runs the program as if the packet arrived on device `ifindex` (> 1; else loopback).
+SKB_CTX_IFINDEX_OFFSET = 40
+SKB_CTX_SIZE = 44
 
 
 class GetIdAttr(ctypes.Structure):

@@ -10,6 +10,8 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Union
 
+from .fields import ADDRESS_NAMES
+
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
@@ -52,6 +54,25 @@ class AddrLit:
 
 
 @dataclass(frozen=True)
+class StrLit:
+    """`"wg0"`, `"wlan*"`: an interface name, or a pattern when it ends in `*` (values.py checks)."""
+    value: str
+    col: int
+
+
+@dataclass(frozen=True)
+class AddrName:
+    """One of systemd's address names (`localhost`, …; fields.ADDRESS_NAMES): a network of each
+    family, usable wherever a network is. Kept by name so that the normal form says what was written."""
+    name: str
+    col: int
+
+    @property
+    def nets(self) -> tuple:
+        return ADDRESS_NAMES[self.name]
+
+
+@dataclass(frozen=True)
 class Range:
     """`lo..hi`, inclusive; bounds are numbers (NumLit or Param)."""
     lo: "NumExpr"
@@ -61,7 +82,7 @@ class Range:
 
 @dataclass(frozen=True)
 class SetLit:
-    """`{a, b, lo..hi}`: items are NumLit, Param, Range or AddrLit."""
+    """`{a, b, lo..hi}`: items are NumLit, Param, Range, AddrLit or AddrName."""
     items: tuple
     col: int
 
@@ -104,12 +125,17 @@ class Compare:
 
 @dataclass(frozen=True)
 class In:
-    """`subject in container`; container is Range, SetLit, SetRef or a cidr AddrLit."""
+    """`subject in container`; container is Range, SetLit, SetRef, a cidr AddrLit or an AddrName."""
     subject: "Value"
-    container: Union[Range, SetLit, SetRef, AddrLit]
+    container: Union[Range, SetLit, SetRef, AddrLit, AddrName]
     col: int
 
 
 NumExpr = Union[NumLit, Param, Field]
-Value = Union[Field, Param, NumLit, AddrLit]
+Value = Union[Field, Param, NumLit, AddrLit, AddrName, StrLit]
+
+
+def networks(node) -> tuple:
+    """The networks an address literal or name stands for."""
+    return node.nets if isinstance(node, AddrName) else (node.net,)
 Expr = Union[BoolConst, Field, Not, And, Or, Compare, In]

@@ -13,6 +13,7 @@ import operator
 from . import ast
 from .fields import DIRECTIONS, resolve
 from .packet import PacketFields
+from .values import interface_matches
 
 
 def evaluate(expr, fields: PacketFields, direction: str, params: dict[str, int] | None = None,
@@ -66,7 +67,13 @@ class _Evaluator:
         return getattr(self.fields, _ATTRIBUTES.get(name, name))
 
     def compare(self, node: ast.Compare) -> bool:
+        if isinstance(node.left, ast.StrLit) or isinstance(node.right, ast.StrLit):
+            pattern, field = (node.left, node.right) if isinstance(node.left, ast.StrLit) else (node.right, node.left)
+            hit = interface_matches(pattern.value, self.field(field))
+            return hit if node.op == "==" else not hit
         left, right = self.value(node.left), self.value(node.right)
+        if isinstance(left, str) or isinstance(right, str) or left is None:  # ifname == ifname
+            return node.op == "=="
         if isinstance(left, int):
             return _NUMBER_OPS[node.op](left, right)
         equal = _host(left) == _host(right)  # different families never compare equal
@@ -74,10 +81,12 @@ class _Evaluator:
 
     def member(self, node: ast.In) -> bool:
         x, box = self.value(node.subject), node.container
+        if isinstance(box, ast.SetLit) and isinstance(box.items[0], ast.StrLit):
+            return any(interface_matches(item.value, x) for item in box.items)
         if isinstance(box, ast.Range):
             return self.value(box.lo) <= x <= self.value(box.hi)
-        if isinstance(box, ast.AddrLit):
-            return _in_network(x, box.net)
+        if isinstance(box, (ast.AddrLit, ast.AddrName)):
+            return _in_any(x, ast.networks(box))
         if isinstance(box, ast.SetRef):
             items = self.sets.get(box.name, ())
             if isinstance(x, int):
@@ -86,8 +95,8 @@ class _Evaluator:
         for item in box.items:
             if isinstance(item, ast.Range):
                 hit = self.value(item.lo) <= x <= self.value(item.hi)
-            elif isinstance(item, ast.AddrLit):
-                hit = _in_network(x, item.net)
+            elif isinstance(item, (ast.AddrLit, ast.AddrName)):
+                hit = _in_any(x, ast.networks(item))
             else:
                 hit = x == self.value(item)
             if hit:
@@ -107,6 +116,13 @@ def _host(value):
     if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
         value = value.network_address
     return value.version, value
+
+
+def _in_any(value, nets) -> bool:
+    for net in nets:
+        if _in_network(value, net):
+            return True
+    return False
 
 
 def _in_network(value, net) -> bool:

@@ -1,7 +1,9 @@
 """The packet fields the language knows, their types and the direction-neutral aliases."""
 from __future__ import annotations
 
-BOOL, NUMBER, ADDR = "bool", "number", "address"
+import ipaddress
+
+BOOL, NUMBER, ADDR, IFACE = "bool", "number", "address", "interface"
 
 # name -> (type, bit width of the value the packet can hold; 0 for non-numbers)
 FIELDS = {
@@ -17,6 +19,7 @@ FIELDS = {
     "icmp_code": (NUMBER, 8),
     "saddr": (ADDR, 0),
     "daddr": (ADDR, 0),
+    "ifname": (IFACE, 0),
 }
 
 # alias -> (field on ingress, field on egress): on ingress the local end is the destination.
@@ -42,10 +45,23 @@ MEANINGS = {
     "icmp_code": ("ICMP/ICMPv6 code", "icmp && icmp_code == 0"),
     "saddr": ("source address", "saddr in 10.0.0.0/8"),
     "daddr": ("destination address", "daddr == ::1"),
+    "ifname": ("the device the packet arrives on (ingress) or leaves by (egress); \"wlan*\" matches "
+               "every name that begins with wlan; ==, != or in a {…} of names", 'ifname in {"wg0", "wlan*"}'),
     "local_port": ("the unit's own port: dst_port on ingress, src_port on egress", "local_port == 8080"),
     "remote_port": ("the peer's port: src_port on ingress, dst_port on egress", "remote_port == 53"),
     "local_addr": ("the unit's own address: daddr on ingress, saddr on egress", "local_addr in 127.0.0.0/8"),
     "remote_addr": ("the peer's address: saddr on ingress, daddr on egress", "remote_addr in {10.0.0.1, fd00::/8}"),
+}
+
+# systemd's address names (IPAddressAllow=, systemd.resource-control(5); in systemd's source
+# src/shared/in-addr-prefix-util.c): each stands for one network of each family.
+ADDRESS_NAMES = {
+    name: tuple(ipaddress.ip_network(n) for n in nets) for name, nets in (
+        ("any", ("0.0.0.0/0", "::/0")),
+        ("localhost", ("127.0.0.0/8", "::1/128")),
+        ("link-local", ("169.254.0.0/16", "fe80::/64")),
+        ("multicast", ("224.0.0.0/4", "ff00::/8")),
+    )
 }
 
 DIRECTIONS = ("ingress", "egress")
@@ -64,4 +80,4 @@ def field_type(name: str) -> tuple[str, int]:
 
 
 def known_names() -> list[str]:
-    return sorted(list(FIELDS) + list(ALIASES) + ["true", "false"])
+    return sorted(list(FIELDS) + list(ALIASES) + list(ADDRESS_NAMES) + ["true", "false"])

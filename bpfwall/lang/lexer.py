@@ -5,12 +5,13 @@ import re
 from typing import NamedTuple
 
 from .errors import LangError
-from .values import NAME_RE, parse_network, parse_number
+from .fields import ADDRESS_NAMES
+from .values import NAME_RE, interface_pattern, leading_zero, parse_network, parse_number
 
 # Token kinds. Keywords become the operator they spell ("and" → "&&"), so the
 # parser sees one vocabulary; `text` keeps the spelling for messages.
-NAME, PARAM, SET, NUMBER, ADDRESS, BOOL, OP, EOF = (
-    "name", "param", "set", "number", "address", "bool", "op", "eof")
+NAME, PARAM, SET, NUMBER, ADDRESS, ADDRESS_NAME, STRING, BOOL, OP, EOF = (
+    "name", "param", "set", "number", "address", "address name", "string", "bool", "op", "eof")
 
 KEYWORDS = {"and": (OP, "&&"), "or": (OP, "||"), "not": (OP, "!"), "in": (OP, "in"),
             "true": (BOOL, True), "false": (BOOL, False)}
@@ -48,9 +49,11 @@ def tokenize(text: str) -> list[Token]:
         elif "0" <= c <= "9":
             tokens.append(_number(text, i))
         elif NAME_RE.match(c):
-            word = NAME_RE.match(text, i).group()
-            kind, value = KEYWORDS.get(word, (NAME, word))
+            word = _word(text, i)
+            kind, value = KEYWORDS.get(word, (ADDRESS_NAME, word) if word in ADDRESS_NAMES else (NAME, word))
             tokens.append(Token(kind, value, i + 1, word))
+        elif c == '"':
+            tokens.append(_string(text, i))
         elif c in "$@":
             m = NAME_RE.match(text, i + 1)
             if not m:
@@ -65,6 +68,27 @@ def tokenize(text: str) -> list[Token]:
         i = tokens[-1].col - 1 + len(tokens[-1].text)
     tokens.append(Token(EOF, None, n + 1, ""))
     return tokens
+
+
+def _string(text: str, i: int) -> Token:
+    """`"wg0"`: an interface name or pattern (the only strings the language has)."""
+    end = text.find('"', i + 1)
+    if end < 0:
+        raise LangError("missing '\"' to close the interface name", i + 1, text)
+    try:
+        value = interface_pattern(text[i + 1:end])
+    except ValueError as e:
+        raise LangError(str(e), i + 1, text) from None
+    return Token(STRING, value, i + 1, text[i:end + 1])
+
+
+def _word(text: str, i: int) -> str:
+    """The name at i; `link-local` (systemd's spelling) is one word, though '-' is no operator."""
+    word = NAME_RE.match(text, i).group()
+    tail = NAME_RE.match(text, i + len(word) + 1) if text.startswith("-", i + len(word)) else None
+    if tail and f"{word}-{tail.group()}" in ADDRESS_NAMES:
+        return f"{word}-{tail.group()}"
+    return word
 
 
 def _address_end(text: str, i: int) -> int:
@@ -101,7 +125,10 @@ def _number(text: str, i: int) -> Token:
         m2 = _PREFIX.match(text, m.end())
         return _address(text, i, m2.end() if m2 else m.end())
     end = _check_tail(text, i, m.end(), "number")
-    return Token(NUMBER, parse_number(m.group()), i + 1, text[i:end])
+    digits = m.group()
+    if len(digits) > 1 and digits[0] == "0":
+        raise LangError(leading_zero(digits), i + 1, text)
+    return Token(NUMBER, parse_number(digits), i + 1, text[i:end])
 
 
 def _check_tail(text: str, i: int, end: int, what: str) -> int:

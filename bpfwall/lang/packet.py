@@ -26,6 +26,9 @@ class PacketFields:
     length: int            # bytes of the L3 packet
     saddr: Address
     daddr: Address
+    # The interface it arrives on (ingress) or leaves by (egress); None: none that bpfwall knows
+    # by name (another network namespace's). Not in the bytes: given by whoever has the packet.
+    ifname: str | None = None
 
     @property
     def ip(self) -> bool:

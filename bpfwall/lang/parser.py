@@ -10,7 +10,7 @@ import ipaddress
 from . import ast
 from .errors import LangError
 from .fields import known_names
-from .lexer import ADDRESS, BOOL, EOF, NAME, NUMBER, OP, PARAM, SET, Token, tokenize
+from .lexer import ADDRESS, ADDRESS_NAME, BOOL, STRING, EOF, NAME, NUMBER, OP, PARAM, SET, Token, tokenize
 from .names import did_you_mean, suggestions, unknown_name
 from .printer import unparse
 
@@ -19,6 +19,7 @@ MAX_NODES = 20000
 MAX_DEPTH = 200
 
 COMPARE_OPS = ("==", "!=", "<", "<=", ">", ">=")
+_LITERALS = (PARAM, NUMBER, ADDRESS, ADDRESS_NAME, STRING)
 _KNOWN = frozenset(known_names())
 
 
@@ -158,7 +159,7 @@ class _Parser:
                 raise self.error(unknown_name(tok.value), tok.col)
             self.take()
             return self.make(ast.Field, tok.value, tok.col)
-        if tok.kind in (PARAM, NUMBER, ADDRESS):
+        if tok.kind in _LITERALS:
             return self.literal()
         if tok.kind == SET or self.at("{"):
             example = tok.text if tok.kind == SET else "{80, 443}"
@@ -171,6 +172,10 @@ class _Parser:
             return self.make(ast.Param, tok.value, tok.col)
         if tok.kind == NUMBER:
             return self.make(ast.NumLit, tok.value, tok.col)
+        if tok.kind == ADDRESS_NAME:
+            return self.make(ast.AddrName, tok.value, tok.col)
+        if tok.kind == STRING:
+            return self.make(ast.StrLit, tok.value, tok.col)
         return self.make(ast.AddrLit, tok.value[0], tok.value[1], tok.col)
 
     def container(self, subject):
@@ -181,14 +186,14 @@ class _Parser:
         if tok.kind == SET:
             self.take()
             return self.make(ast.SetRef, tok.value, tok.col)
-        if tok.kind not in (PARAM, NUMBER, ADDRESS):
+        if tok.kind not in _LITERALS:
             raise self.unexpected(tok, "a range (1..5), a set ({…} or @name) or a network after 'in'")
         item = self.literal()
         if self.at(".."):
             return self.range_rest(item)
-        if isinstance(item, ast.AddrLit) and item.cidr:
+        if isinstance(item, ast.AddrName) or isinstance(item, ast.AddrLit) and item.cidr:
             return item
-        kind = "address" if isinstance(item, ast.AddrLit) else "number"
+        kind = {ast.AddrLit: "address", ast.StrLit: "interface"}.get(type(item), "number")
         raise self.error(f"'in' needs a range, a set or a network; to match one {kind} write "
                          f"{unparse(subject)} == {unparse(item)}", item.col)
 
@@ -196,10 +201,10 @@ class _Parser:
         """`lo .. hi` after lo; numbers and $params only."""
         self.take()  # ..
         tok = self.peek()
-        if tok.kind not in (PARAM, NUMBER, ADDRESS):
+        if tok.kind not in _LITERALS:
             raise self.unexpected(tok, "a number or $param after '..'")
         hi = self.literal()
-        if isinstance(lo, ast.AddrLit) or isinstance(hi, ast.AddrLit):
+        if not isinstance(lo, (ast.NumLit, ast.Param)) or not isinstance(hi, (ast.NumLit, ast.Param)):
             raise self.error(_address_range_message(lo, hi), lo.col)
         return self.make(ast.Range, lo, hi, lo.col)
 
@@ -210,7 +215,7 @@ class _Parser:
             raise self.error("an empty set matches nothing; add elements, or write false", brace.col)
         while True:
             tok = self.peek()
-            if tok.kind not in (PARAM, NUMBER, ADDRESS):
+            if tok.kind not in _LITERALS:
                 raise self.unexpected(tok, "a number, $param, range or address in the set")
             item = self.literal()
             items.append(self.range_rest(item) if self.at("..") else item)
@@ -228,6 +233,10 @@ class _Parser:
 def _address_range_message(lo, hi) -> str:
     """Address ranges are not in the language: say which networks cover the range."""
     base = "address ranges are not supported; use a network"
+    if isinstance(lo, ast.StrLit) or isinstance(hi, ast.StrLit):
+        return "interface names have no ranges; match a beginning with \"name*\""
+    if isinstance(lo, ast.AddrName) or isinstance(hi, ast.AddrName):
+        return f"{base} or an address name such as localhost"
     if not (isinstance(lo, ast.AddrLit) and isinstance(hi, ast.AddrLit)):
         return "a range cannot mix numbers and addresses"
     first, last = lo.net.network_address, hi.net.broadcast_address

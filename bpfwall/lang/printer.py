@@ -1,4 +1,5 @@
-"""AST → normalized text: `&&`, `||`, `!`, single spaces, parentheses only where needed.
+"""AST → normalized text: `&&`, `||`, `!`, single spaces, parentheses only where needed
+(and around a comparison under `!`, where precedence is not obvious to a reader).
 
 One call per tree level (loops, not generators, over operands) keeps the
 stack shallow at the parser's maximum nesting.
@@ -26,7 +27,11 @@ def unparse(node, parent: int = _OR) -> str:
             parts.append(unparse(operand, level))
         text = (" || " if level == _OR else " && ").join(parts)
     elif isinstance(node, ast.Not):
-        text = "!" + unparse(node.operand, _NOT)
+        # `!dst_port == 53` parses as !(dst_port == 53), but few readers know `!` binds looser
+        # than a comparison: written with the parentheses that say so.
+        operand = node.operand
+        strength = _ATOM if isinstance(operand, (ast.Compare, ast.In)) else _NOT
+        text = "!" + unparse(operand, strength)
     elif isinstance(node, ast.Compare):
         text = f"{unparse(node.left, _ATOM)} {node.op} {unparse(node.right, _ATOM)}"
     elif isinstance(node, ast.In):
@@ -44,7 +49,9 @@ def unparse(node, parent: int = _OR) -> str:
         text = str(node.value) if node.value < _DECIMAL_LIMIT else hex(node.value)
     elif isinstance(node, ast.AddrLit):
         text = str(node.net) if node.cidr else str(node.net.network_address)
-    elif isinstance(node, ast.Field):
+    elif isinstance(node, ast.StrLit):
+        text = f'"{node.value}"'  # interface patterns hold no '"' or '\\' (values.interface_pattern)
+    elif isinstance(node, (ast.Field, ast.AddrName)):
         text = node.name
     elif isinstance(node, ast.BoolConst):
         text = "true" if node.value else "false"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import textwrap
 
-from .fields import ALIASES, BOOL, FIELDS, MEANINGS, NUMBER, field_type
+from .fields import ADDRESS_NAMES, ALIASES, BOOL, FIELDS, IFACE, MEANINGS, NUMBER, field_type
 
 # (syntax, meaning, example), loosest binding first.
 OPERATORS = [
@@ -27,8 +27,12 @@ VALUES = [
     ("@name", "a set held in a map: numbers and ranges, or addresses and networks (v4 and v6 in one); "
               "filled with --set name=E1,E2 and changed live with `bpfwall set UNIT @name+E` / @name-E / "
               "@name=E", "dst_port in @ports"),
-    ("numbers", "decimal or 0x hex", "dst_port == 0x35"),
-    ("true, false", "constants", "true"),
+    ("numbers", "decimal or 0x hex (a leading zero is refused: C would read 053 as octal)",
+     "dst_port == 0x35"),
+    ("address names", "systemd's (IPAddressAllow=), a network of each family: "
+     + "; ".join(f"{name} = {' and '.join(map(str, nets))}" for name, nets in ADDRESS_NAMES.items())
+     + "; wherever a network goes, also in @sets", "remote_addr in {localhost, link-local}"),
+    ("true, false", "constants (not 1 and 0)", "true"),
 ]
 
 
@@ -38,7 +42,7 @@ def _type(name: str) -> str:
         return "boolean"
     if kind == NUMBER:
         return f"number 0..{2 ** bits - 1}"
-    return "address"
+    return "interface name" if kind == IFACE else "address"
 
 
 def _table(rows: list[tuple[str, ...]], width: int = 100) -> list[str]:

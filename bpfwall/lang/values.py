@@ -9,6 +9,7 @@ import ipaddress
 import re
 
 from .errors import LangError
+from .fields import ADDRESS_NAMES
 
 NUMBER_RE = re.compile(r"0[xX][0-9a-fA-F]+|[0-9]+")
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -29,6 +30,58 @@ def parse_number(text: str) -> int:
         chunk = text[k:k + 4000]
         value = value * 10 ** len(chunk) + int(chunk)
     return value
+
+
+def read_number(text: str) -> int:
+    """A number as the language writes it: parse_number, but a decimal with a leading zero is
+    refused, since C (and `make FILTER=`) reads `053` as octal 43 and bpfwall would read 53."""
+    if len(text) > 1 and text[0] == "0" and text.isdigit():
+        raise ValueError(leading_zero(text))
+    return parse_number(text)
+
+
+def leading_zero(text: str) -> str:
+    """Why `text` (digits with a leading zero) is refused: both readings, and what to write."""
+    decimal = str(parse_number(text.lstrip("0") or "0"))
+    if len(text) > 40:
+        return f"{text[:12]}… has a leading zero: write it without, or in 0x hex"
+    if set(text) <= set("01234567"):
+        octal = int(text, 8)
+        if str(octal) == decimal:
+            return f"{text} has a leading zero; write {decimal}"
+        return (f"{text} has a leading zero: decimal {decimal}, or {octal} as C reads it (octal); "
+                f"write {decimal}, or {hex(octal)} for the octal value")
+    return f"{text} has a leading zero: decimal {decimal} (not a valid C octal number); write {decimal}"
+
+
+IFNAME_MAX = 15  # IFNAMSIZ - 1
+# Linux refuses '/', ':' and white space in a device name (dev_valid_name); bpfwall also keeps
+# '"', '\\' and '*' out, so a name prints back as written and a '*' can only be the wildcard.
+_IFNAME_CHARS = re.compile(r'[!#-)+-.0-9;-\[\]-~]+')
+
+
+def interface_pattern(text: str) -> str:
+    """`text` as an interface name or pattern (a name's beginning and `*`); ValueError saying why not."""
+    name = text[:-1] if text.endswith("*") else text
+    if not name and text:
+        return text  # "*": every interface
+    if not name:
+        raise ValueError("an empty interface name")
+    bad = _IFNAME_CHARS.sub("", name)
+    if bad:
+        what = "'*' only at the end" if bad[0] == "*" else f"no {bad[0]!r}"
+        raise ValueError(f'"{text}" is not an interface name ({what}: letters, digits and . - _ @ …)')
+    if len(name) > IFNAME_MAX:
+        raise ValueError(f'"{text}" is too long for an interface name (at most {IFNAME_MAX} characters)')
+    return text
+
+
+def interface_matches(pattern: str, name: str | None) -> bool:
+    """Whether interface `name` (None: none known) matches a name or a `prefix*` pattern — as nft's
+    iifname/oifname match it."""
+    if name is None:
+        return False
+    return name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern
 
 
 def show_number(value: int) -> str:
@@ -71,6 +124,9 @@ def parse_set_elements(name: str, kind: str, text: str) -> list:
         item = raw.strip()
         if not item:
             raise LangError(f"set @{name}: empty element (a stray ',' in {text.strip()!r})")
+        if kind == "address" and item in ADDRESS_NAMES:  # systemd's names: a network of each family
+            out.extend(ADDRESS_NAMES[item])
+            continue
         try:
             out.append(_number_element(item) if kind == "number" else parse_network(item)[0])
         except ValueError as e:
@@ -90,7 +146,7 @@ def _number_element(item: str):
 
 
 def _set_number(text: str) -> int:
-    value = parse_number(text)
+    value = read_number(text)
     if value > SET_NUMBER_MAX:
         raise ValueError(f"{text} is out of range for a number set (0..{SET_NUMBER_MAX})")
     return value
@@ -110,7 +166,7 @@ def parse_param_assignment(text: str) -> tuple[str, int]:
     """`name=value` (a leading '$' is allowed) → (name, value in 0..2**64-1)."""
     name, value = _split_assignment(text, "$", "NAME=VALUE for a parameter")
     try:
-        number = parse_number(value)
+        number = read_number(value)
     except ValueError as e:
         raise LangError(f"param ${name}: {e}") from None
     if number > PARAM_MAX:

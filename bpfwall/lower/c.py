@@ -8,8 +8,8 @@ integer constants.
 from __future__ import annotations
 
 from ..lang import ast
-from ..lang.fields import ADDR, field_type, resolve
-from ..program_contract import set_map
+from ..lang.fields import ADDR, IFACE, field_type, resolve
+from ..program_contract import IFACES, IFACES_CAPACITY, set_map
 
 # Boolean fields as C conditions on `struct pkt *p`.
 _BOOL_C = {
@@ -46,8 +46,9 @@ def param_member(name: str) -> str:
 
 
 class _Emitter:
-    def __init__(self, direction: str):
+    def __init__(self, direction: str, interfaces=()):
         self.direction = direction
+        self.bit = {name: i for i, name in enumerate(interfaces)}  # the unit's interface names
 
     def cond(self, node) -> str:
         """A C expression that is non-zero when the boolean node holds."""
@@ -125,8 +126,22 @@ class _Emitter:
             return "1"
         return "(" + " && ".join(f"{a}[{i}] == {b}[{i}]" for i in range(4)) + ")"
 
+    # -- interfaces: bits of p->ifaces (user space resolves names to devices) --
+    def is_interface(self, node) -> bool:
+        return isinstance(node, ast.StrLit) or isinstance(node, ast.Field) and field_type(node.name)[0] == IFACE
+
+    def interfaces(self, names) -> str:
+        mask = 0
+        for name in names:
+            mask |= 1 << self.bit[name]
+        return f"((p->ifaces & {mask:#x}ULL) != 0)"
+
     # -- comparisons -----------------------------------------------------
     def compare(self, node: ast.Compare) -> str:
+        if self.is_interface(node.left):
+            names = [n.value for n in (node.left, node.right) if isinstance(n, ast.StrLit)]
+            hit = self.interfaces(names) if names else "1"  # ifname == ifname
+            return hit if node.op == "==" else f"!{hit}"
         if self.is_address(node.left) or self.is_address(node.right):
             eq = self.addr_equal(node.left, node.right)
             return eq if node.op == "==" else f"!{eq}"
@@ -134,8 +149,10 @@ class _Emitter:
 
     def membership(self, node: ast.In) -> str:
         subject, box = node.subject, node.container
+        if self.is_interface(subject):
+            return self.interfaces([item.value for item in box.items])
         if self.is_address(subject):
-            if isinstance(box, ast.AddrLit):
+            if isinstance(box, (ast.AddrLit, ast.AddrName)):
                 return self.addr_in(subject, box)
             if isinstance(box, ast.SetRef):
                 return f"in_address_set(&{set_map(box.name)}, p, {self.addr_words(subject)})"
@@ -153,10 +170,15 @@ class _Emitter:
                 terms.append(_relation(value, "==", self.number(item)))
         return "(" + " || ".join(terms) + ")"
 
-    def addr_in(self, subject, item: ast.AddrLit) -> str:
-        if isinstance(subject, ast.AddrLit):
-            return "1" if subject.net.version == item.net.version and subject.net.subnet_of(item.net) else "0"
-        return self.net_match(self.addr_words(subject), item.net)
+    def addr_in(self, subject, item) -> str:
+        """`subject` lies in `item`, an address literal or name."""
+        terms = []
+        for net in ast.networks(item):
+            if isinstance(subject, ast.AddrLit):
+                terms.append("1" if subject.net.version == net.version and subject.net.subnet_of(net) else "0")
+            else:
+                terms.append(self.net_match(self.addr_words(subject), net))
+        return terms[0] if len(terms) == 1 else "(" + " || ".join(terms) + ")"
 
 
 # Lookups in @set maps, emitted only when the unit has a set of that kind: a helper nobody
@@ -195,23 +217,38 @@ def _contradict(terms: list[str]) -> bool:
     return False
 
 
-def filter_c(expr, direction: str) -> str:
-    """The C condition for `expr` (None = no filter: pass) in `direction`."""
+def filter_c(expr, direction: str, interfaces=()) -> str:
+    """The C condition for `expr` (None = no filter: pass) in `direction`; `interfaces`: the
+    unit's interface names, in the order of their bits."""
     if expr is None:
         return "1"
-    return _Emitter(direction).cond(expr)
+    return _Emitter(direction, interfaces).cond(expr)
+
+
+# The device's bits: looked up once per packet, by run() in port_filter.c.
+_INTERFACES_OF = """static __always_inline __u64 interfaces_of(struct __sk_buff *skb)
+{
+	struct bpfwall_iface_key key = {};
+	__u64 *bits;
+
+	key.netns = bpf_get_netns_cookie(skb);
+	key.ifindex = skb->ifindex;
+	bits = bpf_map_lookup_elem(&%s, &key);
+	return bits ? *bits : 0;
+}""" % IFACES
 
 
 def header(ingress, egress, params: list[str], sets: dict[str, str], meta_size: int,
-           set_capacity: int) -> str:
+           set_capacity: int, interfaces=()) -> str:
     """The whole bpfwall_filter.h for one unit's pair of checked expressions.
 
     `ingress`/`egress` are ASTs (or None), `params` the ordered param names,
-    `sets` name → "number"|"address".
+    `sets` name → "number"|"address", `interfaces` the interface names (bit i = name i).
     """
     out = ["/* Generated by bpfwall from the checked AST. Do not edit. */",
            f"#define BPFWALL_META_SIZE {meta_size}",
            f"#define BPFWALL_HAS_PARAMS {1 if params else 0}",
+           f"#define BPFWALL_HAS_IFNAME {1 if interfaces else 0}",
            "struct bpfwall_params {"]
     out += [f"\t__u64 {param_member(n)};" for n in params] or ["\t__u64 _unused;"]
     out.append("};")
@@ -232,11 +269,20 @@ def header(ingress, egress, params: list[str], sets: dict[str, str], meta_size: 
                     "\t__type(value, __u8);",
                     f"}} {set_map(name)} SEC(\".maps\");"]
     out += [_SET_LOOKUP[kind] for kind in sorted(set(sets.values()))]
+    if interfaces:
+        out += ["struct {",
+                "\t__uint(type, BPF_MAP_TYPE_HASH);",
+                f"\t__uint(max_entries, {IFACES_CAPACITY});",
+                "\t__uint(map_flags, BPF_F_NO_PREALLOC);",
+                "\t__type(key, struct bpfwall_iface_key);",
+                "\t__type(value, __u64);",
+                f"}} {IFACES} SEC(\".maps\");",
+                _INTERFACES_OF]
     for direction, expr in (("ingress", ingress), ("egress", egress)):
         out += [f"static __always_inline int bpfwall_filter_{direction}"
                 "(const struct pkt *p, const struct bpfwall_params *prm)",
                 "{",
-                f"\treturn {filter_c(expr, direction)};",
+                f"\treturn {filter_c(expr, direction, interfaces)};",
                 "}"]
     return "\n".join(out) + "\n"
 

@@ -212,9 +212,20 @@ class Lowering:
     def number(self, node) -> int:
         return node.value if isinstance(node, ast.NumLit) else self.params.get(node.name, 0)
 
+    # interfaces: nft matches the device's name itself, a trailing '*' as a prefix match
+    def interfaces(self, patterns) -> Formula:
+        if "*" in patterns:
+            return TRUE  # every packet has a device in the input and output hooks
+        key = X.meta("iifname" if self.direction == "ingress" else "oifname")
+        return or_(*(atom(X.match(key, p)) for p in patterns))
+
     # comparisons
     def compare(self, node: ast.Compare) -> Formula:
         left, right, op = node.left, node.right, node.op
+        if self._is_interface(left):
+            patterns = [n.value for n in (left, right) if isinstance(n, ast.StrLit)]
+            hit = self.interfaces(patterns) if patterns else TRUE  # ifname == ifname
+            return hit if op == "==" else not_(hit)
         if isinstance(left, ast.AddrLit) or isinstance(right, ast.AddrLit) or self._is_addr(left):
             eq = self.addr_equal(left, right)
             return eq if op == "==" else not_(eq)
@@ -225,6 +236,9 @@ class Lowering:
         name = self.field(left)
         top = top_of(name)
         return self.number_in(name, compare_values(op, min(self.number(right), top + 1), top))
+
+    def _is_interface(self, node) -> bool:
+        return isinstance(node, ast.StrLit) or isinstance(node, ast.Field) and FIELDS[self.field(node)][0] == "interface"
 
     def _is_addr(self, node) -> bool:
         return isinstance(node, ast.Field) and FIELDS[self.field(node)][0] == "address"
@@ -249,6 +263,8 @@ class Lowering:
     # membership
     def member(self, node: ast.In) -> Formula:
         name, box = self.field(node.subject), node.container
+        if FIELDS[name][0] == "interface":
+            return self.interfaces([item.value for item in box.items])
         if FIELDS[name][0] == "address":
             return self.addr_member(name, box)
         top = top_of(name)
@@ -268,7 +284,8 @@ class Lowering:
         if isinstance(box, ast.SetRef):
             return or_(*(atom(X.match(_addr_expr(v, name), X.set_ref(self.use_set(box.name, kt))))
                          for v, kt in ((4, "ipv4_addr"), (6, "ipv6_addr"))))
-        nets = [box.net] if isinstance(box, ast.AddrLit) else [i.net for i in box.items]
+        items = box.items if isinstance(box, ast.SetLit) else (box,)
+        nets = [net for item in items for net in ast.networks(item)]
         parts = []
         for version in (4, 6):
             mine = list(ipaddress.collapse_addresses(n for n in nets if n.version == version))

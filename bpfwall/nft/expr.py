@@ -127,7 +127,10 @@ def text(e) -> str:
             items = items[:_SHOWN] + [f"… {len(items) - _SHOWN - 1} more …", items[-1]]
         return "{ " + ", ".join(items) + " }"
     if kind == "match":
-        return f"{text(body['left'])} {_OPS[body['op']]}{text(body['right'])}"
+        right = body["right"]
+        if body["left"] in (meta("iifname"), meta("oifname")):
+            right = json.dumps(right)  # a device name is a string in nft: quoted
+        return f"{text(body['left'])} {_OPS[body['op']]}{text(right)}"
     if kind == "counter":
         return f'counter name "{body}"'
     if kind == "limit":

@@ -44,4 +44,12 @@ UNIT_ONLY = {
     "cgroup": "Only for a glob entry: a glob on the unit's cgroup path below the cgroup2 root "
               "(`*` stays within one path component, `**` spans several), e.g. "
               "\"user@*.service/app.slice/*\".",
+    "ip_address_allow": "As systemd's IPAddressAllow=: [\"10.0.0.0/8 fd00::/8\", \"localhost\"] "
+                        "(addresses, networks, any, localhost, link-local, multicast). A packet whose "
+                        "remote address (the source of an incoming, the destination of an outgoing "
+                        "packet) is listed passes the lists, whatever ip_address_deny says.",
+    "ip_address_deny": "As systemd's IPAddressDeny=: a packet whose remote address is listed here and "
+                       "not in ip_address_allow is dropped; one in neither list passes. The lists apply "
+                       "to both directions and must pass as well as ingress/egress: the filter is "
+                       "(lists) && (expression). `bpfwall import-systemd UNIT` prints them for a unit.",
 }

@@ -24,11 +24,13 @@ from ..lang.values import PARAM_MAX, parse_set_elements
 from .entry import Entry
 from .locate import defined_twice, line_of, scan, syntax_error_line
 from .match import SLICE_SUFFIX, UNIT_SUFFIXES, is_slice_name
+from .systemd import address_filter, combine, prefixes
 
 TOP_KEYS = ("defaults", "units")
 DEFAULT_KEYS = ("backend", "mode", "set_capacity", "force_capacity", "log_rate", "log_burst", "compiler")
 UNIT_KEYS = ("ingress", "egress", "params", "sets", "mode", "backend", "set_capacity", "force_capacity", "cgroup",
-             "log_rate", "log_burst", "strict", "compiler")
+             "log_rate", "log_burst", "strict", "ip_address_allow", "ip_address_deny", "compiler")
+ADDRESS_KEYS = ("ip_address_allow", "ip_address_deny")  # systemd's IPAddressAllow=/IPAddressDeny= (systemd.py)
 LOG_KEYS = ("log_rate", "log_burst")  # the drop events' limit: only those written are set (see Entry.log)
 CHOICES = {"backend": ("bpf", "nft"), "mode": ("enforce", "audit"), "compiler": COMPILERS}
 BUILTIN_DEFAULTS = {"backend": "bpf", "mode": "enforce", "set_capacity": DEFAULT_SET_CAPACITY,
@@ -216,7 +218,7 @@ class _File:
                 self.error(path, f"'{name}' is not a unit name: it must end in "
                            + ", ".join(UNIT_SUFFIXES[:-1]) + f" or {UNIT_SUFFIXES[-1]}")
         body = self.table(body, path, "ingress, egress, params, sets, mode, backend, set_capacity, force_capacity, "
-                                      "cgroup, log_rate, log_burst, strict, compiler")
+                                      "cgroup, log_rate, log_burst, strict, ip_address_allow, ip_address_deny, compiler")
         if body is None:
             return None
         self.known_keys(body, path, UNIT_KEYS)
@@ -228,11 +230,20 @@ class _File:
                 self.error(path + (direction,), f"expected a string (a filter expression), got {type_name(value)}")
             else:
                 texts[direction] = value
-        if "ingress" not in body and "egress" not in body:
-            self.error(path, "give ingress, egress or both (each a filter expression)")
+        bad_lists = len(self.errors)
+        addresses = self.addresses(body, path)
+        bad_lists = len(self.errors) > bad_lists
+        if "ingress" not in body and "egress" not in body and addresses is None and not bad_lists:
+            if any(k in body for k in ADDRESS_KEYS):
+                self.error(path, "ip_address_allow alone lets every packet pass (as IPAddressAllow= without "
+                           "IPAddressDeny= does); add ip_address_deny (e.g. [\"any\"]), ingress or egress")
+            else:
+                self.error(path, "give ingress, egress or both (each a filter expression)")
         cgroup = self.cgroup(body.get("cgroup"), path + ("cgroup",), name)
         strict = self.strict(body, path, name)
         checked = self.expressions(path, texts)
+        if addresses is not None and checked is not None:
+            texts, checked = self.with_addresses(path, addresses, checked)
         params = self.params(body, path, checked)
         sets = self.sets(body, path, checked, settings["set_capacity"])
         if checked is not None:
@@ -255,6 +266,33 @@ class _File:
                        f"{SLICE_SUFFIX}, e.g. [units.\"system.slice\"]); {name} names units, not slices")
             return None
         return value
+
+    def addresses(self, body: dict, path: tuple) -> str | None:
+        """systemd's address lists as one expression (systemd.py), or None when they deny nothing."""
+        lists = {}
+        for key in ADDRESS_KEYS:
+            value = body.get(key, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                self.error(path + (key,), f"expected an array of strings (addresses, networks, any, localhost, "
+                           f"link-local, multicast), got {type_name(value)}")
+                return None
+            try:
+                lists[key] = prefixes(value)
+            except ValueError as e:
+                self.error(path + (key,), str(e))
+                return None
+        return address_filter(lists["ip_address_allow"], lists["ip_address_deny"])
+
+    def with_addresses(self, path: tuple, addresses: str, checked: tuple) -> tuple[dict, tuple | None]:
+        """Each direction's filter with the address filter in front: both must pass, as systemd's
+        firewall and a unit's own IP*FilterPath= programs both must."""
+        texts = {d: combine(addresses, c.text if c is not None else None)
+                 for d, c in zip(("ingress", "egress"), checked, strict=True)}
+        try:
+            return texts, analyze_pair(texts["ingress"], texts["egress"])
+        except LangError as e:
+            self.error(path, f"with ip_address_allow/ip_address_deny: {e.message}")
+            return texts, None
 
     def cgroup(self, value, path: tuple, name: str) -> str | None:
         if value is None:

@@ -3,24 +3,26 @@
 systemd-cgroup-nftables-policy-manager ("scnpm") reads comment lines of an
 nftables.conf such as
 
-    # postfix.service :: add rule inet filter output \\
+    # postfix.service :: add rule inet filter vpn.whitelist \\
     #   socket cgroupv2 level 2 "system.slice/postfix.service" tcp dport 25 accept
 
-and adds the rule whenever the unit (re)starts. The importer turns each unit's
-rules into one `[units."postfix.service"]` entry:
+and adds the rule (at the end of its chain) whenever the unit (re)starts. The
+importer turns each unit's rules into one `[units."postfix.service"]` entry
+whose expressions say exactly what nft decides for the unit's packets:
 
-* direction: the hook of the rule's chain, read from the file's chain
-  declarations (a chain without a hook takes the hook of the chains that jump
-  to it); `input` → ingress, `output` → egress. `--hook CHAIN=input|output`
-  settles chains the file does not declare; a chain named input or output is
-  taken at its word when nothing declares it.
-* order: the rules keep their order and the first one that matches decides,
-  as in nft. A packet no rule matches gets the default: the policy of the base
-  chain (nft's default, accept, when none is declared) or `--default`. The
-  default is written into the output, never left implicit.
+* the whole ruleset counts, not only the unit's rules: every base chain on the
+  hooks the unit's packets pass (output and postrouting: egress; prerouting and
+  input: ingress), every rule in order, jumps, gotos, returns and policies are
+  followed as nft does (flow.py). A direction is in the entry when one of the
+  unit's rules is reached from a base chain on its hooks. `--hook CHAIN=input|output`
+  makes a chain the file does not hook a base chain; a chain named input or
+  output that the file never declares is taken at its word. `--default` replaces
+  the policy of the base chains that reach the unit's rules.
 * `socket cgroupv2 level N "PATH"` becomes `cgroup = "PATH"` (its last
-  component must be the unit); every other match is translated as described in
-  translate.py, or the rule is reported with the reason it cannot be.
+  component must be the unit); other rules' cgroup matches hold or not for it.
+* a rule on the path with no exact translation (an interface, conntrack, …)
+  refuses the unit's entry, naming the line; a rule of the unit's own that
+  cannot be translated is left out and reported (`--partial` prints the rest).
 
 Every unit's entry is checked with the policy checker before it is printed and
 left out (reported, exit 2) if it does not pass, so what the importer prints
@@ -42,7 +44,8 @@ from ..policy.match import UNIT_SUFFIXES
 from ..capacity import UNFORCED_LIMIT, estimate as capacity_cost, show_bytes
 from ..lang.setcontents import count as key_count
 from ..policy.schema import SET_CAPACITY_MAX, check_document
-from .ruleset import FAMILIES, Ruleset, ScnpmRule, scnpm_rules, tokenize
+from .flow import HOOKS, Flow, Refused
+from .ruleset import FAMILIES, Rule, Ruleset, ScnpmRule, scnpm_rules, tokenize
 from .translate import Translation, Untranslatable, address_element, any_service, number_item, translate
 
 DIRECTION_OF_HOOK = {"input": "ingress", "output": "egress"}
@@ -68,20 +71,12 @@ class Problem:
 
 
 @dataclass
-class _Direction:
-    chain: str                   # "inet filter output"
-    default: str                 # "accept" | "drop"
-    why_default: str
-    how: str                     # how the hook was found
-    rules: list = field(default_factory=list)   # (ScnpmRule, Translation)
-
-
-@dataclass
 class _Unit:
     name: str
     cgroup: str | None = None
     cgroup_line: int = 0
-    directions: dict = field(default_factory=dict)   # "ingress"/"egress" -> _Direction
+    own: dict = field(default_factory=dict)          # line -> Translation, None: left out
+    chains: dict = field(default_factory=dict)       # key of a chain with its rules -> a line of one
     notes: dict = field(default_factory=dict)        # message -> lines it applies to
     set_kinds: dict = field(default_factory=dict)    # bpfwall set name -> (kind, nft name)
     left_out: list = field(default_factory=list)     # lines of rules not translated
@@ -131,19 +126,22 @@ def import_text(text: str, file: str = "<stdin>", default: str | None = None,
     if not rules and not broken:
         raise ScnpmError(f"{file}: no scnpm rules in it (comment lines '# UNIT :: add rule FAMILY TABLE CHAIN …')")
     ruleset = Ruleset(text)
-    problems = [Problem(file, line, "", why) for line, why in broken]
+    problems = [Problem(file, line, "", why) for line, why in broken + ruleset.problems]
     units: dict[str, _Unit] = {}
-    for rule in rules:
+    for rule in rules:  # scnpm adds them after the file is loaded: after every rule of their chains
         unit = units.setdefault(rule.unit, _Unit(rule.unit))
         unit.lines.append((rule.line, rule.text))
         try:
-            _add_rule(unit, rule, ruleset, hook_of, default)
+            _add_rule(unit, rule, ruleset)
         except Untranslatable as e:
             problems.append(Problem(file, rule.line, rule.text, str(e)))
+            unit.own[rule.line] = None
             unit.left_out.append(rule.line)
+    how = _settle_hooks(ruleset, hook_of)
     rendered, summaries = [], []
     for unit in units.values():
-        block, summary, why = _render_unit(unit, ruleset, file)
+        directions = _directions(unit, ruleset, how, problems, file)
+        block, summary, why = _render_unit(unit, ruleset, directions, default, how, file, problems)
         if block is not None:
             errors = check_document(f"{file} (imported)", block).errors
             if errors:  # a bug in the importer: leave the unit out rather than print a policy that does not check
@@ -153,14 +151,26 @@ def import_text(text: str, file: str = "<stdin>", default: str | None = None,
         if block is not None:
             rendered.append(block)
             summaries.append(summary)
-    problems.sort(key=lambda p: p.line)
+    problems = sorted({(p.line, p.why): p for p in problems}.values(), key=lambda p: p.line)
     toml = _header(file, problems) + "\n".join(rendered)
     return ImportResult(toml, problems, summaries)
 
 
 # -- one rule -----------------------------------------------------------------
 
-def _add_rule(unit: _Unit, rule: ScnpmRule, ruleset: Ruleset, hook_of: dict, default: str | None) -> None:
+def _add_rule(unit: _Unit, rule: ScnpmRule, ruleset: Ruleset) -> None:
+    """Put the rule at the end of its chain and translate it (Untranslatable: left out, reported)."""
+    words = [w for w in tokenize(rule.text) if w != "\n"]
+    inserted = words[:2] == ["insert", "rule"]
+    if inserted:
+        words = words[2:]
+    if len(words) < 3 or words[0] not in FAMILIES:
+        raise Untranslatable("expected FAMILY TABLE CHAIN after '::' (e.g. inet filter output)")
+    family, table, chain = words[:3]
+    # In nft whatever bpfwall makes of it: it may match other units' packets.
+    rules = ruleset.ensure_chain(family, table, chain).rules
+    rules.insert(0 if inserted else len(rules), Rule(rule.line, words[3:], unit.name))
+    unit.own[rule.line] = None  # until it is known to translate
     try:
         unitkey.validate(unit.name, allow_glob=False)
     except unitkey.UnitNameError as e:
@@ -168,72 +178,69 @@ def _add_rule(unit: _Unit, rule: ScnpmRule, ruleset: Ruleset, hook_of: dict, def
     if not unit.name.endswith(UNIT_SUFFIXES):
         raise Untranslatable(f"{unit.name} has no cgroup of its own that bpfwall polices "
                              f"(units ending in {', '.join(UNIT_SUFFIXES)})")
-    words = tokenize(rule.text)
-    words = [w for w in words if w != "\n"]
-    if words[:1] == ["insert"]:
+    if inserted:
         raise Untranslatable("insert puts the rule before the others; only 'add rule' keeps a known order")
-    if len(words) < 3 or words[0] not in FAMILIES:
-        raise Untranslatable("expected FAMILY TABLE CHAIN after '::' (e.g. inet filter output)")
-    family, table, chain = words[:3]
-    direction, info = _direction(ruleset, family, table, chain, hook_of, default)
     translation = translate(words[3:], family, ruleset.defines)
-    # Every check before any change, so a rule that fails leaves no trace in the unit.
-    current = unit.directions.get(direction, info)
-    if current.chain != info.chain:
-        raise Untranslatable(f"{unit.name} already has {direction} rules in chain {current.chain}; the order "
-                             f"of rules in two chains ({info.chain}) is not known")
     cgroup = _rule_cgroup(unit, translation)
     for name, (kind, nft_name) in translation.sets.items():
         if unit.set_kinds.get(name, (kind, nft_name)) != (kind, nft_name):
             raise Untranslatable(f"set @{nft_name} is used as two kinds of set, or two sets share the name @{name}")
         _set_elements(ruleset, family, table, nft_name, kind)  # refuse elements bpfwall cannot hold, now
-    unit.directions[direction] = current
-    current.rules.append((rule, translation))
+    unit.own[rule.line] = translation
+    unit.chains.setdefault((family, table, chain), rule.line)
     unit.set_kinds.update(translation.sets)
-    notes = list(translation.notes)
     if cgroup is None:
-        notes.append("no socket cgroupv2 match; translated as the unit's own traffic")
+        unit.notes.setdefault("no socket cgroupv2 match; translated as the unit's own traffic", []).append(rule.line)
     elif unit.cgroup is None:
         unit.cgroup, unit.cgroup_line = cgroup, rule.line
     if translation.verdict is None:
-        notes.append("no verdict, so the rule decides nothing (left out)")
-    for note in notes:
-        unit.notes.setdefault(note, []).append(rule.line)
+        unit.notes.setdefault("no verdict, so the rule decides nothing", []).append(rule.line)
 
 
-def _direction(ruleset: Ruleset, family: str, table: str, chain: str, hook_of: dict,
-               default: str | None) -> tuple[str, _Direction]:
-    where = f"{family} {table} {chain}"
-    bases = ruleset.base_chains_reaching(family, table, chain)
-    if chain in hook_of:
-        hook, how = hook_of[chain], f"--hook {chain}={hook_of[chain]}"
-    elif bases:
-        hooks = sorted({ruleset.chain(family, table, b).hook for b in bases})
-        if len(hooks) > 1:
-            raise Untranslatable(f"chain {where} is reached from chains on hooks {' and '.join(hooks)}; "
-                                 f"give --hook {chain}=input or --hook {chain}=output")
-        hook = hooks[0]
-        how = f"hook {hook}" if bases == [chain] else f"reached from {', '.join(bases)}, hook {hook}"
-    elif chain in DIRECTION_OF_HOOK and ruleset.chain(family, table, chain) is None:
-        hook, how = chain, "not declared in the file; taken by its name"
-    else:
-        raise Untranslatable(f"cannot tell which hook chain {where} is on (the file declares no base chain "
-                             f"that reaches it); give --hook {chain}=input or --hook {chain}=output")
-    if hook not in DIRECTION_OF_HOOK:
-        raise Untranslatable(f"chain {where} is on hook {hook}; a unit's own traffic is seen on the "
-                             "input and output hooks only")
-    if default is not None:
-        verdict, why = default, "--default"
-    else:
-        declared = {b: ruleset.chain(family, table, b).policy for b in bases}
-        drops = [b for b, policy in declared.items() if policy == "drop"]
-        if drops:
-            verdict, why = "drop", f"policy drop of {family} {table} {drops[0]}"
-        elif any(declared.values()):
-            verdict, why = "accept", f"policy accept of {family} {table} {next(b for b in bases if declared[b])}"
-        else:
-            verdict, why = "accept", "no chain policy declared: nft accepts"
-    return DIRECTION_OF_HOOK[hook], _Direction(where, verdict, why, how)
+def _settle_hooks(ruleset: Ruleset, hook_of: dict) -> dict:
+    """Give a hook to the chains `--hook` names and to undeclared chains named input or output;
+    {chain key: how its hook was found} for those."""
+    how = {}
+    for key, chain in ruleset.chains.items():
+        if chain.hook is not None:
+            continue
+        if chain.name in hook_of:
+            chain.hook = hook_of[chain.name]
+            how[key] = f"--hook {chain.name}={chain.hook}"
+        elif chain.name in DIRECTION_OF_HOOK and not chain.declared:
+            chain.hook = chain.name
+            how[key] = "not declared in the file; taken by its name"
+    return how
+
+
+def _directions(unit: _Unit, ruleset: Ruleset, how: dict, problems: list, file: str) -> dict:
+    """{direction: [base chains reaching the unit's rules]}; a rule no such chain reaches is left out."""
+    out: dict = {}
+    for family, table, name in unit.chains:
+        bases = [ruleset.chain(family, table, b) for b in ruleset.base_chains_reaching(family, table, name)]
+        where = f"{family} {table} {name}"
+        why = None
+        if not bases:
+            why = (f"cannot tell which hook chain {where} is on (the file declares no base chain that reaches it); "
+                   f"give --hook {name}=input or --hook {name}=output")
+        found = [d for d, hooks in HOOKS.items() if any(b.hook in hooks for b in bases)]
+        if bases and not found:
+            why = (f"chain {where} is on hook {bases[0].hook}; a unit's own traffic is seen on the "
+                   "prerouting, input, output and postrouting hooks only")
+        if why is not None:
+            for rule_line, text in unit.lines:
+                if rule_line in unit.own and unit.own[rule_line] is not None and \
+                        _chain_of(text) == (family, table, name):
+                    problems.append(Problem(file, rule_line, text, why))
+                    unit.own[rule_line] = None
+                    unit.left_out.append(rule_line)
+        for d in found:
+            out.setdefault(d, []).extend(b for b in bases if b.hook in HOOKS[d] and b not in out.get(d, []))
+    return out
+
+
+def _chain_of(text: str) -> tuple:
+    return tuple(tokenize(text)[:3])
 
 
 def _rule_cgroup(unit: _Unit, translation: Translation) -> str | None:
@@ -269,45 +276,54 @@ def _set_elements(ruleset: Ruleset, family: str, table: str, nft_name: str, kind
 
 # -- one unit's entry ---------------------------------------------------------
 
-def _first_match(rules: list, default: str) -> str:
-    """Rules in order, the first match decides; `default` when none matches."""
-    expr = "true" if default == "accept" else "false"
-    for _, t in reversed(rules):
-        if t.verdict is None:
-            continue
-        cond = t.condition
-        if t.verdict == "accept":
-            expr = "true" if expr == "true" or cond == "true" else cond if expr == "false" else f"({cond}) || ({expr})"
-        else:
-            expr = "false" if expr == "false" or cond == "true" else f"!({cond})" if expr == "true" \
-                else f"!({cond}) && ({expr})"
-    return expr
+def _describe(chain, policy: str, how: dict) -> str:
+    said = how.get((chain.family, chain.table, chain.name))
+    return f"{chain.where} (hook {chain.hook}, priority {chain.priority}, policy {policy}" + \
+        (f"; {said})" if said else ")")
 
 
-def _render_unit(unit: _Unit, ruleset: Ruleset, file: str) -> tuple[str | None, dict | None, str | None]:
+def _render_unit(unit: _Unit, ruleset: Ruleset, directions: dict, default: str | None, how: dict, file: str,
+                 problems: list) -> tuple[str | None, dict | None, str | None]:
     """The TOML block of a unit, its summary, and why it has no block (if it has none)."""
-    expressions, sets, comments = {}, {}, []
+    expressions, sets, comments, chains = {}, {}, [], {}
     for line, text in unit.lines:
         mark = "  (NOT TRANSLATED)" if line in unit.left_out else ""
         comments.append(f"# {file}:{line}: {text}{mark}")
+    flow = Flow(ruleset, unit.name, unit.cgroup, unit.own)
     for direction in ("ingress", "egress"):
-        d = unit.directions.get(direction)
-        if d is None:
+        if direction not in directions:
             continue
-        comments.append(f"# {direction}: chain {d.chain} ({d.how}); no rule matches → {d.default} ({d.why_default})")
-        expressions[direction] = _first_match(d.rules, d.default)
-        for _rule, t in d.rules:
-            family, table = d.chain.split()[:2]
-            for name, (kind, nft_name) in t.sets.items():
-                elements = _set_elements(ruleset, family, table, nft_name, kind)
-                if elements is None:
-                    elements = []
-                    unit.notes.setdefault(f"set @{name} (nft set {nft_name}) has no elements in the file: "
-                                          f"fill it with bpfwall set {unit.name} @{name}=…", [])
-                sets[name] = elements
+        if default is not None:
+            flow.policies.update(((b.family, b.table, b.name), default) for b in directions[direction])
+        try:
+            bases = flow.bases(direction)
+            expressions[direction] = flow.direction(direction)
+        except Refused as e:
+            problems.append(Problem(file, e.line, "", f"{e} (on the path of {unit.name}'s {direction} packets)"))
+            return None, None, None
+        described = [_describe(b, flow.policies.get((b.family, b.table, b.name)) or b.policy or "accept", how)
+                     for b in bases]
+        chains[direction] = [b.where for b in bases]
+        comments.append(f"# {direction}: what nft decides for the unit's packets, through "
+                        + ", then ".join(described))
         if expressions[direction] == "true":
-            unit.notes.setdefault(f"every {direction} packet passes: no rule drops what the default accepts "
+            unit.notes.setdefault(f"every {direction} packet passes: no rule on its way drops it "
                                   "(--default drop makes the accept rules a whitelist)", [])
+    for note, at in flow.notes.items():
+        unit.notes.setdefault(note, []).extend(at)
+    for name, (kind, nft_name, family, table) in flow.sets.items():
+        if unit.set_kinds.get(name, (kind, nft_name)) != (kind, nft_name):
+            return None, None, f"set @{nft_name} is used as two kinds of set, or two sets share the name @{name}"
+        unit.set_kinds[name] = (kind, nft_name)
+        try:
+            elements = _set_elements(ruleset, family, table, nft_name, kind)
+        except Untranslatable as e:
+            return None, None, str(e)
+        if elements is None:
+            elements = []
+            unit.notes.setdefault(f"set @{name} (nft set {nft_name}) has no elements in the file: "
+                                  f"fill it with bpfwall set {unit.name} @{name}=…", [])
+        sets[name] = elements
     for note, at in unit.notes.items():
         where = "" if not at else f"line{'s' if len(at) > 1 else ''} {', '.join(map(str, at))}: "
         comments.append(f"# note: {where}{note}")
@@ -341,7 +357,7 @@ def _render_unit(unit: _Unit, ruleset: Ruleset, file: str) -> tuple[str | None, 
         if c is not None:
             lines.append(f"{direction} = {_toml_expression(c.text)}")
             summary[direction] = c.text
-            summary[direction + "_default"] = unit.directions[direction].default
+            summary[direction + "_chains"] = chains[direction]
     if sets:
         lines.append("sets = { " + ", ".join(f"{name} = [{', '.join(_toml_str(e) for e in elements)}]"
                                             for name, elements in sets.items()) + " }")
@@ -369,8 +385,8 @@ def _set_capacity(sets: dict, kinds: dict) -> tuple[int | None, str | None]:
 
 def _header(file: str, problems: list[Problem]) -> str:
     lines = [f"# bpfwall policy imported from {file} (scnpm rules) by bpfwall import-scnpm.",
-             "# Each unit's rules keep their order: the first rule that matches a packet decides;",
-             "# a packet that no rule matches gets the default stated for its direction."]
+             "# Each unit's expressions decide what nft's chains decide for the unit's packets:",
+             "# its rules and the file's, in nft's order, through jumps, returns and policies."]
     if problems:
         lines += ["#", "# Not translated:"] + [f"#   {p.where}: {p.why}" for p in problems]
     return "\n".join(lines) + "\n\n"

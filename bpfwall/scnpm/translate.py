@@ -3,8 +3,10 @@
 Translated: `ip|ip6 saddr|daddr` (addresses, networks, ranges, sets, @named sets),
 `tcp|udp sport|dport` (numbers, services, ranges, sets, @sets, comparisons),
 `meta l4proto`, `ip protocol`, `meta nfproto`, `icmp|icmpv6 type|code`,
-`meta length`, `socket cgroupv2 level N "path"` (which cgroup the rule is for),
-the verdicts accept, drop and reject (→ drop), and the statements that do not
+`meta length`, `iifname|oifname` (names, `prefix*`, sets of them: `ifname`, on the
+direction whose device nft reads), `socket cgroupv2 level N "path"` (which cgroup the rule is for),
+the verdicts accept, drop, reject (→ drop), jump, goto, return and continue
+(which flow.py follows through the chains), and the statements that do not
 change a verdict (counter, log, comment). nft adds a protocol dependency to
 every header match (`tcp dport 80` only matches TCP); the translation writes
 it out (`tcp && dst_port == 80`).
@@ -12,10 +14,11 @@ it out (`tcp && dst_port == 80`).
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 from dataclasses import dataclass, field
 
-from ..lang.values import NAME_RE, parse_number
+from ..lang.values import NAME_RE, interface_matches, interface_pattern, parse_number
 
 ICMP_TYPES = {
     "echo-reply": 0, "destination-unreachable": 3, "source-quench": 4, "redirect": 5, "echo-request": 8,
@@ -46,9 +49,8 @@ OPS = {"==": "==", "eq": "==", "!=": "!=", "ne": "!=", "<": "<", "lt": "<", ">":
 # Why common nft matches have no bpfwall counterpart.
 NOT_IN_LANGUAGE = {
     "ct": "ct (connection tracking) is not in bpfwall's language: it judges each packet on its own",
-    "iif": "interfaces (iif) are not in bpfwall's language", "oif": "interfaces (oif) are not in bpfwall's language",
-    "iifname": "interfaces (iifname) are not in bpfwall's language",
-    "oifname": "interfaces (oifname) are not in bpfwall's language",
+    "iif": "interfaces by index (iif) are not in bpfwall's language; iifname is",
+    "oif": "interfaces by index (oif) are not in bpfwall's language; oifname is",
     "mark": "packet marks are not in bpfwall's language",
     "skuid": "socket owners (skuid) are not in bpfwall's language; the unit already says whose traffic it is",
     "skgid": "socket owners (skgid) are not in bpfwall's language; the unit already says whose traffic it is",
@@ -64,10 +66,8 @@ NOT_IN_LANGUAGE = {
     "ipsec": "ipsec matches are not in bpfwall's language",
     "snat": "NAT is not filtering", "dnat": "NAT is not filtering", "masquerade": "NAT is not filtering",
     "redirect": "NAT is not filtering", "tproxy": "tproxy is not filtering",
-    "return": "return hands the packet back to the calling chain; bpfwall has no chains",
-    "jump": "jump/goto to other chains has no bpfwall counterpart",
-    "goto": "jump/goto to other chains has no bpfwall counterpart",
-    "continue": "continue has no bpfwall counterpart", "queue": "queueing to user space is not filtering",
+    "queue": "queueing to user space is not filtering",
+    "vmap": "verdict maps are not followed (write one rule per element)",
 }
 _LOG_OPTIONS = ("prefix", "level", "flags", "group", "snaplen", "queue-threshold")
 
@@ -79,14 +79,26 @@ class Untranslatable(Exception):
 @dataclass
 class Translation:
     atoms: list[str] = field(default_factory=list)    # conditions, all of which must hold
-    verdict: str | None = None                         # "accept" | "drop" | None (no verdict: no effect)
+    verdict: str | None = None    # "accept" "drop" "jump" "goto" "return" "continue" | None (no verdict)
+    target: str | None = None     # the chain of jump/goto
+    rejects: bool = False         # the drop is a reject (which nft allows on some hooks only)
     cgroup: tuple[int, str] | None = None              # (level, path) of `socket cgroupv2`
     sets: dict[str, tuple[str, str]] = field(default_factory=dict)  # bpfwall name -> (kind, nft name)
     notes: list[str] = field(default_factory=list)
+    devices: list[tuple] = field(default_factory=list)  # ("ingress"|"egress", names, negated, condition)
 
-    @property
-    def condition(self) -> str:
-        return " && ".join(f"({a})" for a in self.atoms) if self.atoms else "true"
+    def condition(self, direction: str) -> str:
+        """All the matches, for a packet going `direction`. nft's iifname is the device a packet
+        arrives on, oifname the one it leaves by; a sent packet has no input device and a received
+        one no output device, and nft reads the name of a device a packet has not as "" (so
+        `iifname != "x"` holds for every sent packet, `iifname "x"` for none)."""
+        atoms = list(self.atoms)
+        for going, names, negated, text in self.devices:
+            if going == direction:
+                atoms.append(text)
+            elif any(interface_matches(n, "") for n in names) == negated:
+                return "false"
+        return " && ".join(f"({a})" for a in atoms) if atoms else "true"
 
 
 def set_name(nft_name: str) -> str:
@@ -168,6 +180,18 @@ class _Rule:
     def m_drop(self) -> None:
         self.out.verdict = "drop"
 
+    def m_jump(self) -> None:
+        self.out.verdict, self.out.target = "jump", self.take()
+
+    def m_goto(self) -> None:
+        self.out.verdict, self.out.target = "goto", self.take()
+
+    def m_return(self) -> None:
+        self.out.verdict = "return"
+
+    def m_continue(self) -> None:
+        self.out.verdict = "continue"
+
     def m_reject(self) -> None:
         if self.peek() == "with":
             self.pos += 1
@@ -178,7 +202,7 @@ class _Rule:
                 if self.peek() == "type":
                     self.pos += 1
                 self.take()
-        self.out.verdict = "drop"
+        self.out.verdict, self.out.rejects = "drop", True
         self.out.notes.append("reject became drop: bpfwall drops without an ICMP error or TCP reset")
 
     # -- matches --------------------------------------------------------------
@@ -206,8 +230,33 @@ class _Rule:
             self.match(" || ".join(names[v] for v in values), op)
         elif key == "length":
             self.numbers("len", 0, 2**32 - 1, guard=None)
+        elif key in ("iifname", "oifname"):
+            self.device("ingress" if key == "iifname" else "egress", key)
         else:
             raise Untranslatable(NOT_IN_LANGUAGE.get(key, f"meta {key} is not in bpfwall's language"))
+
+    def m_iifname(self) -> None:
+        self.device("ingress", "iifname")
+
+    def m_oifname(self) -> None:
+        self.device("egress", "oifname")
+
+    def device(self, direction: str, word: str) -> None:
+        op = self.op()
+        if op not in ("==", "!="):
+            raise Untranslatable(f"'{op}' cannot compare interface names")
+        if self.peek() and self.peek().startswith("@"):
+            raise Untranslatable(f"{word} in a named set: bpfwall lists interface names in the expression")
+        values, braced = self.values()
+        names = []
+        for v in values:
+            try:
+                names.append(interface_pattern(v[1:-1] if v.startswith('"') else v))
+            except ValueError as e:
+                raise Untranslatable(str(e)) from None
+        quoted = [json.dumps(n) for n in names]
+        text = f"ifname == {quoted[0]}" if len(names) == 1 and not braced else f"ifname in {{{', '.join(quoted)}}}"
+        self.out.devices.append((direction, names, op == "!=", text if op == "==" else f"!({text})"))
 
     def m_ip(self) -> None:
         self.header("ip", "ip", 4)
@@ -263,6 +312,8 @@ class _Rule:
     def values(self) -> tuple[list[str], bool]:
         """One value, or the elements of an anonymous set `{ a, b }`; and whether it was a set."""
         word = self.take()
+        if word == "vmap":
+            raise Untranslatable(NOT_IN_LANGUAGE["vmap"])
         if word != "{":
             if "." in (word, self.peek()):
                 raise Untranslatable("concatenations (a . b) are not in bpfwall's language")

@@ -15,6 +15,7 @@ echo sequence field.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import ipaddress
@@ -167,12 +168,13 @@ class PacketSpec:
         return TCP_SYN_HEADER if self.kind == "tcp" else UDP_HEADER if self.kind == "udp" else ICMP_HEADER
 
     def fields(self) -> PacketFields:
-        """What the reference evaluator reads for the packet the kernel builds from this spec."""
+        """What the reference evaluator reads for the packet the kernel builds from this spec
+        (every packet goes by the namespace's loopback, both ways)."""
         ports = (self.sport, self.dport) if self.kind in ("udp", "tcp") else (0, 0)
         icmp = (self.icmp_type, self.icmp_code) if self.kind in ("ping", "icmp") else (0, 0)
         return PacketFields(self.family, self.proto, True, *ports, *icmp,
                             IP_HEADER[self.family] + self.options + self.l4_header() + self.payload,
-                            ipaddress.ip_address(self.saddr), ipaddress.ip_address(self.daddr))
+                            ipaddress.ip_address(self.saddr), ipaddress.ip_address(self.daddr), ifname="lo")
 
     def describe(self) -> str:
         where = f"{self.saddr}:{self.sport} -> {self.daddr}:{self.dport}" if self.kind in ("udp", "tcp") \
@@ -294,10 +296,14 @@ class Exchange:
     close on exit, so close it after detaching: a TCP reset then leaves nothing behind.
     """
 
-    def __init__(self, specs: list[PacketSpec], direction: str, cgroup):
+    def __init__(self, specs: list[PacketSpec], direction: str, cgroup, outside=None, rejects: bool = False):
+        """`outside`: a context in which the other side's sockets are made (another network
+        namespace; default: where this thread is); `rejects`: a connect answered by an ICMP
+        error or a reset (an nft reject) did not arrive, rather than being an error."""
         if direction == "ingress" and any(s.kind not in INGRESS_KINDS for s in specs):
             raise ValueError("ICMP is exchanged on egress only")
         self.specs, self.direction, self.cgroup = specs, direction, cgroup
+        self.outside, self.rejects = outside or contextlib.nullcontext, rejects
         self.sockets: list[socket.socket] = []
         self.nonce = random.randrange(1 << 16)
 
@@ -355,7 +361,8 @@ class Exchange:
                 with self.cgroup.entered():  # sockets belong to the cgroup they are created in
                     made = [self._new(w.family, w.type, w.proto) for _, w in todo]
             else:
-                made = [self._new(w.family, w.type, w.proto) for _, w in todo]
+                with self.outside():  # and to the network namespace
+                    made = [self._new(w.family, w.type, w.proto) for _, w in todo]
             self.by_key.update((k, s) for (k, _), s in zip(todo, made, strict=False))
         for key, s in self.by_key.items():
             if wanted[key].sockopt:
@@ -370,7 +377,8 @@ class Exchange:
         self.sniffers = []
         if any(s.kind in ("ping", "icmp") for s in self.specs):
             for family, proto in ((4, socket.IPPROTO_ICMP), (6, socket.IPPROTO_ICMPV6)):
-                s = self._new(family, socket.SOCK_RAW, proto)
+                with self.outside():
+                    s = self._new(family, socket.SOCK_RAW, proto)
                 s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
                 s.setblocking(False)
                 self.sniffers.append((family, s))
@@ -408,7 +416,7 @@ class Exchange:
             if key is None:
                 out.append(False)
             elif key[0] == "tcp":
-                out.append(_connected(self.by_key[("tcp-tx", key[1])]))
+                out.append(_connected(self.by_key[("tcp-tx", key[1])], self.rejects))
             else:
                 out.append(key in arrived)
         return out
@@ -452,8 +460,14 @@ def _drain(s: socket.socket) -> list:
             return out
 
 
-def _connected(s: socket.socket) -> bool:
-    if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) not in (0, errno.EPERM):
+_REJECTED = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES)
+
+
+def _connected(s: socket.socket, rejects: bool = False) -> bool:
+    err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err in _REJECTED and rejects:
+        return False
+    if err not in (0, errno.EPERM):
         raise AssertionError("a TCP connect failed for another reason than a drop")
     try:
         s.getpeername()

@@ -12,7 +12,7 @@ import socket
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bpfwall.lang.evaluator import evaluate
@@ -77,6 +77,12 @@ def receivers():
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tree=paths, chosen=entries)
+# always: a deny-all default with a unit allowing one port below it, a nested slice leaving egress
+# out (so the outer default judges it), a unit's sub-cgroup, and `*.slice` on a slice of its own
+@example(tree=[(["a.slice"], "x.service", True), (["a.slice", "b.slice"], "y.service", False),
+               (["c.slice"], "x.service", False)],
+         chosen={"a.slice": (1, True), "b.slice": (None, False), "c.slice": None, "*.slice": (2, False),
+                 "x.service": (3, False), "y.service": None})
 def test_kernel_verdicts_equal_the_reference(tree, chosen, pin_root, policy_dir, trusted_tmp_path, receivers):
     ports = [s.getsockname()[1] for s in receivers]
     write_policy(policy_dir, policy_text(chosen, ports))

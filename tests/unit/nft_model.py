@@ -23,8 +23,9 @@ class Break(Exception):
 
 
 class Packet:
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, device: str = "lo"):
         self.data = bytes(data)
+        self.device = device  # iifname in the input hook, oifname in the output hook
         self.family = data[0] >> 4
         proto, l4, off = (_v4_l4 if self.family == 4 else _v6_l4)(self.data)
         self.proto, self.l4, self.thoff = proto, l4, off
@@ -61,6 +62,8 @@ def value(e, pkt: Packet):
             return pkt.proto
         if key == "length":
             return len(pkt.data)
+        if key in ("iifname", "oifname"):
+            return pkt.device
         raise ValueError(key)
     if kind == "payload":
         if "base" in body:
@@ -122,6 +125,9 @@ def match_holds(m, pkt: Packet, named_sets: dict) -> bool:
         return any(element_holds(el, got) for el in named_sets[right[1:]])
     if isinstance(right, dict) and "set" in right:
         return any(element_holds(el, got) for el in right["set"])
+    if body["left"] in ({"meta": {"key": "iifname"}}, {"meta": {"key": "oifname"}}):
+        # nft: a name ending in '*' compares only the bytes before it (a prefix match)
+        return got[:len(right) - 1] == right[:-1] if right.endswith("*") else got == right
     return element_holds(right, got)
 
 
@@ -144,12 +150,12 @@ def check_nft_accepts(rule) -> None:
             assert all(v == ("icmp" if h == "icmp" else "ipv6-icmp") for v in l4), f"nft refuses {l4} with {h}: {rule}"
 
 
-def run(chains, packet: bytes, named_sets: dict) -> tuple[str, str]:
-    """(counter name, final verdict) for one packet through lowered Chains."""
+def run(chains, packet: bytes, named_sets: dict, device: str = "lo") -> tuple[str, str]:
+    """(counter name, final verdict) for one packet, by `device`, through lowered Chains."""
     for rules in chains.rules.values():
         for rule in rules:
             check_nft_accepts(rule)
-    pkt = Packet(packet)
+    pkt = Packet(packet, device)
     chain, position, stack, hops = chains.names[0], 0, [], 0
     while True:
         rules = chains.rules[chain]

@@ -19,6 +19,8 @@ INTERNAL = {
     "bpfwall.nft.dump.Interrupted",       # the dump is tried again
     "bpfwall.nft.runner._Silent",
     "bpfwall.nft.state.Invalid",          # NftError naming the state file
+    "bpfwall.scnpm.flow.Refused",         # an Untranslatable with its line: a problem line of the import
+    "bpfwall.scnpm.flow.TooLarge",        # caught by Flow.direction: a Refused naming the chain
     "bpfwall.scnpm.translate.Untranslatable",  # a problem line of the import
     "bpfwall.watch.inotify.InotifyError",  # an OSError; the watcher raises WatchError
     "bpfwall.watch.log._Missing",         # caught by Log: a warning, then plain lines
@@ -52,6 +54,14 @@ def one_line(capsys, *argv) -> str:
     err = capsys.readouterr().err
     assert err.startswith("bpfwall: error: ") and err.count("\n") == 1, err
     return err
+
+
+def test_usage_errors_name_bpfwall_once(capsys):
+    # It said "bpfwall: error: bpfwall: unrecognized arguments" (issue 12).
+    assert one_line(capsys, "policy", "match", "x.service", "--bogus") == \
+        "bpfwall: error: unrecognized arguments: --bogus (see --help)\n"
+    assert one_line(capsys, "stats") == \
+        "bpfwall: error: bpfwall stats: the following arguments are required: unit (see --help)\n"
 
 
 def test_an_unreadable_packets_file_is_one_line(capsys, tmp_path):

@@ -19,6 +19,14 @@ BAD = [
     ("saddr", "saddr is an address; compare it, e.g. saddr == 10.0.0.1 or saddr in 10.0.0.0/8", 1),
     ("!remote_addr", "remote_addr is an address", 2),
     ("80", "80 is a number; compare it, e.g. dst_port == 80", 1),
+    # pothos habits: C's FILTER=1 / FILTER=0, and C's octal literals
+    ("1", "1 is a number, not a condition; write true (1 → true, 0 → false)", 1),
+    ("0", "0 is a number, not a condition; write false", 1),
+    ("tcp && 0", "0 is a number, not a condition; write false", 8),
+    ("dst_port == 053", "053 has a leading zero: decimal 53, or 43 as C reads it (octal); write 53, "
+     "or 0x2b for the octal value", 13),
+    ("dst_port in {80, 089}", "089 has a leading zero: decimal 89 (not a valid C octal number); write 89", 18),
+    ("dst_port in 01..5", "01 has a leading zero; write 1", 13),
     ("tcp || $p", "$p is a number; compare it, e.g. dst_port == $p", 8),
     ("10.0.0.1", "10.0.0.1 is an address; compare it, e.g. saddr == 10.0.0.1", 1),
     ("10.0.0.0/8 && tcp", "10.0.0.0/8 is an address; compare it, e.g. saddr in 10.0.0.0/8", 1),

@@ -14,7 +14,12 @@ from tests.strategies import expressions, spell, trees
     ("(tcp)", "tcp"),
     ("((tcp || udp)) && ip", "(tcp || udp) && ip"),
     ("tcp || (udp || ip)", "tcp || udp || ip"),
-    ("!(dst_port == 53)", "!dst_port == 53"),
+    # a comparison under `!` keeps its parentheses: `!` binding looser is not obvious to a reader
+    ("!(dst_port == 53)", "!(dst_port == 53)"),
+    ("!dst_port == 53", "!(dst_port == 53)"),
+    ("not remote_addr in 127.0.0.0/8", "!(remote_addr in 127.0.0.0/8)"),
+    ("!!(len < 5)", "!!(len < 5)"),
+    ("!tcp && !(dst_port in 1..5) || udp", "!tcp && !(dst_port in 1..5) || udp"),
     ("!(tcp && udp)", "!(tcp && udp)"),
     ("not not tcp", "!!tcp"),
     ("dst_port==0x50", "dst_port == 80"),

@@ -51,6 +51,10 @@ EXPRESSION_FEATURES = {
     "nesting": lambda t, c: re.search(r"(!|not)\s*\(.*(\|\||or)", t) is not None,
     "keywords": lambda t, c: " and " in t or " or " in t,
     "hex": lambda t, c: "0x" in t,
+    "address name": _has(lambda n: isinstance(n, ast.AddrName)),
+    "interface pattern": _has(lambda n: isinstance(n, ast.StrLit) and n.value.endswith("*")),
+    "interface set": _has(lambda n: isinstance(n, ast.In) and isinstance(n.container, ast.SetLit)
+                          and isinstance(n.container.items[0], ast.StrLit)),
 }
 
 

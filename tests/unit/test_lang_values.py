@@ -37,6 +37,8 @@ def test_address_elements():
     ("address", "fe80::1%eth0", "'fe80::1%eth0' is not a valid IPv6 address"),
     ("address", "10.0.0.0/x", "expected a prefix length after '10.0.0.0/'"),
     ("address", "80", "'80' is not a valid IPv4 address"),
+    ("number", "80,053", "set @s: 053 has a leading zero: decimal 53, or 43 as C reads it (octal)"),
+    ("number", "1..010", "010 has a leading zero: decimal 10, or 8 as C reads it"),
 ])
 def test_bad_elements(kind, text, message):
     with pytest.raises(LangError) as info:
@@ -60,6 +62,7 @@ def test_params():
     ("1x=5", "expected NAME=VALUE"),
     ("max=", "param $max: '' is not a number"),
     ("max=ten", "param $max: 'ten' is not a number"),
+    ("max=0755", "param $max: 0755 has a leading zero: decimal 755, or 493 as C reads it (octal)"),
     ("max=18446744073709551616", "param $max: 18446744073709551616 is out of range (0..18446744073709551615)"),
 ])
 def test_bad_params(text, message):

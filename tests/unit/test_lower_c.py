@@ -88,6 +88,20 @@ def test_a_packet_has_one_family_and_one_protocol():
     assert c_of("!tcp && udp") == "(!(p->proto == 6) && (p->proto == 17))"
 
 
+def test_interfaces_are_bits_of_the_device():
+    """Bit i is the unit's i-th interface name (sorted); user space sets the bits a device matches."""
+    names = ["lo", "wg0", "wlan*"]
+    assert filter_c(analyze('ifname == "wg0"').expr, "egress", names) == "((p->ifaces & 0x2ULL) != 0)"
+    assert filter_c(analyze('ifname in {"wlan*", "lo"}').expr, "ingress", names) == "((p->ifaces & 0x5ULL) != 0)"
+    assert filter_c(analyze('"wg0" != ifname').expr, "ingress", names) == "!((p->ifaces & 0x2ULL) != 0)"
+    assert filter_c(analyze("ifname == ifname").expr, "ingress", names) == "1"
+    checked = analyze('ifname in {"wlan*", "wg0"} || tcp')
+    h = build.UnitProgram(checked, None).header()
+    assert "#define BPFWALL_HAS_IFNAME 1" in h and '} ifaces SEC(".maps");' in h and "interfaces_of(" in h
+    assert "#define BPFWALL_HAS_IFNAME 0" in build.UnitProgram(analyze("tcp"), None).header()
+    assert build.UnitProgram(checked, analyze('ifname == "lo"')).interfaces == ["lo", "wg0", "wlan*"]
+
+
 # Every form the language has, sets and params of both kinds, tautologies a user may write.
 EXPRESSIONS = [
     "true", "false", "!tcp", "icmp || (udp && dst_port == 53) || (tcp && dst_port == 80)",
@@ -98,6 +112,8 @@ EXPRESSIONS = [
     "saddr == saddr || daddr != daddr", "dst_port == dst_port", "icmp_type <= 255 && dst_port >= 0",
     "len > 4294967295 || dst_port in 0..65535", "saddr in ::/0 && daddr in 0.0.0.0/0",
     "tcp && udp || ip && (ipv6)", "$a in $limit..$a || !($a == $a) || $a < $a", "$a in {1, $a}",
+    'ifname in {"wg0", "wlan*"} || ifname != "lo" && remote_addr in {localhost, link-local}',
+    "ifname == ifname || remote_addr in any",
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -229,17 +230,17 @@ _PARAMS = st.fixed_dictionaries({name: S.param_values() for name in S.PARAMS})
 
 @settings(max_examples=int(__import__("os").environ.get("BPFWALL_NFT_EXAMPLES", 400)), deadline=None,
           suppress_health_check=list(HealthCheck))
-@given(S.trees(), st.lists(S.packets(), min_size=8, max_size=8), _PARAMS, _SETS,
-       st.sampled_from(["ingress", "egress"]))
+@given(S.trees(), st.lists(st.tuples(S.packets(), st.sampled_from(S.DEVICES)), min_size=8, max_size=8),
+       _PARAMS, _SETS, st.sampled_from(["ingress", "egress"]))
 def test_same_verdicts_as_the_evaluator(tree, packets, params, sets, direction):
     try:
         low = L.lower(tree, direction, NAMES, "enforce", params, sets)
     except NftError:
         return  # too deeply nested for nft (reported, and rare: see test_depth_of_generated_expressions)
     contents = named_sets(low, sets)
-    for data in packets:
-        expected = evaluate(tree, parse_packet(data), direction, params, sets)
-        counter, verdict = nft_model.run(low.chains, data, contents)
+    for data, device in packets:
+        expected = evaluate(tree, replace(parse_packet(data), ifname=device), direction, params, sets)
+        counter, verdict = nft_model.run(low.chains, data, contents, device)
         assert counter == NAMES.counter(direction, "pass" if expected else "drop"), data.hex()
         assert verdict == ("accept" if expected else "drop")
 

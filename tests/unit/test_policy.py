@@ -204,7 +204,7 @@ def test_units_must_be_tables(trusted_tmp_path):
         "p.toml:1: units: expected a table (one [units.\"NAME\"] table per unit), got an integer"
     assert one_error(trusted_tmp_path, '[units]\n"a.service" = "tcp"\n') == \
         'p.toml:2: units."a.service": expected a table (ingress, egress, params, sets, mode, backend, ' \
-        'set_capacity, force_capacity, cgroup, log_rate, log_burst, strict, compiler), got a string'
+        'set_capacity, force_capacity, cgroup, log_rate, log_burst, strict, ip_address_allow, ip_address_deny, compiler), got a string'
 
 
 @pytest.mark.parametrize("name, expected", [

@@ -83,6 +83,7 @@ PROGRAMS = {
     "params-and-sets": ("dst_port in @ports || saddr in @nets || len > $max || dst_port == $int",
                         "remote_port == $lo"),
     "plain": ("tcp", None),
+    "interfaces": ('ifname in {"wg0", "wlan*"} || udp', 'ifname != "lo"'),
     "strict-slice-default": ("udp && remote_port == $dns", "false"),  # a slice's guard: the guard map too
 }
 
@@ -105,6 +106,7 @@ def _constants(program: build.UnitProgram) -> dict[str, int]:
         out[f"ADDR_KEY_PREFIXLEN({n.prefixlen})"] = pc.AddrKey.from_buffer_copy(pc.address_key(n)).prefixlen
     out["BPFWALL_META_SIZE"] = pc.meta_size(len(program.meta_bytes()))
     out["BPFWALL_HAS_PARAMS"] = int(bool(program.params))
+    out["BPFWALL_HAS_IFNAME"] = int(bool(program.interfaces))
     if program.slice_default:
         out.update({"GUARD_SLOTS": pc.GUARD_SLOTS, "GUARD_CAPACITY": pc.GUARD_CAPACITY,
                     "GUARD_CLASSIFIED": pc.GUARD_CLASSIFIED, "sizeof(struct guard_slot)": ctypes.sizeof(pc.GuardSlot),
@@ -189,7 +191,7 @@ def test_python_and_c_agree(tmp_path, name):
     assert not wrong, wrong
 
     shapes = pc.map_shapes(program.params, program.sets, len(program.meta_bytes()), program.set_capacity,
-                           program.slice_default)
+                           program.slice_default, bool(program.interfaces))
     assert sorted(mapdefs) == sorted(shapes)
     for map_name, shape in shapes.items():
         d = mapdefs[map_name]
@@ -222,6 +224,13 @@ def test_event_record_and_limits_agree(tmp_path):
         constants[f"sizeof(((struct bpfwall_event *)0)->{name})"] = getattr(pc.Event, name).size
     _, _, values = compile_probe(program, list(constants), tmp_path)
     assert dict(zip(constants, values, strict=True)) == constants
+
+
+def test_interface_bits_and_keys():
+    patterns = ["eth0", "lo", "wlan*"]
+    assert [pc.iface_bits(patterns, n) for n in ("lo", "wlan0", "wlan", "eth0", "eth01", "wg0")] == [2, 4, 4, 1, 0, 0]
+    key = pc.IfaceKey.from_buffer_copy(pc.iface_key(7, 3))
+    assert (key.netns, key.ifindex, key.pad) == (7, 3, 0) and ctypes.sizeof(pc.IfaceKey) == 16
 
 
 def test_guard_entries_round_trip():
