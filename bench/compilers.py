@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from packets import PACKETS  # noqa: E402
-from per_packet import EMPTY, FILTER  # noqa: E402
+from packets import PACKETS, load_empty  # noqa: E402
+from per_packet import FILTER  # noqa: E402
 
 from bpfwall.backends.bpf import ETH_P  # noqa: E402
 from bpfwall.build import UnitProgram, build  # noqa: E402
-from bpfwall.kernel import loader, progs, syscall  # noqa: E402
+from bpfwall.kernel import loader, progs  # noqa: E402
 from bpfwall.lang.checker import analyze  # noqa: E402
 
 COMPILERS = ("clang", "bcc")
@@ -69,7 +69,7 @@ def main() -> None:
           f"{compile_med['bcc']['wall'] / compile_med['clang']['wall']:.1f}× wall")
 
     loaded = {c: loader.load(objs[c]) for c in COMPILERS}
-    empty = progs.prog_load(syscall.BPF_PROG_TYPE_CGROUP_SKB, EMPTY, "GPL", syscall.BPF_CGROUP_INET_INGRESS, "empty")
+    empty = load_empty()
     rows = []
     try:
         for name, pkt in PACKETS.items():

@@ -20,17 +20,16 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from packets import PACKETS  # noqa: E402
+from packets import PACKETS, load_empty  # noqa: E402
 
 from bpfwall.backends.bpf import ETH_P  # noqa: E402
-from bpfwall.kernel import loader, progs, syscall  # noqa: E402
+from bpfwall.kernel import loader, progs  # noqa: E402
 from bpfwall.kernel.elf import read_object  # noqa: E402
 from bpfwall.kernel.ringbuf import RingBuffer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PARTS = ["lookup", "coarse_clock", "jiffies", "clock", "cgroup_id", "spin_lock", "cmpxchg", "reserve_submit",
          "reserve_fill_submit", "output", "submit_wakeup"]
-EMPTY = struct.pack("<BBhi", 0xB7, 0, 0, 1) + struct.pack("<BBhi", 0x95, 0, 0, 0)  # r0 = 1; exit
 RUN = 500  # test runs per measurement: fewer than the ring's ~900 records
 
 
@@ -50,7 +49,7 @@ def main() -> None:
         objs = {p: compile_part(p, tmp) for p in PARTS}
     loaded = {p: loader.load(o) for p, o in objs.items()}
     rings = {p: RingBuffer(l.maps["ep_ring"]) for p, l in loaded.items()}
-    empty = progs.prog_load(syscall.BPF_PROG_TYPE_CGROUP_SKB, EMPTY, "GPL", syscall.BPF_CGROUP_INET_INGRESS, "empty")
+    empty = load_empty()
     data = b"\0" * 12 + struct.pack("!H", ETH_P[4]) + PACKETS["ipv4/tcp:22"]
     ns = {p: [] for p in ["empty", *PARTS]}
     try:

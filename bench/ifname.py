@@ -29,18 +29,17 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from packets import PACKETS  # noqa: E402
+from packets import PACKETS, load_empty  # noqa: E402
 
 from bpfwall import program_contract as pc  # noqa: E402
 from bpfwall.backends import bpf  # noqa: E402
 from bpfwall.backends.bpf_interfaces import InterfaceGuard  # noqa: E402
 from bpfwall.build import UnitProgram, build  # noqa: E402
-from bpfwall.kernel import loader, netdev, progs, syscall  # noqa: E402
+from bpfwall.kernel import loader, netdev, progs  # noqa: E402
 from bpfwall.lang.checker import analyze  # noqa: E402
 
 FILTER = "icmp || (udp && dst_port == 53) || (tcp && dst_port == 80)"
 WITH_IFNAME = f'ifname in {{"lo", "wg*"}} && ({FILTER})'
-EMPTY = struct.pack("<BBhi", 0xB7, 0, 0, 1) + struct.pack("<BBhi", 0x95, 0, 0, 0)
 
 
 class Quiet:
@@ -66,7 +65,7 @@ def per_packet(cache, repeat: int, rounds: int) -> dict:
     loaded = {name: loader.load(obj) for name, obj in objs.items()}
     unit = bpf.PinnedUnit("(bench)", "", {"interfaces": ["lo", "wg*"]}, dict(loaded["filter+ifname"].maps), {})
     unit.write_interfaces()
-    empty = progs.prog_load(syscall.BPF_PROG_TYPE_CGROUP_SKB, EMPTY, "GPL", syscall.BPF_CGROUP_INET_INGRESS, "empty")
+    empty = load_empty()
     pkt = PACKETS["ipv4/udp:53"]
     data = b"\0" * 12 + struct.pack("!H", 0x0800) + pkt
     ns = {"empty": [], "filter": [], "filter+ifname": []}

@@ -36,3 +36,15 @@ PACKETS = {
     "ipv6/tcp:22": v6(6, tcp(22)),
     "ipv6/icmp": v6(58, icmp(128)),
 }
+
+
+# The baseline every per-packet bench runs in the same rounds: `r0 = 1; exit`, what
+# BPF_PROG_TEST_RUN itself costs (skb set-up, the call) with no filter in it.
+EMPTY = struct.pack("<BBhi", 0xB7, 0, 0, 1) + struct.pack("<BBhi", 0x95, 0, 0, 0)
+
+
+def load_empty() -> int:
+    """The fd of the empty cgroup_skb program (the caller closes it)."""
+    from bpfwall.kernel import progs, syscall
+
+    return progs.prog_load(syscall.BPF_PROG_TYPE_CGROUP_SKB, EMPTY, "GPL", syscall.BPF_CGROUP_INET_INGRESS, "empty")

@@ -24,18 +24,17 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from packets import PACKETS  # noqa: E402
+from packets import PACKETS, load_empty  # noqa: E402
 
 from bpfwall import program_contract as pc  # noqa: E402
 from bpfwall.backends.bpf import ETH_P, PinnedUnit  # noqa: E402
 from bpfwall.kernel.ringbuf import RingBuffer  # noqa: E402
 from bpfwall.build import UnitProgram, build  # noqa: E402
-from bpfwall.kernel import loader, progs, syscall  # noqa: E402
+from bpfwall.kernel import loader, progs  # noqa: E402
 from bpfwall.lang.checker import analyze  # noqa: E402
 
 FILTER = "icmp || (udp && dst_port == 53) || (tcp && dst_port == 80)"
 # r0 = 1; exit
-EMPTY = struct.pack("<BBhi", 0xB7, 0, 0, 1) + struct.pack("<BBhi", 0x95, 0, 0, 0)
 
 
 def main() -> None:
@@ -49,8 +48,7 @@ def main() -> None:
         os.chmod(cache, 0o700)
         obj = build(UnitProgram(checked, checked), cache=__import__("pathlib").Path(cache))
     loaded = loader.load(obj)
-    empty = progs.prog_load(syscall.BPF_PROG_TYPE_CGROUP_SKB, EMPTY, "GPL",
-                            syscall.BPF_CGROUP_INET_INGRESS, "empty")
+    empty = load_empty()
     prog = loaded.progs["cgroup_skb/ingress"]
     rows = []
     try:
@@ -96,7 +94,7 @@ def _lost(loaded) -> int:
 
 def events_bench(obj, repeat: int, rounds: int) -> dict:
     """Pass and drop, events off and on, beside the empty program, same rounds."""
-    empty = progs.prog_load(syscall.BPF_PROG_TYPE_CGROUP_SKB, EMPTY, "GPL", syscall.BPF_CGROUP_INET_INGRESS, "empty")
+    empty = load_empty()
     off, on = loader.load(obj), loader.load(obj)
     ring = RingBuffer(on.maps[pc.EVENTS])
     written_repeat = 500  # < the ring's ~900 records: every run writes all of its events

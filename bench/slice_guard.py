@@ -29,17 +29,16 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from packets import PACKETS  # noqa: E402
+from packets import PACKETS, load_empty  # noqa: E402
 
 from bpfwall import program_contract as pc  # noqa: E402
 from bpfwall.backends.bpf import ETH_P  # noqa: E402
 from bpfwall.build import UnitProgram, build  # noqa: E402
-from bpfwall.kernel import cgroup, loader, maps, progs, syscall  # noqa: E402
+from bpfwall.kernel import cgroup, loader, maps, progs  # noqa: E402
 from bpfwall.lang.checker import analyze  # noqa: E402
 from bpfwall.sandbox import TempCgroup  # noqa: E402
 
 FILTER = "icmp || (udp && dst_port == 53) || (tcp && dst_port == 80)"
-EMPTY = struct.pack("<BBhi", 0xB7, 0, 0, 1) + struct.pack("<BBhi", 0x95, 0, 0, 0)  # r0 = 1; exit
 PACKET = "ipv4/udp:53"
 
 
@@ -54,7 +53,7 @@ def main() -> None:
         unit_obj = build(UnitProgram(checked, checked), cache=Path(cache))
         guard_obj = build(UnitProgram(checked, checked, slice_default=True), cache=Path(cache))
     unit, guard = loader.load(unit_obj), loader.load(guard_obj)
-    empty = progs.prog_load(syscall.BPF_PROG_TYPE_CGROUP_SKB, EMPTY, "GPL", syscall.BPF_CGROUP_INET_INGRESS, "empty")
+    empty = load_empty()
     pkt = PACKETS[PACKET]
     data = b"\0" * 12 + struct.pack("!H", ETH_P[pkt[0] >> 4]) + pkt
     guard_slots = guard.maps[pc.GUARD]
