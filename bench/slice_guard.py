@@ -10,6 +10,8 @@ guard looks up the very cgroup id it would on real traffic. Cases:
 
   unit alone            the unit's program (the filter of bench/per_packet.py)
   guard: judged below   the unit's cgroup is in the guard's map as judged below: pass untouched
+  … by the helper       the same, in a guard built to read the cgroup id with
+                        bpf_skb_cgroup_id() (what a kernel without BTF gets; kernel/vmlinux.py)
   guard: its default    classified, judged by the slice's default (the same filter)
   guard: unclassified   not in the map: the ancestor walk (a cgroup the watcher has not seen yet)
 
@@ -31,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from packets import PACKETS, load_empty  # noqa: E402
 
-from bpfwall import program_contract as pc  # noqa: E402
+from bpfwall import build as bpfwall_build, program_contract as pc  # noqa: E402
 from bpfwall.backends.bpf import ETH_P  # noqa: E402
 from bpfwall.build import UnitProgram, build  # noqa: E402
 from bpfwall.kernel import cgroup, loader, maps, progs  # noqa: E402
@@ -52,12 +54,18 @@ def main() -> None:
         os.chmod(cache, 0o700)
         unit_obj = build(UnitProgram(checked, checked), cache=Path(cache))
         guard_obj = build(UnitProgram(checked, checked, slice_default=True), cache=Path(cache))
-    unit, guard = loader.load(unit_obj), loader.load(guard_obj)
+        with_helper, bpfwall_build._socket_cgroup_id_flags = bpfwall_build._socket_cgroup_id_flags, list
+        try:
+            helper_obj = build(UnitProgram(checked, checked, slice_default=True), cache=Path(cache))
+        finally:
+            bpfwall_build._socket_cgroup_id_flags = with_helper
+    unit, guard, helper = loader.load(unit_obj), loader.load(guard_obj), loader.load(helper_obj)
     empty = load_empty()
     pkt = PACKETS[PACKET]
     data = b"\0" * 12 + struct.pack("!H", ETH_P[pkt[0] >> 4]) + pkt
     guard_slots = guard.maps[pc.GUARD]
-    ns = {k: [] for k in ("empty", "unit alone", "guard: judged below", "guard: its default", "guard: unclassified")}
+    ns = {k: [] for k in ("empty", "unit alone", "guard: judged below", "… by the helper", "guard: its default",
+                          "guard: unclassified")}
     try:
         with TempCgroup("bpfwall-bench", suffix=".slice") as sl, \
                 TempCgroup(name="unit.service", parent=sl.path) as unit_cg, unit_cg.entered():
@@ -66,6 +74,8 @@ def main() -> None:
             for _ in range(args.rounds):
                 ns["empty"].append(progs.prog_test_run(empty, data, args.repeat)[1])
                 ns["unit alone"].append(progs.prog_test_run(unit.progs["cgroup_skb/egress"], data, args.repeat)[1])
+                maps.map_update(helper.maps[pc.GUARD], index, pc.guard_slot(cgid, pc.DIRECTIONS))
+                ns["… by the helper"].append(progs.prog_test_run(helper.progs["cgroup_skb/egress"], data, args.repeat)[1])
                 for case, value in (("guard: judged below", pc.guard_slot(cgid, pc.DIRECTIONS)),
                                     ("guard: its default", pc.guard_slot(cgid, [])),
                                     ("guard: unclassified", pc.FREE_SLOT)):
@@ -85,18 +95,21 @@ def main() -> None:
         os.close(empty)
         unit.close()
         guard.close()
+        helper.close()
     med = {k: statistics.median(v) for k, v in ns.items()}
     e, u, g = med["empty"], med["unit alone"], med["guard: judged below"]
     result = {"filter": FILTER, "packet": PACKET, "repeat": args.repeat, "rounds": args.rounds,
               "unit_cgroup_level": level, "ns": med,
-              "guard_over_unit": g / u, "unit_plus_guard_over_unit": (u + g - e) / u}
+              "guard_over_unit": g / u, "unit_plus_guard_over_unit": (u + g - e) / u,
+              "unit_plus_helper_guard_over_unit": (u + med["… by the helper"] - e) / u}
     print(f"slice guard per packet ({PACKET}, filter {FILTER}; repeat {args.repeat}, median of {args.rounds} "
           f"rounds; this process in a cgroup at level {level})")
     print(f"{'case':<22} {'ns':>7} {'× empty':>8} {'× unit':>7}")
     for k, v in med.items():
         print(f"{k:<22} {v:>7.1f} {v / e:>8.2f} {v / u:>7.2f}")
     print(f"unit + guard (judged below) = {result['unit_plus_guard_over_unit']:.2f} × the unit alone "
-          f"((unit + guard − empty) / unit; goal ≤ 1.15); guard / unit = {result['guard_over_unit']:.2f}")
+          f"((unit + guard − empty) / unit; goal ≤ 1.15); guard / unit = {result['guard_over_unit']:.2f}; "
+          f"with bpf_skb_cgroup_id() it would be {result['unit_plus_helper_guard_over_unit']:.2f}")
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "slice_guard.json"), "w") as f:

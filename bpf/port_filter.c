@@ -290,6 +290,33 @@ static __always_inline void parse(struct __sk_buff *skb, struct pkt *p)
 	}
 }
 
+#if defined(BPFWALL_KFUNC_CAST_TO_KERN_CTX) && !defined(BPFWALL_BCC)
+/* The socket's cgroup id in four loads, without a helper call: on this kind of CPU every `ret`
+ * goes through a mitigation thunk, and bpf_skb_cgroup_id() cost the slice guard ~7 ns a packet
+ * against ~3 ns this way (bpfwall/kernel/vmlinux.py). The kfunc bpf_cast_to_kern_ctx() gives
+ * the kernel's sk_buff (the verifier turns the call into a register move; the loader puts in
+ * the kfunc's BTF id for the placeholder number); build.py takes the offsets from the running
+ * kernel's BTF. The verifier checks each load against that BTF, so a wrong offset cannot load.
+ * Same value as the helper: while cgroup programs run, skb->sk is the full socket whose
+ * cgroup's programs these are. A NULL on the way reads as 0: unknown cgroup. */
+static void *(*const bpfwall_cast_to_kern_ctx)(void *ctx) = (void *)BPFWALL_KFUNC_CAST_TO_KERN_CTX;
+
+static __always_inline __u64 socket_cgroup_id(struct __sk_buff *skb)
+{
+	char *kskb = bpfwall_cast_to_kern_ctx(skb);
+	char *sk = *(char **)(kskb + BPFWALL_OFF_SKB_SK);
+	char *cgrp, *kn;
+
+	if (!sk)
+		return 0;
+	cgrp = *(char **)(sk + BPFWALL_OFF_SOCK_CGROUP);
+	kn = *(char **)(cgrp + BPFWALL_OFF_CGROUP_KN);
+	return *(__u64 *)(kn + BPFWALL_OFF_KERNFS_NODE_ID);
+}
+#else
+#define socket_cgroup_id bpf_skb_cgroup_id
+#endif
+
 #endif /* BPFWALL_SHARED_DONE */
 #ifndef BPFWALL_SHARED_ONLY
 
@@ -549,7 +576,7 @@ static __always_inline __u32 guard_class(struct __sk_buff *skb)
 {
 	__u32 class = 0, nearest = 0;
 
-	if (guard_lookup(bpf_skb_cgroup_id(skb), &class))  /* the usual case */
+	if (guard_lookup(socket_cgroup_id(skb), &class))  /* the usual case */
 		return class;
 	/* Born since the watcher looked: its ancestors, root first (the kernel gives them by
 	 * level; classes exist only below the slice); the deepest classified one speaks for it. */

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import batch, objcache, program_contract
+from .kernel import vmlinux
 from .errors import Error
 from .kernel.elf import READER_VERSION
 from .lower import c as lower_c
@@ -150,9 +151,21 @@ def _flags(program: UnitProgram | None = None) -> list[str]:
         flags.append("-DBPFWALL_ONLY_LOAD_BYTES")
     if program is not None and program.slice_default:
         flags.append("-DBPFWALL_SLICE_GUARD")
+        flags.extend(_socket_cgroup_id_flags())
         if program.strict:
             flags.append("-DBPFWALL_STRICT")
     return flags
+
+
+def _socket_cgroup_id_flags() -> list[str]:
+    """How the guard reads a packet's cgroup id on this kernel: with loads at these offsets
+    (kernel/vmlinux.py says why), or, without them, by the helper. The offsets are in the cache
+    key, so an object built for another kernel's layout is not reused."""
+    offsets = vmlinux.socket_cgroup_id_offsets()
+    if offsets is None:
+        return []
+    return [f"-DBPFWALL_KFUNC_CAST_TO_KERN_CTX={vmlinux.kfunc_placeholder('bpf_cast_to_kern_ctx'):#x}",
+            *(f"-DBPFWALL_OFF_{name}={offset}" for name, offset in offsets.items())]
 
 
 def file_identity(path: str) -> str:

@@ -12,6 +12,7 @@ from .elf import BpfObject, MapDef, ProgDef
 from .errors import KernelError
 from .maps import map_create, map_info
 from .progs import prog_load
+from .vmlinux import KFUNC_PLACEHOLDERS, running_kernel
 
 # Section name → (program type, expected attach type).
 SECTIONS = {
@@ -97,9 +98,32 @@ def _load_prog(obj: BpfObject, prog: ProgDef, map_fds: dict[str, int], btf_fd: i
         off = index * 8
         insns[off + 1] = (insns[off + 1] & 0x0F) | (sc.BPF_PSEUDO_MAP_FD << 4)  # src_reg: high nibble
         struct.pack_into("=i", insns, off + 4, map_fds[name])
+    _link_kfuncs(insns, prog.section)
     prog_type, attach_type = SECTIONS[prog.section]
     try:
         return prog_load(prog_type, bytes(insns), obj.license, attach_type, kernel_name or prog.name,
                          btf_fd, prog.func_info, prog.line_info)
     except KernelError as e:
         raise e.within(f"section {prog.section}") from None
+
+
+_CALL = 0x85  # BPF_JMP | BPF_CALL
+
+
+def _link_kfuncs(insns: bytearray, section: str) -> None:
+    """Turn each call of a kfunc placeholder number (vmlinux.KFUNC_PLACEHOLDERS) into a call of
+    that kfunc of the running kernel: its BTF id, src_reg BPF_PSEUDO_KFUNC_CALL."""
+    for off in range(0, len(insns), 8):
+        if insns[off] != _CALL or insns[off + 1] >> 4:
+            continue
+        (number,) = struct.unpack_from("=i", insns, off + 4)
+        name = KFUNC_PLACEHOLDERS.get(number)
+        if name is None:
+            continue
+        kernel = running_kernel()
+        btf_id = kernel.func_id(name) if kernel is not None else None
+        if btf_id is None:
+            raise KernelError(errno.EINVAL, f"section {section}: the program calls kfunc {name}, "
+                                            "which this kernel does not have")
+        insns[off + 1] = (insns[off + 1] & 0x0F) | (sc.BPF_PSEUDO_KFUNC_CALL << 4)
+        struct.pack_into("=i", insns, off + 4, btf_id)

@@ -83,6 +83,7 @@ BPF_F_REPLACE = 1 << 2         # with ALLOW_MULTI: swap replace_bpf_fd's program
 
 # ld_imm64 src_reg: imm holds a map fd, which the verifier turns into the map's address.
 BPF_PSEUDO_MAP_FD = 1
+BPF_PSEUDO_KFUNC_CALL = 2  # call: imm is a kfunc's BTF id (in vmlinux when off is 0)
 
 FUNC_INFO_REC_SIZE = 8    # struct bpf_func_info {insn_off, type_id}
 LINE_INFO_REC_SIZE = 16   # struct bpf_line_info {insn_off, file_name_off, line_off, line_col}
