@@ -37,6 +37,11 @@ class Handle(Protocol):
     # slice's guard program and its map; nft: a strict default's set of known cgroups); then
     # classify(cgroup_id, below, path), unclassify(cgroup_id) and keep_classified({id: path}) exist.
     guards: bool
+    # Its filter also runs for the packets of every cgroup below the ones it is attached to, and
+    # must pass with theirs (bpf: the kernel runs a socket's programs up to the root); the watcher
+    # then builds a unit entry that has nearer entries below it as a guard (Entry.guards_nested).
+    # False: only the nearest level's filter runs (nft: the dispatch chain).
+    runs_below: bool
 
     @property
     def directions(self) -> list[str]: ...

@@ -40,6 +40,7 @@ class UnitHandle:
     backend = "bpf"
     exclusive = False  # programs of several units run side by side on a cgroup (ALLOW_MULTI)
     needs_cleanup = False  # a removed cgroup takes its programs with it
+    runs_below = True  # the kernel runs every program from a socket's cgroup up to the root
 
     @property
     def guards(self) -> bool:

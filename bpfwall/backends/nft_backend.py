@@ -49,6 +49,7 @@ class NftUnit:
     backend = "nft"
     exclusive = True  # the nft backend filters a cgroup with one unit
     needs_cleanup = True  # a removed cgroup's map element stays until it is dropped
+    runs_below = False  # the dispatch chain runs the nearest level's filter only
 
     @property
     def guards(self) -> bool:

@@ -37,6 +37,12 @@ class Entry:
     compiler: str | None = None  # `compiler =` of the file's [defaults] (compilers.CHOICES), if written
     # A slice default only: drop the traffic of a descendant whose own filter is not on yet.
     strict: bool = False
+    # A unit entry whose cgroups hold cgroups judged by nearer entries (a delegated unit:
+    # user@1000.service with a default on its app.slice, or a user unit's own entry): built as a
+    # guard like a slice default, so that its filter judges only what nothing nearer judges. Never
+    # written in a policy: the watcher sets it when it finds such a cgroup (backends whose filters
+    # run below, bpf).
+    guards_nested: bool = False
     # The checked expressions, kept from validation so program() does not parse twice.
     checked: tuple = field(default=(None, None), compare=False, repr=False)
 
@@ -81,7 +87,8 @@ class Entry:
         ingress, egress = self.checked
         if (ingress, egress) == (None, None):
             ingress, egress = analyze_pair(self.ingress, self.egress)
-        return UnitProgram(ingress, egress, self.set_capacity, slice_default=self.is_slice_default, strict=self.strict,
+        return UnitProgram(ingress, egress, self.set_capacity, slice_default=self.is_slice_default or self.guards_nested,
+                           strict=self.strict,
                            compiler=compiler or self.compiler or "auto")
 
     def filter_spec(self) -> dict:
@@ -100,6 +107,7 @@ class Entry:
             **({"compiler": self.compiler} if self.compiler is not None else {}),  # as log: no reload on upgrade
             # only when set, so the fingerprints of entries written before strict existed stay
             **({"strict": True} if self.strict else {}),
+            **({"guards_nested": True} if self.guards_nested else {}),
             # only values other than the defaults: entries that write none, or write the defaults,
             # keep the fingerprints they had before drop events existed (no reload on upgrade)
             **({"log": changed} if (changed := {k: v for k, v in sorted(self.log.items())

@@ -30,7 +30,7 @@ from ..errors import Error
 from ..kernel import cgroup
 from ..kernel.errors import KernelError
 from ..policy import judge
-from . import inotify as ino
+from . import inotify as ino, nesting
 from .dropevents import DEFAULT_CAP, EventForwarder
 from .log import DEBUG, ERROR, INFO, Log
 from .notify import Notifier
@@ -107,6 +107,8 @@ class Watcher:
         self.attached: dict[str, str] = {}  # cgroup path → entry name whose filters it carries
         self.guarded: dict[str, str] = {}   # slice path → the slice default whose guard sits on it
         self.classified: dict[str, tuple[int, frozenset]] = {}  # path → (cgroup id, guards told about it)
+        self.nesting: set[str] = set()   # unit entries built as guards (watch/nesting.py)
+        self._to_nest: set[str] = set()  # found to need it since the last _nest()
         self.removed: dict[str, tuple[str, float]] = {}  # removed cgroup → (entry name, when): cleanup due
         self._last_event = 0.0
         self._next_pin_check = time.monotonic() + PIN_CHECK_INTERVAL
@@ -381,6 +383,8 @@ class Watcher:
             # Told after its own filter is on and before a filter leaving it is off: the
             # guards above never pass what nothing else judges.
             self._classify(path)
+            if handle is not None:
+                self._to_nest |= nesting.entries_to_nest(path, handle.name, self.root, self.attached, self.units)
             self._detach(path, stale)
             if handle is None:
                 self.attached.pop(path, None)
@@ -398,6 +402,29 @@ class Watcher:
             self._schedule_retry()
 
     # -- slice defaults: what their guards judge ----------------------------------
+
+    def _nest(self) -> None:
+        """Build the unit entries found above nearer entries as guards (watch/nesting.py): each is
+        loaded again (its programs swapped in place wherever attached), then the cgroups below
+        its own are classified for it."""
+        while self._to_nest and self.policy is not None:
+            names = {n for n in self._to_nest - self.nesting
+                     if (e := self.policy.entry(n)) is not None and not e.is_slice_default}
+            self._to_nest.clear()
+            if not names:
+                return
+            self.nesting |= names
+            for name in sorted(names):
+                self.log.info("nest", f"{name}: cgroups inside its own have nearer entries; its filter becomes "
+                                      "a guard that leaves their packets to them", unit=name)
+            try:
+                self.apply_policy(nesting.with_nesting(self.policy, self.nesting))
+            except Exception as e:  # noqa: BLE001 — the running filters stay; logged like a failed reload
+                self.log.error("nest", f"{', '.join(sorted(names))}: {e}; their filters stay as they are")
+                return
+            for path in sorted(p for p, n in self.attached.items() if n in names):
+                if os.path.isdir(path):
+                    self.scan(path, fresh=False)
 
     def _same_default_above(self, path: str, entry) -> bool:
         """Whether the slice default `entry` judges this slice's parent already, in every direction
@@ -549,6 +576,7 @@ class Watcher:
         if self.inotify is not None:
             for wd in set(old) - set(self.watches):
                 self.inotify.remove(wd)
+        self._nest()
         self.update_status()
 
     # -- events ---------------------------------------------------------------
@@ -575,12 +603,13 @@ class Watcher:
         if full:
             self.log.warning("reconcile", "inotify queue overflowed: full rescan")
             self.reconcile()
+        self._nest()
         self.update_status()
 
     def reload(self) -> None:
         self.notifier.reloading()
         try:
-            policy = load_policy_checked(self.policy_dir)
+            policy = nesting.with_nesting(load_policy_checked(self.policy_dir), self.nesting)
             self._claim(policy, watching=True)
             self.apply_policy(policy)
         except Exception as e:  # noqa: BLE001 — any reason to refuse keeps the old policy running
@@ -609,6 +638,8 @@ class Watcher:
             except ino.InotifyError as e:
                 raise WatchError(str(e)) from None
             self._catch_signals()  # from here on a SIGHUP or SIGTERM waits for the loop
+        self.nesting = nesting.nesting_from_state(policy, self.state.units)
+        policy = nesting.with_nesting(policy, self.nesting)
         self._claim(policy, watching=not once)
         self.apply_policy(policy)
         self.reconcile()

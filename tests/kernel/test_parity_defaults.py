@@ -10,6 +10,8 @@ evaluator (no entry: the packet passes).
     <root>/s.slice/b.service        no entry: S judges
     <root>/s.slice/inner.slice      nested default I (maybe)
     <root>/s.slice/inner.slice/c.service   I judges, else S
+    <root>/s.slice/a.service/held.slice/d.service   a slice inside a unit (delegated, like
+                                    user@1000.service's app.slice) with default H (maybe): H, else A, else S
     <root>/o.service                outside the slice: unpoliced
 
 UDP and ICMP only (TCP's handshake crosses both ways, and both directions are filtered here).
@@ -41,8 +43,8 @@ pytestmark = [pytest.mark.kernel, pytest.mark.traffic]
 EXAMPLES = int(os.environ.get("BPFWALL_PARITY_DEFAULT_EXAMPLES", "12"))
 PACKETS = 8
 LEAVES = ["s.slice/a.service", "s.slice/a.service/worker", "s.slice/b.service", "s.slice/inner.slice/c.service",
-          "o.service"]
-ENTRIES = {"s.slice": "S", "a.service": "A", "inner.slice": "I"}
+          "s.slice/a.service/held.slice/d.service", "o.service"]
+ENTRIES = {"s.slice": "S", "a.service": "A", "inner.slice": "I", "held.slice": "H"}
 _ran = {"bpf": 0, "nft": 0, "by_how": {}}
 
 
@@ -90,7 +92,7 @@ def filters(draw, prefix: str):
 
 @st.composite
 def policies(draw):
-    """{entry name: {direction: (text, params, sets) or None}}: S always, A and I sometimes."""
+    """{entry name: {direction: (text, params, sets) or None}}: S always, A, I and H sometimes."""
     out = {}
     for name, tag in ENTRIES.items():
         if name != "s.slice" and not draw(st.booleans()):

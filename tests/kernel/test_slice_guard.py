@@ -16,7 +16,7 @@ from bpfwall.backends.bpf_guard import GuardMap
 from bpfwall.kernel import cgroup, pins
 from tests.kernel.flood import Flood
 from tests.kernel.sockets import SO_RCVBUFFORCE, receive_all
-from tests.kernel.watcher import inside, mkcg, unit, wait_for, write_policy
+from tests.kernel.watcher import inside, mkcg, pinned_ids, unit, wait_for, write_policy
 
 pytestmark = [pytest.mark.kernel, pytest.mark.traffic, pytest.mark.usefixtures("no_leaks")]
 
@@ -135,6 +135,56 @@ def test_a_glob_on_nested_slices_guards_once(daemon, policy_dir, subtree, pin_ro
         assert sent(s, allowed, 7) == 7
     with bpf.PinnedUnit.open(pin_root, "*.slice") as u:
         assert u.counters()["egress"]["pass"]["packets"] == 7
+
+
+def test_a_unit_holding_nearer_entries_judges_only_the_rest(daemon, policy_dir, subtree, pin_root):
+    """mgr.service (a delegated unit, like user@1000.service) has its own entry and holds
+    inner.slice, which has a default, and own.service, with its own entry: each cgroup is judged by
+    the nearest entry alone, not by it AND mgr.service's (the watcher builds mgr.service's filter
+    as a guard once it sees them). Restarted, the watcher keeps it a guard: nothing is rebuilt."""
+    rx = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+    try:
+        for s in rx:
+            s.bind(("127.0.0.1", 0))
+        a, b, c = (s.getsockname()[1] for s in rx)
+        write_policy(policy_dir, unit("mgr.service", egress=f"udp && remote_port == {a}")
+                     + unit("inner.slice", egress=f"udp && remote_port == {b}")
+                     + unit("own.service", egress=f"udp && remote_port == {c}"))
+        mgr = mkcg(subtree, "host.slice/mgr.service")
+        init = mkcg(subtree, "host.slice/mgr.service/init.scope")
+        x = mkcg(subtree, "host.slice/mgr.service/inner.slice/x.service")
+        own = mkcg(subtree, "host.slice/mgr.service/inner.slice/own.service")
+        want = {mgr: (5, 0, 0), init: (5, 0, 0), x: (0, 5, 0), own: (0, 0, 5)}
+
+        def check():
+            for path, counts in want.items():
+                with udp_in(path) as tx:
+                    assert tuple(sent(tx, r) for r in rx) == counts, path
+
+        daemon.start()
+        inner = os.path.join(subtree, "host.slice/mgr.service/inner.slice")
+        def inner_below() -> bool:
+            try:
+                return guard_entries(pin_root, "mgr.service").get(cgroup.cgroup_id(inner)) == {"egress"}
+            except (AttributeError, bpf.BackendError):  # not (yet) a guard: no guard map
+                return False
+
+        wait_for("mgr.service classifies what is below it", inner_below)
+        check()
+        assert guard_entries(pin_root, "mgr.service")[cgroup.cgroup_id(init)] == set()
+        # a cgroup made later below inner.slice: judged by inner's default, at once
+        late = mkcg(subtree, "host.slice/mgr.service/inner.slice/late.service")
+        want[late] = (0, 5, 0)
+        check()
+        ids = pinned_ids(pin_root, "mgr.service")
+        daemon.stop()
+        daemon.start()
+        check()
+        assert pinned_ids(pin_root, "mgr.service") == ids  # reused as the guard it was
+        assert "nest" not in daemon.log() and "error" not in daemon.log()
+    finally:
+        for s in rx:
+            s.close()
 
 
 # -- strict slices: nothing unclassified gets out ---------------------------------------------

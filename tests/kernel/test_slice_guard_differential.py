@@ -1,4 +1,5 @@
-"""Slice defaults, kernel against the reference: random trees of slices and units, random policies
+"""Slice defaults, kernel against the reference: random trees of slices and units (units holding
+slices and units too, as delegated ones do), random policies
 of slice defaults (exact and `*.slice`) and unit entries (a direction may be left out, falling to
 the nearest default), put in place by `bpfwall watch --once`; then one UDP datagram from every
 cgroup to each of two ports. Each one must arrive exactly when the reference says: the entry
@@ -29,8 +30,13 @@ EXAMPLES = int(os.environ.get("BPFWALL_SLICE_DIFF_EXAMPLES", "8"))
 SLICES = ("a.slice", "b.slice", "c.slice")
 UNITS = ("x.service", "y.service")
 
+# (slices, unit, a worker sub-cgroup in it, what the unit holds: None, or (slices, unit) below it,
+# as a delegated unit like user@1000.service holds its own slices and units)
 paths = st.lists(st.tuples(st.lists(st.sampled_from(SLICES), max_size=3, unique=True), st.sampled_from(UNITS),
-                           st.booleans()), min_size=1, max_size=5)
+                           st.booleans(),
+                           st.one_of(st.none(), st.tuples(st.lists(st.sampled_from(SLICES), max_size=2, unique=True),
+                                                          st.sampled_from(UNITS)))),
+                 min_size=1, max_size=5)
 # per entry: None (no entry), or (egress choice or None: left out, strict)
 entries = st.fixed_dictionaries({name: st.one_of(st.none(), st.tuples(st.one_of(st.none(), st.integers(0, 3)),
                                                                           st.booleans()))
@@ -79,10 +85,15 @@ def receivers():
 @given(tree=paths, chosen=entries)
 # always: a deny-all default with a unit allowing one port below it, a nested slice leaving egress
 # out (so the outer default judges it), a unit's sub-cgroup, and `*.slice` on a slice of its own
-@example(tree=[(["a.slice"], "x.service", True), (["a.slice", "b.slice"], "y.service", False),
-               (["c.slice"], "x.service", False)],
+@example(tree=[(["a.slice"], "x.service", True, None), (["a.slice", "b.slice"], "y.service", False, None),
+               (["c.slice"], "x.service", False, None)],
          chosen={"a.slice": (1, True), "b.slice": (None, False), "c.slice": None, "*.slice": (2, False),
                  "x.service": (3, False), "y.service": None})
+# a unit holding a slice with a default and a unit with its own entry: each judged by its nearest
+@example(tree=[(["a.slice"], "x.service", True, (["b.slice"], "y.service")),
+               (["a.slice"], "x.service", False, ([], "y.service"))],
+         chosen={"a.slice": None, "b.slice": (3, False), "c.slice": None, "*.slice": None,
+                 "x.service": (2, False), "y.service": (0, False)})
 def test_kernel_verdicts_equal_the_reference(tree, chosen, pin_root, policy_dir, trusted_tmp_path, receivers):
     ports = [s.getsockname()[1] for s in receivers]
     write_policy(policy_dir, policy_text(chosen, ports))
@@ -91,10 +102,14 @@ def test_kernel_verdicts_equal_the_reference(tree, chosen, pin_root, policy_dir,
     cg.__enter__()
     try:
         rels = set()
-        for slices, unit, worker in tree:
+        for slices, unit, worker, held in tree:
             rel = "/".join([*slices, unit] + (["worker"] if worker else []))
             os.makedirs(os.path.join(cg.path, rel), exist_ok=True)
             rels.add(rel)
+            if held is not None:
+                rel = "/".join([*slices, unit, *held[0], held[1]])
+                os.makedirs(os.path.join(cg.path, rel), exist_ok=True)
+                rels.add(rel)
         r = bpfwall("watch", "--once", "--cgroup-root", cg.path, "--policy-dir", str(policy_dir),
                     "--pin-root", pin_root, "--state-dir", str(trusted_tmp_path / "state"))
         assert r.returncode == 0, r.stderr
