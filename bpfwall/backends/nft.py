@@ -782,6 +782,10 @@ def stats(table: str, unit: str) -> dict:
     live = counter_values(table)
     zero = {"packets": 0, "bytes": 0}
     counters = {d: {v: live.get(names.counter(d, v), zero) for v in ("pass", "drop")} for d in u.directions}
+    if u.strict:  # what the hold dropped is the default's drop, as bpf counts it
+        for d in u.directions:
+            held = live.get(names.held_counter(d), zero)
+            counters[d]["drop"] = {k: counters[d]["drop"][k] + held[k] for k in ("packets", "bytes")}
     return {
         "unit": unit, "table": table, "path": f"inet {table}", "mode": u.mode,
         "ingress": u.ingress, "egress": u.egress,

@@ -345,6 +345,9 @@ def test_a_strict_default_holds_what_the_watcher_has_not_classified(table):
                 assert nft.classify(table, "s.slice", deeper)
                 assert arrived() == (1, 0, 1, 1)
                 assert _held_packets(table, "s.slice") >= 3
+                # held drops are the default's drops in stats, as on bpf (the default itself dropped none:
+                # everything it judged was UDP)
+                assert counters(table, "s.slice")["ingress"]["drop"]["packets"] == _held_packets(table, "s.slice")
                 nft.restore(table)  # rebuilt from the state: what is known stays known
                 assert arrived() == (1, 0, 1, 1)
                 nft.load(table, "s.slice", program(ingress="udp || tcp"), strict=True)  # a reload keeps it too
