@@ -113,6 +113,10 @@ class Backend(Protocol):
     def explain(self, checked, direction: str | None = None) -> tuple[dict, str]:
         """What the expression becomes here (nothing is loaded): (JSON data, text)."""
 
+    def built_as_guard(self, unit: str) -> bool:
+        """Whether the unit's loaded filter is a guard (a slice default's, or a unit entry's the
+        watcher made one: watch/nesting.py), so that `apply` from the policy keeps it one."""
+
     def events(self, units: list[str] | None = None, state_dir: str | None = None) -> "EventSource":
         """Drop events of these units (None: every unit loaded now or later), as they happen;
         every reader sees every event (they meet in `state_dir`/events, default $BPFWALL_STATE_DIR

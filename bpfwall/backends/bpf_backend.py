@@ -218,6 +218,12 @@ class BpfBackend:
 
     # -- programs in files (ProgramBackend) ------------------------------------------------------
 
+    def built_as_guard(self, unit: str) -> bool:
+        if not self._loaded(unit):
+            return False
+        with bpf.PinnedUnit.open(self.pin_root, unit) as pinned:
+            return "slice_default" in pinned.meta  # build.UnitProgram.meta(): the guard build
+
     def prog_path(self, unit: str, direction: str) -> str:
         return bpf.prog_path(self.pin_root, unit, direction)
 

@@ -147,6 +147,9 @@ class NftBackend:
         text = rules[direction] if direction else "\n".join(f"# {d}\n{r}" for d, r in rules.items())
         return {"expression": checked.text, "nft": rules}, text
 
+    def built_as_guard(self, unit: str) -> bool:
+        return False  # the dispatch runs one level's filter: no unit entry is ever made a guard here
+
     def restore(self) -> dict:
         """Rebuild the table from its state file (`nft-restore`)."""
         return nft.restore(self.table)

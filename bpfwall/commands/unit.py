@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from dataclasses import replace
 
 from .. import dropin
 from ..errors import Error
@@ -91,8 +92,13 @@ def _escaping_hint(unit: str, policy) -> str:
 def cmd_apply(args) -> None:
     entry = policy_entry(args.unit, policy_dir(args))
     log = {**entry.log, **(log_limit(args) or {})}  # the command line over the policy
-    result = backend(args, entry.backend).load(args.unit, entry.program(compiler(args)), entry.params, entry.sets, entry.mode,
-                                               log=log or None)
+    target = backend(args, entry.backend)
+    if not entry.is_slice_default and target.built_as_guard(args.unit):
+        # the watcher made this unit's filter a guard (it holds nearer entries: watch/nesting.py);
+        # loading it plain would AND their verdicts again until the watcher noticed
+        entry = replace(entry, guards_nested=True)
+    result = target.load(args.unit, entry.program(compiler(args)), entry.params, entry.sets, entry.mode,
+                         log=log or None)
     lines = [f"applied {entry.name} ({entry.where}) to {args.unit} [{entry.mode}]"]
     lines += [f"  {d}: {place}" for d, place in result.places.items()]
     if result.replaced:

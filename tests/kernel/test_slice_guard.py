@@ -15,6 +15,7 @@ from bpfwall.backends import bpf
 from bpfwall.backends.bpf_guard import GuardMap
 from bpfwall.kernel import cgroup, pins
 from tests.kernel.flood import Flood
+from tests.kernel.invoke import bpfwall
 from tests.kernel.sockets import SO_RCVBUFFORCE, receive_all
 from tests.kernel.watcher import inside, mkcg, pinned_ids, unit, wait_for, write_policy
 
@@ -182,6 +183,15 @@ def test_a_unit_holding_nearer_entries_judges_only_the_rest(daemon, policy_dir, 
         check()
         assert pinned_ids(pin_root, "mgr.service") == ids  # reused as the guard it was
         assert "nest" not in daemon.log() and "error" not in daemon.log()
+        # the hand-off loader (`bpfwall apply`, bpfwall@.service) loads it from the policy: still a
+        # guard, with its classes (no watcher running to mend it)
+        daemon.stop()
+        r = bpfwall("apply", "mgr.service", "--policy-dir", str(policy_dir), "--pin-root", pin_root)
+        assert r.returncode == 0, r.stderr
+        assert pinned_ids(pin_root, "mgr.service") != ids  # loaded again, swapped in place
+        check()
+        with bpf.PinnedUnit.open(pin_root, "mgr.service") as u:
+            assert "slice_default" in u.meta
     finally:
         for s in rx:
             s.close()
