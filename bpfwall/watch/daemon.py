@@ -360,8 +360,8 @@ class Watcher:
         """
         entry = self.policy.match(self.rel(path)) if path != self.root else None
         handle = self.units.get(entry.name) if entry is not None else None
-        if handle is not None and handle.guards and self._same_default_above(path, entry):
-            handle = None  # its guard on a slice above judges this one too: one guard per path
+        if handle is not None and handle.guards and self._covered_above(path, handle):
+            handle = None  # its guard above judges this one's cgroups too (and counts them once)
         try:
             stale = [] if fresh else self._stale(path, handle)
             if handle is not None and handle.exclusive:
@@ -385,6 +385,9 @@ class Watcher:
             self._classify(path)
             if handle is not None:
                 self._to_nest |= nesting.entries_to_nest(path, handle.name, self.root, self.attached, self.units)
+            leaving = {name for name, _ in stale if name in self.units and self.units[name].guards}
+            if leaving:
+                self._hand_down(path, leaving)
             self._detach(path, stale)
             if handle is None:
                 self.attached.pop(path, None)
@@ -426,16 +429,29 @@ class Watcher:
                 if os.path.isdir(path):
                     self.scan(path, fresh=False)
 
-    def _same_default_above(self, path: str, entry) -> bool:
-        """Whether the slice default `entry` judges this slice's parent already, in every direction
-        it filters (a glob like `*.slice` on nested slices): then its guard up there judges
-        this slice's cgroups too, and a second guard would judge (and count) them twice."""
+    def _covered_above(self, path: str, handle) -> bool:
+        """Whether the guard of `handle`'s entry on a cgroup above judges this one's cgroups already,
+        so that a second one here would judge (and count) them twice. bpf: wherever it sits above
+        (its program runs for everything below; the guards in between pass what it judges, see
+        _judged_below). nft runs the deepest level's filter only: only when the parent is judged
+        by the same entry in every direction it filters (a glob on nested slices)."""
         parent = os.path.dirname(path)
         if path == self.root or not parent.startswith(self.root) or parent == self.root:
             return False
+        if handle.runs_below:
+            return handle.name in self._guards_over(parent)
         j = judge(self.policy, self.rel(parent))
+        entry = self.policy.entry(handle.name)
         directions = [d for d in DIRECTIONS if getattr(entry, d) is not None]
-        return all((e := j.entry(d)) is not None and e.name == entry.name for d in directions)
+        return all((e := j.entry(d)) is not None and e.name == handle.name for d in directions)
+
+    def _hand_down(self, path: str, names: set[str]) -> None:
+        """The guards of entries `names` leave `path`: first put them on the cgroups below that
+        they judged from here (a glob default on nested slices sits on the outermost only), so
+        that nothing they judged goes unjudged for a moment."""
+        for below, _, _ in os.walk(path):
+            if below != path and (e := self.policy.match(self.rel(below))) is not None and e.name in names:
+                self.sync_cgroup(below, fresh=False)
 
     def _guards_over(self, path: str) -> set[str]:
         """The slice defaults whose guards sit on this cgroup or above it."""
@@ -473,11 +489,14 @@ class Watcher:
         self.classified[path] = (cgid, frozenset(names))
 
     def _judged_below(self, j, direction: str, guard: str) -> bool:
+        """Whether the entry judging this direction is another than `guard` and its filter runs
+        for the cgroup already: attached on the judge's cgroup, or its guard on a cgroup above
+        that (a glob default on two slices of one path sits on the outer one only)."""
         holder = j.judge(direction)
         if holder is None or holder.entry.name == guard:
             return False
         where = os.path.join(self.root, holder.cgroup) if holder.cgroup else self.root
-        return self.attached.get(where) == holder.entry.name
+        return self.attached.get(where) == holder.entry.name or holder.entry.name in self._guards_over(where)
 
     def _unclassify(self, path: str) -> None:
         old = self.classified.pop(path, None)

@@ -224,6 +224,52 @@ def drain(rx) -> int:
         n += 1
 
 
+def test_a_glob_default_with_another_between_judges_once_and_is_handed_down_on_reload(
+        daemon, policy_dir, subtree, pin_root, flood_receivers):
+    """`*.slice` is the default of a.slice and of a.slice/m.slice/b.slice, with m.slice's own
+    default between: the glob's guard sits on a.slice only and judges b.slice's cgroups from
+    there (m.slice's guard passes them to it), so each packet is counted once. A reload that takes
+    the glob off a.slice puts it on b.slice first: a flood from b.slice never reaches the port it
+    may not send to, not even while the watcher moves it."""
+    allowed, other = flood_receivers
+    ports = [allowed.getsockname()[1], other.getsockname()[1]]
+    glob = unit("*.slice", egress=f"udp && remote_port == {ports[0]}")
+    write_policy(policy_dir, glob + unit("m.slice", egress="false"))
+    x = mkcg(subtree, "a.slice/m.slice/b.slice/x.service")
+    y = mkcg(subtree, "a.slice/m.slice/y.service")
+    a, b = os.path.join(subtree, "a.slice"), os.path.join(subtree, "a.slice/m.slice/b.slice")
+    daemon.start()
+    glob_id = pinned_ids(pin_root, "*.slice")["egress"]
+    assert glob_id in cgroup.query(a, "egress")[1] and glob_id not in cgroup.query(b, "egress")[1]
+    for path, want in ((x, (7, 0)), (y, (0, 0))):
+        with udp_in(path) as tx:
+            for rx, n in zip((allowed, other), want, strict=True):
+                for _ in range(7):
+                    try:
+                        tx.sendto(b"x", rx.getsockname())
+                    except PermissionError:
+                        pass
+                time.sleep(0.05)
+                assert drain(rx) == n, path
+    with bpf.PinnedUnit.open(pin_root, "*.slice") as u:
+        assert u.counters()["egress"]["pass"]["packets"] == 7 and u.counters()["egress"]["drop"]["packets"] == 7
+    with bpf.PinnedUnit.open(pin_root, "m.slice") as u:
+        assert u.counters()["egress"]["pass"]["packets"] == 0 and u.counters()["egress"]["drop"]["packets"] == 14
+    flood = Flood(x, ports)
+    try:
+        wait_for("the flood's datagrams", lambda: drain(allowed))
+        write_policy(policy_dir, unit("*.slice", egress=f"udp && remote_port == {ports[0]}",
+                                      extra='cgroup = "m.slice/*"') + unit("m.slice", egress="false"))
+        daemon.signal(signal.SIGHUP)
+        wait_for("the glob on b.slice, not on a.slice",
+                 lambda: glob_id in cgroup.query(b, "egress")[1] and glob_id not in cgroup.query(a, "egress")[1])
+        time.sleep(0.1)
+    finally:
+        (sent_allowed, _), (sent_other, refused_other) = flood.stop()
+    assert sent_other > 1000 and refused_other == sent_other and drain(other) == 0
+    assert "error" not in daemon.log()
+
+
 def strict_policy(allowed: int, other: int) -> str:
     """strict.slice's default lets `other` out; flood.service's own entry only `allowed`."""
     return (unit("strict.slice", egress=f"udp && remote_port == {other}", extra="strict = true")
