@@ -164,6 +164,8 @@ def test_a_unit_holding_nearer_entries_judges_only_the_rest(daemon, policy_dir, 
 
         daemon.start()
         inner = os.path.join(subtree, "host.slice/mgr.service/inner.slice")
+        wait_for("the watcher says it made mgr.service a guard", lambda: "mgr.service: cgroups inside its own have "
+                 "nearer entries" in daemon.log())
         def inner_below() -> bool:
             try:
                 return guard_entries(pin_root, "mgr.service").get(cgroup.cgroup_id(inner)) == {"egress"}
@@ -182,7 +184,7 @@ def test_a_unit_holding_nearer_entries_judges_only_the_rest(daemon, policy_dir, 
         daemon.start()
         check()
         assert pinned_ids(pin_root, "mgr.service") == ids  # reused as the guard it was
-        assert "nest" not in daemon.log() and "error" not in daemon.log()
+        assert "nearer entries" not in daemon.log() and "error" not in daemon.log()
         # the hand-off loader (`bpfwall apply`, bpfwall@.service) loads it from the policy: still a
         # guard, with its classes (no watcher running to mend it)
         daemon.stop()

@@ -56,7 +56,15 @@ egress = "udp && remote_port == {DNS}"
 
 [units."dnshand.service"]
 egress = "udp && remote_port == {DNS}"
+
+[units."user@*.service"]
+egress = "udp && remote_port == {OTHER}"
+
+[units."app.slice"]
+cgroup = "user@*.service/app.slice"
+egress = "udp && remote_port == {DNS}"
 """
+USER = "bpfwslice"
 
 
 def sender_unit(name: str, slice_: str, service: tuple[str, ...] = ()) -> str:
@@ -89,11 +97,14 @@ def c(container):
     return container
 
 
-def classes(c) -> dict[int, frozenset]:
-    """The deny.slice guard's classes, read from the host through the container's bpffs."""
-    unit_dir = host_pin(c, os.path.dirname(pin_path(c, "deny.slice", "egress")))
+def classes(c, entry: str = "deny.slice") -> dict[int, frozenset]:
+    """The classes of an entry's guard (the deny.slice default's), read from the host through the
+    container's bpffs; {} while it is no guard."""
+    unit_dir = host_pin(c, os.path.dirname(pin_path(c, entry, "egress")))
     with pins.PinDir.open(unit_dir) as d:
         g = GuardMap.open(d)
+        if g is None:
+            return {}
         try:
             return g.entries()
         finally:
@@ -142,3 +153,41 @@ def test_the_slice_guard_sits_on_the_slice_only(c):
     guard = pinned_prog_id(c, pin_path(c, "deny.slice", "egress"))
     assert guard in attached(os.path.join(c.payload_cgroup, "deny.slice"), "egress")
     assert guard not in attached(os.path.join(c.payload_cgroup, "system.slice"), "egress")
+
+
+def test_a_user_manager_with_its_own_entry_leaves_its_app_slice_to_that_slices_default(c):
+    """user@UID.service has its own entry (OTHER only) and holds app.slice, which has a default
+    (DNS only): a user service in app.slice is judged by the default alone (DNS), one in
+    background.slice by the manager's entry (OTHER) — not by both ANDed (nothing). The watcher
+    builds the manager's entry as a guard once it sees app.slice's default inside it."""
+    c.exec(["useradd", "--create-home", USER], check=True)
+    c.exec(["loginctl", "enable-linger", USER], check=True)
+    uid = c.exec(["id", "-u", USER], check=True).stdout.strip()
+    wait_until(lambda: c.systemctl("is-active", f"user@{uid}.service").stdout.strip() == "active",
+               f"user@{uid}.service did not start")
+    home, results = f"/home/{USER}", []
+    c.exec(["install", "-d", "-o", USER, f"{home}/go"], check=True)
+    for name, slice_ in (("inapp.service", "app.slice"), ("inbg.service", "background.slice")):
+        c.write(f"{home}/.config/systemd/user/{name}",
+                "\n".join(["[Service]", f"Slice={slice_}",
+                           f"ExecStart=/usr/bin/python3 {SENDER_FILE} {home}/go/{name} {DNS} {OTHER}", ""]))
+    c.exec(["chown", "-R", f"{USER}:", f"{home}/.config"], check=True)
+    c.user_systemctl(USER, "daemon-reload", check=True)
+    try:
+        for name, below in (("inapp.service", {"egress"}), ("inbg.service", set())):
+            before = {int(p): n for p, n in
+                      json.loads(c.path(f"{STATE_DIR}/slrecv.service.json").read_text())["counts"].items()}
+            c.user_systemctl(USER, "start", name, check=True)
+            cgid = cgroup.cgroup_id(c.unit_cgroup(name, user=USER))
+            wait_until(lambda: classes(c, "user@*.service").get(cgid) == below,  # noqa: B023 — used at once
+                       f"{name} was not classified for user@{uid}.service's entry")
+            c.write(f"{home}/go/{name}", "")
+            wait_until(lambda: c.path(f"{home}/go/{name}.result").exists(), f"{name} did not send")  # noqa: B023
+            refused = {int(p): n for p, n in json.loads(c.path(f"{home}/go/{name}.result").read_text()).items()}
+            after = wait_counts(c, "slrecv.service", {p: before.get(p, 0) + N - refused.get(p, 0) for p in (DNS, OTHER)})
+            results.append({p: after.get(p, 0) - before.get(p, 0) for p in (DNS, OTHER)})
+    finally:
+        for name in ("inapp.service", "inbg.service"):
+            c.user_systemctl(USER, "stop", name)
+    assert results == [{DNS: N, OTHER: 0}, {DNS: 0, OTHER: N}]
+    assert "nearer entries" in c.journal("bpfwall.service") and "error" not in c.journal("bpfwall.service").lower()
