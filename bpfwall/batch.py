@@ -28,7 +28,7 @@ UNIT_NAMES = (
     "bpfwall_meta", "bpfwall_params", "bpfwall_event", "bpfwall_log_limit", "guard_slot",  # struct tags
     "bpfwall_filter_ingress", "bpfwall_filter_egress", "in_number_set", "in_address_set",
     "take_token", "log_drop", "finish", "guard_lookup", "guard_class", "run", "bpfwall_ingress",
-    "bpfwall_egress", "_license", "interfaces_of",
+    "bpfwall_egress", "_license", "interfaces_of", "found",
 )
 UNIT_MACROS = ("BPFWALL_META_SIZE", "BPFWALL_HAS_PARAMS", "BPFWALL_HAS_IFNAME")  # the generated header's, per unit
 PREFIX_STEM = "bpfwall_u"

@@ -183,10 +183,22 @@ class _Emitter:
 
 # Lookups in @set maps, emitted only when the unit has a set of that kind: a helper nobody
 # calls is an unused-function warning, and the C is compiled with -Wall.
+#
+# found(): whether a lookup found its key, as an int the compiler cannot fold back into the
+# pointer. LLVM turns `(v != 0) || (x != 0)` into `(v | x) != 0`, arithmetic on a map value that
+# the verifier refuses before its null check (bcc's LLVM did, on `saddr in @hosts || ifname in
+# {…}`); the empty asm makes the int opaque, so what follows works on it, not on the pointer.
+_FOUND = """static __always_inline int found(const void *value)
+{
+	int hit = value != 0;
+
+	asm volatile("" : "+r"(hit));
+	return hit;
+}"""
 _SET_LOOKUP = {
     "number": """static __always_inline int in_number_set(void *set, __u32 value)
 {
-	return bpf_map_lookup_elem(set, &value) != 0;
+	return found(bpf_map_lookup_elem(set, &value));
 }""",
     "address": """static __always_inline int in_address_set(void *set, const struct pkt *p, const __u32 *addr)
 {
@@ -195,7 +207,7 @@ _SET_LOOKUP = {
 	key.family = p->family;
 	key.prefixlen = ADDR_KEY_PREFIXLEN(p->family == 4 ? 32 : 128);
 	__builtin_memcpy(key.addr, addr, 16);
-	return bpf_map_lookup_elem(set, &key) != 0;
+	return found(bpf_map_lookup_elem(set, &key));
 }""",
 }
 
@@ -268,6 +280,8 @@ def header(ingress, egress, params: list[str], sets: dict[str, str], meta_size: 
                     "\t__type(key, struct bpfwall_addr_key);",
                     "\t__type(value, __u8);",
                     f"}} {set_map(name)} SEC(\".maps\");"]
+    if sets:
+        out.append(_FOUND)
     out += [_SET_LOOKUP[kind] for kind in sorted(set(sets.values()))]
     if interfaces:
         out += ["struct {",
