@@ -657,7 +657,7 @@ class Watcher:
             except ino.InotifyError as e:
                 raise WatchError(str(e)) from None
             self._catch_signals()  # from here on a SIGHUP or SIGTERM waits for the loop
-        self.nesting = nesting.nesting_from_state(policy, self.state.units)
+        self.nesting = nesting.nesting_from_pins(policy, lambda e: self.backends[e.backend].built_as_guard(e.name))
         policy = nesting.with_nesting(policy, self.nesting)
         self._claim(policy, watching=not once)
         self.apply_policy(policy)

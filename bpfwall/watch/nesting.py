@@ -9,7 +9,8 @@ the watcher classifies as judged below, and judges the rest.
 
 Only a tree shows it (a unit is delegated or not), so the watcher finds it as cgroups come and
 rebuilds the entry then; until it has, the two filters AND (fails closed). The mark stays with
-the entry (its fingerprint, in the watcher's state), so a restart builds it as a guard at once.
+the entry's pins (its program is a guard), so a restart builds it as a guard at once, and so does
+`bpfwall apply` (Backend.built_as_guard).
 """
 from __future__ import annotations
 
@@ -27,16 +28,11 @@ def with_nesting(policy: Policy, names: set[str]) -> Policy:
                    for e in policy.entries])
 
 
-def nesting_from_state(policy: Policy, owned: dict) -> set[str]:
-    """The unit entries the watcher built as guards before (their recorded fingerprint is that of
-    the guard build): built so again, without a window of ANDed verdicts after a restart."""
-    names = set()
-    for entry in policy.entries:
-        record = owned.get(entry.name)
-        if record is not None and not entry.is_slice_default \
-                and record.fingerprint == replace(entry, guards_nested=True).fingerprint():
-            names.add(entry.name)
-    return names
+def nesting_from_pins(policy: Policy, built_as_guard) -> set[str]:
+    """The unit entries whose loaded filter is a guard (`built_as_guard(entry)`: the watcher made it
+    one before, its pins say so): built so again, without a window of ANDed verdicts after a
+    restart, also when the entry's filter changed meanwhile."""
+    return {e.name for e in policy.entries if not e.is_slice_default and built_as_guard(e)}
 
 
 def entries_to_nest(path: str, name: str, root: str, attached: dict[str, str], units: dict) -> set[str]:

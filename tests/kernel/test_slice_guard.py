@@ -142,7 +142,8 @@ def test_a_unit_holding_nearer_entries_judges_only_the_rest(daemon, policy_dir, 
     """mgr.service (a delegated unit, like user@1000.service) has its own entry and holds
     inner.slice, which has a default, and own.service, with its own entry: each cgroup is judged by
     the nearest entry alone, not by it AND mgr.service's (the watcher builds mgr.service's filter
-    as a guard once it sees them). Restarted, the watcher keeps it a guard: nothing is rebuilt."""
+    as a guard once it sees them). Restarted, the watcher keeps it a guard: nothing is rebuilt; so
+    do `bpfwall apply` and a watcher restarted after its filter changed."""
     rx = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
     try:
         for s in rx:
@@ -194,6 +195,15 @@ def test_a_unit_holding_nearer_entries_judges_only_the_rest(daemon, policy_dir, 
         check()
         with bpf.PinnedUnit.open(pin_root, "mgr.service") as u:
             assert "slice_default" in u.meta
+        # its filter changed while no watcher ran: the restarted one loads the new filter as a guard
+        # at once (its pins say it is one), with its classes: right from the first packet
+        write_policy(policy_dir, unit("mgr.service", egress=f"udp && (remote_port == {a} || remote_port == {c})")
+                     + unit("inner.slice", egress=f"udp && remote_port == {b}")
+                     + unit("own.service", egress=f"udp && remote_port == {c}"))
+        want.update({mgr: (5, 0, 5), init: (5, 0, 5)})
+        daemon.start()
+        check()
+        assert "nearer entries" not in daemon.log() and "error" not in daemon.log()
     finally:
         for s in rx:
             s.close()

@@ -1,13 +1,12 @@
 """watch/nesting.py: which unit entries the watcher builds as guards, and that the mark survives a
-restart through the recorded fingerprint. Pure: no kernel (tests/kernel/test_slice_guard.py and
+restart (read from what is loaded). Pure: no kernel (tests/kernel/test_slice_guard.py and
 the differential tests run it for real)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from bpfwall.policy import Entry, Policy
-from bpfwall.watch.nesting import entries_to_nest, nesting_from_state, with_nesting
-from bpfwall.watch.state import Owned
+from bpfwall.watch.nesting import entries_to_nest, nesting_from_pins, with_nesting
 
 
 def entry(name: str, egress: str = "true", line: int = 1) -> Entry:
@@ -34,14 +33,12 @@ def test_only_unit_entries_named_are_built_as_guards():
     assert with_nesting(POLICY, set()) is POLICY and with_nesting(POLICY, {"app.slice"}) is POLICY
 
 
-def test_the_mark_is_read_back_from_the_recorded_fingerprint():
-    nested = with_nesting(POLICY, {"user@1000.service"})
-    owned = {e.name: Owned(e.fingerprint(), "bpf") for e in nested.entries}
-    assert nesting_from_state(POLICY, owned) == {"user@1000.service"}
-    plain = {e.name: Owned(e.fingerprint(), "bpf") for e in POLICY.entries}
-    assert nesting_from_state(POLICY, plain) == set()
+def test_the_mark_is_read_back_from_what_is_loaded():
+    guards = {"user@1000.service", "app.slice"}  # what the pins say is a guard
+    assert nesting_from_pins(POLICY, lambda e: e.name in guards) == {"user@1000.service"}  # slices are anyway
+    assert nesting_from_pins(POLICY, lambda e: False) == set()
     changed = Policy([entry("user@1000.service", egress="false"), *POLICY.entries[1:]])
-    assert nesting_from_state(changed, owned) == set()  # another filter now: loaded afresh anyway
+    assert nesting_from_pins(changed, lambda e: e.name in guards) == {"user@1000.service"}  # a new filter: still
 
 
 ROOT = "/sys/fs/cgroup/t"
