@@ -221,8 +221,11 @@ class BpfBackend:
     def built_as_guard(self, unit: str) -> bool:
         if not self._loaded(unit):
             return False
-        with bpf.PinnedUnit.open(self.pin_root, unit) as pinned:
-            return "slice_default" in pinned.meta  # build.UnitProgram.meta(): the guard build
+        try:
+            with bpf.PinnedUnit.open(self.pin_root, unit) as pinned:
+                return "slice_default" in pinned.meta  # build.UnitProgram.meta(): the guard build
+        except Error:  # pins that cannot be read are no guard to keep: loading them again says why
+            return False
 
     def prog_path(self, unit: str, direction: str) -> str:
         return bpf.prog_path(self.pin_root, unit, direction)
