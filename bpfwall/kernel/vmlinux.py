@@ -37,6 +37,7 @@ class KernelBtf:
         self._types = memoryview(blob)[hdr_len + type_off:hdr_len + type_off + type_len]
         self._strings = bytes(blob[hdr_len + str_off:hdr_len + str_off + str_len])
         self._offsets: list[int] | None = None  # record offset of each type id, on first need
+        self._found: dict[tuple[str, int], int | None] = {}  # find()'s answers: each is a scan of every type
 
     def _index(self) -> list[int]:
         if self._offsets is None:
@@ -67,6 +68,11 @@ class KernelBtf:
 
     def find(self, name: str, kind: int) -> int | None:
         """The id of the first type of `kind` named `name`."""
+        if (name, kind) not in self._found:
+            self._found[name, kind] = self._scan(name, kind)
+        return self._found[name, kind]
+
+    def _scan(self, name: str, kind: int) -> int | None:
         wanted = self._name_offsets(name)
         if not wanted:
             return None
