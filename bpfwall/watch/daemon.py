@@ -449,7 +449,7 @@ class Watcher:
         """The guards of entries `names` leave `path`: first put them on the cgroups below that
         they judged from here (a glob default on nested slices sits on the outermost only), so
         that nothing they judged goes unjudged for a moment."""
-        for below, _, _ in os.walk(path):
+        for below in cgroup.walk(path):
             if below != path and (e := self.policy.match(self.rel(below))) is not None and e.name in names:
                 self.sync_cgroup(below, fresh=False)
 
@@ -657,7 +657,8 @@ class Watcher:
             except ino.InotifyError as e:
                 raise WatchError(str(e)) from None
             self._catch_signals()  # from here on a SIGHUP or SIGTERM waits for the loop
-        self.nesting = nesting.nesting_from_pins(policy, lambda e: self.backends[e.backend].built_as_guard(e.name))
+        self.nesting = nesting.nesting_from_pins(policy, self.state.units,
+                                                 lambda e: self.backends[e.backend].built_as_guard(e.name))
         policy = nesting.with_nesting(policy, self.nesting)
         self._claim(policy, watching=not once)
         self.apply_policy(policy)

@@ -28,11 +28,15 @@ def with_nesting(policy: Policy, names: set[str]) -> Policy:
                    for e in policy.entries])
 
 
-def nesting_from_pins(policy: Policy, built_as_guard) -> set[str]:
+def nesting_from_pins(policy: Policy, owned: dict, built_as_guard) -> set[str]:
     """The unit entries whose loaded filter is a guard (`built_as_guard(entry)`: the watcher made it
     one before, its pins say so): built so again, without a window of ANDed verdicts after a
-    restart, also when the entry's filter changed meanwhile."""
-    return {e.name for e in policy.entries if not e.is_slice_default and built_as_guard(e)}
+    restart, also when the entry's filter changed meanwhile. An entry recorded (`owned`: the
+    watcher's state) with its plain fingerprint was loaded plain: its pins are not read, so an
+    ordinary restart reads none."""
+    return {e.name for e in policy.entries if not e.is_slice_default
+            and ((record := owned.get(e.name)) is None or record.fingerprint != e.fingerprint())
+            and built_as_guard(e)}
 
 
 def entries_to_nest(path: str, name: str, root: str, attached: dict[str, str], units: dict) -> set[str]:

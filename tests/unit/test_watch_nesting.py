@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from bpfwall.policy import Entry, Policy
 from bpfwall.watch.nesting import entries_to_nest, nesting_from_pins, with_nesting
+from bpfwall.watch.state import Owned
 
 
 def entry(name: str, egress: str = "true", line: int = 1) -> Entry:
@@ -35,10 +36,19 @@ def test_only_unit_entries_named_are_built_as_guards():
 
 def test_the_mark_is_read_back_from_what_is_loaded():
     guards = {"user@1000.service", "app.slice"}  # what the pins say is a guard
-    assert nesting_from_pins(POLICY, lambda e: e.name in guards) == {"user@1000.service"}  # slices are anyway
-    assert nesting_from_pins(POLICY, lambda e: False) == set()
+    assert nesting_from_pins(POLICY, {}, lambda e: e.name in guards) == {"user@1000.service"}  # slices are anyway
+    assert nesting_from_pins(POLICY, {}, lambda e: False) == set()
+    nested = {e.name: Owned(e.fingerprint(), "bpf") for e in with_nesting(POLICY, {"user@1000.service"}).entries}
     changed = Policy([entry("user@1000.service", egress="false"), *POLICY.entries[1:]])
-    assert nesting_from_pins(changed, lambda e: e.name in guards) == {"user@1000.service"}  # a new filter: still
+    assert nesting_from_pins(changed, nested, lambda e: e.name in guards) == {"user@1000.service"}  # a new filter
+    assert nesting_from_pins(POLICY, nested, lambda e: e.name in guards) == {"user@1000.service"}
+
+
+def test_an_entry_recorded_plain_is_not_asked():
+    asked = []
+    plain = {e.name: Owned(e.fingerprint(), "bpf") for e in POLICY.entries}
+    assert nesting_from_pins(POLICY, plain, lambda e: asked.append(e.name)) == set()
+    assert asked == []
 
 
 ROOT = "/sys/fs/cgroup/t"
