@@ -24,12 +24,11 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import objcache
-from .build import BuildError, UnitProgram, _flags as clang_flags, _key, file_identity, source_dir
+from .build import BuildError, UnitProgram, _flags as clang_flags, _key, compile_cached, file_identity, first_error, \
+    source_dir
 
 WORKER = Path(__file__).with_name("bcc_worker.py")
 MODULES = "/lib/modules"
@@ -147,34 +146,27 @@ def build(program: UnitProgram, cache: Path):
         raise BuildError(f"cannot build with bcc: {problem}")
     headers = kernel_headers()
     src_dir = source_dir()
-    source = (src_dir / "port_filter.c").read_bytes()
     header = program.header()
     flags = _flags(program, headers)
-    key = _key(identity(headers), flags, source, header)
-    obj = objcache.load(cache, key)
-    if obj is not None:
-        return obj
-    from .kernel.elf import read_object
+    key = _key(identity(headers), flags, (src_dir / "port_filter.c").read_bytes(), header)
 
-    with tempfile.TemporaryDirectory(prefix="bpfwall-bcc-") as tmp:
-        Path(tmp, "bpfwall_filter.h").write_text(header)
-        obj_path, functions = Path(tmp, "port_filter.o"), Path(tmp, "functions.json")
+    def compile_into(tmp: Path, obj_path: Path):
+        functions = tmp / "functions.json"
         env = dict(os.environ)
         if headers.source is not None:
             env["BCC_KERNEL_SOURCE"] = headers.source
         cmd = [sys.executable, "-I", str(WORKER), str(obj_path), str(functions), str(src_dir / "port_filter.c"),
                *flags, f"-I{tmp}"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
-        if proc.returncode != 0:
-            # clang's first diagnostic, else the first thing bcc or the worker said
-            lines = [line for line in proc.stderr.splitlines() if "error:" in line] or proc.stderr.splitlines() or ["?"]
-            raise BuildError(f"bcc failed to compile the filter: {lines[0].strip()}")
-        elf = obj_path.read_bytes()
-        obj = read_object(str(obj_path))
+        if proc.returncode != 0:  # clang's first diagnostic, else the first thing bcc or the worker said
+            raise BuildError(f"bcc failed to compile the filter: {first_error(proc.stderr, 'error:')}")
         generated = json.loads(functions.read_text())
-    for prog in obj.programs.values():
-        if base64.b64decode(generated.get(prog.name, "")) != prog.insns:
-            raise BuildError(f"bcc's object for {prog.section} does not hold the code bcc generated for "
-                             f"{prog.name}: a bcc or LLVM this bpfwall does not know")
-    objcache.store(cache, key, elf, obj)
-    return obj
+
+        def holds_what_bcc_generated(obj) -> None:
+            for prog in obj.programs.values():
+                if base64.b64decode(generated.get(prog.name, "")) != prog.insns:
+                    raise BuildError(f"bcc's object for {prog.section} does not hold the code bcc generated "
+                                     f"for {prog.name}: a bcc or LLVM this bpfwall does not know")
+        return holds_what_bcc_generated
+
+    return compile_cached(cache, key, header, "bpfwall-bcc-", compile_into)

@@ -199,28 +199,44 @@ def build(program: UnitProgram, cache: Path | None = None):
 
         return bcc_build.build(program, cache)
     src_dir = source_dir()
-    source = (src_dir / "port_filter.c").read_bytes()
     header = program.header()
-    clang = _clang()
-    flags = _flags(program)
-    key = _key(file_identity(clang), flags, source, header)
+    key = _key(file_identity(_clang()), _flags(program), (src_dir / "port_filter.c").read_bytes(), header)
+
+    def compile_into(tmp: Path, obj_path: Path) -> None:
+        proc = subprocess.run(compile_command(program, src_dir / "port_filter.c", str(tmp), obj_path),
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BuildError(f"clang failed to compile the filter: {first_error(proc.stderr, 'error')}")
+
+    return compile_cached(cache, key, header, "bpfwall-build-", compile_into)
+
+
+def compile_cached(cache: Path, key: str, header: str, prefix: str, compile_into):
+    """The object cached under `key`, else compiled: `compile_into(tmp, obj_path)` builds
+    port_filter.c with `header` (written into `tmp` as bpfwall_filter.h) into `obj_path`, raising
+    BuildError on failure; it may return a check of the object read back (raising BuildError),
+    run before the object is cached. Both compilers build this way."""
     obj = objcache.load(cache, key)
     if obj is not None:
         return obj
     from .kernel.elf import read_object
 
-    with tempfile.TemporaryDirectory(prefix="bpfwall-build-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         Path(tmp, "bpfwall_filter.h").write_text(header)
         obj_path = Path(tmp, "port_filter.o")
-        cmd = compile_command(program, src_dir / "port_filter.c", tmp, obj_path)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            lines = [l for l in proc.stderr.splitlines() if "error" in l] or proc.stderr.splitlines() or ["?"]
-            raise BuildError(f"clang failed to compile the filter: {lines[0].strip()}")
+        check = compile_into(Path(tmp), obj_path)
         elf = obj_path.read_bytes()
         obj = read_object(str(obj_path))
+    if check is not None:
+        check(obj)
     objcache.store(cache, key, elf, obj)
     return obj
+
+
+def first_error(stderr: str, marker: str) -> str:
+    """The compiler's first line holding `marker`, else its first line: what a BuildError says."""
+    lines = [line for line in stderr.splitlines() if marker in line] or stderr.splitlines() or ["?"]
+    return lines[0].strip()
 
 
 def build_many(programs, cache: Path | None = None, jobs: int | None = None) -> list:
