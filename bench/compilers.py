@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from packets import PACKETS, load_empty  # noqa: E402
-from per_packet import FILTER  # noqa: E402
+from packets import FILTER, PACKETS, load_empty  # noqa: E402
 
 from bpfwall.backends.bpf import ETH_P  # noqa: E402
 from bpfwall.build import UnitProgram, build  # noqa: E402

@@ -29,7 +29,7 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from packets import PACKETS, load_empty  # noqa: E402
+from packets import FILTER, PACKETS, load_empty  # noqa: E402
 
 from bpfwall import program_contract as pc  # noqa: E402
 from bpfwall.backends import bpf  # noqa: E402
@@ -38,7 +38,6 @@ from bpfwall.build import UnitProgram, build  # noqa: E402
 from bpfwall.kernel import loader, netdev, progs  # noqa: E402
 from bpfwall.lang.checker import analyze  # noqa: E402
 
-FILTER = "icmp || (udp && dst_port == 53) || (tcp && dst_port == 80)"
 WITH_IFNAME = f'ifname in {{"lo", "wg*"}} && ({FILTER})'
 
 

@@ -16,8 +16,10 @@ import tempfile
 import time
 import uuid
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from packets import FILTER  # noqa: E402
+
 BPFWALL = os.path.join(os.path.dirname(sys.executable), "bpfwall")
-FILTER = "icmp || (udp && dst_port == 53) || (tcp && dst_port == 80)"
 
 
 def timed(args, env) -> float:

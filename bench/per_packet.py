@@ -24,7 +24,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from packets import PACKETS, load_empty  # noqa: E402
+from packets import FILTER, PACKETS, load_empty  # noqa: E402
 
 from bpfwall import program_contract as pc  # noqa: E402
 from bpfwall.backends.bpf import ETH_P, PinnedUnit  # noqa: E402
@@ -33,7 +33,6 @@ from bpfwall.build import UnitProgram, build  # noqa: E402
 from bpfwall.kernel import loader, progs  # noqa: E402
 from bpfwall.lang.checker import analyze  # noqa: E402
 
-FILTER = "icmp || (udp && dst_port == 53) || (tcp && dst_port == 80)"
 # r0 = 1; exit
 
 

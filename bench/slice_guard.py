@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from packets import PACKETS, load_empty  # noqa: E402
+from packets import FILTER, PACKETS, load_empty  # noqa: E402
 
 from bpfwall import build as bpfwall_build, program_contract as pc  # noqa: E402
 from bpfwall.backends.bpf import ETH_P  # noqa: E402
@@ -40,7 +40,6 @@ from bpfwall.kernel import cgroup, loader, maps, progs  # noqa: E402
 from bpfwall.lang.checker import analyze  # noqa: E402
 from bpfwall.sandbox import TempCgroup  # noqa: E402
 
-FILTER = "icmp || (udp && dst_port == 53) || (tcp && dst_port == 80)"
 PACKET = "ipv4/udp:53"
 
 
