@@ -134,6 +134,16 @@ def loader_unit(unit: str, ingress: str | None = None, egress: str | None = None
         f"ExecStop=/usr/local/bin/bpfwall unload {unit}", ""])
 
 
+def wait_until(condition, message: str, timeout: float = 10):
+    """condition()'s first true value, polled every 10 ms; AssertionError(message) after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(message)
+        time.sleep(0.01)
+    return value
+
+
 def install_unit(c: Container, name: str, text: str) -> None:
     c.write(f"/etc/systemd/system/{name}", text)
     c.systemctl("daemon-reload", check=True)

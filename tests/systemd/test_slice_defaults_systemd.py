@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 
 from bpfwall.backends.bpf_guard import GuardMap
 from bpfwall.kernel import cgroup, pins
 from tests.systemd.container import REPO
-from tests.systemd.services import STATE_DIR, host_pin, install_counter, install_unit, pin_path, receiver_unit, wait_counts
+from tests.systemd.services import (
+    STATE_DIR, host_pin, install_counter, install_unit, pin_path, receiver_unit, wait_counts, wait_until,
+)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.systemd]
 
@@ -71,15 +72,6 @@ def sender_unit(name: str, slice_: str, service: tuple[str, ...] = ()) -> str:
     return "\n".join(["[Unit]", f"Description=bpfwall test sender {name}", "", "[Service]",
                       f"Slice={slice_}", f"ExecStart=/usr/bin/python3 {SENDER_FILE} {STATE_DIR}/{name}.go {DNS} {OTHER}",
                       *service, ""])
-
-
-def wait_until(condition, message: str, timeout: float = 10):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(message)
-        time.sleep(0.01)
-    return value
 
 
 @pytest.fixture(scope="module")

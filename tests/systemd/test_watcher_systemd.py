@@ -20,7 +20,7 @@ from tests.systemd.container import REPO
 from tests.systemd.services import (
     COUNTER, SENDER, STATE_DIR, attached, bpfwall_stats, install_counter, install_unit, packets,
     pin_path, pinned_prog_id, receiver_state, receiver_unit, send_udp, sender_result, wait_attached,
-    wait_counts,
+    wait_counts, wait_until,
 )
 
 pytestmark = [pytest.mark.kernel, pytest.mark.systemd]
@@ -72,14 +72,6 @@ def c(container):
     wait_until(lambda: container.systemctl("is-active", f"user@{uid}.service").stdout.strip() == "active",
                f"user@{uid}.service did not start")
     return container
-
-
-def wait_until(condition, message: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(message)
-        time.sleep(0.01)
 
 
 def policy_prog(c, entry: str) -> int:
