@@ -7,9 +7,29 @@ from __future__ import annotations
 
 import socket
 import struct
+from contextlib import contextmanager
 
 SO_RCVBUFFORCE = 33  # Linux; the socket module does not export it
 V4, V6 = ("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)
+
+
+@contextmanager
+def udp_receivers(count: int, rcvbuf: int = 0, blocking: bool = True):
+    """`count` UDP sockets bound to 127.0.0.1 ports of their own, in this process's cgroup (outside
+    what a test polices); `rcvbuf`: room forced for a flood. Closed on leaving."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks.append(s)
+            if rcvbuf:
+                s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+            s.bind(("127.0.0.1", 0))
+            s.setblocking(blocking)
+        yield socks
+    finally:
+        for s in socks:
+            s.close()
 
 
 def receive_all(sock, timeout=0.3) -> int:

@@ -16,7 +16,7 @@ from bpfwall.backends.bpf_guard import GuardMap
 from bpfwall.kernel import cgroup, pins
 from tests.kernel.flood import Flood
 from tests.kernel.invoke import bpfwall
-from tests.kernel.sockets import SO_RCVBUFFORCE, receive_all
+from tests.kernel.sockets import receive_all, udp_receivers
 from tests.kernel.watcher import inside, mkcg, pinned_ids, unit, wait_for, write_policy
 
 pytestmark = [pytest.mark.kernel, pytest.mark.traffic, pytest.mark.usefixtures("no_leaks")]
@@ -57,12 +57,8 @@ def classified(pin_root, entry, path, below=frozenset()):
 @pytest.fixture
 def receivers():
     """Two receivers outside every policed cgroup: the allowed port and another one."""
-    a, b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    for s in (a, b):
-        s.bind(("127.0.0.1", 0))
-    yield a, b
-    a.close()
-    b.close()
+    with udp_receivers(2) as socks:
+        yield socks
 
 
 def test_deny_by_default_slice_allow_per_unit(daemon, policy_dir, subtree, pin_root, receivers):
@@ -144,10 +140,7 @@ def test_a_unit_holding_nearer_entries_judges_only_the_rest(daemon, policy_dir, 
     the nearest entry alone, not by it AND mgr.service's (the watcher builds mgr.service's filter
     as a guard once it sees them). Restarted, the watcher keeps it a guard: nothing is rebuilt; so
     do `bpfwall apply` and a watcher restarted after its filter changed."""
-    rx = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
-    try:
-        for s in rx:
-            s.bind(("127.0.0.1", 0))
+    with udp_receivers(3) as rx:
         a, b, c = (s.getsockname()[1] for s in rx)
         write_policy(policy_dir, unit("mgr.service", egress=f"udp && remote_port == {a}")
                      + unit("inner.slice", egress=f"udp && remote_port == {b}")
@@ -204,9 +197,6 @@ def test_a_unit_holding_nearer_entries_judges_only_the_rest(daemon, policy_dir, 
         daemon.start()
         check()
         assert "nearer entries" not in daemon.log() and "error" not in daemon.log()
-    finally:
-        for s in rx:
-            s.close()
 
 
 # -- strict slices: nothing unclassified gets out ---------------------------------------------
@@ -214,16 +204,8 @@ def test_a_unit_holding_nearer_entries_judges_only_the_rest(daemon, policy_dir, 
 @pytest.fixture
 def flood_receivers():
     """Two non-blocking receivers with room for a flood."""
-    socks = []
-    for _ in range(2):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
-        s.bind(("127.0.0.1", 0))
-        s.setblocking(False)
-        socks.append(s)
-    yield socks
-    for s in socks:
-        s.close()
+    with udp_receivers(2, 64 << 20, blocking=False) as socks:
+        yield socks
 
 
 def drain(rx) -> int:

@@ -21,7 +21,7 @@ from bpfwall.lang.packet import parse_packet
 from bpfwall.policy import judge, load_policy
 from bpfwall.sandbox import TempCgroup
 from tests.kernel.invoke import bpfwall
-from tests.kernel.sockets import SO_RCVBUFFORCE
+from tests.kernel.sockets import udp_receivers
 from tests.kernel.watcher import inside, remove_tree, write_policy
 
 pytestmark = [pytest.mark.kernel, pytest.mark.traffic, pytest.mark.usefixtures("no_leaks")]
@@ -70,15 +70,8 @@ def udp_packet(sport: int, dport: int) -> bytes:
 
 @pytest.fixture
 def receivers():
-    socks = []
-    for _ in range(2):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    yield socks
-    for s in socks:
-        s.close()
+    with udp_receivers(2, 4 << 20) as socks:
+        yield socks
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
